@@ -36,7 +36,6 @@ app = typer.Typer(
     rich_markup_mode=None,
 )
 err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line in pipes
-out = Console(highlight=False)
 
 F = TypeVar("F", bound=Callable[..., Any])
 
@@ -167,7 +166,8 @@ def list_models(
     for r in rows:
         table.add_row(r["name"], r["role"], r["params"], r["quant"], _human(r["size"]), r["draft"] or "",
                       "yes" if r["pulled"] else "no", escape(r["path"] or ""))
-    out.print(table, width=None if out.is_terminal else 10_000)  # no truncated cells in pipes
+    tty = sys.stdout.isatty()
+    Console(highlight=False, width=None if tty else 10_000).print(table)  # no truncated cells in pipes
 
 
 @app.command()

@@ -1,0 +1,53 @@
+"""Shared fixtures: tiny models built once per run, an isolated store per test,
+and the real default pair for the `real` tier."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+from specrun.catalog import load_catalog
+from specrun.store import Store, default_root
+from tests.tiny_model import TinySpec, build_tiny_model
+
+# Where the real models live, read before any test points SPECRUN_HOME elsewhere.
+REAL_STORE = Store(default_root())
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"
+DEFAULT_DRAFT = "qwen2.5-coder-0.5b-instruct"
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
+
+
+@pytest.fixture(autouse=True)
+def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """Every test gets its own empty store and user catalog: never the user's."""
+    home = tmp_path / "specrun-home"
+    monkeypatch.setenv("SPECRUN_HOME", str(home))
+    return home
+
+
+@pytest.fixture(scope="session")
+def real_pair() -> dict[str, Path]:
+    """Paths of the pulled default pair. Skips when absent, unless SPECRUN_REQUIRE_REAL=1 (CI)."""
+    catalog = load_catalog()
+    paths = {}
+    for name in (DEFAULT_TARGET, DEFAULT_DRAFT):
+        pulled = REAL_STORE.pulled(catalog.get(name))
+        if pulled is None:
+            msg = f"{name} is not pulled (run: specrun pull {DEFAULT_TARGET})"
+            if os.environ.get("SPECRUN_REQUIRE_REAL") == "1":
+                pytest.fail(msg)
+            pytest.skip(msg)
+        paths[name] = Path(pulled.path)
+    return paths
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "real_pair" in getattr(item, "fixturenames", ()):
+            item.add_marker(pytest.mark.real)

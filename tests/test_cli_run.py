@@ -1,0 +1,134 @@
+"""`specrun run` as users drive it: stdout holds only model text, errors are one line."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from specrun.cli import app
+
+runner = CliRunner()
+SPECRUN = [sys.executable, "-m", "specrun"]
+
+
+def invoke(*args: str, input: str | None = None):
+    return runner.invoke(app, list(args), input=input)
+
+
+def assert_one_line_error(result, code: int, needle: str) -> None:
+    assert result.exit_code == code, result.output
+    assert result.stdout == ""
+    lines = result.stderr.strip().splitlines()
+    assert lines[0].startswith("error:") and needle in lines[0], result.stderr
+    assert len(lines) <= 2 and (len(lines) == 1 or lines[1].startswith("hint:"))
+    assert "Traceback" not in result.stderr
+
+
+def test_stdout_holds_exactly_the_generated_text(tiny_model: Path) -> None:
+    as_json = invoke("run", str(tiny_model), "def fib(n):", "-t", "0", "-n", "24", "--json")
+    assert as_json.exit_code == 0, as_json.output
+    data = json.loads(as_json.stdout)
+    assert data["generated_tokens"] == 24 and data["stop_reason"] == "length"
+    assert data["prompt_tokens"] > 0 and data["timings"]["tokens_per_s"] > 0
+    streamed = invoke("run", str(tiny_model), "def fib(n):", "-t", "0", "-n", "24", "--verbose")
+    assert streamed.exit_code == 0
+    assert streamed.stdout == data["text"]
+    assert "24 generated" in streamed.stderr and "tok/s" in streamed.stderr
+
+
+def test_stdin_comes_before_the_argument(tiny_model: Path) -> None:
+    both = invoke("run", str(tiny_model), "world", "-t", "0", "-n", "8", "--json", input="hello\n")
+    joined = invoke("run", str(tiny_model), "hello\nworld", "-t", "0", "-n", "8", "--json")
+    only_stdin = invoke("run", str(tiny_model), "-t", "0", "-n", "8", "--json", input="hello\nworld")
+    texts = {json.loads(r.stdout)["text"] for r in (both, joined, only_stdin)}
+    assert len(texts) == 1
+    assert json.loads(both.stdout)["prompt_tokens"] == json.loads(joined.stdout)["prompt_tokens"]
+
+
+def test_seed_makes_sampling_reproducible(tiny_model: Path) -> None:
+    a = invoke("run", str(tiny_model), "hello", "-n", "16", "--seed", "3", "--json")
+    b = invoke("run", str(tiny_model), "hello", "-n", "16", "--seed", "3", "--json")
+    assert json.loads(a.stdout)["text"] == json.loads(b.stdout)["text"]
+
+
+def test_empty_prompt(tiny_model: Path) -> None:
+    assert_one_line_error(invoke("run", str(tiny_model), "  "), 2, "prompt is empty")
+    assert_one_line_error(invoke("run", str(tiny_model), input=""), 2, "prompt is empty")
+
+
+def test_prompt_longer_than_the_context(tiny_model: Path) -> None:
+    assert_one_line_error(invoke("run", str(tiny_model), "hello " * 200, "--ctx", "64"), 2, "the context holds")
+
+
+def test_unknown_model_suggests_names() -> None:
+    result = invoke("run", "qwen2.5-coder-1.5b", "hi")
+    assert_one_line_error(result, 1, "unknown model")
+    assert "qwen2.5-coder-1.5b-instruct" in result.stderr
+
+
+def test_model_not_pulled_says_the_pull_command() -> None:
+    result = invoke("run", "smollm2-135m-instruct", "hi")
+    assert_one_line_error(result, 1, "not pulled")
+    assert "specrun pull smollm2-135m-instruct" in result.stderr
+
+
+def test_bad_files(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "text.gguf").write_text("not a model\n")
+    assert_one_line_error(invoke("run", str(tmp_path / "text.gguf"), "hi"), 1, "not a GGUF file")
+    (tmp_path / "cut.gguf").write_bytes(tiny_model.read_bytes()[:-1000])
+    assert_one_line_error(invoke("run", str(tmp_path / "cut.gguf"), "hi"), 1, "truncated")
+    assert_one_line_error(invoke("run", str(tmp_path / "missing.gguf"), "hi"), 1, "no such file")
+
+
+def test_bad_option_values(tiny_model: Path) -> None:
+    result = invoke("run", str(tiny_model), "hi", "--top-p", "0")
+    assert_one_line_error(result, 2, "--top-p")
+    assert invoke("run", str(tiny_model), "hi", "--max-tokens", "0").exit_code == 2
+
+
+def test_registered_local_model_runs_by_name(tiny_model: Path) -> None:
+    assert invoke("add", "tiny", str(tiny_model)).exit_code == 0
+    result = invoke("run", "tiny", "hello", "-n", "4", "--json")
+    assert result.exit_code == 0 and json.loads(result.stdout)["generated_tokens"] == 4
+    listed = {r["name"]: r for r in json.loads(invoke("list", "--json").stdout)}
+    assert listed["tiny"]["pulled"] and listed["tiny"]["path"] == str(tiny_model.resolve())
+
+
+def test_version() -> None:
+    result = invoke("--version")
+    assert result.exit_code == 0 and result.stdout.startswith("specrun ")
+
+
+# --- real processes: pipes and signals ----------------------------------------------
+
+def _env() -> dict[str, str]:
+    return {**os.environ, "NO_COLOR": "1"}
+
+
+def test_pipe_into_head_ends_quietly(tiny_model: Path) -> None:
+    """The reader goes away mid-stream: no traceback, generation stops."""
+    proc = subprocess.run(
+        f"{' '.join(SPECRUN)} run {tiny_model} 'hello' -n 2000 --ctx 2048 -t 1 | head -c 1",
+        shell=True, capture_output=True, text=True, env=_env(), executable="/bin/bash",
+    )
+    assert proc.returncode == 0
+    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+
+
+def test_ctrl_c_ends_cleanly(tiny_model: Path) -> None:
+    """SIGINT while specrun waits for its prompt on stdin: exit 130, one line, no traceback."""
+    proc = subprocess.Popen([*SPECRUN, "run", str(tiny_model)], stdin=subprocess.PIPE,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
+    time.sleep(1.5)
+    proc.send_signal(signal.SIGINT)
+    stdout, stderr = proc.communicate(timeout=20)
+    assert proc.returncode == 130, stderr
+    assert stdout == "" and "Traceback" not in stderr and "interrupted" in stderr

@@ -1,0 +1,72 @@
+"""The llama.cpp engine on a tiny f32 model: KV cache reuse must not change logits."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specrun.engines import EngineConfig
+from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
+from specrun.errors import EngineError, UsageError
+
+
+@pytest.fixture()
+def engine(tiny_model: Path):
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_batch=8)) as e:
+        e.open(256)
+        yield e
+
+
+def test_vocabulary(engine: LlamaCppEngine) -> None:
+    assert engine.n_vocab == 272 and engine.n_ctx_train == 2048
+    tokens = engine.tokenize("hello wörld", add_special=False)
+    assert b"".join(engine.piece(t) for t in tokens).decode().strip() == "hello wörld"
+    assert engine.tokenize("hi")[0] == 1  # BOS added for this model
+    assert engine.is_eog(2) and not engine.is_eog(100)
+    assert engine.piece(1) == b""  # control tokens print nothing
+
+
+def test_incremental_eval_equals_one_batch(engine: LlamaCppEngine, tiny_model: Path) -> None:
+    """Prompt in several n_batch chunks, then token by token, against one fresh batch."""
+    tokens = engine.tokenize("def fib(n): return the world " * 2)
+    first = engine.eval(tokens[:-3])
+    assert first.shape == (272,) and first.dtype == np.float32
+    for t in tokens[-3:]:
+        last = engine.eval([t])
+    assert engine.kv_len == len(tokens)
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_batch=512)) as fresh:
+        fresh.open(256)
+        ref = fresh.eval(tokens)
+    np.testing.assert_allclose(last, ref, rtol=1e-3, atol=2e-3)  # batch shapes change f32 rounding only
+
+
+def test_rewind_reuses_the_prefix(engine: LlamaCppEngine) -> None:
+    tokens = engine.tokenize("hello world, hello world")
+    full = engine.eval(tokens)
+    engine.eval([10, 11, 12])
+    engine.rewind(len(tokens) - 1)
+    assert engine.kv_len == len(tokens) - 1
+    again = engine.eval(tokens[-1:])
+    np.testing.assert_allclose(again, full, rtol=1e-3, atol=2e-3)
+
+
+def test_context_overflow_is_a_usage_error(engine: LlamaCppEngine) -> None:
+    with pytest.raises(UsageError, match="context full"):
+        engine.eval([5] * 300)
+
+
+def test_unloadable_file_is_an_engine_error(tmp_path: Path, tiny_model: Path) -> None:
+    bad = tmp_path / "bad.gguf"
+    data = tiny_model.read_bytes()
+    arch = b"\x05\x00\x00\x00\x00\x00\x00\x00llama"  # general.architecture's value
+    bad.write_bytes(data.replace(arch, arch[:8] + b"zzzzz", 1))  # a well-formed file llama.cpp cannot run
+    with pytest.raises(EngineError, match="could not load"):
+        LlamaCppEngine(bad)
+
+
+def test_default_ctx() -> None:
+    assert default_ctx(32768, 100) == 4096
+    assert default_ctx(32768, 9000) == 9000
+    assert default_ctx(2048, 100) == 2048

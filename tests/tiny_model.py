@@ -1,0 +1,127 @@
+"""Tiny llama-architecture GGUF models written at test time (random weights, 272-token vocabulary).
+
+f32 models make the engine tests fast and exact; a Q4_0 variant exercises
+llama.cpp's quantized matmul paths, which is what crashes a mis-built
+llama-cpp-python (see PLATFORM.md), so `python tests/tiny_model.py --smoke`
+doubles as the install script's post-build check.
+"""
+
+from __future__ import annotations
+
+import argparse
+import subprocess
+import sys
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+from gguf import GGMLQuantizationType, GGUFWriter, TokenType
+from gguf.quants import quantize
+
+WORDS = ["▁the", "▁a", "▁def", "▁return", "▁fib", "(n", "):", "▁if", "▁print", "▁hello", "▁world", "ing", "▁"]
+VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS  # 272 tokens
+BOS, EOS = 1, 2
+
+
+@dataclass(frozen=True)
+class TinySpec:
+    n_embd: int = 64
+    n_layers: int = 2
+    n_head: int = 4
+    n_ff: int = 128
+    n_ctx: int = 2048
+    seed: int = 0
+    q4_0: bool = False  # quantize the matrices (dims must then be multiples of 256)
+    scale: float = 0.5  # weight scale: larger makes sharper (less uniform) next-token distributions
+
+
+def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
+    rng = np.random.default_rng(spec.seed)
+    w = GGUFWriter(str(path), "llama")
+    w.add_name("tiny-test")
+    w.add_context_length(spec.n_ctx)
+    w.add_embedding_length(spec.n_embd)
+    w.add_block_count(spec.n_layers)
+    w.add_feed_forward_length(spec.n_ff)
+    w.add_head_count(spec.n_head)
+    w.add_head_count_kv(spec.n_head)
+    w.add_layer_norm_rms_eps(1e-5)
+    w.add_rope_dimension_count(spec.n_embd // spec.n_head)
+    w.add_vocab_size(len(VOCAB))
+    w.add_file_type(2 if spec.q4_0 else 0)
+    w.add_tokenizer_model("llama")
+    w.add_token_list(VOCAB)
+    w.add_token_scores([0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(WORDS))])
+    w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
+                      + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(WORDS))
+    w.add_bos_token_id(BOS)
+    w.add_eos_token_id(EOS)
+    w.add_unk_token_id(0)
+    w.add_add_bos_token(True)
+    w.add_add_eos_token(False)
+
+    def matrix(name: str, rows: int, cols: int) -> None:
+        a = (rng.standard_normal((rows, cols)) * spec.scale / np.sqrt(cols)).astype(np.float32)
+        if spec.q4_0:
+            w.add_tensor(name, quantize(a, GGMLQuantizationType.Q4_0), raw_dtype=GGMLQuantizationType.Q4_0)
+        else:
+            w.add_tensor(name, a)
+
+    def norm(name: str) -> None:
+        w.add_tensor(name, np.ones(spec.n_embd, dtype=np.float32))
+
+    n, v = spec.n_embd, len(VOCAB)
+    emb = (rng.standard_normal((v, n))).astype(np.float32)
+    w.add_tensor("token_embd.weight", emb)  # embeddings stay f32 (row lookups)
+    norm("output_norm.weight")
+    matrix("output.weight", v, n)
+    for i in range(spec.n_layers):
+        norm(f"blk.{i}.attn_norm.weight")
+        norm(f"blk.{i}.ffn_norm.weight")
+        for t in ("q", "k", "v", "output"):
+            matrix(f"blk.{i}.attn_{t}.weight", n, n)
+        matrix(f"blk.{i}.ffn_gate.weight", spec.n_ff, n)
+        matrix(f"blk.{i}.ffn_up.weight", spec.n_ff, n)
+        matrix(f"blk.{i}.ffn_down.weight", n, spec.n_ff)
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return path
+
+
+_SMOKE = """
+import sys
+from pathlib import Path
+from specrun.engines import EngineConfig
+from specrun.engines.llamacpp import LlamaCppEngine
+e = LlamaCppEngine(Path(sys.argv[1]), EngineConfig(n_threads=2))
+e.open(256)
+logits = e.eval(e.tokenize("hello world"))
+for _ in range(4):
+    logits = e.eval([int(logits.argmax())])
+print("decode ok")
+"""
+
+
+def smoke_test() -> int:
+    """Decode a few tokens with quantized weights in a child process; its exit code says
+    whether llama-cpp-python's build works on this CPU (a bad build dies with SIGSEGV/SIGILL)."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path = build_tiny_model(Path(tmp) / "tiny-q4_0.gguf", TinySpec(n_embd=256, n_ff=512, q4_0=True))
+        done = subprocess.run([sys.executable, "-c", _SMOKE, str(path)], capture_output=True, text=True)
+    if done.returncode != 0:
+        print(f"llama.cpp smoke test failed (exit {done.returncode}): {done.stderr.strip()[-500:]}", file=sys.stderr)
+    return done.returncode
+
+
+if __name__ == "__main__":
+    parser = argparse.ArgumentParser(description=__doc__)
+    parser.add_argument("--smoke", action="store_true", help="check that llama-cpp-python decodes quantized weights")
+    parser.add_argument("--out", type=Path, help="write a tiny f32 model here")
+    args = parser.parse_args()
+    if args.smoke:
+        sys.exit(smoke_test())
+    if args.out:
+        build_tiny_model(args.out)
