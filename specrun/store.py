@@ -17,6 +17,7 @@ import hashlib
 import json
 import os
 import shutil
+import socket
 import subprocess
 import sys
 import tempfile
@@ -191,6 +192,7 @@ def _fetch_hf(entry: ModelEntry, source: HfSource, staged: Path, progress: Progr
     from huggingface_hub.utils import logging as hf_logging
 
     hf_logging.set_verbosity_error()  # its retry warnings are multi-line; failures reach us as exceptions
+    _check_hub_reachable()
     progress.start(f"{entry.name} from hub {source.repo}", entry.expected_size(source))
     try:
         cached = Path(hf_hub_download(source.repo, source.file, revision=source.revision,
@@ -203,14 +205,36 @@ def _fetch_hf(entry: ModelEntry, source: HfSource, staged: Path, progress: Progr
     expected = entry.expected_sha256(source) or (blob.name if _is_sha256(blob.name) else None)
     if expected is None:
         raise PullError("the hub reported no sha256 for this file", hint="pin sha256 in the catalog entry")
-    progress.start(f"verifying {entry.file}", blob.stat().st_size)
+    size = blob.stat().st_size
+    progress.start(f"verifying {entry.file}", size)
     sha = sha256_file(blob, progress)
-    _check(entry, source, blob.stat().st_size, sha, expected)
+    if sha != expected and _is_sha256(blob.name) and sha != blob.name:
+        # A corrupted download (the hub checks only the size): drop it from the HF cache, or every
+        # later pull would be handed the same bad blob and fail the same way.
+        cached.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+    _check(entry, source, size, sha, expected)
     try:
         os.link(blob, staged)
     except OSError:  # another filesystem, or no hard links: a symlink keeps one copy
         os.symlink(blob, staged)
     return sha
+
+
+def _check_hub_reachable() -> None:
+    """Fail fast when the hub's host name does not resolve: huggingface-hub would retry
+    for about 25 s before giving up, and a DNS failure does not heal within a pull."""
+    from urllib.parse import urlsplit
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return  # the cache answers, no network needed
+    url = urlsplit(constants.ENDPOINT)
+    try:
+        socket.getaddrinfo(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
+    except (socket.gaierror, UnicodeError) as e:
+        raise PullError(f"cannot reach {url.hostname} ({e.strerror or e})") from None
 
 
 def _is_sha256(s: str) -> bool:
