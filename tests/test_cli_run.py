@@ -117,10 +117,10 @@ def test_pipe_into_head_ends_quietly(tiny_model: Path) -> None:
     """The reader goes away mid-stream: no traceback, generation stops."""
     proc = subprocess.run(
         f"{' '.join(SPECRUN)} run {tiny_model} 'hello' -n 2000 --ctx 2048 -t 1 | head -c 1",
-        shell=True, capture_output=True, text=True, env=_env(), executable="/bin/bash",
+        shell=True, capture_output=True, env=_env(), executable="/bin/bash",
     )
-    assert proc.returncode == 0
-    assert "Traceback" not in proc.stderr and "Broken pipe" not in proc.stderr, proc.stderr
+    assert proc.returncode == 0 and len(proc.stdout) == 1
+    assert b"Traceback" not in proc.stderr and b"Broken pipe" not in proc.stderr, proc.stderr
 
 
 def test_ctrl_c_ends_cleanly(tiny_model: Path) -> None:
