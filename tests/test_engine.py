@@ -70,3 +70,62 @@ def test_default_ctx() -> None:
     assert default_ctx(32768, 100) == 4096
     assert default_ctx(32768, 9000) == 9000
     assert default_ctx(2048, 100) == 2048
+
+
+# --- trees ------------------------------------------------------------------------
+
+TREE_TOKENS = [40, 41, 42, 43, 44, 45, 46, 47, 48]
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 3, 5, 7]  # node 0 is the root (the pending token)
+
+
+def _depths(parents: list[int]) -> list[int]:
+    d: list[int] = []
+    for p in parents:
+        d.append(0 if p < 0 else d[p] + 1)
+    return d
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    path = []
+    while node != -1:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+@pytest.fixture()
+def tree_engine(tiny_model: Path):
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=16)) as e:
+        e.open(256)
+        yield e
+
+
+def test_tree_logits_equal_sequential_logits_for_every_node(tree_engine: LlamaCppEngine, tiny_model: Path) -> None:
+    """Reference: evaluate prefix + the path to each node as one plain sequence."""
+    prefix = tree_engine.tokenize("def fib(n): return")
+    tree_engine.eval(prefix)
+    logits = tree_engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+    assert logits.shape == (len(TREE_TOKENS), 272)
+    assert tree_engine.kv_len == len(prefix)  # nothing committed yet
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1)) as ref:
+        ref.open(256)
+        for node in range(len(TREE_TOKENS)):
+            ref.rewind(0)
+            expected = ref.eval(prefix + [TREE_TOKENS[i] for i in _path(TREE_PARENTS, node)])
+            np.testing.assert_allclose(logits[node], expected, rtol=1e-3, atol=2e-3, err_msg=f"node {node}")
+
+
+def test_commit_path_keeps_exactly_the_accepted_branch(tree_engine: LlamaCppEngine, tiny_model: Path) -> None:
+    prefix = tree_engine.tokenize("hello world")
+    tree_engine.eval(prefix)
+    for _ in range(2):  # twice: a second tree must find the cache clean
+        tree_engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+        path = _path(TREE_PARENTS, 8)  # 0 -> 2 -> 5 -> 7 -> 8
+        tree_engine.commit_path(path)
+        prefix = prefix + [TREE_TOKENS[i] for i in path]
+        assert tree_engine.kv_len == len(prefix)
+    after = tree_engine.eval([50])
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1)) as ref:
+        ref.open(256)
+        expected = ref.eval(prefix + [50])
+    np.testing.assert_allclose(after, expected, rtol=1e-3, atol=2e-3)

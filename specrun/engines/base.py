@@ -19,6 +19,19 @@ class EngineConfig:
     n_seq_max: int = 1  # sequences in the KV cache (draft trees need many)
 
 
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """bool [n, n] for a tree given as parent indices (parents[i] < i, -1 for the root):
+    mask[i, j] iff node j is node i or one of its ancestors, i.e. token i attends to j.
+    Built row by row: a node's row is its parent's row plus itself."""
+    n = len(parents)
+    mask = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
 class Engine(Protocol):
     """A loaded model. The KV cache holds one sequence of `kv_len` tokens; `eval`
     appends to it and `rewind` cuts it back, so callers can reuse a prefix."""
@@ -52,6 +65,18 @@ class Engine(Protocol):
 
     def rewind(self, n_tokens: int) -> None:
         """Keep only the first `n_tokens` cache entries."""
+        ...
+
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int]) -> np.ndarray:
+        """Evaluate a tree of nodes after the cached sequence in one pass; float32 logits [n, n_vocab].
+
+        Node i sits at position kv_len + depths[i] and attends to the cache and to its
+        ancestors only. The cache is unchanged until `commit_path`."""
+        ...
+
+    def commit_path(self, path: Sequence[int]) -> None:
+        """Keep the tree nodes `path` (root first, each the parent of the next) in the
+        cache after the last `eval_tree`, and drop every other node."""
         ...
 
     def close(self) -> None: ...

@@ -17,7 +17,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import EngineConfig
+from specrun.engines.base import EngineConfig, ancestor_mask
 from specrun.errors import EngineError, UsageError
 
 DEFAULT_CTX = 4096
@@ -69,6 +69,7 @@ class LlamaCppEngine:
         self._batch: C.llama_batch | None = None
         self._n_ctx = 0
         self._kv_len = 0
+        self._tree_size = 0  # nodes of the last eval_tree, until commit_path
         self._pieces: dict[int, bytes] = {}
 
     # --- vocabulary ------------------------------------------------------------
@@ -161,6 +162,50 @@ class LlamaCppEngine:
             raise EngineError("llama.cpp could not trim the KV cache")
         self._kv_len = n_tokens
 
+    # --- trees: one llama_decode for a whole draft tree -----------------------
+
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int]) -> np.ndarray:
+        """Node i gets sequence id i + 1 and its cell is tagged with the ids of i and all its
+        descendants; the cached prefix is copied into every id first. A query attends to the
+        cells carrying its first id at positions <= its own: the prefix and its ancestors."""
+        if self._ctx is None or self._batch is None:
+            raise RuntimeError("eval_tree before open()")
+        n = len(tokens)
+        if n + 1 > self.config.n_seq_max or n > self.config.n_batch:
+            raise ValueError(f"a tree of {n} nodes needs n_seq_max > {n} and n_batch >= {n}")
+        if self._kv_len + max(depths) + 1 > self._n_ctx:
+            raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
+        mem = C.llama_get_memory(self._ctx)
+        for s in range(1, n + 1):
+            C.llama_memory_seq_rm(mem, s, -1, -1)
+            C.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        seq_ids = tree_seq_ids(parents)
+        batch, base = self._batch, self._kv_len
+        batch.n_tokens = n
+        for i in range(n):
+            batch.token[i] = tokens[i]
+            batch.pos[i] = base + depths[i]
+            ids = seq_ids[i]
+            batch.n_seq_id[i] = len(ids)
+            for k, s in enumerate(ids):
+                batch.seq_id[i][k] = s
+            batch.logits[i] = True
+        rc = C.llama_decode(self._ctx, batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode of a {n}-node tree failed ({rc}): {_last_log_error()}")
+        self._tree_size = n
+        ptr = C.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()  # [n, n_vocab] float32
+
+    def commit_path(self, path: Sequence[int]) -> None:
+        mem = C.llama_get_memory(self._ctx)
+        if path:
+            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self._kv_len, -1)  # the path's cells join seq 0
+        for s in range(1, self._tree_size + 1):
+            C.llama_memory_seq_rm(mem, s, -1, -1)
+        self._kv_len += len(path)
+        self._tree_size = 0
+
     # --- lifetime -----------------------------------------------------------------
 
     def _free_context(self) -> None:
@@ -182,6 +227,13 @@ class LlamaCppEngine:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def tree_seq_ids(parents: Sequence[int]) -> list[list[int]]:
+    """Sequence ids for node j's cell, its own id (j + 1) first, then those of its
+    descendants: exactly the nodes whose queries may attend to j (see ancestor_mask)."""
+    mask = ancestor_mask(parents)  # mask[i, j]: j is an ancestor-or-self of i
+    return [[j + 1] + [int(i) + 1 for i in np.flatnonzero(mask[:, j]) if i != j] for j in range(len(parents))]
 
 
 def _gpu_layers(requested: int | None) -> int:

@@ -1,0 +1,1 @@
+"""Speculative decoding logic: draft trees, drafters, verification. Pure logic, no I/O."""
