@@ -1,10 +1,13 @@
 """The generation loop: prompt tokens in, a stream of steps out.
 
-One loop for every way of decoding. Each step yields the tokens it committed
-(one for plain decoding; speculative steps will commit several per target
-call) with their text and per-step stats, so `run`, `chat` and `bench` all
-consume the same contract. The engine does the forward passes; this module
-only decides what to feed it and when to stop.
+One loop for plain and speculative decoding. Each step feeds the target one
+forward pass: the pending token alone (plain), or the pending token as the
+root of a draft tree (speculative). The target's draws along the tree decide
+how many tokens the step commits (spec/verify.py explains why the output is
+unchanged). Every step yields the tokens it committed with their text and its
+stats, so `run`, `chat` and `bench` all consume the same contract. The engine
+does the forward passes; the speculator proposes trees; this module only
+decides what to feed and when to stop.
 """
 
 from __future__ import annotations
@@ -12,11 +15,15 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
-from typing import Iterator
+from typing import Iterator, Protocol, Sequence
+
+import numpy as np
 
 from specrun.engines.base import Engine
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
+from specrun.spec.tree import DraftTree
+from specrun.spec.verify import walk
 
 
 @dataclass(frozen=True)
@@ -25,34 +32,61 @@ class GenerationConfig:
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
 
 
+class Speculator(Protocol):
+    """Proposes a draft tree rooted at the pending token, and learns from what was accepted."""
+
+    name: str
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        """context ends with the pending token; the tree's root holds it."""
+        ...
+
+    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+        """The target accepted `path` (node indices, root first) of `tree` in `seconds`."""
+        ...
+
+
 @dataclass(frozen=True)
 class Step:
-    """What one step committed."""
+    """What one target forward pass committed."""
 
     tokens: list[int]
     text: str  # their text; '' while a UTF-8 character is still incomplete
-    target_calls: int  # forward passes of the target model this step
-    seconds: float
+    target_calls: int  # target forward passes in this step: 1, or 0 when nothing needed one
+    drafted: int  # draft nodes verified in this pass
+    accepted: int  # of which accepted
+    draft_s: float  # time spent drafting
+    verify_s: float  # time in the target's forward pass and the walk
 
 
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
     generated_tokens: int = 0
-    target_calls: int = 0
+    target_calls: int = 0  # target forward passes, the prefill included
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
+    draft_s: float = 0.0
+    verify_s: float = 0.0
     stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
 
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
 
+    @property
+    def tokens_per_call(self) -> float:
+        """Mean tokens committed per target call (1.0 for plain decoding)."""
+        return self.generated_tokens / self.target_calls if self.target_calls else 0.0
+
 
 class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards."""
 
-    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig) -> None:
+    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig,
+                 speculator: Speculator | None = None, max_depth: int = 0) -> None:
         if not prompt:
             raise UsageError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
         if len(prompt) >= engine.n_ctx:
@@ -61,6 +95,7 @@ class Generation:
                 hint="shorten the prompt or raise --ctx",
             )
         self.engine, self.prompt, self.config = engine, prompt, config
+        self.speculator, self.max_depth = speculator, max_depth
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -73,43 +108,75 @@ class Generation:
     def __iter__(self) -> Iterator[Step]:
         engine, cfg, stats = self.engine, self.config, self.stats
         rng = cfg.sampling.rng()
+
+        def draw(logits: np.ndarray) -> int:
+            return sample(logits, cfg.sampling, rng)
+
         stats.stop_reason = "interrupted"  # until the loop ends by itself
         t0 = time.perf_counter()
         engine.rewind(0)
-        logits = engine.eval(self.prompt)
+        pending = draw(engine.eval(self.prompt))
         stats.prefill_s = time.perf_counter() - t0
-        stats.target_calls += 1
+        stats.target_calls = 1  # the prefill drew the first token
         while True:
-            t = time.perf_counter()
-            token = sample(logits, cfg.sampling, rng)
-            if engine.is_eog(token):
-                stats.stop_reason = "eos"
+            t_step = time.perf_counter()
+            committed, done = self._commit([pending])
+            if done is None and engine.kv_len + 1 > engine.n_ctx:
+                done = "context"  # no room left to evaluate the pending token
+            if done is not None:  # no forward pass needed, or none possible
+                stats.stop_reason = done
+                if committed:
+                    yield self._step(committed, 0, 0, 0, 0.0, 0.0)
                 break
-            self.tokens.append(token)
-            stats.generated_tokens += 1
-            done = self._stop_reason()
-            if done is None:
-                logits = engine.eval([token])
-                stats.target_calls += 1
-            dt = time.perf_counter() - t
-            stats.decode_s += dt
-            yield self._step([token], 0 if done else 1, dt)
+            # Room for the root and the draft below it, in the cache and in the token budget.
+            room = min(engine.n_ctx - engine.kv_len - 1, cfg.max_tokens - stats.generated_tokens, self.max_depth)
+            tree = DraftTree.rooted(pending)
+            if self.speculator is not None and room > 0:
+                tree = self.speculator.propose(self.prompt + self.tokens, room)
+            t_draft = time.perf_counter()
+            if len(tree) == 1:
+                logits = engine.eval([pending])[None, :]  # [1, vocab]
+                path, pending = walk(tree, logits, draw)
+            else:
+                logits = engine.eval_tree(tree.tokens, tree.parents, tree.depths)  # [n, vocab]
+                path, pending = walk(tree, logits, draw)
+                engine.commit_path(path)
+            t_end = time.perf_counter()
+            if self.speculator is not None and len(tree) > 1:
+                self.speculator.observe(tree, path, t_end - t_draft)
+            accepted = [tree.tokens[i] for i in path[1:]]
+            more, done = self._commit(accepted)
+            committed += more
+            stats.target_calls += 1
+            stats.drafted_tokens += len(tree) - 1
+            stats.accepted_tokens += len(accepted)
+            stats.draft_s += t_draft - t_step
+            stats.verify_s += t_end - t_draft
+            stats.decode_s += time.perf_counter() - t_step
+            yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft)
             if done is not None:
                 stats.stop_reason = done
                 break
         tail = self._decoder.decode(b"", final=True)
         if tail:
             self._text.append(tail)
-            yield Step([], tail, 0, 0.0)
+            yield Step([], tail, 0, 0, 0, 0.0, 0.0)
 
-    def _stop_reason(self) -> str | None:
-        if self.stats.generated_tokens >= self.config.max_tokens:
-            return "length"
-        if self.engine.kv_len + 1 > self.engine.n_ctx:
-            return "context"
-        return None
+    def _commit(self, tokens: list[int]) -> tuple[list[int], str | None]:
+        """Append tokens to the output until a stop condition; (appended, stop reason or None)."""
+        out: list[int] = []
+        for tok in tokens:
+            if self.engine.is_eog(tok):
+                return out, "eos"
+            out.append(tok)
+            self.tokens.append(tok)
+            self.stats.generated_tokens += 1
+            if self.stats.generated_tokens >= self.config.max_tokens:
+                return out, "length"
+        return out, None
 
-    def _step(self, tokens: list[int], calls: int, seconds: float) -> Step:
+    def _step(self, tokens: list[int], calls: int, drafted: int, accepted: int,
+              draft_s: float, verify_s: float) -> Step:
         text = self._decoder.decode(b"".join(self.engine.piece(t) for t in tokens))
         self._text.append(text)
-        return Step(tokens, text, calls, seconds)
+        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s)

@@ -23,6 +23,12 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "tiny.gguf")
 
 
+@pytest.fixture(scope="session")
+def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """Larger weights: a few likely next tokens instead of a near-uniform spread."""
+    return build_tiny_model(tmp_path_factory.mktemp("models") / "sharp.gguf", TinySpec(scale=4.0, seed=1))
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     """Every test gets its own empty store and user catalog: never the user's."""

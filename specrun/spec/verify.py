@@ -1,0 +1,37 @@
+"""Exact verification of a draft tree against the target's logits.
+
+The rule (SpecExec's): starting at the root, draw the next token from the
+*target's* distribution at the current node, exactly as plain decoding would
+(same sampler, same random stream). If a child of the node holds that token,
+move to the child and repeat; otherwise stop: the drawn token is the first
+token after the accepted path (the "bonus" token).
+
+Why the output distribution is the target's: every emitted token is a draw
+from the target's distribution conditioned on exactly the tokens before it, in
+the same order plain decoding draws them; the draft only decides how many of
+those conditionals were computed in the same forward pass. A wrong draft costs
+time, never correctness. With the same seed, speculative and plain decoding
+therefore emit the same tokens (up to float differences between a batched and
+a single-token forward pass, see PLATFORM.md). Greedy is the temperature-0
+case: the draw is the argmax.
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import numpy as np
+
+from specrun.spec.tree import DraftTree
+
+
+def walk(tree: DraftTree, logits: np.ndarray, draw: Callable[[np.ndarray], int]) -> tuple[list[int], int]:
+    """(accepted path of node indices, root first; the next token) for logits [n, vocab]."""
+    node, path = 0, [0]
+    while True:
+        token = draw(logits[node])
+        child = tree.child(node, token)
+        if child is None:
+            return path, token
+        path.append(child)
+        node = child

@@ -1,0 +1,184 @@
+"""Speculative generation against plain generation on tiny f32 models.
+
+Greedy: token-identical for every speculator and budget. Sampling: the same
+seed gives the same tokens (verification draws from the target exactly as
+plain decoding does), and the next-token distribution matches plain sampling.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import pytest
+
+from specrun.engines import EngineConfig
+from specrun.engines.llamacpp import LlamaCppEngine
+from specrun.generate import Generation, GenerationConfig
+from specrun.sampling import SamplingConfig
+from specrun.spec.ngram import NgramConfig, NgramDrafter, NgramSpeculator
+from specrun.spec.tree import DraftTree
+
+GREEDY = SamplingConfig(temperature=0)
+PROMPTS = ["def fib(n): return fib(n", "hello world hello world hello", "the a the a def"]
+
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path):
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=64)) as e:
+        e.open(1024)
+        yield e
+
+
+def generate(engine: LlamaCppEngine, prompt: str, sampling: SamplingConfig, speculator=None, depth: int = 0,
+             max_tokens: int = 64) -> Generation:
+    gen = Generation(engine, engine.tokenize(prompt), GenerationConfig(max_tokens=max_tokens, sampling=sampling),
+                     speculator, depth)
+    for _ in gen:
+        pass
+    return gen
+
+
+class RandomSpeculator:
+    """Proposes random trees: wrong almost always, so it tests rejection paths."""
+
+    name = "random"
+
+    def __init__(self, nodes: int, seed: int = 0) -> None:
+        self.nodes, self.rng = nodes, np.random.default_rng(seed)
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        tree = DraftTree.rooted(context[-1])
+        for _ in range(self.nodes - 1):
+            parent = int(self.rng.integers(len(tree)))
+            if tree.depths[parent] < max_depth:
+                tree.add(int(self.rng.integers(3, 272)), parent)
+        return tree
+
+    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+        pass
+
+
+class OracleSpeculator:
+    """Knows the plain output, so every drafted token is right: a chain along it."""
+
+    name = "oracle"
+
+    def __init__(self, prompt: list[int], output: list[int]) -> None:
+        self.full = prompt + output
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        tree = DraftTree.rooted(context[-1])
+        tree.add_path(self.full[len(context):len(context) + max_depth])
+        return tree
+
+    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+        pass
+
+
+@pytest.mark.parametrize("prompt", PROMPTS)
+@pytest.mark.parametrize("nodes, depth", [(2, 1), (4, 3), (16, 8), (48, 16)])
+def test_greedy_ngram_equals_plain(engine: LlamaCppEngine, prompt: str, nodes: int, depth: int) -> None:
+    plain = generate(engine, prompt, GREEDY)
+    spec = generate(engine, prompt, GREEDY, NgramSpeculator(nodes), depth)
+    assert spec.tokens == plain.tokens and spec.text == plain.text
+    assert spec.stats.stop_reason == plain.stats.stop_reason
+    assert spec.stats.accepted_tokens <= spec.stats.drafted_tokens
+
+
+@pytest.mark.parametrize("nodes", [2, 7, 30])
+def test_greedy_with_random_trees_equals_plain(engine: LlamaCppEngine, nodes: int) -> None:
+    plain = generate(engine, PROMPTS[0], GREEDY)
+    spec = generate(engine, PROMPTS[0], GREEDY, RandomSpeculator(nodes), 6)
+    assert spec.tokens == plain.tokens
+
+
+def test_a_perfect_draft_is_always_accepted(engine: LlamaCppEngine) -> None:
+    plain = generate(engine, PROMPTS[1], GREEDY, max_tokens=60)
+    oracle = OracleSpeculator(engine.tokenize(PROMPTS[1]), plain.tokens)
+    spec = generate(engine, PROMPTS[1], GREEDY, oracle, 5, max_tokens=60)
+    assert spec.tokens == plain.tokens
+    assert spec.stats.accepted_tokens == spec.stats.drafted_tokens > 0
+    assert spec.stats.target_calls == 1 + 10  # prefill, then 6 tokens per pass: 1 + 5 accepted
+
+
+@pytest.mark.parametrize("seed", [1, 2, 3])
+def test_seeded_sampling_equals_plain_sampling(engine: LlamaCppEngine, seed: int) -> None:
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, seed=seed)
+    plain = generate(engine, PROMPTS[1], sampling)
+    for speculator in (NgramSpeculator(12), RandomSpeculator(12, seed)):
+        spec = generate(engine, PROMPTS[1], sampling, speculator, 6)
+        assert spec.tokens == plain.tokens
+
+
+class LikelySpeculator(RandomSpeculator):
+    """Random trees whose children come from the target's likely tokens after the root,
+    so drafts are often (not always) accepted."""
+
+    def __init__(self, nodes: int, seed: int, likely: dict[int, list[int]]) -> None:
+        super().__init__(nodes, seed)
+        self.likely = likely
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        tree = DraftTree.rooted(context[-1])
+        choices = self.likely.get(context[-1], [3])
+        for _ in range(self.nodes - 1):
+            parent = int(self.rng.integers(len(tree)))
+            if tree.depths[parent] < max_depth:
+                tree.add_path([int(self.rng.choice(choices))], parent)
+        return tree
+
+
+def test_next_tokens_follow_the_target_distribution(sharp_model: Path) -> None:
+    """Independent seeds: the first 3 generated tokens over 2000 runs each, speculative
+    against plain, compared with a two-sample chi-square test (p = 0.001)."""
+    counts: dict[str, dict[tuple[int, ...], int]] = {"plain": {}, "spec": {}}
+    accepted = 0
+    with LlamaCppEngine(sharp_model, EngineConfig(n_threads=1, n_seq_max=64)) as e:
+        e.open(128)
+        prompt = e.tokenize("hello")
+        likely = {}
+        for first in np.argsort(-e.eval(prompt))[:8]:
+            e.rewind(len(prompt))
+            likely[int(first)] = [int(t) for t in np.argsort(-e.eval([int(first)]))[:4]]
+        for kind in counts:
+            for seed in range(2000):
+                spec = LikelySpeculator(12, seed, likely) if kind == "spec" else None
+                cfg = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed + (10_000 if spec else 0))
+                gen = Generation(e, prompt, GenerationConfig(max_tokens=3, sampling=cfg), spec, 2)
+                for _ in gen:
+                    pass
+                accepted += gen.stats.accepted_tokens
+                key = tuple(gen.tokens)
+                counts[kind][key] = counts[kind].get(key, 0) + 1
+    assert accepted > 500  # the speculative runs really did accept drafts
+    keys = sorted(set(counts["plain"]) | set(counts["spec"]))
+    a = np.array([counts["plain"].get(k, 0) for k in keys], dtype=float)
+    b = np.array([counts["spec"].get(k, 0) for k in keys], dtype=float)
+    big = (a + b) >= 20  # pool rare outcomes into one cell
+    a = np.append(a[big], a[~big].sum())
+    b = np.append(b[big], b[~big].sum())
+    total = a + b
+    ea, eb = total * a.sum() / total.sum(), total * b.sum() / total.sum()
+    ok = total > 0
+    chi2 = float((((a - ea) ** 2 / ea) + ((b - eb) ** 2 / eb))[ok].sum())
+    dof = int(ok.sum()) - 1
+    critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, p = 0.001
+    assert dof >= 5
+    assert chi2 < critical, (chi2, dof, critical)
+
+
+def test_ngram_drafter_proposes_earlier_continuations() -> None:
+    d = NgramDrafter(NgramConfig(max_ngram=3))
+    ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 6, 9, 1, 2]
+    tree = d.draft(ctx, max_nodes=10, max_depth=3)
+    assert tree.tokens[0] == 2
+    # suffix (9, 1, 2) matched twice before: continuations 3 4 6 (recent) and 3 4 5
+    assert tree.path_to(3) == [0, 1, 2, 3] and [tree.tokens[i] for i in (1, 2, 3)] == [3, 4, 6]
+    assert 5 in tree.tokens and tree.parents[tree.tokens.index(5)] == 2
+    assert len(d.draft(ctx + [7], max_nodes=10, max_depth=3)) == 1  # nothing follows 7 before
+    assert len(d.draft(ctx, max_nodes=3, max_depth=5)) == 3
+    assert max(d.draft(ctx, max_nodes=30, max_depth=2).depths) == 2
+    shorter = [5, 5, 5]  # a context that is not an extension resets the index
+    assert d.draft(shorter, max_nodes=4, max_depth=2).tokens == [5, 5, 5]
