@@ -232,37 +232,60 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context size in tokens (default: fits the request)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", min=-1, help="Layers on the GPU (-1 = all)."),
+    spec: str = typer.Option("auto", "--spec", help="Speculation: auto, none or ngram (prompt lookup)."),
+    budget: str = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto."),
+    depth: Optional[int] = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
     from specrun.engines import EngineConfig
     from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
-    from specrun.generate import Generation, GenerationConfig
+    from specrun.generate import (SPEC_MODES, Generation, GenerationConfig, SpecConfig, check_prompt,
+                                  make_speculator)
     from specrun.gguf_file import read_gguf
     from specrun.sampling import SamplingConfig
 
     if top_p <= 0:
         raise UsageError("--top-p must be greater than 0")
-    label, path = locate(model, lambda n: _catalog().get(n), Store())
+    if spec not in SPEC_MODES:
+        raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
+    if budget != "auto" and not (budget.isdigit() and 1 <= int(budget) <= 255):
+        raise UsageError(f"--budget must be auto or a number of nodes from 1 to 255, not '{budget}'")
+    spec_cfg = SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
+    store = Store()
+    label, path = locate(model, lambda n: _catalog().get(n), store)
     read_gguf(path)  # a bad or truncated file stops here, not inside llama.cpp
     text = _read_prompt(prompt)
     t0 = time.perf_counter()
-    engine = LlamaCppEngine(path, EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers))
+    n_seq = 1 if spec_cfg.mode == "none" else spec_cfg.max_nodes + 1
+    engine = LlamaCppEngine(path, EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
+                                               n_seq_max=n_seq))
     try:
         tokens = engine.tokenize(text)
         engine.open(ctx or default_ctx(engine.n_ctx_train, len(tokens) + max_tokens))
+        check_prompt(tokens, engine.n_ctx)  # before any calibration work
+        calibration = _calibration(engine, store, path) if spec_cfg.needs_costs else None
+        speculator, max_depth = make_speculator(
+            spec_cfg, calibration.cost if calibration else None,
+            calibration.stats.setdefault("ngram", _new_stats()) if calibration else None)
         load_s = time.perf_counter() - t0
         gen = Generation(engine, tokens, GenerationConfig(
-            max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)))
-        if as_json:
-            for _ in gen:
-                pass
-        else:
-            _stream(gen)
+            max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
+            speculator, max_depth)
+        try:
+            if as_json:
+                for _ in gen:
+                    pass
+            else:
+                _stream(gen)
+        finally:
+            if calibration is not None:
+                calibration.save()  # what was learnt about acceptance, even after Ctrl-C
     finally:
         engine.close()
     stats = gen.stats
+    mode = speculator.name if speculator else "none"
     if stats.stop_reason == "context":
         err.print(f"[yellow]warning: stopped at the end of the {engine.n_ctx}-token context[/]")
     if as_json:
@@ -270,13 +293,45 @@ def run(
             "model": label, "path": str(path), "text": gen.text,
             "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "stop_reason": stats.stop_reason,
+            "speculation": {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
+                            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)},
             "timings": {"load_s": round(load_s, 4), "prefill_s": round(stats.prefill_s, 4),
-                        "decode_s": round(stats.decode_s, 4), "tokens_per_s": round(stats.tokens_per_s, 3)},
+                        "decode_s": round(stats.decode_s, 4), "draft_s": round(stats.draft_s, 4),
+                        "verify_s": round(stats.verify_s, 4), "tokens_per_s": round(stats.tokens_per_s, 3)},
         }))
     if verbose:
         err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
                   f"({stats.stop_reason}), {stats.tokens_per_s:.1f} tok/s, load {load_s:.2f} s, "
-                  f"prefill {stats.prefill_s:.2f} s[/]")
+                  f"prefill {stats.prefill_s:.2f} s; spec {mode}: {stats.target_calls} target calls, "
+                  f"{stats.accepted_tokens}/{stats.drafted_tokens} drafted tokens accepted, "
+                  f"{stats.tokens_per_call:.2f} tokens/call, drafting {stats.draft_s:.2f} s, "
+                  f"verifying {stats.verify_s:.2f} s[/]")
+
+
+def _new_stats() -> Any:
+    from specrun.spec.planner import AcceptanceStats
+
+    return AcceptanceStats()
+
+
+def _calibration(engine: Any, store: Store, path: Path) -> Any:
+    """The stored cost curve for this model and these settings, measured now if missing."""
+    import llama_cpp
+
+    from specrun import calibrate
+
+    cfg = engine.config
+    settings = (f"llama-cpp-python {llama_cpp.__version__}, threads {cfg.n_threads or os.cpu_count()}, "
+                f"gpu layers {cfg.n_gpu_layers}, gpu {bool(llama_cpp.llama_supports_gpu_offload())}")
+    file = calibrate.calibration_path(store.root, path, settings)
+    found = calibrate.load(file)
+    if found is not None:
+        return found
+    err.print(f"[dim]measuring this machine's cost curve for {escape(path.name)} (once)…[/]")
+    sizes = tuple(n for n in calibrate.SIZES if n <= engine.config.n_seq_max - 1)
+    cal = calibrate.Calibration(file, calibrate.measure_cost_curve(engine, sizes), {})
+    cal.save()
+    return cal
 
 
 def _stream(gen: Any) -> None:

@@ -15,7 +15,7 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field
-from typing import Iterator, Protocol, Sequence
+from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
@@ -24,6 +24,9 @@ from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
 from specrun.spec.tree import DraftTree
 from specrun.spec.verify import walk
+
+if TYPE_CHECKING:
+    from specrun.spec.planner import AcceptanceStats, CostCurve
 
 
 @dataclass(frozen=True)
@@ -82,18 +85,21 @@ class GenerationStats:
         return self.generated_tokens / self.target_calls if self.target_calls else 0.0
 
 
+def check_prompt(prompt: list[int], n_ctx: int) -> None:
+    """UsageError unless the prompt has tokens and leaves room in the context to generate."""
+    if not prompt:
+        raise UsageError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
+    if len(prompt) >= n_ctx:
+        raise UsageError(f"the prompt is {len(prompt)} tokens; the context holds {n_ctx}",
+                         hint="shorten the prompt or raise --ctx")
+
+
 class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards."""
 
     def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig,
                  speculator: Speculator | None = None, max_depth: int = 0) -> None:
-        if not prompt:
-            raise UsageError("the prompt is empty", hint="pass a prompt as an argument or on stdin")
-        if len(prompt) >= engine.n_ctx:
-            raise UsageError(
-                f"the prompt is {len(prompt)} tokens; the context holds {engine.n_ctx}",
-                hint="shorten the prompt or raise --ctx",
-            )
+        check_prompt(prompt, engine.n_ctx)
         self.engine, self.prompt, self.config = engine, prompt, config
         self.speculator, self.max_depth = speculator, max_depth
         self.stats = GenerationStats(prompt_tokens=len(prompt))
@@ -180,3 +186,40 @@ class Generation:
         text = self._decoder.decode(b"".join(self.engine.piece(t) for t in tokens))
         self._text.append(text)
         return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s)
+
+
+SPEC_MODES = ("auto", "none", "ngram")
+DEFAULT_DEPTH = 16
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How to speculate. `budget` None lets the planner size each tree from measured costs."""
+
+    mode: str = "auto"  # auto | none | ngram
+    budget: int | None = None  # nodes per verified tree, root included
+    depth: int | None = None  # deepest draft node; None: DEFAULT_DEPTH
+
+    @property
+    def needs_costs(self) -> bool:
+        return self.mode != "none" and self.budget is None
+
+    @property
+    def max_nodes(self) -> int:
+        return self.budget or 32
+
+
+def make_speculator(spec: SpecConfig, cost: "CostCurve | None",
+                    stats: "AcceptanceStats | None") -> tuple[Speculator | None, int]:
+    """(speculator or None for plain decoding, max depth) for `spec`."""
+    from specrun.spec.ngram import NgramDrafter, NgramSpeculator
+    from specrun.spec.planner import AcceptanceStats, PlannedSpeculator
+
+    depth = spec.depth or DEFAULT_DEPTH
+    if spec.mode == "none" or spec.budget == 1:
+        return None, 0
+    if spec.budget is not None:
+        return NgramSpeculator(spec.budget), depth
+    if cost is None:
+        raise ValueError("planned speculation needs a cost curve")
+    return PlannedSpeculator("ngram", NgramDrafter(), cost, stats or AcceptanceStats(), spec.max_nodes), depth

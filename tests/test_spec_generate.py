@@ -172,13 +172,14 @@ def test_next_tokens_follow_the_target_distribution(sharp_model: Path) -> None:
 def test_ngram_drafter_proposes_earlier_continuations() -> None:
     d = NgramDrafter(NgramConfig(max_ngram=3))
     ctx = [1, 2, 3, 4, 5, 9, 1, 2, 3, 4, 6, 9, 1, 2]
-    tree = d.draft(ctx, max_nodes=10, max_depth=3)
+    tree, keys = d.draft(ctx, max_nodes=10, max_depth=3)
     assert tree.tokens[0] == 2
+    assert keys[1] == ("ngram", 3, 1) and keys[3] == ("ngram", 3, 3) and len(keys) == len(tree)
     # suffix (9, 1, 2) matched twice before: continuations 3 4 6 (recent) and 3 4 5
     assert tree.path_to(3) == [0, 1, 2, 3] and [tree.tokens[i] for i in (1, 2, 3)] == [3, 4, 6]
     assert 5 in tree.tokens and tree.parents[tree.tokens.index(5)] == 2
-    assert len(d.draft(ctx + [7], max_nodes=10, max_depth=3)) == 1  # nothing follows 7 before
-    assert len(d.draft(ctx, max_nodes=3, max_depth=5)) == 3
-    assert max(d.draft(ctx, max_nodes=30, max_depth=2).depths) == 2
+    assert len(d.draft(ctx + [7], max_nodes=10, max_depth=3)[0]) == 1  # nothing follows 7 before
+    assert len(d.draft(ctx, max_nodes=3, max_depth=5)[0]) == 3
+    assert max(d.draft(ctx, max_nodes=30, max_depth=2)[0].depths) == 2
     shorter = [5, 5, 5]  # a context that is not an extension resets the index
-    assert d.draft(shorter, max_nodes=4, max_depth=2).tokens == [5, 5, 5]
+    assert d.draft(shorter, max_nodes=4, max_depth=2)[0].tokens == [5, 5, 5]

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Hashable, Sequence
 
 from specrun.spec.tree import DraftTree
 
@@ -43,39 +43,34 @@ class NgramDrafter:
             for n in range(self.config.min_ngram, min(self.config.max_ngram, end) + 1):
                 self._index[tuple(ctx[end - n:end])].append(end)
 
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> DraftTree:
-        """A tree rooted at context[-1] (the pending token) with at most `max_nodes` nodes in all."""
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+        """A tree rooted at context[-1] (the pending token) with at most `max_nodes` nodes in
+        all, and per node the planner's key: (match length, depth), both capped at 3."""
         self._extend(context)
         ctx = list(context)
-        tree = DraftTree.rooted(ctx[-1])
+        tree, keys = DraftTree.rooted(ctx[-1]), [("root",)]
         if max_nodes <= 1 or max_depth <= 0:
-            return tree
+            return tree, keys
         n_ctx = len(ctx)
         for n in range(min(self.config.max_ngram, n_ctx), self.config.min_ngram - 1, -1):
             ends = self._index.get(tuple(ctx[n_ctx - n:]), [])
             for end in reversed(ends[-self.config.max_matches:]):
-                continuation = ctx[end:end + max_depth]
-                if continuation:
-                    _insert_within(tree, continuation, max_nodes)
+                node = 0
+                for tok in ctx[end:end + max_depth]:
+                    nxt = tree.child(node, tok)
+                    if nxt is None:
+                        if len(tree) >= max_nodes:
+                            break
+                        nxt = tree.add(tok, node)
+                        keys.append(("ngram", min(n, 3), min(tree.depths[nxt], 3)))
+                    node = nxt
                 if len(tree) >= max_nodes:
-                    return tree
-        return tree
-
-
-def _insert_within(tree: DraftTree, tokens: list[int], max_nodes: int) -> None:
-    """Merge a chain under the root, stopping when the tree is full."""
-    node = 0
-    for tok in tokens:
-        nxt = tree.child(node, tok)
-        if nxt is None:
-            if len(tree) >= max_nodes:
-                return
-            nxt = tree.add(tok, node)
-        node = nxt
+                    return tree, keys
+        return tree, keys
 
 
 class NgramSpeculator:
-    """The Speculator for prompt lookup: a tree of at most `max_nodes` nodes (root included)."""
+    """Prompt lookup with a fixed budget: every proposed node is verified (no planning)."""
 
     name = "ngram"
 
@@ -84,7 +79,7 @@ class NgramSpeculator:
         self.drafter = NgramDrafter(config)
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        return self.drafter.draft(context, self.max_nodes, max_depth)
+        return self.drafter.draft(context, self.max_nodes, max_depth)[0]
 
     def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
         pass

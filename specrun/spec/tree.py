@@ -62,3 +62,16 @@ class DraftTree:
     def ancestor_mask(self) -> np.ndarray:
         """bool [n, n]: mask[i, j] iff node j is node i or one of its ancestors."""
         return ancestor_mask(self.parents)
+
+    def subtree(self, keep: list[int]) -> "DraftTree":
+        """The tree of nodes `keep` (sorted, root first, closed under parents), re-indexed in order."""
+        index = {old: new for new, old in enumerate(keep)}
+        out = DraftTree()
+        for old in keep:
+            parent = self.parents[old]
+            if parent != -1 and parent not in index:
+                raise ValueError(f"node {old} kept without its parent {parent}")
+            out.tokens.append(self.tokens[old])
+            out.parents.append(-1 if parent == -1 else index[parent])
+            out.depths.append(self.depths[old])
+        return out

@@ -1,0 +1,137 @@
+"""Choosing what to verify from measured costs (the Sequoia / SmartSpec idea, per step).
+
+A drafter proposes a candidate tree and tags each node with a key describing
+how it was found (for prompt lookup: the match length and depth). Running
+statistics give, per key, the chance that a node is accepted given that its
+parent was. A node's chance of acceptance is the product along its path, so it
+never exceeds its parent's, and the best k-node subtree is the k likeliest
+nodes. With the target's measured cost c(n) of verifying n tokens, the plan
+keeps the k maximising expected tokens per second,
+
+    (1 + sum of the k nodes' acceptance chances) / c(k + 1),
+
+where k = 0 is plain decoding: when nothing pays, nothing is speculated. On a
+CPU c(n) grows almost linearly and only likely nodes survive; on an offloaded
+target c(n) is flat for hundreds of tokens and large trees win.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Hashable, Protocol, Sequence
+
+import numpy as np
+
+from specrun.spec.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class CostCurve:
+    """Seconds for one target pass over n tokens, measured at a few sizes, interpolated between."""
+
+    sizes: tuple[int, ...]  # increasing, starting at 1
+    seconds: tuple[float, ...]
+
+    def __post_init__(self) -> None:
+        if not self.sizes or self.sizes[0] != 1 or list(self.sizes) != sorted(set(self.sizes)):
+            raise ValueError("sizes must increase from 1")
+        if len(self.sizes) != len(self.seconds) or min(self.seconds) <= 0:
+            raise ValueError("one positive time per size")
+
+    def cost(self, n: int) -> float:
+        if n <= self.sizes[-1]:
+            return float(np.interp(n, self.sizes, self.seconds))
+        if len(self.sizes) == 1:
+            return self.seconds[0] * n
+        (n0, n1), (t0, t1) = self.sizes[-2:], self.seconds[-2:]
+        average = (t1 - self.seconds[0]) / (n1 - 1)  # a flat last segment is noise, not a trend
+        return t1 + max((t1 - t0) / (n1 - n0), average) * (n - n1)
+
+    @property
+    def max_size(self) -> int:
+        return self.sizes[-1]
+
+
+@dataclass
+class AcceptanceStats:
+    """Per key: how often a drafted node was accepted when its parent was (Beta-smoothed).
+
+    Keys seen fewer than `explore` times count as likely, so the planner tries them a
+    few times before trusting the data; the counts persist with the calibration."""
+
+    prior_accept: float = 1.0
+    prior_reject: float = 2.0
+    explore: int = 2
+    optimistic: float = 0.8
+    counts: dict[Hashable, list[int]] = field(default_factory=dict)  # key -> [accepted, tested]
+
+    def rate(self, key: Hashable) -> float:
+        accepted, tested = self.counts.get(key, (0, 0))
+        if tested < self.explore:
+            return self.optimistic
+        return (accepted + self.prior_accept) / (tested + self.prior_accept + self.prior_reject)
+
+    def update(self, key: Hashable, accepted: bool) -> None:
+        c = self.counts.setdefault(key, [0, 0])
+        c[0] += int(accepted)
+        c[1] += 1
+
+
+def node_chances(tree: DraftTree, keys: Sequence[Hashable], stats: AcceptanceStats) -> list[float]:
+    """P(node accepted) for every node: 1 for the root, parent's chance times the key's rate."""
+    chances = [1.0] * len(tree)
+    for i in range(1, len(tree)):
+        chances[i] = chances[tree.parents[i]] * stats.rate(keys[i])
+    return chances
+
+
+def best_subtree(chances: Sequence[float], cost: CostCurve, max_nodes: int | None = None) -> list[int]:
+    """Node indices to verify (root first, a connected subtree): the k likeliest non-root
+    nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
+    limit = min(len(chances), max_nodes or cost.max_size)  # no plans beyond what was measured
+    order = sorted(range(1, len(chances)), key=lambda i: (-chances[i], i))[: limit - 1]
+    best_k, best_rate, expected = 0, 1.0 / cost.cost(1), 1.0
+    for k, i in enumerate(order, 1):
+        expected += chances[i]
+        rate = expected / cost.cost(k + 1)
+        if rate > best_rate * (1 + 1e-9):
+            best_k, best_rate = k, rate
+    return [0] + sorted(order[:best_k])
+
+
+def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: CostCurve) -> float:
+    """Expected tokens per second of verifying `keep`, relative to plain decoding."""
+    return sum(chances[i] for i in keep) / cost.cost(len(keep)) * cost.cost(1)
+
+
+class Drafter(Protocol):
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]: ...
+
+
+class PlannedSpeculator:
+    """Drafts a candidate tree, then verifies only the subtree that pays on this hardware.
+
+    Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
+
+    def __init__(self, name: str, drafter: Drafter, cost: CostCurve, stats: AcceptanceStats,
+                 max_nodes: int = 32) -> None:
+        self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
+        self.max_nodes = max_nodes
+        self._keys: list[Hashable] = []
+        self.planned_nodes = 0  # nodes verified so far, root included (for reports)
+        self.steps = 0
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        candidates, keys = self.drafter.draft(context, min(self.max_nodes, self.cost.max_size), max_depth)
+        keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
+        self._keys = [keys[i] for i in keep]
+        self.planned_nodes += len(keep)
+        self.steps += 1
+        return candidates.subtree(keep)
+
+    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+        """Each node whose parent was accepted was tested: it matched the target's draw or not."""
+        accepted = set(path)
+        for i in range(1, len(tree)):
+            if tree.parents[i] in accepted:
+                self.stats.update(self._keys[i], i in accepted)

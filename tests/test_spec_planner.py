@@ -1,0 +1,121 @@
+"""The budget planner on synthetic cost curves, and calibration on a tiny model."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from specrun.calibrate import Calibration, calibration_path, load, measure_cost_curve
+from specrun.engines import EngineConfig
+from specrun.engines.llamacpp import LlamaCppEngine
+from specrun.generate import Generation, GenerationConfig
+from specrun.sampling import SamplingConfig
+from specrun.spec.ngram import NgramDrafter
+from specrun.spec.planner import (AcceptanceStats, CostCurve, PlannedSpeculator, best_subtree, expected_speedup,
+                                  node_chances)
+from specrun.spec.tree import DraftTree
+
+SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 255)
+THIS_CPU = CostCurve((1, 2, 3, 4, 6, 8, 12, 16, 24, 32),  # measured here: 1.5B target, 2 threads (ms)
+                     (0.055, 0.090, 0.124, 0.133, 0.206, 0.346, 0.440, 0.470, 0.704, 0.704))
+OFFLOADED = CostCurve(SIZES, (1.0, 1.0, 1.0, 1.01, 1.02, 1.04, 1.08, 1.15, 1.3))  # weights streamed: flat
+
+
+def wide_tree(depth: int, width: int) -> tuple[DraftTree, list[float]]:
+    """A full tree; each node's chance is 0.8 ** depth / rank (a typical draft-model tree)."""
+    tree, chances = DraftTree.rooted(0), [1.0]
+    frontier = [0]
+    for _ in range(depth):
+        nxt = []
+        for parent in frontier:
+            for rank in range(width):
+                node = tree.add(rank, parent)
+                chances.append(chances[parent] * 0.8 / (rank + 1))
+                nxt.append(node)
+        frontier = nxt
+        if len(tree) > 400:
+            break
+    return tree, chances
+
+
+def test_cost_curve_interpolates_and_extrapolates() -> None:
+    c = CostCurve((1, 2, 4), (1.0, 1.5, 2.5))
+    assert c.cost(3) == pytest.approx(2.0) and c.cost(6) == pytest.approx(3.5)
+    flat_tail = CostCurve((1, 2, 3), (1.0, 3.0, 3.0))
+    assert flat_tail.cost(5) == pytest.approx(5.0)  # the average slope, not the flat last segment
+    with pytest.raises(ValueError):
+        CostCurve((2, 4), (1.0, 2.0))
+
+
+def test_flat_costs_choose_large_trees_and_steep_costs_small_ones() -> None:
+    tree, chances = wide_tree(depth=6, width=3)
+    offloaded = best_subtree(chances, OFFLOADED)
+    cpu = best_subtree(chances, THIS_CPU)
+    assert len(offloaded) >= 100
+    assert 1 <= len(cpu) <= 8
+    assert expected_speedup(chances, offloaded, OFFLOADED) > 3
+    for keep in (offloaded, cpu):  # connected: every kept node's parent is kept
+        assert keep[0] == 0 and all(tree.parents[i] in keep for i in keep[1:])
+
+
+def test_unlikely_drafts_are_not_verified_at_all() -> None:
+    chances = [1.0, 0.3, 0.1, 0.05]
+    assert best_subtree(chances, THIS_CPU) == [0]  # 1.3 tokens for 1.6x the cost: plain wins
+    assert len(best_subtree(chances, OFFLOADED)) == 4
+
+
+def test_likely_drafts_are_verified_on_this_cpu() -> None:
+    assert best_subtree([1.0, 0.95, 0.9, 0.85], THIS_CPU) == [0, 1, 2, 3]
+
+
+def test_acceptance_stats_explore_then_learn() -> None:
+    s = AcceptanceStats(explore=3)
+    assert s.rate("k") == s.optimistic
+    for _ in range(3):
+        s.update("k", False)
+    assert s.rate("k") < 0.25
+    for _ in range(50):
+        s.update("k", True)
+    assert s.rate("k") > 0.9
+
+
+def test_node_chances_multiply_along_paths() -> None:
+    tree = DraftTree.rooted(0)
+    tree.add_path([1, 2])
+    s = AcceptanceStats(explore=0, prior_accept=1, prior_reject=1)
+    s.counts["a"] = [8, 8]  # (8 + 1) / (8 + 2) = 0.9
+    assert node_chances(tree, [None, "a", "a"], s) == pytest.approx([1.0, 0.9, 0.81])
+
+
+def test_planned_speculation_is_exact_and_learns(tiny_model: Path) -> None:
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=64)) as e:
+        e.open(512)
+        prompt = e.tokenize("hello world hello world hello world")
+        cfg = GenerationConfig(max_tokens=80, sampling=SamplingConfig(temperature=0))
+        plain = Generation(e, prompt, cfg)
+        list(plain)
+        stats = AcceptanceStats()
+        spec = PlannedSpeculator("ngram", NgramDrafter(), OFFLOADED, stats)
+        gen = Generation(e, prompt, cfg, spec, max_depth=8)
+        list(gen)
+    assert gen.tokens == plain.tokens
+    assert stats.counts and sum(t for _, t in stats.counts.values()) >= gen.stats.drafted_tokens - len(gen.tokens)
+
+
+def test_calibration_measures_saves_and_loads(tiny_model: Path, tmp_path: Path) -> None:
+    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=40)) as e:
+        e.open(256)
+        seen: list[int] = []
+        curve = measure_cost_curve(e, sizes=(1, 2, 4, 8), reps=1, on_size=seen.append)
+        assert e.kv_len == 0
+    assert seen == [1, 2, 4, 8] and curve.sizes == (1, 2, 4, 8)
+    assert all(a <= b for a, b in zip(curve.seconds, curve.seconds[1:]))
+    path = calibration_path(tmp_path, tiny_model, "threads=1")
+    stats = AcceptanceStats()
+    stats.update(("ngram", 3, 1), True)
+    Calibration(path, curve, {"ngram": stats}).save()
+    loaded = load(path)
+    assert loaded is not None and loaded.cost == curve
+    assert loaded.stats["ngram"].counts == {("ngram", 3, 1): [1, 1]}
+    assert load(tmp_path / "missing.json") is None
