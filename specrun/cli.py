@@ -25,6 +25,7 @@ from rich.table import Table
 from specrun import __version__
 from specrun.catalog import Catalog, load_catalog
 from specrun.errors import SpecrunError, UsageError
+from specrun.gguf_file import read_gguf
 from specrun.store import Store, locate
 
 app = typer.Typer(
@@ -191,7 +192,6 @@ def add(
 ) -> None:
     """Register a local GGUF file in your user catalog."""
     from specrun.catalog import ROLES, add_local
-    from specrun.gguf_file import read_gguf
 
     if role not in ROLES:
         raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
@@ -232,7 +232,10 @@ def run(
     threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
     ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context size in tokens (default: fits the request)."),
     gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", min=-1, help="Layers on the GPU (-1 = all)."),
-    spec: str = typer.Option("auto", "--spec", help="Speculation: auto, none or ngram (prompt lookup)."),
+    spec: str = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or "
+                             "tree (draft model)."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one)."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Never use a draft model."),
     budget: str = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto."),
     depth: Optional[int] = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16)."),
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
@@ -241,9 +244,9 @@ def run(
     """Generate a completion of PROMPT and stream it to stdout."""
     from specrun.engines import EngineConfig
     from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
-    from specrun.generate import (SPEC_MODES, Generation, GenerationConfig, SpecConfig, check_prompt,
-                                  make_speculator)
-    from specrun.gguf_file import read_gguf
+    from specrun.generate import (MODEL_MODES, SPEC_MODES, Generation, GenerationConfig, SpecConfig,
+                                  check_prompt, make_speculator)
+    from specrun.spec.draft_model import VocabMismatch, check_vocab_compatible
     from specrun.sampling import SamplingConfig
 
     if top_p <= 0:
@@ -252,23 +255,38 @@ def run(
         raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
     if budget != "auto" and not (budget.isdigit() and 1 <= int(budget) <= 255):
         raise UsageError(f"--budget must be auto or a number of nodes from 1 to 255, not '{budget}'")
+    if draft is not None and no_draft:
+        raise UsageError("--draft and --no-draft contradict each other")
+    if no_draft and spec in MODEL_MODES:
+        raise UsageError(f"--spec {spec} needs a draft model, and --no-draft says not to use one")
     spec_cfg = SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
     store = Store()
-    label, path = locate(model, lambda n: _catalog().get(n), store)
+    catalog = _catalog()
+    label, path = locate(model, catalog.get, store)
     read_gguf(path)  # a bad or truncated file stops here, not inside llama.cpp
+    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
     text = _read_prompt(prompt)
     t0 = time.perf_counter()
     n_seq = 1 if spec_cfg.mode == "none" else spec_cfg.max_nodes + 1
-    engine = LlamaCppEngine(path, EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers,
-                                               n_seq_max=n_seq))
+    config = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq)
+    engine = LlamaCppEngine(path, config)
+    draft_engine = None
     try:
         tokens = engine.tokenize(text)
         engine.open(ctx or default_ctx(engine.n_ctx_train, len(tokens) + max_tokens))
         check_prompt(tokens, engine.n_ctx)  # before any calibration work
+        if draft_path is not None:
+            draft_engine = LlamaCppEngine(draft_path, config)
+            try:
+                check_vocab_compatible(engine, draft_engine)
+            except VocabMismatch as e:
+                raise UsageError(f"{draft_path.name} cannot draft for {path.name}: {e}",
+                                 hint="pick a draft of the same model family, or --no-draft") from None
+            draft_engine.open(engine.n_ctx)
         calibration = _calibration(engine, store, path) if spec_cfg.needs_costs else None
         speculator, max_depth = make_speculator(
             spec_cfg, calibration.cost if calibration else None,
-            calibration.stats.setdefault("ngram", _new_stats()) if calibration else None)
+            calibration.stats if calibration else {}, draft_engine)
         load_s = time.perf_counter() - t0
         gen = Generation(engine, tokens, GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
@@ -284,6 +302,8 @@ def run(
                 calibration.save()  # what was learnt about acceptance, even after Ctrl-C
     finally:
         engine.close()
+        if draft_engine is not None:
+            draft_engine.close()
     stats = gen.stats
     mode = speculator.name if speculator else "none"
     if stats.stop_reason == "context":
@@ -308,10 +328,28 @@ def run(
                   f"verifying {stats.verify_s:.2f} s[/]")
 
 
-def _new_stats() -> Any:
-    from specrun.spec.planner import AcceptanceStats
+def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:
+    """The draft model's file: --draft, else the target's recommended draft when pulled.
+    Chain and tree modes need one; auto goes on without it (prompt lookup only)."""
+    from specrun.errors import NotPulledError
+    from specrun.generate import MODEL_MODES
+    from specrun.store import looks_like_path
 
-    return AcceptanceStats()
+    if draft is None:
+        entry = None if looks_like_path(target) else catalog.get(target)
+        if entry is None or entry.draft is None:
+            if spec in MODEL_MODES:
+                raise UsageError(f"{target} has no recommended draft", hint="pass --draft NAME")
+            return None
+        try:
+            return store.path_of(catalog.get(entry.draft))
+        except NotPulledError:
+            if spec in MODEL_MODES:
+                raise
+            return None
+    path = locate(draft, catalog.get, store)[1]
+    read_gguf(path)
+    return path
 
 
 def _calibration(engine: Any, store: Store, path: Path) -> Any:

@@ -137,7 +137,8 @@ class Generation:
             # Room for the root and the draft below it, in the cache and in the token budget.
             room = min(engine.n_ctx - engine.kv_len - 1, cfg.max_tokens - stats.generated_tokens, self.max_depth)
             tree = DraftTree.rooted(pending)
-            if self.speculator is not None and room > 0:
+            proposed = self.speculator is not None and room > 0
+            if proposed:
                 tree = self.speculator.propose(self.prompt + self.tokens, room)
             t_draft = time.perf_counter()
             if len(tree) == 1:
@@ -148,7 +149,7 @@ class Generation:
                 path, pending = walk(tree, logits, draw)
                 engine.commit_path(path)
             t_end = time.perf_counter()
-            if self.speculator is not None and len(tree) > 1:
+            if proposed:  # also for a root-only plan: a draft model must drop its draft
                 self.speculator.observe(tree, path, t_end - t_draft)
             accepted = [tree.tokens[i] for i in path[1:]]
             more, done = self._commit(accepted)
@@ -188,38 +189,57 @@ class Generation:
         return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s)
 
 
-SPEC_MODES = ("auto", "none", "ngram")
+SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
+MODEL_MODES = ("chain", "tree")  # need a draft model
 DEFAULT_DEPTH = 16
 
 
 @dataclass(frozen=True)
 class SpecConfig:
-    """How to speculate. `budget` None lets the planner size each tree from measured costs."""
+    """How to speculate. `budget` None lets the planner size each tree from measured costs;
+    in auto mode the planner always decides and `budget` only caps the tree size."""
 
-    mode: str = "auto"  # auto | none | ngram
+    mode: str = "auto"  # auto | none | ngram | chain | tree
     budget: int | None = None  # nodes per verified tree, root included
     depth: int | None = None  # deepest draft node; None: DEFAULT_DEPTH
 
     @property
     def needs_costs(self) -> bool:
-        return self.mode != "none" and self.budget is None
+        return self.mode == "auto" or (self.mode != "none" and self.budget is None)
 
     @property
     def max_nodes(self) -> int:
         return self.budget or 32
 
 
-def make_speculator(spec: SpecConfig, cost: "CostCurve | None",
-                    stats: "AcceptanceStats | None") -> tuple[Speculator | None, int]:
-    """(speculator or None for plain decoding, max depth) for `spec`."""
-    from specrun.spec.ngram import NgramDrafter, NgramSpeculator
-    from specrun.spec.planner import AcceptanceStats, PlannedSpeculator
+def make_speculator(spec: SpecConfig, cost: "CostCurve | None", stats: "dict[str, AcceptanceStats]",
+                    draft: Engine | None = None) -> tuple[Speculator | None, int]:
+    """(speculator, or None for plain decoding; max depth) for `spec`. `stats` gains the
+    acceptance statistics the speculator learns, keyed by drafter ("ngram", "model")."""
+    from specrun.spec.draft_model import ModelDraftConfig, ModelDrafter
+    from specrun.spec.ngram import NgramDrafter
+    from specrun.spec.planner import AcceptanceStats, AutoSpeculator, PlannedSpeculator
 
     depth = spec.depth or DEFAULT_DEPTH
     if spec.mode == "none" or spec.budget == 1:
         return None, 0
-    if spec.budget is not None:
-        return NgramSpeculator(spec.budget), depth
-    if cost is None:
+    if spec.needs_costs and cost is None:
         raise ValueError("planned speculation needs a cost curve")
-    return PlannedSpeculator("ngram", NgramDrafter(), cost, stats or AcceptanceStats(), spec.max_nodes), depth
+    plan = cost if spec.needs_costs else None
+
+    def planned(name: str, drafter: object) -> PlannedSpeculator:
+        key = "ngram" if name == "ngram" else "model"
+        return PlannedSpeculator(name, drafter, plan, stats.setdefault(key, AcceptanceStats()),  # type: ignore[arg-type]
+                                 spec.max_nodes)
+
+    lookup = planned("ngram", NgramDrafter())
+    if spec.mode == "ngram":
+        return lookup, depth
+    if spec.mode in MODEL_MODES:
+        if draft is None:
+            raise UsageError(f"--spec {spec.mode} needs a draft model", hint="pass --draft NAME, or use --spec ngram")
+        config = ModelDraftConfig.chain(min(depth, 8)) if spec.mode == "chain" else ModelDraftConfig()
+        return planned(spec.mode, ModelDrafter(draft, config)), depth
+    model = planned("tree", ModelDrafter(draft)) if draft is not None else None
+    assert cost is not None
+    return AutoSpeculator(lookup, model, cost), depth

@@ -129,3 +129,18 @@ def test_commit_path_keeps_exactly_the_accepted_branch(tree_engine: LlamaCppEngi
         ref.open(256)
         expected = ref.eval(prefix + [50])
     np.testing.assert_allclose(after, expected, rtol=1e-3, atol=2e-3)
+
+
+def test_a_tree_grown_over_several_calls_equals_one_call(tree_engine: LlamaCppEngine) -> None:
+    prefix = tree_engine.tokenize("def fib(n): return")
+    tree_engine.eval(prefix)
+    depths = _depths(TREE_PARENTS)
+    whole = tree_engine.eval_tree(TREE_TOKENS, TREE_PARENTS, depths)
+    tree_engine.commit_path([])
+    parts = [tree_engine.eval_tree(TREE_TOKENS[:end], TREE_PARENTS[:end], depths[:end], start)
+             for start, end in [(0, 2), (2, 5), (5, 9)]]
+    np.testing.assert_allclose(np.concatenate(parts), whole, rtol=1e-3, atol=2e-3)
+    with pytest.raises(ValueError, match="evaluated"):
+        tree_engine.eval_tree(TREE_TOKENS, TREE_PARENTS, depths, 3)
+    tree_engine.commit_path(_path(TREE_PARENTS, 6))  # 0 -> 1 -> 3 -> 6
+    assert tree_engine.kv_len == len(prefix) + 4

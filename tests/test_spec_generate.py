@@ -17,10 +17,16 @@ from specrun.engines import EngineConfig
 from specrun.engines.llamacpp import LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.spec.ngram import NgramConfig, NgramDrafter, NgramSpeculator
+from specrun.spec.ngram import NgramConfig, NgramDrafter
+from specrun.spec.planner import AcceptanceStats, PlannedSpeculator
 from specrun.spec.tree import DraftTree
 
 GREEDY = SamplingConfig(temperature=0)
+
+
+def NgramSpeculator(nodes: int) -> PlannedSpeculator:  # noqa: N802 - reads like the class it stands for
+    """Prompt lookup with a fixed budget: every drafted node verified."""
+    return PlannedSpeculator("ngram", NgramDrafter(), None, AcceptanceStats(), nodes)
 PROMPTS = ["def fib(n): return fib(n", "hello world hello world hello", "the a the a def"]
 
 

@@ -49,6 +49,16 @@ class Engine(Protocol):
         """End of generation (EOS, EOT and the like)."""
         ...
 
+    def vocab_type(self) -> int: ...
+
+    def special_tokens(self) -> tuple[int, int]:
+        """(BOS, EOS) ids; -1 where the vocabulary has none."""
+        ...
+
+    def token_text(self, token: int) -> bytes:
+        """The token's text as stored in the vocabulary (for tokenizer comparisons)."""
+        ...
+
     def open(self, n_ctx: int) -> None:
         """Allocate a KV cache of `n_ctx` tokens (replacing any previous one)."""
         ...
@@ -67,11 +77,12 @@ class Engine(Protocol):
         """Keep only the first `n_tokens` cache entries."""
         ...
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int]) -> np.ndarray:
-        """Evaluate a tree of nodes after the cached sequence in one pass; float32 logits [n, n_vocab].
-
-        Node i sits at position kv_len + depths[i] and attends to the cache and to its
-        ancestors only. The cache is unchanged until `commit_path`."""
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                  start: int = 0) -> np.ndarray:
+        """Evaluate tree nodes start..n-1 after the cached sequence in one pass; float32 logits
+        [n - start, n_vocab]. Node i sits at position kv_len + depths[i] and attends to the
+        cache and to its ancestors only; nodes before `start` come from earlier calls since
+        the last commit. The committed cache is unchanged until `commit_path`."""
         ...
 
     def commit_path(self, path: Sequence[int]) -> None:

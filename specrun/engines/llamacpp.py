@@ -99,6 +99,16 @@ class LlamaCppEngine:
     def is_eog(self, token: int) -> bool:
         return bool(C.llama_vocab_is_eog(self._vocab, token))
 
+    def vocab_type(self) -> int:
+        return int(C.llama_vocab_type(self._vocab))
+
+    def special_tokens(self) -> tuple[int, int]:
+        """(BOS, EOS) ids; -1 where the vocabulary has none."""
+        return int(C.llama_vocab_bos(self._vocab)), int(C.llama_vocab_eos(self._vocab))
+
+    def token_text(self, token: int) -> bytes:
+        return C.llama_vocab_get_text(self._vocab, token) or b""
+
     # --- context and decoding --------------------------------------------------
 
     def open(self, n_ctx: int) -> None:
@@ -164,38 +174,46 @@ class LlamaCppEngine:
 
     # --- trees: one llama_decode for a whole draft tree -----------------------
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int]) -> np.ndarray:
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                  start: int = 0) -> np.ndarray:
         """Node i gets sequence id i + 1 and its cell is tagged with the ids of i and all its
-        descendants; the cached prefix is copied into every id first. A query attends to the
-        cells carrying its first id at positions <= its own: the prefix and its ancestors."""
+        descendants. A query attends to the cells carrying its first id at positions <= its
+        own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
+        calls since the last commit (a tree grown step by step, as a drafter does); each new
+        node's sequence starts as a copy of its nearest evaluated ancestor's (or the prefix)."""
         if self._ctx is None or self._batch is None:
             raise RuntimeError("eval_tree before open()")
         n = len(tokens)
-        if n + 1 > self.config.n_seq_max or n > self.config.n_batch:
-            raise ValueError(f"a tree of {n} nodes needs n_seq_max > {n} and n_batch >= {n}")
+        if n + 1 > self.config.n_seq_max or n - start > self.config.n_batch:
+            raise ValueError(f"a tree of {n} nodes needs n_seq_max > {n} and n_batch >= {n - start}")
+        if start != self._tree_size:
+            raise ValueError(f"{self._tree_size} nodes are evaluated; cannot continue from {start}")
         if self._kv_len + max(depths) + 1 > self._n_ctx:
             raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
         mem = C.llama_get_memory(self._ctx)
-        for s in range(1, n + 1):
-            C.llama_memory_seq_rm(mem, s, -1, -1)
-            C.llama_memory_seq_cp(mem, 0, s, -1, -1)
+        for i in range(start, n):
+            source = parents[i]
+            while source >= start:  # nearest ancestor from an earlier call, or the prefix
+                source = parents[source]
+            C.llama_memory_seq_rm(mem, i + 1, -1, -1)
+            C.llama_memory_seq_cp(mem, source + 1, i + 1, -1, -1)
         seq_ids = tree_seq_ids(parents)
         batch, base = self._batch, self._kv_len
-        batch.n_tokens = n
-        for i in range(n):
-            batch.token[i] = tokens[i]
-            batch.pos[i] = base + depths[i]
-            ids = seq_ids[i]
-            batch.n_seq_id[i] = len(ids)
+        batch.n_tokens = n - start
+        for b, i in enumerate(range(start, n)):
+            batch.token[b] = tokens[i]
+            batch.pos[b] = base + depths[i]
+            ids = [s for s in seq_ids[i] if s > start]  # this node and its descendants in this call
+            batch.n_seq_id[b] = len(ids)
             for k, s in enumerate(ids):
-                batch.seq_id[i][k] = s
-            batch.logits[i] = True
+                batch.seq_id[b][k] = s
+            batch.logits[b] = True
         rc = C.llama_decode(self._ctx, batch)
         if rc != 0:
-            raise EngineError(f"llama_decode of a {n}-node tree failed ({rc}): {_last_log_error()}")
+            raise EngineError(f"llama_decode of a {n - start}-node tree failed ({rc}): {_last_log_error()}")
         self._tree_size = n
         ptr = C.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab)).copy()  # [n, n_vocab] float32
+        return np.ctypeslib.as_array(ptr, shape=(n - start, self.n_vocab)).copy()  # [n - start, n_vocab]
 
     def commit_path(self, path: Sequence[int]) -> None:
         mem = C.llama_get_memory(self._ctx)

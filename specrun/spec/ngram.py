@@ -43,6 +43,9 @@ class NgramDrafter:
             for n in range(self.config.min_ngram, min(self.config.max_ngram, end) + 1):
                 self._index[tuple(ctx[end - n:end])].append(end)
 
+    def accepted(self, tokens: Sequence[int]) -> None:
+        pass  # the index grows from the context itself
+
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A tree rooted at context[-1] (the pending token) with at most `max_nodes` nodes in
         all, and per node the planner's key: (match length, depth), both capped at 3."""
@@ -67,19 +70,3 @@ class NgramDrafter:
                 if len(tree) >= max_nodes:
                     return tree, keys
         return tree, keys
-
-
-class NgramSpeculator:
-    """Prompt lookup with a fixed budget: every proposed node is verified (no planning)."""
-
-    name = "ngram"
-
-    def __init__(self, max_nodes: int = 16, config: NgramConfig = NgramConfig()) -> None:
-        self.max_nodes = max_nodes
-        self.drafter = NgramDrafter(config)
-
-    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        return self.drafter.draft(context, self.max_nodes, max_depth)[0]
-
-    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
-        pass

@@ -105,28 +105,35 @@ def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: CostCu
 
 
 class Drafter(Protocol):
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]: ...
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+        """A candidate tree rooted at context[-1] and a planner key per node."""
+        ...
+
+    def accepted(self, tokens: Sequence[int]) -> None:
+        """The target accepted these drafted tokens after the root (a draft model keeps their KV)."""
+        ...
 
 
 class PlannedSpeculator:
-    """Drafts a candidate tree, then verifies only the subtree that pays on this hardware.
+    """Drafts a candidate tree, then verifies only the subtree that pays on this hardware
+    (`cost` given), or every drafted node (`cost` None: a fixed budget).
 
     Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
 
-    def __init__(self, name: str, drafter: Drafter, cost: CostCurve, stats: AcceptanceStats,
+    def __init__(self, name: str, drafter: Drafter, cost: CostCurve | None, stats: AcceptanceStats,
                  max_nodes: int = 32) -> None:
         self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
         self.max_nodes = max_nodes
         self._keys: list[Hashable] = []
-        self.planned_nodes = 0  # nodes verified so far, root included (for reports)
-        self.steps = 0
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        candidates, keys = self.drafter.draft(context, min(self.max_nodes, self.cost.max_size), max_depth)
+        limit = self.max_nodes if self.cost is None else min(self.max_nodes, self.cost.max_size)
+        candidates, keys = self.drafter.draft(context, limit, max_depth)
+        if self.cost is None:
+            self._keys = keys
+            return candidates
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
         self._keys = [keys[i] for i in keep]
-        self.planned_nodes += len(keep)
-        self.steps += 1
         return candidates.subtree(keep)
 
     def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
@@ -135,3 +142,54 @@ class PlannedSpeculator:
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
                 self.stats.update(self._keys[i], i in accepted)
+        self.drafter.accepted([tree.tokens[i] for i in path[1:]])
+
+
+class AutoSpeculator:
+    """Per step: prompt lookup when its planned tree pays (it costs nothing to draft), else
+    the draft model while its measured tokens per second beat plain decoding.
+
+    The draft model's rate is an exponential average over the steps that used it,
+    drafting time included; it is tried for a few steps first and again now and then,
+    since what pays changes with the text."""
+
+    name = "auto"
+    TRY_STEPS = 4
+    RETRY_EVERY = 64
+
+    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve) -> None:
+        self.lookup, self.model, self.cost = lookup, model, cost
+        self._used: PlannedSpeculator | None = None
+        self._model_rate: float | None = None  # tokens per second when drafting with the model
+        self._model_steps = 0
+        self._since_model = 0
+        self._t_propose = 0.0
+
+    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        import time
+
+        tree = self.lookup.propose(context, max_depth)
+        self._used = self.lookup
+        if len(tree) == 1 and self.model is not None and self._model_pays():
+            self._t_propose = time.perf_counter()
+            tree = self.model.propose(context, max_depth)
+            self._used = self.model
+            self._t_propose = time.perf_counter() - self._t_propose
+        self._since_model += 1
+        return tree
+
+    def _model_pays(self) -> bool:
+        if self._model_steps < self.TRY_STEPS or self._since_model >= self.RETRY_EVERY:
+            return True
+        return self._model_rate is not None and self._model_rate > 1.0 / self.cost.cost(1)
+
+    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+        if self._used is None:
+            return
+        self._used.observe(tree, path, seconds)
+        if self._used is self.model:
+            rate = len(path) / (self._t_propose + seconds)
+            self._model_rate = rate if self._model_rate is None else 0.7 * self._model_rate + 0.3 * rate
+            self._model_steps += 1
+            self._since_model = 0
+        self._used = None
