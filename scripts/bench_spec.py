@@ -31,7 +31,6 @@ from specrun.engines import EngineConfig  # noqa: E402
 from specrun.engines.llamacpp import LlamaCppEngine  # noqa: E402
 from specrun.generate import Generation, GenerationConfig, SpecConfig, make_speculator  # noqa: E402
 from specrun.sampling import SamplingConfig  # noqa: E402
-from specrun.spec.planner import AcceptanceStats  # noqa: E402
 from specrun.store import Store  # noqa: E402
 
 
@@ -54,8 +53,8 @@ def quiet_stderr():
             os.close(fd)
 
 
-def run_specrun(engine, prompt_tokens, max_tokens, spec: SpecConfig, cost, stats) -> dict:
-    speculator, depth = make_speculator(spec, cost, stats)
+def run_specrun(engine, prompt_tokens, max_tokens, spec: SpecConfig, cost, stats, draft=None, memory=None) -> dict:
+    speculator, depth = make_speculator(spec, cost, stats, draft, memory)
     gen = Generation(engine, prompt_tokens, GenerationConfig(max_tokens, SamplingConfig(temperature=0)),
                      speculator, depth)
     first = None
@@ -101,14 +100,22 @@ def main() -> None:
     import llama_cpp
     from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
-    path = Store().path_of(load_catalog().get(args.model))
+    catalog = load_catalog()
+    path = Store().path_of(catalog.get(args.model))
     engine = LlamaCppEngine(path, EngineConfig(n_threads=args.threads, n_seq_max=33))
     engine.open(4096)
+    draft_name = catalog.get(args.model).draft
+    draft = None
+    if draft_name:
+        draft = LlamaCppEngine(Store().path_of(catalog.get(draft_name)), EngineConfig(n_threads=args.threads,
+                                                                                       n_seq_max=33))
+        draft.open(4096)
     settings = (f"llama-cpp-python {llama_cpp.__version__}, threads {args.threads}, gpu layers None, "
                 f"gpu {bool(llama_cpp.llama_supports_gpu_offload())}")
     cal = load(calibration_path(Store().root, path, settings))
     cost = cal.cost if cal else measure_cost_curve(engine)
-    stats = cal.stats.get("ngram", AcceptanceStats()) if cal else AcceptanceStats()
+    stats = cal.stats if cal else {}
+    memory = cal.memory if cal else {}
     with quiet_stderr():
         llm_plain = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=args.threads, verbose=False)
         llm_lookup = llama_cpp.Llama(str(path), n_ctx=4096, n_threads=args.threads, verbose=False,
@@ -116,9 +123,15 @@ def main() -> None:
 
     modes = {
         "specrun plain": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("none"), cost, stats),
-        "specrun auto": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("auto"), cost, stats),
+        "specrun auto": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("auto"), cost, stats,
+                                                    draft, memory),
+        "specrun ngram": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("ngram"), cost, stats),
         "specrun ngram b4": lambda toks, p: run_specrun(engine, toks, args.max_tokens,
                                                         SpecConfig("ngram", 4, 3), cost, stats),
+        "specrun chain": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("chain"), cost,
+                                                     stats, draft),
+        "specrun tree": lambda toks, p: run_specrun(engine, toks, args.max_tokens, SpecConfig("tree"), cost,
+                                                    stats, draft),
         "llama-cpp-python plain": lambda toks, p: run_llama_cpp_python(llm_plain, p, args.max_tokens),
         "llama-cpp-python lookup": lambda toks, p: run_llama_cpp_python(llm_lookup, p, args.max_tokens),
     }

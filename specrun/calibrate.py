@@ -13,7 +13,7 @@ import json
 import os
 import statistics
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -61,10 +61,11 @@ class Calibration:
     path: Path
     cost: CostCurve
     stats: dict[str, AcceptanceStats]
+    memory: dict[str, float] = field(default_factory=dict)  # what auto learnt (draft model speed)
 
     def save(self) -> None:
         data = {
-            "sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds),
+            "sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds), "memory": self.memory,
             "acceptance": {name: {"|".join(map(str, k)): v for k, v in s.counts.items()}
                            for name, s in self.stats.items()},
         }
@@ -91,7 +92,8 @@ def load(path: Path) -> Calibration | None:
             for key, value in counts.items():
                 s.counts[tuple(_parse(p) for p in key.split("|"))] = list(value)
             stats[name] = s
-        return Calibration(path, cost, stats)
+        memory = {str(k): float(v) for k, v in data.get("memory", {}).items()}
+        return Calibration(path, cost, stats, memory)
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -286,7 +286,7 @@ def run(
         calibration = _calibration(engine, store, path) if spec_cfg.needs_costs else None
         speculator, max_depth = make_speculator(
             spec_cfg, calibration.cost if calibration else None,
-            calibration.stats if calibration else {}, draft_engine)
+            calibration.stats if calibration else {}, draft_engine, calibration.memory if calibration else None)
         load_s = time.perf_counter() - t0
         gen = Generation(engine, tokens, GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),

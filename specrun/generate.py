@@ -213,9 +213,11 @@ class SpecConfig:
 
 
 def make_speculator(spec: SpecConfig, cost: "CostCurve | None", stats: "dict[str, AcceptanceStats]",
-                    draft: Engine | None = None) -> tuple[Speculator | None, int]:
+                    draft: Engine | None = None,
+                    memory: dict[str, float] | None = None) -> tuple[Speculator | None, int]:
     """(speculator, or None for plain decoding; max depth) for `spec`. `stats` gains the
-    acceptance statistics the speculator learns, keyed by drafter ("ngram", "model")."""
+    acceptance statistics the speculator learns, keyed by drafter ("ngram", "model");
+    `memory` what auto learns about the draft model's speed. Both persist with the calibration."""
     from specrun.spec.draft_model import ModelDraftConfig, ModelDrafter
     from specrun.spec.ngram import NgramDrafter
     from specrun.spec.planner import AcceptanceStats, AutoSpeculator, PlannedSpeculator
@@ -242,4 +244,4 @@ def make_speculator(spec: SpecConfig, cost: "CostCurve | None", stats: "dict[str
         return planned(spec.mode, ModelDrafter(draft, config)), depth
     model = planned("tree", ModelDrafter(draft)) if draft is not None else None
     assert cost is not None
-    return AutoSpeculator(lookup, model, cost), depth
+    return AutoSpeculator(lookup, model, cost, memory), depth

@@ -125,15 +125,19 @@ class PlannedSpeculator:
         self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
         self.max_nodes = max_nodes
         self._keys: list[Hashable] = []
+        # Candidates to draft next step when planning: a little more than the last plan kept,
+        # so a costly drafter (a draft model) does not grow nodes that will not be verified.
+        self._candidates = max_nodes
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        limit = self.max_nodes if self.cost is None else min(self.max_nodes, self.cost.max_size)
-        candidates, keys = self.drafter.draft(context, limit, max_depth)
         if self.cost is None:
-            self._keys = keys
-            return candidates
+            tree, self._keys = self.drafter.draft(context, self.max_nodes, max_depth)
+            return tree
+        limit = min(self._candidates, self.max_nodes, self.cost.max_size)
+        candidates, keys = self.drafter.draft(context, limit, max_depth)
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
         self._keys = [keys[i] for i in keep]
+        self._candidates = max(2 * len(keep) + 1, 3)
         return candidates.subtree(keep)
 
     def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
@@ -154,16 +158,25 @@ class AutoSpeculator:
     since what pays changes with the text."""
 
     name = "auto"
-    TRY_STEPS = 4
+    TRY_STEPS = 3
     RETRY_EVERY = 64
 
-    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve) -> None:
+    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
+                 memory: dict[str, float] | None = None) -> None:
+        """`memory` carries the draft model's measured rate across runs (saved with the calibration)."""
         self.lookup, self.model, self.cost = lookup, model, cost
+        self.memory = memory if memory is not None else {}
         self._used: PlannedSpeculator | None = None
-        self._model_rate: float | None = None  # tokens per second when drafting with the model
-        self._model_steps = 0
         self._since_model = 0
         self._t_propose = 0.0
+
+    @property
+    def _model_rate(self) -> float | None:  # tokens per second when drafting with the model
+        return self.memory.get("model_rate")
+
+    @property
+    def _model_steps(self) -> int:
+        return int(self.memory.get("model_steps", 0))
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         import time
@@ -179,9 +192,12 @@ class AutoSpeculator:
         return tree
 
     def _model_pays(self) -> bool:
-        if self._model_steps < self.TRY_STEPS or self._since_model >= self.RETRY_EVERY:
+        if self._model_steps < self.TRY_STEPS or self._model_rate is None:
             return True
-        return self._model_rate is not None and self._model_rate > 1.0 / self.cost.cost(1)
+        plain = 1.0 / self.cost.cost(1)
+        if self._since_model >= self.RETRY_EVERY and self._model_rate > 0.8 * plain:
+            return True  # close enough that the text may have changed the verdict: look again
+        return self._model_rate > plain
 
     def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
         if self._used is None:
@@ -189,7 +205,8 @@ class AutoSpeculator:
         self._used.observe(tree, path, seconds)
         if self._used is self.model:
             rate = len(path) / (self._t_propose + seconds)
-            self._model_rate = rate if self._model_rate is None else 0.7 * self._model_rate + 0.3 * rate
-            self._model_steps += 1
+            old = self._model_rate
+            self.memory["model_rate"] = rate if old is None else 0.7 * old + 0.3 * rate
+            self.memory["model_steps"] = self._model_steps + 1
             self._since_model = 0
         self._used = None
