@@ -143,10 +143,10 @@ class Generation:
             t_draft = time.perf_counter()
             if len(tree) == 1:
                 logits = engine.eval([pending])[None, :]  # [1, vocab]
-                path, pending = walk(tree, logits, draw)
             else:
                 logits = engine.eval_tree(tree.tokens, tree.parents, tree.depths)  # [n, vocab]
-                path, pending = walk(tree, logits, draw)
+            path, pending = walk(tree, logits, draw)
+            if len(tree) > 1:
                 engine.commit_path(path)
             t_end = time.perf_counter()
             if proposed:  # also for a root-only plan: a draft model must drop its draft

@@ -351,3 +351,22 @@ def set_hf_offline(monkeypatch: Any, offline: bool = True) -> None:
 
     monkeypatch.setenv("HF_HUB_OFFLINE", "1" if offline else "0")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", offline)
+
+
+def write_hub_catalog(path: Path, name: str, repo: str, filename: str, sha256: str, size: int) -> Path:
+    """A user catalog file with one model whose only source is `repo`/`filename` on the hub."""
+    path.write_text(f"""
+[[model]]
+name = "{name}"
+arch = "llama"
+tokenizer = "llama"
+file = "tiny.gguf"
+sha256 = "{sha256}"
+size = {size}
+
+[[model.sources]]
+kind = "hf"
+repo = "{repo}"
+file = "{filename}"
+""")
+    return path

@@ -10,7 +10,7 @@ import pytest
 from typer.testing import CliRunner
 
 from specrun.cli import app
-from tests.hub_server import HubServer, point_hf_at
+from tests.hub_server import HubServer, point_hf_at, write_hub_catalog
 
 REPO = "tiny-org/tiny-model-GGUF"
 FILE = "tiny-q8_0.gguf"
@@ -33,20 +33,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def write_catalog(home: Path, sha256: str, name: str = "tiny-hub") -> None:
-    (home / "models.toml").write_text(f"""
-[[model]]
-name = "{name}"
-arch = "llama"
-tokenizer = "llama"
-file = "tiny.gguf"
-sha256 = "{sha256}"
-size = {len(DATA)}
-
-[[model.sources]]
-kind = "hf"
-repo = "{REPO}"
-file = "{FILE}"
-""")
+    write_hub_catalog(home / "models.toml", name, REPO, FILE, sha256, len(DATA))
 
 
 def listed(runner: CliRunner, name: str) -> dict:

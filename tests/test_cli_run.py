@@ -132,3 +132,44 @@ def test_ctrl_c_ends_cleanly(tiny_model: Path) -> None:
     stdout, stderr = proc.communicate(timeout=20)
     assert proc.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr and "interrupted" in stderr
+
+
+# --- speculation flags --------------------------------------------------------------
+
+def test_every_spec_mode_prints_the_plain_greedy_text(tiny_model: Path) -> None:
+    base = ["run", str(tiny_model), "hello world hello", "-t", "0", "-n", "40", "--json"]
+    plain = json.loads(invoke(*base, "--spec", "none").stdout)
+    assert plain["speculation"]["mode"] == "none" and plain["speculation"]["tokens_per_call"] == 1.0
+    for extra in (["--spec", "ngram", "--budget", "6"], ["--spec", "auto"], ["--spec", "ngram"],
+                  ["--spec", "chain", "--draft", str(tiny_model)], ["--spec", "tree", "--draft", str(tiny_model)],
+                  ["--spec", "auto", "--draft", str(tiny_model)]):
+        result = invoke(*base, *extra)
+        assert result.exit_code == 0, (extra, result.output)
+        data = json.loads(result.stdout)
+        assert data["text"] == plain["text"], extra
+        assert set(data["speculation"]) == {"mode", "target_calls", "drafted", "accepted", "tokens_per_call"}
+        assert data["timings"]["draft_s"] >= 0 and data["timings"]["verify_s"] > 0
+
+
+def test_draft_equal_to_target_speeds_up_the_count_of_calls(tiny_model: Path) -> None:
+    result = invoke("run", str(tiny_model), "hello", "-t", "0", "-n", "40", "--json", "--spec", "chain",
+                    "--budget", "5", "--draft", str(tiny_model))
+    spec = json.loads(result.stdout)["speculation"]
+    assert spec["accepted"] == spec["drafted"] > 0 and spec["tokens_per_call"] > 3
+
+
+def test_bad_speculation_flags(tiny_model: Path) -> None:
+    run = ("run", str(tiny_model), "hi")
+    assert_one_line_error(invoke(*run, "--spec", "fast"), 2, "unknown --spec")
+    assert_one_line_error(invoke(*run, "--budget", "many"), 2, "--budget")
+    assert_one_line_error(invoke(*run, "--budget", "0"), 2, "--budget")
+    assert_one_line_error(invoke(*run, "--spec", "chain"), 2, "no recommended draft")
+    assert_one_line_error(invoke(*run, "--spec", "tree", "--no-draft"), 2, "needs a draft")
+    assert_one_line_error(invoke(*run, "--draft", str(tiny_model), "--no-draft"), 2, "contradict")
+    assert_one_line_error(invoke(*run, "--spec", "chain", "--draft", "nope"), 1, "unknown model")
+
+
+def test_verbose_reports_speculation(tiny_model: Path) -> None:
+    result = invoke("run", str(tiny_model), "hello", "-n", "10", "-v", "--spec", "ngram", "--budget", "4")
+    assert result.exit_code == 0
+    assert "spec ngram:" in result.stderr and "target calls" in result.stderr and "tokens/call" in result.stderr

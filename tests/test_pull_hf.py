@@ -13,7 +13,7 @@ from specrun.catalog import HfSource, ModelEntry, load_catalog
 from specrun.errors import NotPulledError, PullError
 from specrun.store import Store
 
-from tests.hub_server import HF_CHUNK, HubServer, point_hf_at, set_hf_offline
+from tests.hub_server import HF_CHUNK, HubServer, point_hf_at, set_hf_offline, write_hub_catalog
 
 REPO = "tiny-org/tiny-model-GGUF"
 FILE = "tiny-q8_0.gguf"
@@ -326,21 +326,7 @@ def test_offline_without_cached_file_fails(hub: HubServer, store: Store, monkeyp
 
 def test_user_catalog_entry_pulls(hub: HubServer, store: Store, tmp_path: Path) -> None:
     digest = hub.add(REPO, FILE, DATA)
-    user = tmp_path / "models.toml"
-    user.write_text(f"""
-[[model]]
-name = "tiny-user"
-arch = "llama"
-tokenizer = "llama"
-file = "tiny.gguf"
-sha256 = "{digest}"
-size = {len(DATA)}
-
-[[model.sources]]
-kind = "hf"
-repo = "{REPO}"
-file = "{FILE}"
-""")
+    user = write_hub_catalog(tmp_path / "models.toml", "tiny-user", REPO, FILE, digest, len(DATA))
     e = load_catalog(user).get("tiny-user")
 
     store.pull(e, kind="hf")
