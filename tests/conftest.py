@@ -10,6 +10,7 @@ import pytest
 
 from specrun.catalog import load_catalog
 from specrun.store import Store, default_root
+from tests.hub_server import HubServer, point_hf_at
 from tests.tiny_model import TinySpec, build_tiny_model
 
 # Where the real models live, read before any test points SPECRUN_HOME elsewhere.
@@ -27,6 +28,14 @@ def tiny_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     """Larger weights: a few likely next tokens instead of a near-uniform spread."""
     return build_tiny_model(tmp_path_factory.mktemp("models") / "sharp.gguf", TinySpec(scale=4.0, seed=1))
+
+
+@pytest.fixture
+def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
+    """A stand-in Hugging Face Hub on loopback, with huggingface-hub pointed at it."""
+    with HubServer() as server:
+        point_hf_at(monkeypatch, server.url, tmp_path / "hf")
+        yield server
 
 
 @pytest.fixture(autouse=True)

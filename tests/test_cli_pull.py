@@ -10,18 +10,11 @@ import pytest
 from typer.testing import CliRunner
 
 from specrun.cli import app
-from tests.hub_server import HubServer, point_hf_at, write_hub_catalog
+from tests.hub_server import HubServer, write_hub_catalog
 
 REPO = "tiny-org/tiny-model-GGUF"
 FILE = "tiny-q8_0.gguf"
 DATA = b"GGUF" + bytes(range(256)) * 400
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    with HubServer() as server:
-        point_hf_at(monkeypatch, server.url, tmp_path / "hf")
-        yield server
 
 
 @pytest.fixture

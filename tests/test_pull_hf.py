@@ -13,18 +13,11 @@ from specrun.catalog import HfSource, ModelEntry, load_catalog
 from specrun.errors import NotPulledError, PullError
 from specrun.store import Store
 
-from tests.hub_server import HF_CHUNK, HubServer, point_hf_at, set_hf_offline, write_hub_catalog
+from tests.hub_server import HF_CHUNK, HubServer, set_hf_offline, write_hub_catalog
 
 REPO = "tiny-org/tiny-model-GGUF"
 FILE = "tiny-q8_0.gguf"
 DATA = b"GGUF" + bytes(range(256)) * 800  # ~200 KB: several read chunks, cut mid-way by the faults
-
-
-@pytest.fixture
-def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
-    with HubServer() as server:
-        point_hf_at(monkeypatch, server.url, tmp_path / "hf")
-        yield server
 
 
 @pytest.fixture
