@@ -110,9 +110,7 @@ def main() -> None:
         draft = LlamaCppEngine(Store().path_of(catalog.get(draft_name)), EngineConfig(n_threads=args.threads,
                                                                                        n_seq_max=33))
         draft.open(4096)
-    settings = (f"llama-cpp-python {llama_cpp.__version__}, threads {args.threads}, gpu layers None, "
-                f"gpu {bool(llama_cpp.llama_supports_gpu_offload())}")
-    cal = load(calibration_path(Store().root, path, settings))
+    cal = load(calibration_path(Store().root, path, engine.settings_key()))  # what `specrun run` measured
     cost = cal.cost if cal else measure_cost_curve(engine)
     stats = cal.stats if cal else {}
     memory = cal.memory if cal else {}

