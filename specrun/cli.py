@@ -24,8 +24,12 @@ from rich.table import Table
 
 from specrun import __version__
 from specrun.catalog import Catalog, load_catalog
+from specrun.engines import EngineConfig
 from specrun.errors import SpecrunError, UsageError
+from specrun.generate import (MODEL_MODES, SPEC_MODES, Generation, GenerationConfig, GenerationStats, SpecConfig,
+                              check_prompt)
 from specrun.gguf_file import read_gguf
+from specrun.sampling import SamplingConfig
 from specrun.store import Store, locate
 
 app = typer.Typer(
@@ -242,53 +246,24 @@ def run(
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
-    from specrun.engines import EngineConfig
-    from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
-    from specrun.generate import (MODEL_MODES, SPEC_MODES, Generation, GenerationConfig, SpecConfig,
-                                  check_prompt, make_speculator)
-    from specrun.spec.draft_model import VocabMismatch, check_vocab_compatible
-    from specrun.sampling import SamplingConfig
+    from specrun.session import Session, SessionConfig, n_seq_for
 
-    if top_p <= 0:
-        raise UsageError("--top-p must be greater than 0")
-    if spec not in SPEC_MODES:
-        raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
-    if budget != "auto" and not (budget.isdigit() and 1 <= int(budget) <= 255):
-        raise UsageError(f"--budget must be auto or a number of nodes from 1 to 255, not '{budget}'")
-    if draft is not None and no_draft:
-        raise UsageError("--draft and --no-draft contradict each other")
-    if no_draft and spec in MODEL_MODES:
-        raise UsageError(f"--spec {spec} needs a draft model, and --no-draft says not to use one")
-    spec_cfg = SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
-    store = Store()
-    catalog = _catalog()
+    spec_cfg = _spec_config(spec, budget, depth, draft, no_draft)
+    _check_sampling(top_p)
+    store, catalog = Store(), _catalog()
     label, path = locate(model, catalog.get, store)
     read_gguf(path)  # a bad or truncated file stops here, not inside llama.cpp
     draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
     text = _read_prompt(prompt)
     t0 = time.perf_counter()
-    n_seq = 1 if spec_cfg.mode == "none" else spec_cfg.max_nodes + 1
-    config = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq)
-    engine = LlamaCppEngine(path, config)
-    draft_engine = None
-    try:
-        tokens = engine.tokenize(text)
-        engine.open(ctx or default_ctx(engine.n_ctx_train, len(tokens) + max_tokens))
-        check_prompt(tokens, engine.n_ctx)  # before any calibration work
-        if draft_path is not None:
-            draft_engine = LlamaCppEngine(draft_path, config)
-            try:
-                check_vocab_compatible(engine, draft_engine)
-            except VocabMismatch as e:
-                raise UsageError(f"{draft_path.name} cannot draft for {path.name}: {e}",
-                                 hint="pick a draft of the same model family, or --no-draft") from None
-            draft_engine.open(engine.n_ctx)
-        calibration = _calibration(engine, store, path) if spec_cfg.needs_costs else None
-        speculator, max_depth = make_speculator(
-            spec_cfg, calibration.cost if calibration else None,
-            calibration.stats if calibration else {}, draft_engine, calibration.memory if calibration else None)
+    engine_cfg = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([spec_cfg]))
+    with Session(SessionConfig(path, draft_path, engine_cfg, store.root), _notice) as session:
+        tokens = session.target.tokenize(text)
+        session.open(session.context_size(ctx, len(tokens) + max_tokens))
+        check_prompt(tokens, session.target.n_ctx)  # before any calibration work
+        speculator, max_depth = session.speculator(spec_cfg)
         load_s = time.perf_counter() - t0
-        gen = Generation(engine, tokens, GenerationConfig(
+        gen = Generation(session.target, tokens, GenerationConfig(
             max_tokens=max_tokens, sampling=SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)),
             speculator, max_depth)
         try:
@@ -298,26 +273,19 @@ def run(
             else:
                 _stream(gen)
         finally:
-            if calibration is not None:
-                calibration.save()  # what was learnt about acceptance, even after Ctrl-C
-    finally:
-        engine.close()
-        if draft_engine is not None:
-            draft_engine.close()
+            session.save()
+        n_ctx = session.target.n_ctx
     stats = gen.stats
     mode = speculator.name if speculator else "none"
     if stats.stop_reason == "context":
-        err.print(f"[yellow]warning: stopped at the end of the {engine.n_ctx}-token context[/]")
+        err.print(f"[yellow]warning: stopped at the end of the {n_ctx}-token context[/]")
     if as_json:
         print(json.dumps({
             "model": label, "path": str(path), "text": gen.text,
             "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "stop_reason": stats.stop_reason,
-            "speculation": {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
-                            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)},
-            "timings": {"load_s": round(load_s, 4), "prefill_s": round(stats.prefill_s, 4),
-                        "decode_s": round(stats.decode_s, 4), "draft_s": round(stats.draft_s, 4),
-                        "verify_s": round(stats.verify_s, 4), "tokens_per_s": round(stats.tokens_per_s, 3)},
+            "speculation": _spec_json(mode, stats),
+            "timings": {"load_s": round(load_s, 4), **_timings_json(stats)},
         }))
     if verbose:
         err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats.generated_tokens} generated "
@@ -328,11 +296,43 @@ def run(
                   f"verifying {stats.verify_s:.2f} s[/]")
 
 
+def _spec_json(mode: str, stats: GenerationStats) -> dict[str, Any]:
+    return {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
+            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)}
+
+
+def _timings_json(stats: GenerationStats) -> dict[str, float]:
+    return {"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
+            "draft_s": round(stats.draft_s, 4), "verify_s": round(stats.verify_s, 4),
+            "tokens_per_s": round(stats.tokens_per_s, 3)}
+
+
+def _spec_config(spec: str, budget: str, depth: int | None, draft: str | None, no_draft: bool) -> SpecConfig:
+    """The speculation options of run/chat, checked: a one-line error for each bad combination."""
+    if spec not in SPEC_MODES:
+        raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
+    if budget != "auto" and not (budget.isdigit() and 1 <= int(budget) <= 255):
+        raise UsageError(f"--budget must be auto or a number of nodes from 1 to 255, not '{budget}'")
+    if draft is not None and no_draft:
+        raise UsageError("--draft and --no-draft contradict each other")
+    if no_draft and spec in MODEL_MODES:
+        raise UsageError(f"--spec {spec} needs a draft model, and --no-draft says not to use one")
+    return SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
+
+
+def _check_sampling(top_p: float) -> None:
+    if top_p <= 0:
+        raise UsageError("--top-p must be greater than 0")
+
+
+def _notice(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
+
+
 def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:
     """The draft model's file: --draft, else the target's recommended draft when pulled.
     Chain and tree modes need one; auto goes on without it (prompt lookup only)."""
     from specrun.errors import NotPulledError
-    from specrun.generate import MODEL_MODES
     from specrun.store import looks_like_path
 
     if draft is None:
@@ -350,21 +350,6 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
     path = locate(draft, catalog.get, store)[1]
     read_gguf(path)
     return path
-
-
-def _calibration(engine: Any, store: Store, path: Path) -> Any:
-    """The stored cost curve for this model and these settings, measured now if missing."""
-    from specrun import calibrate
-
-    file = calibrate.calibration_path(store.root, path, engine.settings_key())
-    found = calibrate.load(file)
-    if found is not None:
-        return found
-    err.print(f"[dim]measuring this machine's cost curve for {escape(path.name)} (once)…[/]")
-    sizes = tuple(n for n in calibrate.SIZES if n <= engine.config.n_seq_max - 1)
-    cal = calibrate.Calibration(file, calibrate.measure_cost_curve(engine, sizes), {})
-    cal.save()
-    return cal
 
 
 def _stream(gen: Any) -> None:

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Engine
+from specrun.engines.base import Engine, common_prefix
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
 from specrun.spec.tree import DraftTree
@@ -65,6 +65,7 @@ class Step:
 @dataclass
 class GenerationStats:
     prompt_tokens: int = 0
+    reused_tokens: int = 0  # prompt tokens already in the KV cache (a conversation's earlier turns)
     generated_tokens: int = 0
     target_calls: int = 0  # target forward passes, the prefill included
     drafted_tokens: int = 0
@@ -98,12 +99,17 @@ class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards."""
 
     def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig,
-                 speculator: Speculator | None = None, max_depth: int = 0) -> None:
+                 speculator: Speculator | None = None, max_depth: int = 0,
+                 cached: Sequence[int] = ()) -> None:
+        """`cached`: the tokens the engine's KV cache holds now (an earlier generation's
+        `kv_tokens`); the prompt's common prefix with them is kept instead of re-evaluated."""
         check_prompt(prompt, engine.n_ctx)
         self.engine, self.prompt, self.config = engine, prompt, config
         self.speculator, self.max_depth = speculator, max_depth
         self.stats = GenerationStats(prompt_tokens=len(prompt))
         self.tokens: list[int] = []
+        # The tokens in the engine's KV cache, kept in step with it: what a next turn can reuse.
+        self.kv_tokens: list[int] = list(cached[: engine.kv_len])
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
 
@@ -120,8 +126,12 @@ class Generation:
 
         stats.stop_reason = "interrupted"  # until the loop ends by itself
         t0 = time.perf_counter()
-        engine.rewind(0)
-        pending = draw(engine.eval(self.prompt))
+        keep = min(common_prefix(self.kv_tokens, self.prompt), len(self.prompt) - 1)  # >= 1 token for logits
+        engine.rewind(keep)
+        del self.kv_tokens[keep:]
+        stats.reused_tokens = keep
+        pending = draw(engine.eval(self.prompt[keep:]))
+        self.kv_tokens += self.prompt[keep:]
         stats.prefill_s = time.perf_counter() - t0
         stats.target_calls = 1  # the prefill drew the first token
         while True:
@@ -148,6 +158,7 @@ class Generation:
             path, pending = walk(tree, logits, draw)
             if len(tree) > 1:
                 engine.commit_path(path)
+            self.kv_tokens += [tree.tokens[i] for i in path]
             t_end = time.perf_counter()
             if proposed:  # also for a root-only plan: a draft model must drop its draft
                 self.speculator.observe(tree, path, t_end - t_draft)

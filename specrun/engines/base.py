@@ -32,6 +32,17 @@ def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
     return mask
 
 
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences: how much of a KV cache
+    holding `a` serves a request for `b`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
 class Engine(Protocol):
     """A loaded model. The KV cache holds one sequence of `kv_len` tokens; `eval`
     appends to it and `rewind` cuts it back, so callers can reuse a prefix."""

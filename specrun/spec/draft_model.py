@@ -20,7 +20,7 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Engine
+from specrun.engines.base import Engine, common_prefix
 from specrun.spec.tree import DraftTree
 
 _BUCKETS = (0.1, 0.3, 0.6, 0.9)  # draft probability bucket edges for planner keys
@@ -60,12 +60,7 @@ class ModelDrafter:
 
     def _sync(self, context: Sequence[int]) -> np.ndarray:
         """Bring the draft cache to `context` (root included); logits after the root."""
-        common = 0
-        for a, b in zip(self.cached, context):
-            if a != b:
-                break
-            common += 1
-        common = min(common, len(context) - 1)  # the root is always evaluated: we need its logits
+        common = min(common_prefix(self.cached, context), len(context) - 1)  # the root is always evaluated: we need its logits
         self.engine.rewind(common)
         self.cached = list(context)
         return self.engine.eval(list(context[common:]))

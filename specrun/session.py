@@ -1,0 +1,108 @@
+"""A loaded target model, its optional draft model, and what was measured about them.
+
+`run`, `chat` and `bench` all need the same assembly: load the engines, check
+that the draft tokenizes like the target, open KV caches, find (or measure) the
+target's cost curve, and build speculators for a `SpecConfig`. It lives here
+once, so what `bench` measures is what `run` and `chat` do.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable
+
+from specrun import calibrate
+from specrun.engines import EngineConfig
+from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
+from specrun.errors import UsageError
+from specrun.generate import Speculator, SpecConfig, make_speculator
+from specrun.spec.draft_model import VocabMismatch, check_vocab_compatible
+
+
+@dataclass(frozen=True)
+class SessionConfig:
+    target: Path
+    draft: Path | None  # None: no draft model (prompt lookup is still available)
+    engine: EngineConfig  # shared by target and draft; n_seq_max bounds tree size
+    calibration_root: Path  # where cost curves and acceptance statistics are kept
+
+
+def n_seq_for(specs: list[SpecConfig]) -> int:
+    """KV sequences the engines need for the largest tree any of `specs` may verify."""
+    return max([1] + [s.max_nodes + 1 for s in specs if s.mode != "none"])
+
+
+class Session:
+    """Target (and draft) engines with open contexts, and the target's calibration."""
+
+    def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None) -> None:
+        """Load the models (no context yet). `notice` receives one-line progress messages."""
+        self.config, self.notice = config, notice
+        self.target = LlamaCppEngine(config.target, config.engine)
+        self.draft: LlamaCppEngine | None = None
+        self.calibration: calibrate.Calibration | None = None
+        try:
+            if config.draft is not None:
+                self.draft = LlamaCppEngine(config.draft, config.engine)
+                try:
+                    check_vocab_compatible(self.target, self.draft)
+                except VocabMismatch as e:
+                    raise UsageError(f"{config.draft.name} cannot draft for {config.target.name}: {e}",
+                                     hint="pick a draft of the same model family, or --no-draft") from None
+        except BaseException:
+            self.close()
+            raise
+
+    def context_size(self, requested: int | None, needed: int = 0) -> int:
+        """--ctx when given, else a cache that fits `needed` tokens (see default_ctx)."""
+        return requested or default_ctx(self.target.n_ctx_train, needed)
+
+    def open(self, n_ctx: int) -> None:
+        """Allocate both KV caches (the draft's as long as the target's)."""
+        self.target.open(n_ctx)
+        if self.draft is not None:
+            self.draft.open(self.target.n_ctx)
+
+    def calibrated(self, force: bool = False) -> calibrate.Calibration:
+        """The stored cost curve for this model and these settings, measured now if missing
+        (or if `force`). Needs an open context; leaves the target's cache empty."""
+        if self.calibration is not None and not force:
+            return self.calibration
+        file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
+                                          self.target.settings_key())
+        found = None if force else calibrate.load(file)
+        if found is None:
+            self.notice(f"measuring this machine's cost curve for {self.config.target.name} (once)…")
+            sizes = tuple(n for n in calibrate.SIZES if n <= self.target.config.n_seq_max - 1)
+            old = calibrate.load(file)  # keep what was learnt about acceptance
+            found = calibrate.Calibration(file, calibrate.measure_cost_curve(self.target, sizes),
+                                          old.stats if old else {}, old.memory if old else {})
+            found.save()
+        self.calibration = found
+        return found
+
+    def speculator(self, spec: SpecConfig) -> tuple[Speculator | None, int]:
+        """(speculator or None for plain decoding, max tree depth) for `spec`, sharing this
+        session's draft engine and learnt statistics."""
+        if spec.mode != "none" and spec.max_nodes + 1 > self.target.config.n_seq_max:
+            raise ValueError(f"engines were opened for trees of at most {self.target.config.n_seq_max - 1} nodes")
+        cal = self.calibrated() if spec.needs_costs else None
+        return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, self.draft,
+                               cal.memory if cal else None)
+
+    def save(self) -> None:
+        """Keep what was learnt about acceptance (also after Ctrl-C)."""
+        if self.calibration is not None:
+            self.calibration.save()
+
+    def close(self) -> None:
+        for engine in (self.draft, getattr(self, "target", None)):
+            if engine is not None:
+                engine.close()
+
+    def __enter__(self) -> "Session":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
