@@ -13,7 +13,7 @@ import os
 import sys
 import time
 from pathlib import Path
-from typing import Any, Callable, Optional, TypeVar
+from typing import Any, Callable, Iterable, Optional, TypeVar
 
 import typer
 from rich.console import Console
@@ -27,7 +27,7 @@ from specrun.catalog import Catalog, load_catalog
 from specrun.engines import EngineConfig
 from specrun.errors import SpecrunError, UsageError
 from specrun.generate import (MODEL_MODES, SPEC_MODES, Generation, GenerationConfig, GenerationStats, SpecConfig,
-                              check_prompt)
+                              Step, check_prompt)
 from specrun.gguf_file import read_gguf
 from specrun.sampling import SamplingConfig
 from specrun.store import Store, locate
@@ -209,6 +209,18 @@ def add(
 
 # --- run -----------------------------------------------------------------------
 
+# Options that run, chat and bench share (one definition each).
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores).")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Layers on the GPU (-1 = all).")
+SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or tree "
+                    "(draft model).")
+DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
+NO_DRAFT = typer.Option(False, "--no-draft", help="Never use a draft model.")
+BUDGET = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto.")
+DEPTH = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16).")
+
 def _read_prompt(prompt: str | None) -> str:
     """stdin first (when piped), then the argument, as ollama and llm do."""
     parts = []
@@ -231,17 +243,16 @@ def run(
     prompt: Optional[str] = typer.Argument(None, help="Prompt text (appended to stdin when piped)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
     temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
-    top_p: float = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass."),
-    seed: Optional[int] = typer.Option(None, "--seed", help="Sampling seed (default: random)."),
-    threads: Optional[int] = typer.Option(None, "--threads", min=1, help="CPU threads (default: all cores)."),
+    top_p: float = TOP_P,
+    seed: Optional[int] = SEED,
+    threads: Optional[int] = THREADS,
     ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context size in tokens (default: fits the request)."),
-    gpu_layers: Optional[int] = typer.Option(None, "--gpu-layers", min=-1, help="Layers on the GPU (-1 = all)."),
-    spec: str = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or "
-                             "tree (draft model)."),
-    draft: Optional[str] = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one)."),
-    no_draft: bool = typer.Option(False, "--no-draft", help="Never use a draft model."),
-    budget: str = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto."),
-    depth: Optional[int] = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16)."),
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    spec: str = SPEC,
+    draft: Optional[str] = DRAFT,
+    no_draft: bool = NO_DRAFT,
+    budget: str = BUDGET,
+    depth: Optional[int] = DEPTH,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
 ) -> None:
@@ -271,7 +282,7 @@ def run(
                 for _ in gen:
                     pass
             else:
-                _stream(gen)
+                _stream(gen, end_line=sys.stdout.isatty())
         finally:
             session.save()
         n_ctx = session.target.n_ctx
@@ -328,6 +339,195 @@ def _check_sampling(top_p: float) -> None:
 def _notice(message: str) -> None:
     err.print(f"[dim]{escape(message)}[/]")
 
+# --- chat ----------------------------------------------------------------------
+
+CHAT_HELP = """commands:
+  /help          this list
+  /reset         forget the conversation (the system message stays)
+  /system TEXT   set the system message (/system alone shows it)
+  /stats         totals for this session
+  /exit          leave (or Ctrl-D); Ctrl-C stops a reply"""
+
+
+@app.command()
+@friendly
+def chat(
+    model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file with a chat template."),
+    system: Optional[str] = typer.Option(None, "--system", help="System message."),
+    max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Tokens per reply at most."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = TOP_P,
+    seed: Optional[int] = SEED,
+    threads: Optional[int] = THREADS,
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=64, help="Context size in tokens (default 4096)."),
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    spec: str = SPEC,
+    draft: Optional[str] = DRAFT,
+    no_draft: bool = NO_DRAFT,
+    budget: str = BUDGET,
+    depth: Optional[int] = DEPTH,
+) -> None:
+    """Talk with a model. Piped stdin: each line is one turn, and only replies reach stdout."""
+    from specrun.chat import Chat, ChatConfig, ChatTemplate
+    from specrun.session import Session, SessionConfig, n_seq_for
+
+    spec_cfg = _spec_config(spec, budget, depth, draft, no_draft)
+    _check_sampling(top_p)
+    store, catalog = Store(), _catalog()
+    label, path = locate(model, catalog.get, store)
+    read_gguf(path)
+    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
+    engine_cfg = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([spec_cfg]))
+    with Session(SessionConfig(path, draft_path, engine_cfg, store.root), _notice) as session:
+        template = ChatTemplate.of_model(path, session)
+        session.open(session.context_size(ctx))
+        config = ChatConfig(spec_cfg, GenerationConfig(max_tokens, SamplingConfig(temperature, top_p, seed)), system)
+        conversation = Chat(session, template, config, notice=_notice)
+        interactive = sys.stdin.isatty()
+        if interactive:
+            err.print(f"[dim]chatting with {escape(label)} (speculation: {conversation.mode}, "
+                      f"{session.target.n_ctx}-token context); /help for commands, Ctrl-D to leave[/]")
+        _chat_loop(conversation, interactive, store.root / "chat_history")
+
+
+def _chat_loop(conversation: Any, interactive: bool, history_file: Path) -> None:
+    """Read turns until end of input or /exit; a bad turn is reported and the chat goes on."""
+    readline = _line_editing(history_file) if interactive else None
+    try:
+        while True:
+            try:
+                line = _read_turn(interactive)
+            except KeyboardInterrupt:  # at the prompt: a fresh line, as shells do
+                err.print()
+                continue
+            if line is None:
+                break
+            try:
+                with _StopOnInterrupt(enabled=interactive) as interrupt:
+                    if not _chat_turn(conversation, line.strip(), interrupt):
+                        break
+            except KeyboardInterrupt:  # pressed before the handler was in place: the same as after
+                if not interactive:
+                    raise
+                _notice("stopped")
+            except UsageError as e:  # e.g. a message longer than the context: say so and go on
+                err.print(f"[bold red]error:[/] {escape(e.message)}")
+                if e.hint:
+                    err.print(f"[dim]hint: {escape(e.hint)}[/]")
+    finally:
+        if readline is not None:
+            try:
+                readline.write_history_file(str(history_file))
+            except OSError:
+                pass
+
+
+def _line_editing(history_file: Path) -> Any:
+    """readline editing and history for input(), where the platform has it."""
+    try:
+        import readline
+    except ImportError:
+        return None
+    readline.set_history_length(1000)
+    try:
+        readline.read_history_file(str(history_file))
+    except OSError:
+        history_file.parent.mkdir(parents=True, exist_ok=True)
+    return readline
+
+
+def _read_turn(interactive: bool) -> str | None:
+    """One line of input, None at end of input. The prompt goes to the terminal, never into a
+    redirected stdout."""
+    if not interactive:
+        line = sys.stdin.readline()
+        return line if line else None
+    try:
+        if sys.stdout.isatty():
+            return input(">>> ")
+        err.print(">>> ", end="")
+        return input()
+    except EOFError:
+        if sys.stdout.isatty():
+            sys.stdout.write("\n")
+        return None
+
+
+def _slash_command(conversation: Any, text: str) -> bool:
+    """Run a /command; False when the chat should end."""
+    name, _, arg = text.partition(" ")
+    if name in ("/exit", "/quit", "/bye"):
+        return False
+    if name == "/help":
+        err.print(CHAT_HELP, markup=False)
+    elif name == "/reset":
+        conversation.reset()
+        _notice("conversation cleared")
+    elif name == "/system":
+        if arg.strip():
+            conversation.system = arg.strip()
+            _notice("system message set")
+        else:
+            _notice(f"system message: {conversation.system or '(the template default)'}")
+    elif name == "/stats":
+        t, n_ctx = conversation.totals, conversation.session.target.n_ctx
+        _notice(f"{t.turns} replies, {t.generated_tokens} tokens, {t.tokens_per_s:.1f} tok/s, "
+                f"{t.tokens_per_call:.2f} tokens per target call, {t.accepted_tokens}/{t.drafted_tokens} drafted "
+                f"tokens accepted ({conversation.mode}); {t.reused_tokens}/{t.prompt_tokens} prompt tokens reused "
+                f"from the cache; turns kept {len(conversation.history) // 2}, dropped {t.dropped_turns}; "
+                f"context {n_ctx} tokens")
+    else:
+        raise UsageError(f"unknown command {name}", hint="/help lists the commands")
+    return True
+
+
+class _StopOnInterrupt:
+    """While active (and `enabled`), Ctrl-C sets a flag instead of raising: the reply stops
+    after the current step, with the engines' caches consistent, and the chat goes on.
+    Scripted chats (piped stdin) keep the default: Ctrl-C ends the program."""
+
+    def __init__(self, enabled: bool = True) -> None:
+        self.enabled, self.stopped = enabled, False
+
+    def __enter__(self) -> "_StopOnInterrupt":
+        import signal
+
+        if self.enabled:
+            self._old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, signum: int, frame: Any) -> None:
+        self.stopped = True
+
+    def __exit__(self, *exc: object) -> None:
+        import signal
+
+        if self.enabled:
+            signal.signal(signal.SIGINT, self._old)
+
+
+def _chat_turn(conversation: Any, text: str, interrupt: "_StopOnInterrupt") -> bool:
+    """One line of input: a /command or a message to reply to. False when the chat should end."""
+    if not text:
+        return True
+    if text.startswith("/"):
+        return _slash_command(conversation, text)
+    steps = conversation.reply(text)
+    try:
+        _stream(steps, end_line=True, stop=lambda: interrupt.stopped)
+    finally:
+        steps.close()
+    s = conversation.last
+    if interrupt.stopped:
+        _notice("stopped")
+    elif s.stop_reason == "context":
+        _notice(f"the reply reached the end of the {conversation.session.target.n_ctx}-token context")
+    _notice(f"{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.tokens_per_call:.2f} tokens per "
+            f"target call ({conversation.mode}); prompt {s.prompt_tokens - s.reused_tokens} new + "
+            f"{s.reused_tokens} cached tokens")
+    return True
+
+
 
 def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:
     """The draft model's file: --draft, else the target's recommended draft when pulled.
@@ -352,14 +552,19 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
     return path
 
 
-def _stream(gen: Any) -> None:
-    """Write each step's text to stdout as it comes; a closed pipe ends generation quietly."""
+def _stream(steps: Iterable[Step], end_line: bool, stop: Callable[[], bool] = lambda: False) -> str:
+    """Write each step's text to stdout as it comes, until the steps end or `stop()` says so;
+    end with a newline if `end_line` and the text lacks one. A closed pipe exits quietly."""
+    text: list[str] = []
     try:
-        for step in gen:
+        for step in steps:
             if step.text:
+                text.append(step.text)
                 sys.stdout.write(step.text)
                 sys.stdout.flush()
-        if gen.text and not gen.text.endswith("\n") and sys.stdout.isatty():
+            if stop():
+                break
+        if end_line and text and not text[-1].endswith("\n"):
             sys.stdout.write("\n")
         sys.stdout.flush()
     except BrokenPipeError:
@@ -367,6 +572,7 @@ def _stream(gen: Any) -> None:
         devnull = os.open(os.devnull, os.O_WRONLY)
         os.dup2(devnull, sys.stdout.fileno())
         raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    return "".join(text)
 
 
 def main() -> None:

@@ -82,8 +82,10 @@ class GenerationStats:
 
     @property
     def tokens_per_call(self) -> float:
-        """Mean tokens committed per target call (1.0 for plain decoding)."""
-        return self.generated_tokens / self.target_calls if self.target_calls else 0.0
+        """Mean tokens produced per target call (1.0 for plain decoding); an end-of-generation
+        token counts, since a call produced it."""
+        produced = self.generated_tokens + (self.stop_reason == "eos")
+        return produced / self.target_calls if self.target_calls else 0.0
 
 
 def check_prompt(prompt: list[int], n_ctx: int) -> None:

@@ -22,6 +22,9 @@ from gguf.quants import quantize
 WORDS = ["▁the", "▁a", "▁def", "▁return", "▁fib", "(n", "):", "▁if", "▁print", "▁hello", "▁world", "ing", "▁"]
 VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS  # 272 tokens
 BOS, EOS = 1, 2
+# A minimal chat template in the Jinja2 dialect GGUF files carry (as Hugging Face's tokenizer_config does).
+CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
+                 "{% if add_generation_prompt %}assistant:{% endif %}")
 
 
 @dataclass(frozen=True)
@@ -34,6 +37,7 @@ class TinySpec:
     seed: int = 0
     q4_0: bool = False  # quantize the matrices (dims must then be multiples of 256)
     scale: float = 0.5  # weight scale: larger makes sharper (less uniform) next-token distributions
+    chat_template: str | None = CHAT_TEMPLATE
 
 
 def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
@@ -60,6 +64,8 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     w.add_unk_token_id(0)
     w.add_add_bos_token(True)
     w.add_add_eos_token(False)
+    if spec.chat_template is not None:
+        w.add_chat_template(spec.chat_template)
 
     def matrix(name: str, rows: int, cols: int) -> None:
         a = (rng.standard_normal((rows, cols)) * spec.scale / np.sqrt(cols)).astype(np.float32)

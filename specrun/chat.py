@@ -1,0 +1,150 @@
+"""Multi-turn chat on top of the one generation loop.
+
+The model's own chat template (from its GGUF metadata) renders the whole
+conversation each turn, in llama-cpp-python's sandboxed Jinja2 formatter. The
+rendered tokens are compared with what the target's KV cache already holds
+(`Generation(cached=...)`), so a turn evaluates only its new tokens; the draft
+model's cache does the same through its drafter. When a conversation no longer
+fits the context, the oldest turns go first; the system message stays.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Iterator
+
+from specrun.errors import UsageError
+from specrun.generate import Generation, GenerationConfig, GenerationStats, SpecConfig, Step, check_prompt
+from specrun.gguf_file import read_gguf
+from specrun.session import Session
+
+Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+
+
+class ChatTemplate:
+    """A model's chat template, rendered in a sandbox (templates come with downloaded files)."""
+
+    def __init__(self, template: str, bos_token: str, eos_token: str) -> None:
+        from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+        self._formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
+                                              add_generation_prompt=True)
+
+    @classmethod
+    def of_model(cls, path: Path, session: Session) -> "ChatTemplate":
+        """The template in `path`'s metadata; UsageError when the model has none."""
+        template = read_gguf(path).metadata.get("tokenizer.chat_template")
+        if not isinstance(template, str):
+            raise UsageError(f"{path.name} has no chat template in its metadata",
+                             hint="use `specrun run` for plain completion, or an instruct model")
+        bos, eos = session.target.special_tokens()
+        text = session.target.token_text
+        return cls(template, text(bos).decode("utf-8", "replace") if bos >= 0 else "",
+                   text(eos).decode("utf-8", "replace") if eos >= 0 else "")
+
+    def render(self, messages: list[Message]) -> str:
+        """The conversation as the model expects it, ending where the assistant's reply begins."""
+        try:
+            return self._formatter(messages=messages).prompt
+        except Exception as e:  # a template error is the file's problem, not a specrun bug
+            raise UsageError(f"the model's chat template failed: {e}") from None
+
+
+@dataclass(frozen=True)
+class ChatConfig:
+    spec: SpecConfig = field(default_factory=SpecConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
+    system: str | None = None  # None: whatever the template does without one
+    reserve: int = 512  # tokens kept free for each reply when old turns must be dropped
+
+
+@dataclass
+class ChatTotals:
+    """Session totals for /stats."""
+
+    turns: int = 0
+    generated_tokens: int = 0
+    prompt_tokens: int = 0
+    reused_tokens: int = 0
+    target_calls: int = 0
+    drafted_tokens: int = 0
+    accepted_tokens: int = 0
+    decode_s: float = 0.0
+    dropped_turns: int = 0
+
+    def add(self, s: GenerationStats) -> None:
+        self.turns += 1
+        self.generated_tokens += s.generated_tokens
+        self.prompt_tokens += s.prompt_tokens
+        self.reused_tokens += s.reused_tokens
+        self.target_calls += s.target_calls
+        self.drafted_tokens += s.drafted_tokens
+        self.accepted_tokens += s.accepted_tokens
+        self.decode_s += s.decode_s
+
+    @property
+    def tokens_per_s(self) -> float:
+        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def tokens_per_call(self) -> float:
+        return self.generated_tokens / self.target_calls if self.target_calls else 0.0
+
+
+class Chat:
+    """A conversation with one model: history, KV reuse across turns, one speculator throughout."""
+
+    def __init__(self, session: Session, template: ChatTemplate, config: ChatConfig,
+                 notice: Callable[[str], None] = lambda _: None) -> None:
+        self.session, self.template, self.config, self.notice = session, template, config, notice
+        self.system = config.system
+        self.history: list[Message] = []  # user and assistant messages, oldest first
+        self.totals = ChatTotals()
+        self.last: GenerationStats | None = None  # the latest reply's stats
+        self._kv_tokens: list[int] = []  # what the target's cache holds
+        self.speculator, self.max_depth = session.speculator(config.spec)
+        self.mode = self.speculator.name if self.speculator else "none"
+
+    def messages(self, user: str | None = None) -> list[Message]:
+        system = [{"role": "system", "content": self.system}] if self.system else []
+        return system + self.history + ([{"role": "user", "content": user}] if user is not None else [])
+
+    def reset(self) -> None:
+        """Forget the conversation (the system message stays). The caches are reused only
+        as far as the new prompt matches them, so nothing of the old turns is seen again."""
+        self.history.clear()
+
+    def _prompt(self, user: str) -> list[int]:
+        """The rendered conversation with `user` appended, dropping the oldest turns until it
+        leaves room for a reply; UsageError if even the newest message alone does not fit."""
+        n_ctx = self.session.target.n_ctx
+        room = min(self.config.reserve, self.config.generation.max_tokens, n_ctx // 4)
+        dropped = 0
+        while True:
+            tokens = self.session.target.tokenize(self.template.render(self.messages(user)), add_special=False)
+            if len(tokens) + room <= n_ctx or not self.history:
+                break
+            del self.history[:2]  # the oldest user message and its reply
+            dropped += 1
+        if dropped:
+            self.totals.dropped_turns += dropped
+            self.notice(f"context full: dropped the oldest {dropped} turn{'s' if dropped > 1 else ''}")
+        check_prompt(tokens, n_ctx)
+        return tokens
+
+    def reply(self, user: str) -> Iterator[Step]:
+        """Generate the assistant's reply to `user`, step by step. Stopping early (closing the
+        iterator) keeps the partial reply in the history, as a chat app does after Stop."""
+        tokens = self._prompt(user)
+        gen = Generation(self.session.target, tokens, self.config.generation, self.speculator, self.max_depth,
+                         cached=self._kv_tokens)
+        self.history.append({"role": "user", "content": user})
+        try:
+            yield from gen
+        finally:
+            self._kv_tokens = gen.kv_tokens
+            self.history.append({"role": "assistant", "content": gen.text})
+            self.last = gen.stats
+            self.totals.add(gen.stats)
+            self.session.save()
