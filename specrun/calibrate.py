@@ -62,9 +62,11 @@ class Calibration:
     cost: CostCurve
     stats: dict[str, AcceptanceStats]
     memory: dict[str, float] = field(default_factory=dict)  # what auto learnt (draft model speed)
+    settings: str = ""  # the engine settings it was measured with (for `specrun info`)
 
     def save(self) -> None:
         data = {
+            "settings": self.settings,
             "sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds), "memory": self.memory,
             "acceptance": {name: {"|".join(map(str, k)): v for k, v in s.counts.items()}
                            for name, s in self.stats.items()},
@@ -82,6 +84,12 @@ def calibration_path(root: Path, model: Path, settings: str) -> Path:
     return root / "calibration" / f"{model.stem}-{digest}.json"
 
 
+def stored_for(root: Path, model: Path) -> list[Calibration]:
+    """Every calibration kept for this model file, whatever the settings."""
+    found = (load(p) for p in sorted((root / "calibration").glob(f"{model.stem}-*.json")))
+    return [c for c in found if c is not None]
+
+
 def load(path: Path) -> Calibration | None:
     try:
         data = json.loads(path.read_text())
@@ -93,7 +101,7 @@ def load(path: Path) -> Calibration | None:
                 s.counts[tuple(_parse(p) for p in key.split("|"))] = list(value)
             stats[name] = s
         memory = {str(k): float(v) for k, v in data.get("memory", {}).items()}
-        return Calibration(path, cost, stats, memory)
+        return Calibration(path, cost, stats, memory, str(data.get("settings", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None
 

@@ -28,6 +28,8 @@ _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 SHIPPED_CATALOG = Path(__file__).with_name("models.toml")
 
+DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"  # the default pair's target (bench's default model)
+
 
 @dataclass(frozen=True)
 class HfSource:

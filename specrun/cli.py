@@ -23,7 +23,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
 from rich.table import Table
 
 from specrun import __version__
-from specrun.catalog import Catalog, load_catalog
+from specrun.catalog import DEFAULT_TARGET, Catalog, load_catalog
 from specrun.engines import EngineConfig
 from specrun.errors import SpecrunError, UsageError
 from specrun.generate import (MODEL_MODES, SPEC_MODES, Generation, GenerationConfig, GenerationStats, SpecConfig,
@@ -92,6 +92,19 @@ def _human(n: int | None) -> str:
             return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
         n /= 1000  # type: ignore[assignment]
     return str(n)
+
+
+def _print_stdout(renderable: Any) -> None:
+    """A table on stdout: Rich on a terminal; in a pipe, plain lines, never cut to a width,
+    without the padding Rich adds."""
+    if sys.stdout.isatty():
+        Console(highlight=False).print(renderable)
+        return
+    import io
+
+    buffer = io.StringIO()
+    Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
 
 
 # --- pull / list / rm / add ------------------------------------------------------
@@ -171,8 +184,7 @@ def list_models(
     for r in rows:
         table.add_row(r["name"], r["role"], r["params"], r["quant"], _human(r["size"]), r["draft"] or "",
                       "yes" if r["pulled"] else "no", escape(r["path"] or ""))
-    tty = sys.stdout.isatty()
-    Console(highlight=False, width=None if tty else 10_000).print(table)  # no truncated cells in pipes
+    _print_stdout(table)
 
 
 @app.command()
@@ -526,6 +538,235 @@ def _chat_turn(conversation: Any, text: str, interrupt: "_StopOnInterrupt") -> b
             f"target call ({conversation.mode}); prompt {s.prompt_tokens - s.reused_tokens} new + "
             f"{s.reused_tokens} cached tokens")
     return True
+
+
+# --- bench / calibrate / info --------------------------------------------------
+
+@app.command()
+@friendly
+def bench(
+    model: str = typer.Argument(DEFAULT_TARGET, help="Target: catalog name or GGUF path."),
+    workload: str = typer.Option("humaneval", "--workload", "-w", help="humaneval, chat, or a JSONL file of "
+                                 "prompts ({\"prompt\": ...} or {\"messages\": [...]} per line)."),
+    n_prompts: Optional[int] = typer.Option(10, "--n-prompts", min=1, help="Prompts from the workload."),
+    max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens per run."),
+    repeats: int = typer.Option(1, "--repeats", min=1, help="Rounds over the prompts."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = TOP_P,
+    seed: Optional[int] = typer.Option(0, "--seed", help="Sampling seed."),
+    modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, "
+                              "lcp-lookup, lcp-plain (llama-cpp-python). Default: all but lcp-plain."),
+    draft: Optional[str] = DRAFT,
+    no_draft: bool = NO_DRAFT,
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
+    plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
+                                             "needs matplotlib)."),
+) -> None:
+    """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
+    from specrun import bench as B
+    from specrun.chat import ChatTemplate
+    from specrun.session import Session, SessionConfig, n_seq_for
+
+    _check_sampling(top_p)
+    if draft is not None and no_draft:
+        raise UsageError("--draft and --no-draft contradict each other")
+    if plot_path is not None:
+        _need_matplotlib()
+    for out in (json_path, plot_path):  # before minutes of work, not after
+        if out is not None and not out.parent.is_dir():
+            raise UsageError(f"cannot write {out}: {out.parent} is not a directory")
+    prompts = B.load_workload(workload, n_prompts)
+    store, catalog = Store(), _catalog()
+    label, path = locate(model, catalog.get, store)
+    read_gguf(path)
+    draft_path = None if no_draft else _draft_path(model, draft, "auto", catalog, store)
+    chosen = B.parse_modes(modes, draft_path is not None, _notice)
+    specs = [m.spec for m in chosen if m.spec is not None]
+    engine_cfg = EngineConfig(n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for(specs))
+    config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
+    peers: dict[str, Any] = {}
+    with Session(SessionConfig(path, draft_path, engine_cfg, store.root), _notice) as session:
+        template = ChatTemplate.of_model(path, session) if any(p.messages for p in prompts) else None
+        runner = B.Bench(session, chosen, config, peers, template)
+        needed = max(len(runner.prompt_tokens(p)) for p in prompts) + max_tokens + 64
+        session.open(session.context_size(None, needed))
+        session.calibrated()
+        try:
+            for m in chosen:
+                if m.spec is None:
+                    peers[m.key] = B.LlamaCppPythonPeer(path, min(needed, session.target.n_ctx), threads, gpu_layers,
+                                                        lookup=m.key == "lcp-lookup")
+            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+                       TimeRemainingColumn())
+            with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+                task = bar.add_task("benchmarking", total=len(prompts) * repeats * len(chosen))
+                runner.run(prompts, lambda pid, mode: bar.update(task, advance=1, description=f"{pid}: {mode}"))
+        finally:
+            for peer in peers.values():
+                peer.close()
+        summaries = B.summarize(runner.results, chosen)
+        planner = B.planner_explanation(session, summaries)
+    _print_bench(label, workload, len(prompts), config, summaries, planner)
+    if json_path is not None:
+        data = B.to_json(config, workload, label, draft_path.name if draft_path else None, threads, summaries,
+                         runner.results, planner)
+        _write_atomic(json_path, json.dumps(data, indent=1))
+        err.print(f"[dim]wrote {escape(str(json_path))}[/]")
+    if plot_path is not None:
+        from specrun.plot import plot_bench
+
+        plot_bench(summaries, f"{label}, {workload}", plot_path)
+        err.print(f"[dim]wrote {escape(str(plot_path))}[/]")
+
+
+@app.command("calibrate")
+@friendly
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Catalog name or GGUF path."),
+    threads: Optional[int] = THREADS,
+    gpu_layers: Optional[int] = GPU_LAYERS,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Measure what a target pass over n tokens costs here, for the speculation planner."""
+    from specrun.session import Session, SessionConfig, n_seq_for
+
+    store, catalog = Store(), _catalog()
+    label, path = locate(model, catalog.get, store)
+    read_gguf(path)
+    config = EngineConfig(n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([SpecConfig()]))
+    with Session(SessionConfig(path, None, config, store.root), _notice) as session:
+        session.open(session.context_size(None))
+        cal = session.calibrated(force=True)
+    cost = cal.cost
+    rows = [{"tokens": n, "ms": round(t * 1000, 2), "per_token_ms": round(t * 1000 / n, 2),
+             "vs_one": round(t / cost.seconds[0], 3)} for n, t in zip(cost.sizes, cost.seconds)]
+    if as_json:
+        print(json.dumps({"model": label, "settings": cal.settings, "file": str(cal.path), "costs": rows}, indent=1))
+        return
+    table = Table(title=f"{label}: one target pass ({cal.settings})", title_justify="left", box=None, pad_edge=False)
+    for col in ("tokens", "ms", "ms/token", "x one token"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["tokens"]), f"{r['ms']:.1f}", f"{r['per_token_ms']:.1f}", f"{r['vs_one']:.2f}")
+    _print_stdout(table)
+    err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
+
+
+@app.command()
+@friendly
+def info(
+    model: str = typer.Argument(..., help="Catalog name or GGUF path."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute the file's sha256 now."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """What a model file is: architecture, sizes, template, checksum, stored calibrations."""
+    from gguf import LlamaFileType
+
+    from specrun import calibrate
+    from specrun.errors import ModelFileError
+    from specrun.store import NoProgress, looks_like_path, sha256_file
+
+    store, catalog = Store(), _catalog()
+    label, path = locate(model, catalog.get, store)
+    meta = read_gguf(path)
+    entry = None if looks_like_path(model) else catalog.get(model)
+    pulled = store.pulled(entry) if entry else None
+    expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
+    file_type = meta.metadata.get("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except ValueError:
+        quant = str(file_type)
+    data: dict[str, Any] = {
+        "name": label, "path": str(path), "size": path.stat().st_size,
+        "architecture": meta.arch, "model_name": meta.metadata.get("general.name"), "quantization": quant,
+        "layers": meta.n_layers, "embedding_length": meta.arch_value("embedding_length"),
+        "vocabulary": meta.vocab_size, "context_length": meta.context_length,
+        "chat_template": meta.has_chat_template,
+        "draft": entry.draft if entry else None,
+        "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
+    }
+    if verify:
+        actual = sha256_file(path, NoProgress())
+        data["checksum"] = "ok" if actual == expected else ("computed" if expected is None else "MISMATCH")
+        data["sha256"] = actual
+    data["calibrations"] = [
+        {"settings": c.settings or "(not recorded)", "one_token_ms": round(c.cost.seconds[0] * 1000, 2),
+         "costs_vs_one": {str(n): round(t / c.cost.seconds[0], 2) for n, t in zip(c.cost.sizes, c.cost.seconds)},
+         "accepted": {k: [sum(v[0] for v in s.counts.values()), sum(v[1] for v in s.counts.values())]
+                      for k, s in c.stats.items()}}
+        for c in calibrate.stored_for(store.root, path)]
+    if as_json:
+        print(json.dumps(data, indent=1))
+    else:
+        table = Table(box=None, show_header=False, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for key in ("name", "path", "size", "architecture", "model_name", "quantization", "layers",
+                    "embedding_length", "vocabulary", "context_length", "chat_template", "draft", "sha256",
+                    "checksum"):
+            value = data[key]
+            text = _human(value) if key == "size" else ("yes" if value is True else "no" if value is False
+                                                        else "" if value is None else str(value))
+            table.add_row(key.replace("_", " "), escape(text))
+        for c in data["calibrations"]:
+            costs = ", ".join(f"{n}: {x:.2f}x" for n, x in c["costs_vs_one"].items() if n in ("2", "4", "8", "16"))
+            accepted = "; ".join(f"{k} {a}/{t} accepted" for k, (a, t) in c["accepted"].items())
+            table.add_row("calibration", escape(f"{c['settings']}: 1 token {c['one_token_ms']:.1f} ms, {costs}"
+                                                + (f"; {accepted}" if accepted else "")))
+        if not data["calibrations"]:
+            table.add_row("calibration", f"none yet (specrun calibrate {escape(model)})")
+        _print_stdout(table)
+    if data["checksum"] == "MISMATCH":
+        raise ModelFileError(f"{path.name} does not match its sha256", hint=f"pull it again: specrun rm {model} "
+                             f"&& specrun pull {model}")
+
+
+def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summaries: list[Any],
+                 planner: list[str]) -> None:
+    """The comparison table and the planner's reasons, on stdout (the command's product)."""
+    sampling = "greedy" if config.sampling.greedy else (f"temperature {config.sampling.temperature}, top-p "
+                                                        f"{config.sampling.top_p}, seed {config.sampling.seed}")
+    table = Table(title=f"{label} · {workload} · {n_prompts} prompts x {config.repeats} · {config.max_tokens} "
+                        f"tokens · {sampling}", title_justify="left", box=None, pad_edge=False)
+    for col, justify in (("mode", "left"), ("tok/s", "right"), ("min-max", "right"), ("speed-up", "right"),
+                         ("min-max ", "right"), ("tokens/call", "right"), ("drafting", "right"),
+                         ("output vs plain", "left")):
+        table.add_column(col, justify=justify)  # type: ignore[arg-type]
+    for s in summaries:
+        if s.mode == "plain":
+            check = "(reference)"
+        elif s.identical == s.runs:
+            check = "identical"
+        else:
+            margins = ", ".join(f"{d['top2_margin']:.2f}" for d in s.differences[:4] if d["top2_margin"] is not None)
+            check = f"differs in {s.runs - s.identical}/{s.runs} (top-2 margins {margins})"
+        table.add_row(s.label, f"{s.tokens_per_s:.1f}", f"{s.tokens_per_s_min:.1f}-{s.tokens_per_s_max:.1f}",
+                      f"{s.speedup:.2f}x", f"{s.speedup_min:.2f}-{s.speedup_max:.2f}x",
+                      "" if s.tokens_per_call is None else f"{s.tokens_per_call:.2f}",
+                      "" if s.draft_share is None else f"{s.draft_share:.0%}", check)
+    _print_stdout(table)
+    print("\n".join(f"planner: {line}" for line in planner))
+
+
+def _need_matplotlib() -> None:
+    import importlib.util
+
+    if importlib.util.find_spec("matplotlib") is None:
+        raise UsageError("--plot needs matplotlib", hint="pip install 'specrun[plot]'")
+
+
+def _write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file renamed into place."""
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
 
 

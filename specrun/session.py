@@ -77,8 +77,10 @@ class Session:
             sizes = tuple(n for n in calibrate.SIZES if n <= self.target.config.n_seq_max - 1)
             old = calibrate.load(file)  # keep what was learnt about acceptance
             found = calibrate.Calibration(file, calibrate.measure_cost_curve(self.target, sizes),
-                                          old.stats if old else {}, old.memory if old else {})
+                                          old.stats if old else {}, old.memory if old else {},
+                                          self.target.settings_key())
             found.save()
+        found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found
         return found
 

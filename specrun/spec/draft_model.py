@@ -52,6 +52,7 @@ def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
 
 
 class ModelDrafter:
+    costly = True  # a draft model pass per tree level
     def __init__(self, engine: Engine, config: ModelDraftConfig = ModelDraftConfig()) -> None:
         self.engine, self.config = engine, config
         self.cached: list[int] = []  # the tokens in the draft model's committed cache

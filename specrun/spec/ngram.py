@@ -26,6 +26,8 @@ class NgramConfig:
 class NgramDrafter:
     """Keeps an index of every n-gram's end positions, extended as the context grows."""
 
+    costly = False  # a dictionary lookup per step
+
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config
         self._index: dict[tuple[int, ...], list[int]] = defaultdict(list)

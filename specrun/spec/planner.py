@@ -55,22 +55,28 @@ class CostCurve:
 
 @dataclass
 class AcceptanceStats:
-    """Per key: how often a drafted node was accepted when its parent was (Beta-smoothed).
+    """Per key: how often a drafted node was accepted when its parent was.
 
-    Keys seen fewer than `explore` times count as likely, so the planner tries them a
-    few times before trusting the data; the counts persist with the calibration."""
+    The rate is optimistic by `confidence` standard deviations of the Beta posterior (an
+    upper confidence bound). A key that was unlucky in its first tests therefore still gets
+    verified now and then, until enough data says it does not pay; without the bound a
+    key's first two failures could rule it out for good. Keys seen fewer than `explore`
+    times count as `optimistic`. The counts persist with the calibration."""
 
     prior_accept: float = 1.0
-    prior_reject: float = 2.0
+    prior_reject: float = 1.0
     explore: int = 2
     optimistic: float = 0.8
+    confidence: float = 1.0
     counts: dict[Hashable, list[int]] = field(default_factory=dict)  # key -> [accepted, tested]
 
     def rate(self, key: Hashable) -> float:
         accepted, tested = self.counts.get(key, (0, 0))
         if tested < self.explore:
             return self.optimistic
-        return (accepted + self.prior_accept) / (tested + self.prior_accept + self.prior_reject)
+        n = tested + self.prior_accept + self.prior_reject
+        mean = (accepted + self.prior_accept) / n
+        return min(1.0, mean + self.confidence * float(np.sqrt(mean * (1 - mean) / (n + 1))))
 
     def update(self, key: Hashable, accepted: bool) -> None:
         c = self.counts.setdefault(key, [0, 0])
@@ -106,6 +112,8 @@ def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: CostCu
 
 
 class Drafter(Protocol):
+    costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
+
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A candidate tree rooted at context[-1] and a planner key per node."""
         ...
@@ -129,16 +137,32 @@ class PlannedSpeculator:
         # Candidates to draft next step when planning: a little more than the last plan kept,
         # so a costly drafter (a draft model) does not grow nodes that will not be verified.
         self._candidates = max_nodes
+        # After a plan that kept nothing, a costly drafter rests for `_rest` steps, doubling
+        # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
+        self._rest, self._resting = 1, 0
+        self.skipped = False  # the last proposal drafted nothing (resting)
+
+    MAX_REST = 32
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+        self.skipped = False
         if self.cost is None:
             tree, self._keys = self.drafter.draft(context, self.max_nodes, max_depth)
             return tree
+        if self._resting > 0:
+            self._resting -= 1
+            self.skipped = True
+            self._keys = [("root",)]
+            return DraftTree.rooted(context[-1])
         limit = min(self._candidates, self.max_nodes, self.cost.max_size)
         candidates, keys = self.drafter.draft(context, limit, max_depth)
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
         self._keys = [keys[i] for i in keep]
         self._candidates = max(2 * len(keep) + 1, 3)
+        if len(keep) == 1 and self.drafter.costly:
+            self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
+        else:
+            self._rest = 1
         return candidates.subtree(keep)
 
     def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
@@ -185,7 +209,7 @@ class AutoSpeculator:
         if len(tree) == 1 and self.model is not None and self._model_pays():
             self._t_propose = time.perf_counter()
             tree = self.model.propose(context, max_depth)
-            self._used = self.model
+            self._used = None if self.model.skipped else self.model  # a resting step says nothing of its rate
             self._t_propose = time.perf_counter() - self._t_propose
         self._since_model += 1
         return tree

