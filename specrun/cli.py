@@ -645,7 +645,8 @@ def calibrate_cmd(
     if as_json:
         print(json.dumps({"model": label, "settings": cal.settings, "file": str(cal.path), "costs": rows}, indent=1))
         return
-    table = Table(title=f"{label}: one target pass ({cal.settings})", title_justify="left", box=None, pad_edge=False)
+    print(f"{label}: one target pass over n tokens ({cal.settings})")
+    table = Table(box=None, pad_edge=False)
     for col in ("tokens", "ms", "ms/token", "x one token"):
         table.add_column(col, justify="right")
     for r in rows:

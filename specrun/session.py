@@ -73,7 +73,8 @@ class Session:
                                           self.target.settings_key())
         found = None if force else calibrate.load(file)
         if found is None:
-            self.notice(f"measuring this machine's cost curve for {self.config.target.name} (once)…")
+            once = "" if force else " (once)"
+            self.notice(f"measuring this machine's cost curve for {self.config.target.name}{once}…")
             sizes = tuple(n for n in calibrate.SIZES if n <= self.target.config.n_seq_max - 1)
             old = calibrate.load(file)  # keep what was learnt about acceptance
             found = calibrate.Calibration(file, calibrate.measure_cost_curve(self.target, sizes),
