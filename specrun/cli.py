@@ -602,7 +602,15 @@ def bench(
                        TimeRemainingColumn())
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
                 task = bar.add_task("benchmarking", total=len(prompts) * repeats * len(chosen))
-                runner.run(prompts, lambda pid, mode: bar.update(task, advance=1, description=f"{pid}: {mode}"))
+                runs = [0]
+
+                def advance(pid: str, mode: str) -> None:
+                    bar.update(task, advance=1, description=f"{pid}: {mode}")
+                    runs[0] += 1
+                    if not err.is_terminal and runs[0] % len(chosen) == 0:  # no bar: a line per prompt
+                        err.print(f"{pid}: every mode done ({runs[0] // len(chosen)}/{len(prompts) * repeats})")
+
+                runner.run(prompts, advance)
         finally:
             for peer in peers.values():
                 peer.close()
