@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -19,6 +18,7 @@ from typing import Callable
 
 from specrun.engines.base import Engine
 from specrun.spec.planner import AcceptanceStats, CostCurve
+from specrun.store import write_atomic
 
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # about 4 s for a 1.5B model on 2 CPU cores
 
@@ -72,9 +72,7 @@ class Calibration:
                            for name, s in self.stats.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{os.getpid()}.tmp")
-        tmp.write_text(json.dumps(data, indent=1))
-        os.replace(tmp, self.path)
+        write_atomic(self.path, json.dumps(data, indent=1))
 
 
 def calibration_path(root: Path, model: Path, settings: str) -> Path:

@@ -64,32 +64,12 @@ class ChatTotals:
     """Session totals for /stats."""
 
     turns: int = 0
-    generated_tokens: int = 0
-    prompt_tokens: int = 0
-    reused_tokens: int = 0
-    target_calls: int = 0
-    drafted_tokens: int = 0
-    accepted_tokens: int = 0
-    decode_s: float = 0.0
     dropped_turns: int = 0
+    stats: GenerationStats = field(default_factory=GenerationStats)  # every reply's, summed
 
     def add(self, s: GenerationStats) -> None:
         self.turns += 1
-        self.generated_tokens += s.generated_tokens
-        self.prompt_tokens += s.prompt_tokens
-        self.reused_tokens += s.reused_tokens
-        self.target_calls += s.target_calls
-        self.drafted_tokens += s.drafted_tokens
-        self.accepted_tokens += s.accepted_tokens
-        self.decode_s += s.decode_s
-
-    @property
-    def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
-
-    @property
-    def tokens_per_call(self) -> float:
-        return self.generated_tokens / self.target_calls if self.target_calls else 0.0
+        self.stats.add(s)
 
 
 class Chat:

@@ -273,10 +273,7 @@ def run(
 
     spec_cfg = _spec_config(spec, budget, depth, draft, no_draft)
     _check_sampling(top_p)
-    store, catalog = Store(), _catalog()
-    label, path = locate(model, catalog.get, store)
-    read_gguf(path)  # a bad or truncated file stops here, not inside llama.cpp
-    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
+    store, label, path, draft_path = _models(model, draft, spec, no_draft)
     text = _read_prompt(prompt)
     t0 = time.perf_counter()
     engine_cfg = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([spec_cfg]))
@@ -385,10 +382,7 @@ def chat(
 
     spec_cfg = _spec_config(spec, budget, depth, draft, no_draft)
     _check_sampling(top_p)
-    store, catalog = Store(), _catalog()
-    label, path = locate(model, catalog.get, store)
-    read_gguf(path)
-    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
+    store, label, path, draft_path = _models(model, draft, spec, no_draft)
     engine_cfg = EngineConfig(n_ctx=ctx, n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([spec_cfg]))
     with Session(SessionConfig(path, draft_path, engine_cfg, store.root), _notice) as session:
         template = ChatTemplate.of_model(path, session)
@@ -482,11 +476,12 @@ def _slash_command(conversation: Any, text: str) -> bool:
         else:
             _notice(f"system message: {conversation.system or '(the template default)'}")
     elif name == "/stats":
-        t, n_ctx = conversation.totals, conversation.session.target.n_ctx
-        _notice(f"{t.turns} replies, {t.generated_tokens} tokens, {t.tokens_per_s:.1f} tok/s, "
+        totals, n_ctx = conversation.totals, conversation.session.target.n_ctx
+        t = totals.stats
+        _notice(f"{totals.turns} replies, {t.generated_tokens} tokens, {t.tokens_per_s:.1f} tok/s, "
                 f"{t.tokens_per_call:.2f} tokens per target call, {t.accepted_tokens}/{t.drafted_tokens} drafted "
                 f"tokens accepted ({conversation.mode}); {t.reused_tokens}/{t.prompt_tokens} prompt tokens reused "
-                f"from the cache; turns kept {len(conversation.history) // 2}, dropped {t.dropped_turns}; "
+                f"from the cache; turns kept {len(conversation.history) // 2}, dropped {totals.dropped_turns}; "
                 f"context {n_ctx} tokens")
     else:
         raise UsageError(f"unknown command {name}", hint="/help lists the commands")
@@ -578,10 +573,7 @@ def bench(
         if out is not None and not out.parent.is_dir():
             raise UsageError(f"cannot write {out}: {out.parent} is not a directory")
     prompts = B.load_workload(workload, n_prompts)
-    store, catalog = Store(), _catalog()
-    label, path = locate(model, catalog.get, store)
-    read_gguf(path)
-    draft_path = None if no_draft else _draft_path(model, draft, "auto", catalog, store)
+    store, label, path, draft_path = _models(model, draft, "auto", no_draft)
     chosen = B.parse_modes(modes, draft_path is not None, _notice)
     specs = [m.spec for m in chosen if m.spec is not None]
     engine_cfg = EngineConfig(n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for(specs))
@@ -620,7 +612,7 @@ def bench(
     if json_path is not None:
         data = B.to_json(config, workload, label, draft_path.name if draft_path else None, threads, summaries,
                          runner.results, planner)
-        _write_atomic(json_path, json.dumps(data, indent=1))
+        _write_report(json_path, json.dumps(data, indent=1))
         err.print(f"[dim]wrote {escape(str(json_path))}[/]")
     if plot_path is not None:
         from specrun.plot import plot_bench
@@ -640,9 +632,7 @@ def calibrate_cmd(
     """Measure what a target pass over n tokens costs here, for the speculation planner."""
     from specrun.session import Session, SessionConfig, n_seq_for
 
-    store, catalog = Store(), _catalog()
-    label, path = locate(model, catalog.get, store)
-    read_gguf(path)
+    store, label, path, _ = _models(model)
     config = EngineConfig(n_threads=threads, n_gpu_layers=gpu_layers, n_seq_max=n_seq_for([SpecConfig()]))
     with Session(SessionConfig(path, None, config, store.root), _notice) as session:
         session.open(session.context_size(None))
@@ -767,16 +757,27 @@ def _need_matplotlib() -> None:
         raise UsageError("--plot needs matplotlib", hint="pip install 'specrun[plot]'")
 
 
-def _write_atomic(path: Path, text: str) -> None:
-    """Write a whole file or nothing: a temporary file renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+def _write_report(path: Path, text: str) -> None:
+    """A report file, whole or not at all; a one-line error when it cannot be written."""
+    from specrun.store import write_atomic
+
     try:
-        tmp.write_text(text)
-        os.replace(tmp, path)
+        write_atomic(path, text)
     except OSError as e:
-        tmp.unlink(missing_ok=True)
         raise UsageError(f"cannot write {path}: {e.strerror}") from None
 
+
+
+def _models(model: str, draft: str | None = None, spec: str = "none",
+            no_draft: bool = True) -> tuple[Store, str, Path, Path | None]:
+    """(store, label, target file, draft file or None) for a command: the target's file is
+    checked here, so a bad or truncated file stops before llama.cpp sees it; the draft is
+    looked up only when `spec` may use one."""
+    store, catalog = Store(), _catalog()
+    label, path = locate(model, catalog.get, store)
+    read_gguf(path)
+    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
+    return store, label, path, draft_path
 
 
 def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:

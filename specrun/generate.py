@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import codecs
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, fields
 from typing import TYPE_CHECKING, Iterator, Protocol, Sequence
 
 import numpy as np
@@ -74,7 +74,14 @@ class GenerationStats:
     decode_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    eos_tokens: int = 0  # end-of-generation tokens drawn (produced by a call, not output)
     stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
+
+    def add(self, other: "GenerationStats") -> None:
+        """Accumulate another generation's counts and times (a chat session's totals)."""
+        for f in fields(self):
+            if f.name != "stop_reason":
+                setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
     def tokens_per_s(self) -> float:
@@ -84,7 +91,7 @@ class GenerationStats:
     def tokens_per_call(self) -> float:
         """Mean tokens produced per target call (1.0 for plain decoding); an end-of-generation
         token counts, since a call produced it."""
-        produced = self.generated_tokens + (self.stop_reason == "eos")
+        produced = self.generated_tokens + self.eos_tokens
         return produced / self.target_calls if self.target_calls else 0.0
 
 
@@ -187,6 +194,7 @@ class Generation:
         out: list[int] = []
         for tok in tokens:
             if self.engine.is_eog(tok):
+                self.stats.eos_tokens += 1
                 return out, "eos"
             out.append(tok)
             self.tokens.append(tok)

