@@ -394,7 +394,8 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
                          f"of {tested}")
     if rates:
         lines.append("drafted nodes accepted so far: " + ", ".join(rates))
-    model_rate = cal.memory.get("model_rate")
+    draft = session.config.draft
+    model_rate = cal.memory.get(draft.name, {}).get("rate") if draft else None
     if model_rate:
         plain = 1.0 / cost.cost(1)
         verdict = "pays" if model_rate > plain else "does not pay: auto keeps to prompt lookup"

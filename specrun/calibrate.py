@@ -61,7 +61,8 @@ class Calibration:
     path: Path
     cost: CostCurve
     stats: dict[str, AcceptanceStats]
-    memory: dict[str, float] = field(default_factory=dict)  # what auto learnt (draft model speed)
+    # What auto learnt about each draft model's speed, by draft file name (AutoSpeculator.memory).
+    memory: dict[str, dict[str, float]] = field(default_factory=dict)
     settings: str = ""  # the engine settings it was measured with (for `specrun info`)
 
     def save(self) -> None:
@@ -98,7 +99,9 @@ def load(path: Path) -> Calibration | None:
             for key, value in counts.items():
                 s.counts[tuple(_parse(p) for p in key.split("|"))] = list(value)
             stats[name] = s
-        memory = {str(k): float(v) for k, v in data.get("memory", {}).items()}
+        memory = {str(draft): {str(k): float(v) for k, v in learnt.items()}
+                  for draft, learnt in data.get("memory", {}).items()
+                  if isinstance(learnt, dict)}  # older files kept one flat record: measure again
         return Calibration(path, cost, stats, memory, str(data.get("settings", "")))
     except (OSError, ValueError, KeyError, TypeError):
         return None

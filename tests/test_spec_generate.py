@@ -17,7 +17,7 @@ from specrun.engines import EngineConfig
 from specrun.engines.llamacpp import LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.spec.ngram import NgramConfig, NgramDrafter
+from specrun.spec.ngram import NgramConfig, NgramDrafter, match_bucket
 from specrun.spec.planner import AcceptanceStats, PlannedSpeculator
 from specrun.spec.tree import DraftTree
 
@@ -173,6 +173,37 @@ def test_next_tokens_follow_the_target_distribution(sharp_model: Path) -> None:
     critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, p = 0.001
     assert dof >= 5
     assert chi2 < critical, (chi2, dof, critical)
+
+
+def _reference_match(ctx: list[int], end: int, cap: int) -> int:
+    """How many tokens before position `end` equal the context's last ones (slow and plain)."""
+    n = 0
+    while n < cap and n < end and ctx[end - 1 - n] == ctx[len(ctx) - 1 - n] and end - 1 - n != len(ctx) - 1 - n:
+        n += 1
+    return n
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_ngram_matches_agree_with_a_brute_force_search(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    config = NgramConfig(max_ngram=3, min_ngram=1, max_matches=100, max_match=12)
+    ctx = [int(t) for t in rng.integers(0, 3, size=int(rng.integers(5, 80)))]  # 3 symbols: many repeats
+    found = NgramDrafter(config).matches(ctx)
+    expected = {end: _reference_match(ctx, end, config.max_match) for end in range(1, len(ctx))}
+    expected = {end: n for end, n in expected.items() if n >= config.min_ngram}
+    assert dict((end, n) for n, end in found) == expected
+    assert [n for n, _ in found] == sorted((n for n, _ in found), reverse=True)  # longest first
+    for (n1, e1), (n2, e2) in zip(found, found[1:]):
+        assert n1 > n2 or e1 > e2  # most recent first among equals
+
+
+def test_long_matches_get_their_own_planner_keys() -> None:
+    line = [5, 6, 7, 8, 9, 10, 11, 12, 13, 14]
+    ctx = line + [1] + line[:9]  # the line again, 9 tokens so far: the earlier line predicts 14
+    tree, keys = NgramDrafter().draft(ctx, max_nodes=4, max_depth=3)
+    assert [tree.tokens[i] for i in tree.path_to(len(tree) - 1)] == [13, 14, 1, 5]
+    assert keys[1:] == [("ngram", 8, 1), ("ngram", 8, 2), ("ngram", 8, 3)]
+    assert [match_bucket(n) for n in (1, 3, 4, 7, 8, 15, 16, 40)] == [1, 3, 4, 4, 8, 8, 16, 16]
 
 
 def test_ngram_drafter_proposes_earlier_continuations() -> None:

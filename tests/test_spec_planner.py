@@ -12,8 +12,10 @@ from specrun.engines.llamacpp import LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.spec.ngram import NgramDrafter
-from specrun.spec.planner import (AcceptanceStats, CostCurve, PlannedSpeculator, best_subtree, expected_speedup,
-                                  node_chances)
+from specrun.generate import SpecConfig
+from specrun.session import Session, SessionConfig
+from specrun.spec.planner import (AcceptanceStats, AutoSpeculator, CostCurve, PlannedSpeculator, best_subtree,
+                                  expected_speedup, node_chances)
 from specrun.spec.tree import DraftTree
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 255)
@@ -166,3 +168,28 @@ def test_a_costly_drafter_rests_while_nothing_it_drafts_pays() -> None:
     for _ in range(40):
         spec.propose([1, 2, 3], 4)
     assert len(spec.propose([1, 2, 3], 4)) == 2  # back to drafting and verifying within MAX_REST steps
+
+
+def test_auto_stops_loading_a_draft_model_that_does_not_pay_and_looks_again_later() -> None:
+    load = AutoSpeculator.load_model
+    assert load({}, THIS_CPU)  # never measured: try it
+    memory = {"rate": 5.0, "steps": 3}  # plain decoding here: 1 / 0.055 = 18 tok/s
+    assert not any(load(memory, THIS_CPU) for _ in range(AutoSpeculator.RETRY_RUNS - 1))
+    assert memory["runs_without"] == AutoSpeculator.RETRY_RUNS - 1
+    assert load(memory, THIS_CPU) and memory == {}  # forgotten, so measured afresh
+    assert load({"rate": 16.0, "steps": 3}, THIS_CPU)  # close to plain: keep looking
+    assert load({"rate": 5.0, "steps": 1}, THIS_CPU)  # not tried enough
+
+
+def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, tmp_path: Path) -> None:
+    with Session(SessionConfig(tiny_model, tiny_model, EngineConfig(n_threads=1, n_seq_max=33), tmp_path)) as s:
+        s.open(256)
+        memory = s.calibrated().memory
+        memory[tiny_model.name] = {"rate": 1e-3, "steps": 5}  # far slower than plain decoding
+        auto, _ = s.speculator(SpecConfig("auto"))
+        assert isinstance(auto, AutoSpeculator) and auto.model is None and s.draft is None
+        s.speculator(SpecConfig("chain"))
+        assert s.draft is not None and s.draft.n_ctx == s.target.n_ctx
+        memory[tiny_model.name] = {}
+        auto, _ = s.speculator(SpecConfig("auto"))
+        assert isinstance(auto, AutoSpeculator) and auto.model is not None

@@ -180,28 +180,46 @@ class AutoSpeculator:
 
     The draft model's rate is an exponential average over the steps that used it,
     drafting time included; it is tried for a few steps first and again now and then,
-    since what pays changes with the text."""
+    since what pays changes with the text. The rate is remembered across runs, per draft
+    model, in `memory` ({"rate", "steps", "runs_without"}; saved with the calibration), so
+    a run can skip loading a draft model that does not pay here (`load_model`)."""
 
     name = "auto"
     TRY_STEPS = 3
-    RETRY_EVERY = 64
+    RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
+    RETRY_RUNS = 20  # runs without loading it before its remembered rate is measured afresh
 
     def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
                  memory: dict[str, float] | None = None) -> None:
-        """`memory` carries the draft model's measured rate across runs (saved with the calibration)."""
         self.lookup, self.model, self.cost = lookup, model, cost
         self.memory = memory if memory is not None else {}
         self._used: PlannedSpeculator | None = None
         self._since_model = 0
         self._t_propose = 0.0
 
+    @classmethod
+    def load_model(cls, memory: dict[str, float], cost: CostCurve) -> bool:
+        """Whether a run should load the draft model at all (loading, checking and prefilling
+        it costs about a second here), judged from its remembered rate. A run that skips it
+        is counted; after RETRY_RUNS such runs the rate is forgotten and measured again, since
+        the build, the machine or the text may have changed."""
+        rate = memory.get("rate")
+        if rate is None or memory.get("steps", 0) < cls.TRY_STEPS or rate > 0.8 / cost.cost(1):
+            return True
+        runs = int(memory.get("runs_without", 0)) + 1
+        if runs >= cls.RETRY_RUNS:
+            memory.clear()
+            return True
+        memory["runs_without"] = runs
+        return False
+
     @property
     def _model_rate(self) -> float | None:  # tokens per second when drafting with the model
-        return self.memory.get("model_rate")
+        return self.memory.get("rate")
 
     @property
     def _model_steps(self) -> int:
-        return int(self.memory.get("model_steps", 0))
+        return int(self.memory.get("steps", 0))
 
     def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
         tree = self.lookup.propose(context, max_depth)
@@ -229,7 +247,8 @@ class AutoSpeculator:
         if self._used is self.model:
             rate = len(path) / (self._t_propose + seconds)
             old = self._model_rate
-            self.memory["model_rate"] = rate if old is None else 0.7 * old + 0.3 * rate
-            self.memory["model_steps"] = self._model_steps + 1
+            self.memory["rate"] = rate if old is None else 0.7 * old + 0.3 * rate
+            self.memory["steps"] = self._model_steps + 1
+            self.memory["runs_without"] = 0
             self._since_model = 0
         self._used = None
