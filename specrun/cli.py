@@ -590,6 +590,9 @@ def bench(
                 if m.spec is None:
                     peers[m.key] = B.LlamaCppPythonPeer(path, min(needed, session.target.n_ctx), threads, gpu_layers,
                                                         lookup=m.key == "lcp-lookup")
+                    if m.key == "lcp-lookup":
+                        _notice(f"llama-cpp-python's prompt lookup drafts {peers[m.key].num_pred_tokens} tokens "
+                                "per step, as its README advises for this hardware")
             columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
                        TimeRemainingColumn())
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
