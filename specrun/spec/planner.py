@@ -188,6 +188,7 @@ class AutoSpeculator:
     TRY_STEPS = 3
     RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
     RETRY_RUNS = 20  # runs without loading it before its remembered rate is measured afresh
+    CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
 
     def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
                  memory: dict[str, float] | None = None) -> None:
@@ -204,7 +205,7 @@ class AutoSpeculator:
         is counted; after RETRY_RUNS such runs the rate is forgotten and measured again, since
         the build, the machine or the text may have changed."""
         rate = memory.get("rate")
-        if rate is None or memory.get("steps", 0) < cls.TRY_STEPS or rate > 0.8 / cost.cost(1):
+        if rate is None or memory.get("steps", 0) < cls.TRY_STEPS or rate > cls.CLOSE / cost.cost(1):
             return True
         runs = int(memory.get("runs_without", 0)) + 1
         if runs >= cls.RETRY_RUNS:
@@ -236,7 +237,7 @@ class AutoSpeculator:
         if self._model_steps < self.TRY_STEPS or self._model_rate is None:
             return True
         plain = 1.0 / self.cost.cost(1)
-        if self._since_model >= self.RETRY_EVERY and self._model_rate > 0.8 * plain:
+        if self._since_model >= self.RETRY_EVERY and self._model_rate > self.CLOSE * plain:
             return True  # close enough that the text may have changed the verdict: look again
         return self._model_rate > plain
 
