@@ -29,7 +29,7 @@ class SamplingConfig:
 
 
 def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [k], probabilities [k]) of the sampling distribution, zero-probability tokens left out.
+    """(token ids [k] ascending, probabilities [k]) of the sampling distribution, zero-probability tokens left out.
 
     Top-p keeps the smallest set of most likely tokens whose mass reaches `top_p`
     (ties at the boundary broken by token id). Usually that set lies inside the
@@ -49,13 +49,19 @@ def distribution(logits: np.ndarray, cfg: SamplingConfig) -> tuple[np.ndarray, n
     order = cand[np.lexsort((cand, -p[cand]))]  # by probability desc, then id asc
     cum = np.cumsum(p[order])
     keep = min(int(np.searchsorted(cum, cfg.top_p)) + 1, order.size)  # first prefix reaching top_p
-    ids = order[:keep]
+    ids = np.sort(order[:keep])  # id order: see `sample`
     probs = p[ids] / p[ids].sum()
     return ids, probs
 
 
 def sample(logits: np.ndarray, cfg: SamplingConfig, rng: np.random.Generator) -> int:
-    """One token from `logits` [vocab]; argmax (lowest id on ties) when greedy."""
+    """One token from `logits` [vocab]; argmax (lowest id on ties) when greedy.
+
+    The uniform draw is inverted over the kept tokens in id order, not probability order:
+    a batched pass perturbs logits slightly, and in probability order that would swap
+    near-tied tokens and change which token the same draw picks. In id order the draw
+    changes only when it falls within that perturbation of a boundary, so seeded
+    speculative output stays the plain output."""
     if cfg.greedy:
         return int(np.argmax(logits))
     ids, probs = distribution(logits, cfg)
