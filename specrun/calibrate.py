@@ -3,7 +3,9 @@
 The planner needs c(n): seconds for one target pass over n tokens (a draft tree
 of n nodes). It depends on the model, the build, the threads and the GPU
 layers, so it is measured once per such combination, on first use, and kept
-under the store root with the acceptance statistics learnt while generating.
+under the store root with what was learnt while generating: acceptance
+statistics and each draft model's speed. The file is versioned JSON; files of
+the first, unversioned format are still read.
 """
 
 from __future__ import annotations
@@ -17,10 +19,18 @@ from pathlib import Path
 from typing import Callable
 
 from specrun.engines.base import Engine
-from specrun.spec.planner import AcceptanceStats, CostCurve
+from specrun.speculate.auto import DraftSpeed
+from specrun.speculate.planner import AcceptanceStats, CostCurve
 from specrun.store import write_atomic
 
+VERSION = 2
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # about 4 s for a 1.5B model on 2 CPU cores
+PREFIX = 64  # tokens in the cache while measuring, as after a short prompt
+
+
+def context_needed(sizes: tuple[int, ...] = SIZES) -> int:
+    """KV cells the measurement takes: the prefix, then a tree of the largest size."""
+    return PREFIX + max(sizes) + 1
 
 
 def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int = 1,
@@ -29,10 +39,12 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
 
     The cache is left empty. Noise is smoothed so that cost never decreases with size."""
     engine.rewind(0)
-    prefix = [(7 * i + 11) % max(engine.n_vocab - 1, 2) + 1 for i in range(64)]
+    prefix = [(7 * i + 11) % max(engine.vocab.n_vocab - 1, 2) + 1 for i in range(PREFIX)]
     engine.eval(prefix)
-    engine.eval_tree(prefix[:4], [-1, 0, 1, 2], [0, 1, 2, 3])  # warm-up: first-use allocations
-    engine.commit_path([])
+    warm = min(4, max(sizes))
+    if warm > 1:  # warm-up: first-use allocations
+        engine.eval_tree(prefix[:warm], [-1] + list(range(warm - 1)), list(range(warm)))
+        engine.commit_path([])
     times = []
     for n in sizes:
         runs = []
@@ -56,21 +68,24 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
 
 @dataclass
 class Calibration:
-    """A cost curve and the acceptance statistics learnt with it, stored as JSON."""
+    """A cost curve and what was learnt with it, stored as JSON."""
 
     path: Path
     cost: CostCurve
-    stats: dict[str, AcceptanceStats]
-    # What auto learnt about each draft model's speed, by draft file name (AutoSpeculator.memory).
-    memory: dict[str, dict[str, float]] = field(default_factory=dict)
+    stats: dict[str, AcceptanceStats]  # by drafter: "ngram", "model"
+    speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
     settings: str = ""  # the engine settings it was measured with (for `specrun info`)
+
+    def speed_of(self, draft: Path) -> DraftSpeed:
+        return self.speeds.setdefault(draft.name, DraftSpeed())
 
     def save(self) -> None:
         data = {
-            "settings": self.settings,
-            "sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds), "memory": self.memory,
-            "acceptance": {name: {"|".join(map(str, k)): v for k, v in s.counts.items()}
+            "version": VERSION, "settings": self.settings,
+            "cost": {"sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds)},
+            "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
                            for name, s in self.stats.items()},
+            "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(data, indent=1))
@@ -90,22 +105,32 @@ def stored_for(root: Path, model: Path) -> list[Calibration]:
 
 
 def load(path: Path) -> Calibration | None:
+    """The calibration in `path`; None when missing, unreadable or of a later version (then it
+    is measured again)."""
     try:
         data = json.loads(path.read_text())
-        cost = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
-        stats = {}
-        for name, counts in data.get("acceptance", {}).items():
-            s = AcceptanceStats()
-            for key, value in counts.items():
-                s.counts[tuple(_parse(p) for p in key.split("|"))] = list(value)
-            stats[name] = s
-        memory = {str(draft): {str(k): float(v) for k, v in learnt.items()}
-                  for draft, learnt in data.get("memory", {}).items()
-                  if isinstance(learnt, dict)}  # older files kept one flat record: measure again
-        return Calibration(path, cost, stats, memory, str(data.get("settings", "")))
-    except (OSError, ValueError, KeyError, TypeError):
+        if "version" not in data:
+            return _load_v1(path, data)
+        if data["version"] != VERSION:
+            return None
+        cost = CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"]))
+        stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
+                 for name, pairs in data["acceptance"].items()}
+        speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
+        return Calibration(path, cost, stats, speeds, str(data["settings"]))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
 
-def _parse(part: str) -> object:
-    return int(part) if part.lstrip("-").isdigit() else part
+def _load_v1(path: Path, data: dict) -> Calibration:
+    """The first format: acceptance keys joined with '|', draft speeds under "memory"."""
+    def parse(part: str) -> object:
+        return int(part) if part.lstrip("-").isdigit() else part
+
+    cost = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
+    stats = {name: AcceptanceStats(counts={tuple(parse(p) for p in key.split("|")): list(v)
+                                           for key, v in counts.items()})
+             for name, counts in data.get("acceptance", {}).items()}
+    speeds = {str(draft): DraftSpeed.from_json(learnt) for draft, learnt in data.get("memory", {}).items()
+              if isinstance(learnt, dict)}  # the oldest files kept one flat record: measure again
+    return Calibration(path, cost, stats, speeds, str(data.get("settings", "")))

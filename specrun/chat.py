@@ -3,8 +3,8 @@
 The model's own chat template (from its GGUF metadata) renders the whole
 conversation each turn, in llama-cpp-python's sandboxed Jinja2 formatter. The
 rendered tokens are compared with what the target's KV cache already holds
-(`Generation(cached=...)`), so a turn evaluates only its new tokens; the draft
-model's cache does the same through its drafter. When a conversation no longer
+(each engine remembers its cache's tokens), so a turn evaluates only its new
+tokens; the draft model's cache does the same through its drafter. When a conversation no longer
 fits the context, the oldest turns go first; the system message stays.
 """
 
@@ -15,9 +15,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from specrun.errors import UsageError
-from specrun.generate import Generation, GenerationConfig, GenerationStats, SpecConfig, Step, check_prompt
+from specrun.generate import Generation, GenerationConfig, GenerationStats, Step, check_prompt
 from specrun.gguf_file import read_gguf
 from specrun.session import Session
+from specrun.speculate.factory import SpecConfig
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
@@ -38,8 +39,8 @@ class ChatTemplate:
         if not isinstance(template, str):
             raise UsageError(f"{path.name} has no chat template in its metadata",
                              hint="use `specrun run` for plain completion, or an instruct model")
-        bos, eos = session.target.special_tokens()
-        text = session.target.token_text
+        bos, eos = session.target.vocab.special_tokens()
+        text = session.target.vocab.token_text
         return cls(template, text(bos).decode("utf-8", "replace") if bos >= 0 else "",
                    text(eos).decode("utf-8", "replace") if eos >= 0 else "")
 
@@ -82,8 +83,7 @@ class Chat:
         self.history: list[Message] = []  # user and assistant messages, oldest first
         self.totals = ChatTotals()
         self.last: GenerationStats | None = None  # the latest reply's stats
-        self._kv_tokens: list[int] = []  # what the target's cache holds
-        self.speculator, self.max_depth = session.speculator(config.spec)
+        self.speculator = session.speculator(config.spec)
         self.mode = self.speculator.name if self.speculator else "none"
 
     def messages(self, user: str | None = None) -> list[Message]:
@@ -102,7 +102,7 @@ class Chat:
         room = min(self.config.reserve, self.config.generation.max_tokens, n_ctx // 4)
         dropped = 0
         while True:
-            tokens = self.session.target.tokenize(self.template.render(self.messages(user)), add_special=False)
+            tokens = self.session.target.vocab.tokenize(self.template.render(self.messages(user)), add_special=False)
             if len(tokens) + room <= n_ctx or not self.history:
                 break
             del self.history[:2]  # the oldest user message and its reply
@@ -117,13 +117,11 @@ class Chat:
         """Generate the assistant's reply to `user`, step by step. Stopping early (closing the
         iterator) keeps the partial reply in the history, as a chat app does after Stop."""
         tokens = self._prompt(user)
-        gen = Generation(self.session.target, tokens, self.config.generation, self.speculator, self.max_depth,
-                         cached=self._kv_tokens)
+        gen = Generation(self.session.target, tokens, self.config.generation, self.speculator)
         self.history.append({"role": "user", "content": user})
         try:
             yield from gen
         finally:
-            self._kv_tokens = gen.kv_tokens
             self.history.append({"role": "assistant", "content": gen.text})
             self.last = gen.stats
             self.totals.add(gen.stats)

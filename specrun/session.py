@@ -1,60 +1,72 @@
 """A loaded target model, its optional draft model, and what was measured about them.
 
-`run`, `chat` and `bench` all need the same assembly: load the engines, check
+`run`, `chat` and `bench` all need the same assembly: open the engines, check
 that the draft tokenizes like the target, open KV caches, find (or measure) the
 target's cost curve, and build speculators for a `SpecConfig`. It lives here
-once, so what `bench` measures is what `run` and `chat` do.
+once, so what `bench` measures is what `run` and `chat` do. No backend is
+named here: `open_engine` picks it from the model and the placement.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
 from specrun import calibrate
-from specrun.engines import EngineConfig
-from specrun.engines.llamacpp import LlamaCppEngine, default_ctx
+from specrun.engines import Engine, Placement, open_engine
 from specrun.errors import UsageError
-from specrun.generate import MODEL_MODES, Speculator, SpecConfig, make_speculator
-from specrun.spec.draft_model import VocabMismatch, check_vocab_compatible
-from specrun.spec.planner import AutoSpeculator
+from specrun.speculate.base import Speculator
+from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
+from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
+
+DEFAULT_CTX = 4096
 
 
 @dataclass(frozen=True)
 class SessionConfig:
     target: Path
     draft: Path | None  # None: no draft model (prompt lookup is still available)
-    engine: EngineConfig  # shared by target and draft; n_seq_max bounds tree size
-    calibration_root: Path  # where cost curves and acceptance statistics are kept
+    calibration_root: Path  # where cost curves and what was learnt are kept
+    specs: tuple[SpecConfig, ...] = (SpecConfig(),)  # the modes it will serve: they size the trees
+    target_placement: Placement = Placement()
+    draft_placement: Placement = Placement()
+
+    @property
+    def max_tree_nodes(self) -> int:
+        """The largest tree any of the modes verifies, or the calibration measures; 0: none."""
+        nodes = [s.max_nodes for s in self.specs]
+        nodes += [max(calibrate.SIZES) for s in self.specs if s.needs_costs]
+        return max(nodes) if max(nodes) > 1 else 0
 
 
-def n_seq_for(specs: list[SpecConfig]) -> int:
-    """KV sequences the engines need for the largest tree any of `specs` may verify."""
-    return max([1] + [s.max_nodes + 1 for s in specs if s.mode != "none"])
+def default_ctx(n_ctx_train: int, needed: int) -> int:
+    """A KV cache big enough for `needed` tokens: at least DEFAULT_CTX, at most the training context."""
+    ctx = max(DEFAULT_CTX, needed)
+    return min(ctx, n_ctx_train) if n_ctx_train > 0 else ctx
 
 
 class Session:
-    """Target (and draft) engines with open contexts, and the target's calibration.
+    """Target (and draft) engines with open caches, and the target's calibration.
 
     The draft model is loaded when a speculator first needs it: chain and tree always do,
-    auto only while the draft's remembered speed says it may pay (AutoSpeculator.load_model),
+    auto only while the draft's remembered speed says it may pay (DraftSpeed.should_load),
     so a run that will not draft with it does not spend a second loading, checking and
     prefilling it."""
 
     def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None) -> None:
-        """Load the target (no context yet). `notice` receives one-line progress messages."""
+        """Load the target (no cache yet). `notice` receives one-line progress messages."""
         self.config, self.notice = config, notice
-        self.target = LlamaCppEngine(config.target, config.engine)
-        self.draft: LlamaCppEngine | None = None
+        self.target: Engine = open_engine(config.target, config.target_placement, config.max_tree_nodes)
+        self.draft: Engine | None = None
         self.calibration: calibrate.Calibration | None = None
 
-    def _draft_engine(self) -> LlamaCppEngine | None:
+    def _draft_engine(self) -> Engine | None:
         """The draft engine, loaded and vocabulary-checked on first use, opened like the target."""
         if self.draft is None and self.config.draft is not None:
-            draft = LlamaCppEngine(self.config.draft, self.config.engine)
+            draft = open_engine(self.config.draft, self.config.draft_placement, self.config.max_tree_nodes)
             try:
-                check_vocab_compatible(self.target, draft)
+                check_vocab_compatible(self.target.vocab, draft.vocab)
             except VocabMismatch as e:
                 draft.close()
                 raise UsageError(f"{self.config.draft.name} cannot draft for {self.config.target.name}: {e}",
@@ -74,9 +86,17 @@ class Session:
         if self.draft is not None:
             self.draft.open(self.target.n_ctx)
 
+    def forget(self) -> None:
+        """Empty both caches, so the next generation evaluates its whole prompt (as bench
+        needs: every mode pays the same prefill)."""
+        for engine in (self.target, self.draft):
+            if engine is not None:
+                engine.rewind(0)
+
     def calibrated(self, force: bool = False) -> calibrate.Calibration:
         """The stored cost curve for this model and these settings, measured now if missing
-        (or if `force`). Needs an open context; leaves the target's cache empty."""
+        (or if `force`). Leaves the target's cache empty; a cache too small to measure in is
+        replaced by a big enough one for the measurement, then reopened at its own size."""
         if self.calibration is not None and not force:
             return self.calibration
         file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
@@ -85,30 +105,37 @@ class Session:
         if found is None:
             once = "" if force else " (once)"
             self.notice(f"measuring this machine's cost curve for {self.config.target.name}{once}…")
-            sizes = tuple(n for n in calibrate.SIZES if n <= self.target.config.n_seq_max - 1)
+            sizes = tuple(n for n in calibrate.SIZES if n <= max(self.target.max_tree_nodes, 1))
+            n_ctx = self.target.n_ctx
+            if n_ctx < calibrate.context_needed(sizes):
+                self.target.open(calibrate.context_needed(sizes))
+            try:
+                curve = calibrate.measure_cost_curve(self.target, sizes)
+            finally:
+                if self.target.n_ctx != n_ctx:
+                    self.target.open(n_ctx)
             old = calibrate.load(file)  # keep what was learnt about acceptance
             # Acceptance is about text and is kept; what auto learnt about draft speed was
             # relative to the old curve and is measured again.
-            found = calibrate.Calibration(file, calibrate.measure_cost_curve(self.target, sizes),
-                                          old.stats if old else {}, {}, self.target.settings_key())
+            found = calibrate.Calibration(file, curve, old.stats if old else {}, {}, self.target.settings_key())
             found.save()
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found
         return found
 
-    def speculator(self, spec: SpecConfig) -> tuple[Speculator | None, int]:
-        """(speculator or None for plain decoding, max tree depth) for `spec`, sharing this
-        session's draft engine and learnt statistics."""
-        if spec.mode != "none" and spec.max_nodes + 1 > self.target.config.n_seq_max:
-            raise ValueError(f"engines were opened for trees of at most {self.target.config.n_seq_max - 1} nodes")
+    def speculator(self, spec: SpecConfig) -> Speculator | None:
+        """The speculator for `spec` (None: plain decoding), sharing this session's draft engine
+        and what it learnt."""
+        if spec.max_nodes > max(self.target.max_tree_nodes, 1):
+            raise ValueError(f"the engines were opened for trees of at most {self.target.max_tree_nodes} nodes")
         cal = self.calibrated() if spec.needs_costs else None
-        memory = None
+        speed = None
         draft = self._draft_engine() if spec.mode in MODEL_MODES else None
         if spec.mode == "auto" and cal is not None and self.config.draft is not None:
-            memory = cal.memory.setdefault(self.config.draft.name, {})
-            if AutoSpeculator.load_model(memory, cal.cost):
+            speed = cal.speed_of(self.config.draft)
+            if speed.should_load(1.0 / cal.cost.cost(1)):
                 draft = self._draft_engine()
-        return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, memory)
+        return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed)
 
     def save(self) -> None:
         """Keep what was learnt about acceptance (also after Ctrl-C)."""

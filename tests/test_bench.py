@@ -13,7 +13,8 @@ from pathlib import Path
 
 import pytest
 
-from specrun.bench import DEFAULT_MODES, MODES, load_workload, parse_modes
+from specrun.bench import DEFAULT_MODES, MODES, parse_modes
+from specrun.workloads import load_workload
 from specrun.errors import UsageError
 from tests.conftest import REAL_STORE
 

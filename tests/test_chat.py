@@ -12,10 +12,11 @@ import pexpect
 import pytest
 
 from specrun.chat import Chat, ChatConfig, ChatTemplate
-from specrun.engines import EngineConfig
-from specrun.generate import GenerationConfig, SpecConfig
+from specrun.engines import Placement
+from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session, SessionConfig
+from specrun.speculate.factory import SpecConfig
 from tests.conftest import REAL_STORE
 from tests.tiny_model import CHAT_TEMPLATE, TinySpec, build_tiny_model
 
@@ -26,7 +27,8 @@ GREEDY = GenerationConfig(max_tokens=12, sampling=SamplingConfig(temperature=0))
 @pytest.fixture
 def session(tiny_model: Path, tmp_path: Path):
     """The tiny model as target and as its own draft (every mode available)."""
-    with Session(SessionConfig(tiny_model, tiny_model, EngineConfig(n_threads=2, n_seq_max=33), tmp_path)) as s:
+    specs = (SpecConfig("none"), SpecConfig("ngram"), SpecConfig("tree"))
+    with Session(SessionConfig(tiny_model, tiny_model, tmp_path, specs, Placement(threads=2), Placement(threads=2))) as s:
         s.open(512)
         yield s
 
@@ -53,10 +55,11 @@ def test_later_turns_reuse_the_cache_and_answer_as_without_it(session: Session, 
     first_prompt = chat.last.prompt_tokens
     second = reply(chat, "the fib")
     assert chat.last.reused_tokens >= first_prompt  # only the reply and the new message were evaluated
-    uncached = make_chat(session, spec)  # the same history, nothing in the cache that matches
+    session.forget()  # empty caches: the same history evaluated from scratch
+    uncached = make_chat(session, spec)
     uncached.history = chat.history[:2]
     assert reply(uncached, "the fib") == second
-    assert uncached.last.reused_tokens < chat.last.reused_tokens
+    assert uncached.last.reused_tokens == 0
 
 
 def test_reset_forgets_the_earlier_turns(session: Session) -> None:
@@ -72,7 +75,7 @@ def test_reset_forgets_the_earlier_turns(session: Session) -> None:
 
 def test_a_full_context_drops_the_oldest_turns_and_goes_on(tiny_model: Path, tmp_path: Path) -> None:
     notices: list[str] = []
-    with Session(SessionConfig(tiny_model, None, EngineConfig(n_threads=2), tmp_path)) as s:
+    with Session(SessionConfig(tiny_model, None, tmp_path, (SpecConfig("none"),), Placement(threads=2))) as s:
         s.open(160)
         chat = Chat(s, ChatTemplate(CHAT_TEMPLATE, "<s>", "</s>"),
                     ChatConfig(SpecConfig("none"), GenerationConfig(16, SamplingConfig(temperature=0)), "sys"),

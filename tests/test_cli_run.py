@@ -40,7 +40,7 @@ def test_stdout_holds_exactly_the_generated_text(tiny_model: Path) -> None:
     streamed = invoke("run", str(tiny_model), "def fib(n):", "-t", "0", "-n", "24", "--verbose")
     assert streamed.exit_code == 0
     assert streamed.stdout == data["text"]
-    assert "24 generated" in streamed.stderr and "tok/s" in streamed.stderr
+    assert "24 tokens, " in streamed.stderr and "tok/s" in streamed.stderr and "stopped by length" in streamed.stderr
 
 
 def test_stdin_comes_before_the_argument(tiny_model: Path) -> None:
@@ -171,4 +171,37 @@ def test_bad_speculation_flags(tiny_model: Path) -> None:
 def test_verbose_reports_speculation(tiny_model: Path) -> None:
     result = invoke("run", str(tiny_model), "hello", "-n", "10", "-v", "--spec", "ngram", "--budget", "4")
     assert result.exit_code == 0
-    assert "spec ngram:" in result.stderr and "target calls" in result.stderr and "tokens/call" in result.stderr
+    assert "(ngram)" in result.stderr and " target calls" in result.stderr and "tokens per target call" in result.stderr
+
+
+def test_a_budget_beyond_what_llama_cpp_verifies_is_the_engine_s_one_line_error(tiny_model: Path) -> None:
+    result = invoke("run", str(tiny_model), "hi", "--spec", "ngram", "--budget", "300")
+    assert_one_line_error(result, 2, "at most 255 nodes")
+    ok = invoke("run", str(tiny_model), "hi hi hi hi", "-n", "8", "--spec", "ngram", "--budget", "255")
+    assert ok.exit_code == 0, ok.output
+
+
+def test_bytes_that_are_not_utf8_on_stdin_are_replaced_not_a_crash(tiny_model: Path) -> None:
+    done = subprocess.run([*SPECRUN, "run", str(tiny_model), "-n", "4", "-t", "0", "--json"],
+                          input=b"\xff\xfe def f(", capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr.decode()
+    assert b"Traceback" not in done.stderr
+    data = json.loads(done.stdout)
+    assert data["generated_tokens"] == 4
+    # The same as the prompt with U+FFFD for each bad byte, which is what the user sees in an editor.
+    same = invoke("run", str(tiny_model), "\ufffd\ufffd def f(", "-n", "4", "-t", "0", "--json")
+    assert json.loads(same.stdout)["text"] == data["text"]
+    argv = subprocess.run([*SPECRUN, "run", str(tiny_model), b"\xff def f(", "-n", "2", "--json"],
+                          capture_output=True, timeout=120)  # argv bytes arrive as lone surrogates
+    assert argv.returncode == 0 and b"Traceback" not in argv.stderr, argv.stderr.decode()
+
+
+def test_a_tiny_context_is_not_a_crash(tiny_model: Path) -> None:
+    """--ctx 16 aborted the process inside llama.cpp (GGML_ASSERT, exit 134)."""
+    done = subprocess.run([*SPECRUN, "run", str(tiny_model), "hello", "--ctx", "16", "-n", "300", "-t", "0"],
+                          capture_output=True, text=True, timeout=120)
+    assert done.returncode == 0, done.stderr
+    assert "Traceback" not in done.stderr and "GGML_ASSERT" not in done.stderr
+    assert done.stdout
+    too_long = invoke("run", str(tiny_model), "hello world " * 200, "--ctx", "16")
+    assert_one_line_error(too_long, 2, "the context holds")

@@ -8,8 +8,8 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from specrun.engines import EngineConfig
-from specrun.engines.llamacpp import LlamaCppEngine
+from specrun.engines.base import ArrayLogits, CacheMixin
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
@@ -17,16 +17,10 @@ from specrun.sampling import SamplingConfig
 GREEDY = SamplingConfig(temperature=0)
 
 
-class ScriptedEngine:
-    """Emits a fixed token script, whatever it is fed; tracks the cache like a real engine."""
-
+class ScriptedVocab:
     n_vocab = 8
-    n_ctx_train = 64
     EOS = 7
     PIECES = {0: b"a", 1: b"\xc3", 2: b"\xa9", 3: b" ", 4: b"\xe2\x82", 5: b"\xac", 6: b"", 7: b""}
-
-    def __init__(self, script: list[int], n_ctx: int = 64) -> None:
-        self.script, self._n_ctx, self._kv, self.fed = script, n_ctx, 0, []
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
         return [0] * len(text)
@@ -37,6 +31,17 @@ class ScriptedEngine:
     def is_eog(self, token: int) -> bool:
         return token == self.EOS
 
+
+class ScriptedEngine(CacheMixin):
+    """Emits a fixed token script, whatever it is fed; tracks the cache like a real engine."""
+
+    n_ctx_train = 64
+    max_tree_nodes = 0
+
+    def __init__(self, script: list[int], n_ctx: int = 64) -> None:
+        self.script, self._n_ctx, self.fed, self.vocab = script, n_ctx, [], ScriptedVocab()
+        self._tokens: list[int] = []
+
     def open(self, n_ctx: int) -> None:
         self._n_ctx = n_ctx
 
@@ -46,18 +51,22 @@ class ScriptedEngine:
 
     @property
     def kv_len(self) -> int:
-        return self._kv
+        return len(self._tokens)
 
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        self._kv += len(tokens)
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
+
+    def eval(self, tokens: Sequence[int]) -> ArrayLogits:
+        self._tokens += tokens
         self.fed.extend(tokens)
         nxt = self.script[min(len(self.fed) - 2, len(self.script) - 1)]  # the prompt is 2 tokens
-        logits = np.zeros(self.n_vocab, dtype=np.float32)
-        logits[nxt] = 1.0
-        return logits
+        logits = np.zeros((1, self.vocab.n_vocab), dtype=np.float32)
+        logits[0, nxt] = 1.0
+        return ArrayLogits(logits)
 
     def rewind(self, n_tokens: int) -> None:
-        self._kv = min(self._kv, n_tokens)
+        del self._tokens[n_tokens:]
 
     def close(self) -> None:
         pass
@@ -103,29 +112,46 @@ def test_prompt_checks() -> None:
 
 
 def test_greedy_generation_equals_a_hand_written_argmax_loop(tiny_model: Path) -> None:
-    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1)) as e:
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
         e.open(512)
-        prompt = e.tokenize("def fib(n):")
+        prompt = e.vocab.tokenize("def fib(n):")
         gen = Generation(e, prompt, GenerationConfig(max_tokens=40, sampling=GREEDY))
         list(gen)
         e.rewind(0)
-        logits, expected = e.eval(prompt), []
+        logits, expected = e.eval(prompt).row(0), []
         for _ in range(40):
             t = int(np.argmax(logits))
-            if e.is_eog(t):
+            if e.vocab.is_eog(t):
                 break
             expected.append(t)
-            logits = e.eval([t])
+            logits = e.eval([t]).row(0)
     assert gen.tokens == expected
 
 
-def test_seeded_sampling_is_reproducible(tiny_model: Path) -> None:
-    cfg = GenerationConfig(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=5))
+def test_seeded_sampling_is_reproducible_and_the_seed_matters(tiny_model: Path) -> None:
     outs = []
-    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1)) as e:
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
         e.open(512)
-        for _ in range(2):
-            gen = Generation(e, e.tokenize("hello"), cfg)
+        for seed in (5, 5, 6):
+            cfg = GenerationConfig(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=seed))
+            gen = Generation(e, e.vocab.tokenize("hello"), cfg)
             list(gen)
             outs.append(gen.tokens)
     assert outs[0] == outs[1] and len(outs[0]) > 0
+    assert outs[2] != outs[0]  # a different seed draws differently
+
+
+def test_a_second_generation_reuses_the_cached_prompt(tiny_model: Path) -> None:
+    """The engine remembers its cache: a longer prompt re-evaluates only its new tokens."""
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
+        e.open(512)
+        first = Generation(e, e.vocab.tokenize("hello world"), GenerationConfig(max_tokens=5, sampling=GREEDY))
+        list(first)
+        prompt = first.prompt + first.tokens + e.vocab.tokenize(" the a", add_special=False)
+        second = Generation(e, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
+        list(second)
+        assert second.stats.reused_tokens == len(first.prompt) + len(first.tokens) - 1  # the last was never fed
+        e.rewind(0)
+        fresh = Generation(e, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
+        list(fresh)
+    assert fresh.stats.reused_tokens == 0 and fresh.tokens == second.tokens

@@ -2,21 +2,23 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
 
 from specrun.calibrate import Calibration, calibration_path, load, measure_cost_curve
-from specrun.engines import EngineConfig
-from specrun.engines.llamacpp import LlamaCppEngine
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.spec.ngram import NgramDrafter
-from specrun.generate import SpecConfig
 from specrun.session import Session, SessionConfig
-from specrun.spec.planner import (AcceptanceStats, AutoSpeculator, CostCurve, PlannedSpeculator, best_subtree,
-                                  expected_speedup, node_chances)
-from specrun.spec.tree import DraftTree
+from specrun.speculate import auto
+from specrun.speculate.auto import AutoSpeculator, DraftSpeed
+from specrun.speculate.factory import SpecConfig
+from specrun.speculate.ngram import NgramDrafter
+from specrun.speculate.planner import (AcceptanceStats, CostCurve, PlannedSpeculator, best_subtree, expected_speedup,
+                                       node_chances)
+from specrun.speculate.tree import DraftTree
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 255)
 THIS_CPU = CostCurve((1, 2, 3, 4, 6, 8, 12, 16, 24, 32),  # measured here: 1.5B target, 2 threads (ms)
@@ -105,23 +107,40 @@ def test_node_chances_multiply_along_paths() -> None:
     assert node_chances(tree, [None, "a", "a"], s) == pytest.approx([1.0, 0.9, 0.81])
 
 
+class RecordingSpeculator(PlannedSpeculator):
+    """Keeps every verified tree and accepted path, to count the tests exactly."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        super().__init__(*args, **kwargs)
+        self.seen: list[tuple[DraftTree, list[int]]] = []
+
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+        self.seen.append((tree, path))
+        super().observe(tree, path, wall_s)
+
+
 def test_planned_speculation_is_exact_and_learns(tiny_model: Path) -> None:
-    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=64)) as e:
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=64)) as e:
         e.open(512)
-        prompt = e.tokenize("hello world hello world hello world")
+        prompt = e.vocab.tokenize("hello world hello world hello world")
         cfg = GenerationConfig(max_tokens=80, sampling=SamplingConfig(temperature=0))
         plain = Generation(e, prompt, cfg)
         list(plain)
         stats = AcceptanceStats()
-        spec = PlannedSpeculator("ngram", NgramDrafter(), OFFLOADED, stats)
-        gen = Generation(e, prompt, cfg, spec, max_depth=8)
+        spec = RecordingSpeculator("ngram", NgramDrafter(), OFFLOADED, stats, max_depth=8)
+        gen = Generation(e, prompt, cfg, spec)
         list(gen)
     assert gen.tokens == plain.tokens
-    assert stats.counts and sum(t for _, t in stats.counts.values()) >= gen.stats.drafted_tokens - len(gen.tokens)
+    assert gen.stats.accepted_tokens > 0
+    # A node is tested when its parent was accepted; each test counts once, under its key.
+    tested = sum(sum(tree.parents[i] in path for i in range(1, len(tree))) for tree, path in spec.seen)
+    accepted = sum(len(path) - 1 for _, path in spec.seen)
+    assert sum(t for _, t in stats.counts.values()) == tested > 0
+    assert sum(a for a, _ in stats.counts.values()) == accepted == gen.stats.accepted_tokens
 
 
 def test_calibration_measures_saves_and_loads(tiny_model: Path, tmp_path: Path) -> None:
-    with LlamaCppEngine(tiny_model, EngineConfig(n_threads=1, n_seq_max=40)) as e:
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=39)) as e:
         e.open(256)
         seen: list[int] = []
         curve = measure_cost_curve(e, sizes=(1, 2, 4, 8), reps=1, on_size=seen.append)
@@ -131,11 +150,32 @@ def test_calibration_measures_saves_and_loads(tiny_model: Path, tmp_path: Path) 
     path = calibration_path(tmp_path, tiny_model, "threads=1")
     stats = AcceptanceStats()
     stats.update(("ngram", 3, 1), True)
-    Calibration(path, curve, {"ngram": stats}).save()
+    stats.update(("model", 2, 4), False)
+    Calibration(path, curve, {"ngram": stats}, {"draft.gguf": DraftSpeed(12.5, 4, 1)}, "threads=1").save()
     loaded = load(path)
-    assert loaded is not None and loaded.cost == curve
-    assert loaded.stats["ngram"].counts == {("ngram", 3, 1): [1, 1]}
+    assert loaded is not None and loaded.cost == curve and loaded.settings == "threads=1"
+    assert loaded.stats["ngram"].counts == {("ngram", 3, 1): [1, 1], ("model", 2, 4): [0, 1]}
+    assert loaded.speeds == {"draft.gguf": DraftSpeed(12.5, 4, 1)}
     assert load(tmp_path / "missing.json") is None
+
+
+def test_first_format_calibration_files_are_still_read(tmp_path: Path) -> None:
+    path = tmp_path / "old.json"
+    path.write_text(json.dumps({
+        "settings": "llama-cpp-python 0.3.36, threads 2", "sizes": [1, 2, 4], "seconds": [0.03, 0.05, 0.07],
+        "memory": {"draft.gguf": {"rate": 9.1, "steps": 12.0, "runs_without": 3.0}},
+        "acceptance": {"ngram": {"ngram|8|1": [5, 6]}, "model": {"model|3|-1": [1, 2]}}}))
+    loaded = load(path)
+    assert loaded is not None and loaded.cost == CostCurve((1, 2, 4), (0.03, 0.05, 0.07))
+    assert loaded.stats["ngram"].counts == {("ngram", 8, 1): [5, 6]}
+    assert loaded.stats["model"].counts == {("model", 3, -1): [1, 2]}
+    assert loaded.speeds["draft.gguf"] == DraftSpeed(9.1, 12, 3)
+    loaded.save()  # rewritten in the current format, and read back the same
+    again = load(path)
+    assert json.loads(path.read_text())["version"] == 2 and again is not None
+    assert again.stats["ngram"].counts == loaded.stats["ngram"].counts and again.speeds == loaded.speeds
+    path.write_text(json.dumps({"version": 99}))  # from a later specrun: measured again
+    assert load(path) is None
 
 
 class _CountingDrafter:
@@ -161,35 +201,48 @@ def test_a_costly_drafter_rests_while_nothing_it_drafts_pays() -> None:
     stats.counts["bad"] = [0, 50]
     drafter = _CountingDrafter()
     spec = PlannedSpeculator("tree", drafter, THIS_CPU, stats)
-    proposed = [len(spec.propose([1, 2, 3], 4)) for _ in range(100)]
+    proposed = [len(spec.propose([1, 2, 3], 4, 32)) for _ in range(100)]
     assert proposed == [1] * 100  # nothing verified
     assert drafter.calls <= 8  # rests 1, 2, 4, ... 32 steps between tries: log-many drafts, not 100
     stats.counts["bad"] = [50, 50]  # the text changed: its drafts are right now
     for _ in range(40):
-        spec.propose([1, 2, 3], 4)
-    assert len(spec.propose([1, 2, 3], 4)) == 2  # back to drafting and verifying within MAX_REST steps
+        spec.propose([1, 2, 3], 4, 32)
+    assert len(spec.propose([1, 2, 3], 4, 32)) == 2  # back to drafting and verifying within MAX_REST steps
 
 
 def test_auto_stops_loading_a_draft_model_that_does_not_pay_and_looks_again_later() -> None:
-    load = AutoSpeculator.load_model
-    assert load({}, THIS_CPU)  # never measured: try it
-    memory = {"rate": 5.0, "steps": 3}  # plain decoding here: 1 / 0.055 = 18 tok/s
-    assert not any(load(memory, THIS_CPU) for _ in range(AutoSpeculator.RETRY_RUNS - 1))
-    assert memory["runs_without"] == AutoSpeculator.RETRY_RUNS - 1
-    assert load(memory, THIS_CPU) and memory == {}  # forgotten, so measured afresh
-    assert load({"rate": 16.0, "steps": 3}, THIS_CPU)  # close to plain: keep looking
-    assert load({"rate": 5.0, "steps": 1}, THIS_CPU)  # not tried enough
+    plain = 1 / THIS_CPU.cost(1)  # 18 tok/s
+    assert DraftSpeed().should_load(plain)  # never measured: try it
+    speed = DraftSpeed(rate=5.0, steps=3)
+    assert not any(speed.should_load(plain) for _ in range(auto.RETRY_RUNS - 1))
+    assert speed.runs_without == auto.RETRY_RUNS - 1
+    assert speed.should_load(plain) and speed == DraftSpeed()  # forgotten, so measured afresh
+    assert DraftSpeed(rate=16.0, steps=3).should_load(plain)  # close to plain: keep looking
+    assert DraftSpeed(rate=5.0, steps=1).should_load(plain)  # not tried enough
+    speed = DraftSpeed()
+    for rate in (10.0, 20.0, 20.0):
+        speed.record(rate)
+    assert speed.steps == 3 and speed.rate == pytest.approx(0.7 * (0.7 * 10 + 0.3 * 20) + 0.3 * 20)
 
 
 def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, tmp_path: Path) -> None:
-    with Session(SessionConfig(tiny_model, tiny_model, EngineConfig(n_threads=1, n_seq_max=33), tmp_path)) as s:
+    specs = (SpecConfig("auto"), SpecConfig("chain"))
+    with Session(SessionConfig(tiny_model, tiny_model, tmp_path, specs)) as s:
         s.open(256)
-        memory = s.calibrated().memory
-        memory[tiny_model.name] = {"rate": 1e-3, "steps": 5}  # far slower than plain decoding
-        auto, _ = s.speculator(SpecConfig("auto"))
-        assert isinstance(auto, AutoSpeculator) and auto.model is None and s.draft is None
+        speeds = s.calibrated().speeds
+        speeds[tiny_model.name] = DraftSpeed(rate=1e-3, steps=5)  # far slower than plain decoding
+        spec = s.speculator(SpecConfig("auto"))
+        assert isinstance(spec, AutoSpeculator) and spec.model is None and s.draft is None
         s.speculator(SpecConfig("chain"))
         assert s.draft is not None and s.draft.n_ctx == s.target.n_ctx
-        memory[tiny_model.name] = {}
-        auto, _ = s.speculator(SpecConfig("auto"))
-        assert isinstance(auto, AutoSpeculator) and auto.model is not None
+        speeds[tiny_model.name] = DraftSpeed()
+        spec = s.speculator(SpecConfig("auto"))
+        assert isinstance(spec, AutoSpeculator) and spec.model is not None
+
+
+def test_a_small_context_still_calibrates_the_whole_curve(tiny_model: Path, tmp_path: Path) -> None:
+    with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
+        s.open(16)
+        n_ctx = s.target.n_ctx
+        assert s.calibrated().cost.max_size == 32
+        assert s.target.n_ctx == n_ctx and s.target.kv_len == 0

@@ -3,8 +3,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from specrun.engines.llamacpp import tree_seq_ids
-from specrun.spec.tree import DraftTree
+from specrun.speculate.tree import DraftTree
 
 
 def random_tree(rng: np.random.Generator, n: int) -> DraftTree:
@@ -26,19 +25,25 @@ def reference_mask(tree: DraftTree) -> np.ndarray:
     return mask
 
 
+def reference_child(tree: DraftTree, node: int, token: int) -> int | None:
+    """Obviously right: scan every node."""
+    return next((i for i in range(len(tree)) if tree.parents[i] == node and tree.tokens[i] == token), None)
+
+
 @pytest.mark.parametrize("seed", range(20))
-def test_mask_and_seq_ids_match_the_reference(seed: int) -> None:
-    tree = random_tree(np.random.default_rng(seed), 1 + seed * 7)
-    ref = reference_mask(tree)
-    np.testing.assert_array_equal(tree.ancestor_mask(), ref)
-    seq = tree_seq_ids(tree.parents)
-    for j in range(len(tree)):
-        assert seq[j][0] == j + 1
-        # llama.cpp rule: query i sees cell j iff cell j carries i's first seq id (i + 1)
-        for i in range(len(tree)):
-            assert ((i + 1) in seq[j]) == ref[i, j]
+def test_mask_depths_and_child_index_match_the_references(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    tree = random_tree(rng, 1 + seed * 7)
+    np.testing.assert_array_equal(tree.ancestor_mask(), reference_mask(tree))
     for i in range(len(tree)):
         assert tree.depths[i] == len(tree.path_to(i)) - 1
+        for token in range(100):
+            assert tree.child(i, token) == reference_child(tree, i, token)
+    keep = sorted({j for i in rng.integers(len(tree), size=3) for j in tree.path_to(int(i))})
+    sub = tree.subtree(keep)
+    for new, old in enumerate(keep):
+        assert sub.tokens[new] == tree.tokens[old] and sub.depths[new] == tree.depths[old]
+        assert sub.child(sub.parents[new], sub.tokens[new]) == new if new else True
 
 
 def test_add_path_merges_shared_prefixes() -> None:
@@ -53,3 +58,6 @@ def test_add_path_merges_shared_prefixes() -> None:
     assert tree.path_to(4) == [0, 1, 2, 4]
     with pytest.raises(ValueError):
         tree.add(1, 99)
+    with pytest.raises(ValueError, match="without its parent"):
+        tree.subtree([0, 2])
+

@@ -19,8 +19,7 @@ import numpy as np
 from gguf import GGMLQuantizationType, GGUFWriter, TokenType
 from gguf.quants import quantize
 
-WORDS = ["▁the", "▁a", "▁def", "▁return", "▁fib", "(n", "):", "▁if", "▁print", "▁hello", "▁world", "ing", "▁"]
-VOCAB = ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + WORDS  # 272 tokens
+WORDS = ("▁the", "▁a", "▁def", "▁return", "▁fib", "(n", "):", "▁if", "▁print", "▁hello", "▁world", "ing", "▁")
 BOS, EOS = 1, 2
 # A minimal chat template in the Jinja2 dialect GGUF files carry (as Hugging Face's tokenizer_config does).
 CHAT_TEMPLATE = ("{{ bos_token }}{% for m in messages %}{{ m['role'] }}: {{ m['content'] }}\n{% endfor %}"
@@ -38,6 +37,11 @@ class TinySpec:
     q4_0: bool = False  # quantize the matrices (dims must then be multiples of 256)
     scale: float = 0.5  # weight scale: larger makes sharper (less uniform) next-token distributions
     chat_template: str | None = CHAT_TEMPLATE
+    words: tuple[str, ...] = WORDS  # the word pieces after the byte tokens (272 tokens in all)
+
+    @property
+    def vocab(self) -> list[str]:
+        return ["<unk>", "<s>", "</s>"] + [f"<0x{b:02X}>" for b in range(256)] + list(self.words)
 
 
 def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
@@ -52,13 +56,14 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     w.add_head_count_kv(spec.n_head)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(spec.n_embd // spec.n_head)
-    w.add_vocab_size(len(VOCAB))
+    vocab, words = spec.vocab, spec.words
+    w.add_vocab_size(len(vocab))
     w.add_file_type(2 if spec.q4_0 else 0)
     w.add_tokenizer_model("llama")
-    w.add_token_list(VOCAB)
-    w.add_token_scores([0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(WORDS))])
+    w.add_token_list(vocab)
+    w.add_token_scores([0.0, 0.0, 0.0] + [0.0] * 256 + [-float(i) for i in range(len(words))])
     w.add_token_types([TokenType.UNKNOWN, TokenType.CONTROL, TokenType.CONTROL]
-                      + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(WORDS))
+                      + [TokenType.BYTE] * 256 + [TokenType.NORMAL] * len(words))
     w.add_bos_token_id(BOS)
     w.add_eos_token_id(EOS)
     w.add_unk_token_id(0)
@@ -77,7 +82,7 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     def norm(name: str) -> None:
         w.add_tensor(name, np.ones(spec.n_embd, dtype=np.float32))
 
-    n, v = spec.n_embd, len(VOCAB)
+    n, v = spec.n_embd, len(vocab)
     emb = (rng.standard_normal((v, n))).astype(np.float32)
     w.add_tensor("token_embd.weight", emb)  # embeddings stay f32 (row lookups)
     norm("output_norm.weight")
@@ -100,13 +105,12 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
 _SMOKE = """
 import sys
 from pathlib import Path
-from specrun.engines import EngineConfig
-from specrun.engines.llamacpp import LlamaCppEngine
-e = LlamaCppEngine(Path(sys.argv[1]), EngineConfig(n_threads=2))
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+e = LlamaCppEngine(Path(sys.argv[1]), LlamaCppConfig(n_threads=2))
 e.open(256)
-logits = e.eval(e.tokenize("hello world"))
+logits = e.eval(e.vocab.tokenize("hello world"))
 for _ in range(4):
-    logits = e.eval([int(logits.argmax())])
+    logits = e.eval([logits.argmax(0)])
 print("decode ok")
 """
 

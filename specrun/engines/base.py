@@ -1,54 +1,31 @@
-"""The engine contract: one model, one KV cache, tokens in, logits out."""
+"""The engine contract: a vocabulary, and one model with one KV cache; tokens in, logits out.
+
+Every backend (llama.cpp now, torch next) implements `Engine`; the generation
+loop, the drafters and the calibration talk to nothing else. Three choices
+keep the contract fit for GPUs and for drafting while the target works:
+
+- `Logits` is a handle, not an array: the engine keeps the logits where it
+  computed them and hands out only the rows a caller reads (a tree walk reads
+  depth + 1 rows of a tree of hundreds).
+- The engine owns the list of tokens its cache holds, so `sync` can keep the
+  common prefix of any request; callers never mirror the cache.
+- `submit_tree` starts a tree pass and returns at once (`Pending`), so a
+  draft model can work while the target verifies.
+"""
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import Protocol, Sequence
 
 import numpy as np
 
 
-@dataclass(frozen=True)
-class EngineConfig:
-    """How to run a model. `None` means: decide from the model and the machine."""
-
-    n_ctx: int | None = None  # KV cache size; None fits the request (>= 4096, <= training context)
-    n_threads: int | None = None  # None: every core
-    n_gpu_layers: int | None = None  # None: all layers if the build can offload, else 0; -1: all
-    n_batch: int = 512  # tokens per llama_decode while prefilling
-    n_seq_max: int = 1  # sequences in the KV cache (draft trees need many)
-
-
-def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
-    """bool [n, n] for a tree given as parent indices (parents[i] < i, -1 for the root):
-    mask[i, j] iff node j is node i or one of its ancestors, i.e. token i attends to j.
-    Built row by row: a node's row is its parent's row plus itself."""
-    n = len(parents)
-    mask = np.zeros((n, n), dtype=bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            mask[i] = mask[p]
-        mask[i, i] = True
-    return mask
-
-
-def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
-    """Length of the longest common prefix of two token sequences: how much of a KV cache
-    holding `a` serves a request for `b`."""
-    n = 0
-    for x, y in zip(a, b):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
-class Engine(Protocol):
-    """A loaded model. The KV cache holds one sequence of `kv_len` tokens; `eval`
-    appends to it and `rewind` cuts it back, so callers can reuse a prefix."""
+class Vocab(Protocol):
+    """A model's tokenizer and token table."""
 
     n_vocab: int
-    n_ctx_train: int
 
     def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
 
@@ -70,8 +47,52 @@ class Engine(Protocol):
         """The token's text as stored in the vocabulary (for tokenizer comparisons)."""
         ...
 
+
+class Logits(Protocol):
+    """Rows of float32 logits [n, n_vocab] that stay where the engine computed them.
+
+    Valid until the engine's next evaluation: read what you need first."""
+
+    def __len__(self) -> int: ...
+
+    def row(self, i: int) -> np.ndarray:
+        """A copy of row i: float32 [n_vocab]."""
+        ...
+
+    def argmax(self, i: int) -> int:
+        """The likeliest token of row i (lowest id on ties)."""
+        ...
+
+    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        """(token ids [k], softmax probabilities [k]) of row i's k likeliest tokens, likeliest first."""
+        ...
+
+
+class Pending(Protocol):
+    """A tree pass under way (`Engine.submit_tree`)."""
+
+    def done(self) -> bool: ...
+
+    def result(self) -> Logits:
+        """Wait for the pass; its logits, or the exception it raised."""
+        ...
+
+
+class Engine(Protocol):
+    """A loaded model and its KV cache of `kv_len` tokens (`tokens`). `eval` appends, `rewind`
+    cuts back, `sync` does both to reach a wanted token list, and a draft tree is evaluated
+    beside the cache (`eval_tree`) until `commit_path` keeps one root-to-node path of it.
+    One call at a time: while a `submit_tree` is pending, wait for it before the next call."""
+
+    vocab: Vocab
+    n_ctx_train: int
+
+    def settings_key(self) -> str:
+        """What a measured cost depends on besides the model file: backend, build, placement."""
+        ...
+
     def open(self, n_ctx: int) -> None:
-        """Allocate a KV cache of `n_ctx` tokens (replacing any previous one)."""
+        """Allocate an empty KV cache of `n_ctx` tokens (replacing any previous one)."""
         ...
 
     @property
@@ -80,8 +101,23 @@ class Engine(Protocol):
     @property
     def kv_len(self) -> int: ...
 
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
-        """Append `tokens` to the cache; float32 logits [n_vocab] after the last one."""
+    @property
+    def tokens(self) -> Sequence[int]:
+        """The tokens whose keys and values the cache holds, in order."""
+        ...
+
+    @property
+    def max_tree_nodes(self) -> int:
+        """The most nodes one `eval_tree` call takes (0: this engine was opened for no trees)."""
+        ...
+
+    def eval(self, tokens: Sequence[int]) -> Logits:
+        """Append `tokens` to the cache; one row: the logits after the last of them."""
+        ...
+
+    def sync(self, tokens: Sequence[int]) -> Logits:
+        """Make the cache hold `tokens`, keeping what it shares with them and evaluating the
+        rest (at least the last token); one row: the logits after the last token."""
         ...
 
     def rewind(self, n_tokens: int) -> None:
@@ -89,16 +125,91 @@ class Engine(Protocol):
         ...
 
     def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
-                  start: int = 0) -> np.ndarray:
-        """Evaluate tree nodes start..n-1 after the cached sequence in one pass; float32 logits
-        [n - start, n_vocab]. Node i sits at position kv_len + depths[i] and attends to the
-        cache and to its ancestors only; nodes before `start` come from earlier calls since
-        the last commit. The committed cache is unchanged until `commit_path`."""
+                  start: int = 0) -> Logits:
+        """Evaluate tree nodes start..n-1 after the cache in one pass; rows [n - start]. Node i
+        sits at position kv_len + depths[i] and attends to the cache and its ancestors only
+        (parents[i] < i, -1 for a root); nodes before `start` come from earlier calls since
+        the last commit (a tree grown in steps). The cache is unchanged until `commit_path`."""
+        ...
+
+    def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                    start: int = 0) -> Pending:
+        """`eval_tree`, started and returned at once."""
         ...
 
     def commit_path(self, path: Sequence[int]) -> None:
-        """Keep the tree nodes `path` (root first, each the parent of the next) in the
-        cache after the last `eval_tree`, and drop every other node."""
+        """Keep the tree nodes `path` (root first, each the parent of the next) in the cache
+        after the last `eval_tree`, and drop every other node."""
         ...
 
     def close(self) -> None: ...
+
+
+def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
+    """Length of the longest common prefix of two token sequences: how much of a KV cache
+    holding `a` serves a request for `b`."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def top_k_of(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
+    """(ids [k], probabilities [k]) of the k likeliest entries of a logits row, likeliest first."""
+    k = min(k, row.size)
+    ids = np.argpartition(-row, k - 1)[:k] if k < row.size else np.arange(row.size)
+    m = float(row.max())
+    probs = np.exp(row[ids].astype(np.float64) - m) / float(np.exp(row - m, dtype=np.float32).sum(dtype=np.float64))
+    order = np.lexsort((ids, -probs))  # likeliest first, lowest id among equals
+    return ids[order], probs[order]
+
+
+class ArrayLogits:
+    """Logits held in a numpy array [n, n_vocab]: for CPU engines that already have them
+    there, for fakes in tests, and as the reference other handles are compared with."""
+
+    def __init__(self, array: np.ndarray) -> None:
+        self.array = array  # [n, n_vocab] float32
+
+    def __len__(self) -> int:
+        return len(self.array)
+
+    def row(self, i: int) -> np.ndarray:
+        return np.array(self.array[i], dtype=np.float32)
+
+    def argmax(self, i: int) -> int:
+        return int(np.argmax(self.array[i]))
+
+    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_k_of(self.array[i], k)
+
+
+class CacheMixin:
+    """What every engine does the same way on top of its own eval, rewind and eval_tree:
+    `sync`, and `submit_tree` on one worker thread (llama.cpp's C calls and torch's ops
+    release the GIL, so the caller's thread runs on meanwhile). `close_worker` in close()."""
+
+    _worker: ThreadPoolExecutor | None = None
+    _worker_lock = threading.Lock()
+
+    def sync(self, tokens: Sequence[int]) -> Logits:
+        if not tokens:
+            raise ValueError("sync to no tokens")
+        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)  # type: ignore[attr-defined]
+        self.rewind(keep)  # type: ignore[attr-defined]
+        return self.eval(tokens[keep:])  # type: ignore[attr-defined]
+
+    def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                    start: int = 0) -> Future:
+        with self._worker_lock:
+            if self._worker is None:
+                self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
+        return self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+
+    def close_worker(self) -> None:
+        """Wait for a pass under way and end the worker thread: none outlives the engine."""
+        if self._worker is not None:
+            self._worker.shutdown(wait=True)
+            self._worker = None

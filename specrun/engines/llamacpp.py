@@ -3,7 +3,7 @@
 The C API rather than the `Llama` class because speculative decoding needs what
 that class hides: batches with per-token sequence ids and positions, logits for
 chosen rows, and KV cache surgery (`llama_memory_seq_*`). State lives in this
-object only: model, vocabulary, context, batch, and the cache length.
+object only: model, vocabulary, context, batch, and the tokens in the cache.
 """
 
 from __future__ import annotations
@@ -11,16 +11,17 @@ from __future__ import annotations
 import ctypes
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import EngineConfig, ancestor_mask
+from specrun.engines.base import CacheMixin, top_k_of
 from specrun.errors import EngineError, UsageError
 
-DEFAULT_CTX = 4096
+MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a tree node needs a sequence id of its own, so trees hold <= 255
 
 _log_lock = threading.Lock()
 _recent_log: list[str] = []
@@ -52,36 +53,26 @@ def _last_log_error() -> str:
     return (errors or lines or [""])[-1].strip()
 
 
-class LlamaCppEngine:
-    def __init__(self, path: Path, config: EngineConfig = EngineConfig()) -> None:
-        _init_backend()
-        self.config = config
-        self.path = path
-        params = C.llama_model_default_params()
-        params.n_gpu_layers = _gpu_layers(config.n_gpu_layers)
-        self._model = C.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise EngineError(f"llama.cpp could not load {path}: {_last_log_error() or 'unknown error'}")
-        self._vocab = C.llama_model_get_vocab(self._model)
-        self.n_vocab: int = C.llama_vocab_n_tokens(self._vocab)
-        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
-        self._ctx: ctypes.c_void_p | None = None
-        self._batch: C.llama_batch | None = None
-        self._n_ctx = 0
-        self._kv_len = 0
-        self._tree_size = 0  # nodes of the last eval_tree, until commit_path
+@dataclass(frozen=True)
+class LlamaCppConfig:
+    """How llama.cpp runs one model. `None` means: decide from the model and the machine."""
+
+    n_threads: int | None = None  # None: every core
+    n_gpu_layers: int | None = None  # None: all layers if the build can offload, else 0; -1: all
+    n_batch: int = 512  # tokens per llama_decode while prefilling
+    max_tree_nodes: int = 0  # nodes per eval_tree call (0: no trees); each needs a KV sequence id
+
+
+class LlamaCppVocab:
+    """The vocabulary of a loaded llama.cpp model."""
+
+    def __init__(self, vocab: ctypes.c_void_p) -> None:
+        self._vocab = vocab
+        self.n_vocab: int = C.llama_vocab_n_tokens(vocab)
         self._pieces: dict[int, bytes] = {}
 
-    def settings_key(self) -> str:
-        """What a measured cost depends on besides the model: the build and how it runs."""
-        threads = self.config.n_threads or os.cpu_count()
-        return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
-                f"gpu {bool(C.llama_supports_gpu_offload())}")
-
-    # --- vocabulary ------------------------------------------------------------
-
     def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        data = text.encode("utf-8")
+        data = text.encode("utf-8", "replace")  # lone surrogates (undecodable input bytes) become '?'
         cap = len(data) + 8
         for _ in range(2):
             buf = (C.llama_token * cap)()
@@ -109,23 +100,81 @@ class LlamaCppEngine:
         return int(C.llama_vocab_type(self._vocab))
 
     def special_tokens(self) -> tuple[int, int]:
-        """(BOS, EOS) ids; -1 where the vocabulary has none."""
         return int(C.llama_vocab_bos(self._vocab)), int(C.llama_vocab_eos(self._vocab))
 
     def token_text(self, token: int) -> bytes:
         return C.llama_vocab_get_text(self._vocab, token) or b""
+
+
+class _Logits:
+    """Rows of llama.cpp's own logits buffer, read in place; stale after the engine's next pass."""
+
+    def __init__(self, engine: "LlamaCppEngine", ptr: ctypes._Pointer, n: int) -> None:
+        self._engine, self._epoch = engine, engine._epoch
+        self._rows = np.ctypeslib.as_array(ptr, shape=(n, engine.vocab.n_vocab))  # [n, n_vocab] float32, a view
+
+    def _view(self, i: int) -> np.ndarray:
+        if self._engine._epoch != self._epoch:
+            raise RuntimeError("logits read after the engine's next pass")
+        return self._rows[i]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, i: int) -> np.ndarray:
+        return self._view(i).copy()
+
+    def argmax(self, i: int) -> int:
+        return int(np.argmax(self._view(i)))
+
+    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_k_of(self._view(i), k)
+
+
+class LlamaCppEngine(CacheMixin):
+    def __init__(self, path: Path, config: LlamaCppConfig = LlamaCppConfig()) -> None:
+        if not 0 <= config.max_tree_nodes < MAX_SEQ:
+            raise UsageError(f"llama.cpp verifies trees of at most {MAX_SEQ - 1} nodes, not {config.max_tree_nodes}",
+                             hint=f"use --budget {MAX_SEQ - 1} or less")
+        _init_backend()
+        self.config, self.path = config, path
+        params = C.llama_model_default_params()
+        params.n_gpu_layers = _gpu_layers(config.n_gpu_layers)
+        self._model = C.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not load {path}: {_last_log_error() or 'unknown error'}")
+        self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
+        self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
+        self._ctx: ctypes.c_void_p | None = None
+        self._batch: C.llama_batch | None = None
+        self._n_ctx = self._n_batch = 0
+        self._tokens: list[int] = []  # what the cache holds
+        self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
+        self._epoch = 0  # passes so far: a Logits handle is valid only within its own
+        self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
+
+    def settings_key(self) -> str:
+        threads = self.config.n_threads or os.cpu_count()
+        return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
+                f"gpu {bool(C.llama_supports_gpu_offload())}")
 
     # --- context and decoding --------------------------------------------------
 
     def open(self, n_ctx: int) -> None:
         self._free_context()
         params = C.llama_context_default_params()
-        params.n_ctx = n_ctx
-        params.n_batch = params.n_ubatch = min(self.config.n_batch, n_ctx)
-        params.n_seq_max = self.config.n_seq_max
+        n_seq = self._n_seq
+        # llama.cpp reserves outputs for n_seq_max tokens per batch, clamps the batch to the
+        # context, and aborts (GGML_ASSERT) when a batch outgrows either: so even a small
+        # context gets a batch, and room, for a whole tree.
+        batch = max(min(self.config.n_batch, n_ctx), n_seq)
+        params.n_ctx = max(n_ctx, batch)
+        params.n_batch = params.n_ubatch = batch
+        params.n_outputs_max = n_seq  # logits for every node of a tree (a row is n_vocab floats)
+        params.n_seq_max = n_seq
         threads = self.config.n_threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
-        params.kv_unified = self.config.n_seq_max > 1
+        params.kv_unified = n_seq > 1
         params.no_perf = True
         self._ctx = C.llama_init_from_model(self._model, params)
         if not self._ctx:
@@ -133,9 +182,9 @@ class LlamaCppEngine:
                 f"llama.cpp could not create a {n_ctx}-token context: {_last_log_error() or 'out of memory?'}",
                 hint="try a smaller --ctx",
             )
-        self._n_ctx = C.llama_n_ctx(self._ctx)
-        self._batch = C.llama_batch_init(params.n_batch, 0, self.config.n_seq_max)
-        self._kv_len = 0
+        self._n_ctx, self._n_batch = C.llama_n_ctx(self._ctx), min(C.llama_n_batch(self._ctx), batch)
+        self._batch = C.llama_batch_init(params.n_batch, 0, n_seq)
+        self._tokens, self._tree = [], []
 
     @property
     def n_ctx(self) -> int:
@@ -143,45 +192,60 @@ class LlamaCppEngine:
 
     @property
     def kv_len(self) -> int:
-        return self._kv_len
+        return len(self._tokens)
 
-    def eval(self, tokens: Sequence[int]) -> np.ndarray:
+    @property
+    def tokens(self) -> Sequence[int]:
+        return self._tokens
+
+    @property
+    def max_tree_nodes(self) -> int:
+        """Sequence ids and the batch bound a tree (a tree's nodes go in one llama_decode)."""
+        return min(self._n_seq - 1, self._n_batch or self.config.n_batch)
+
+    def _decode(self, n_tokens: int, what: str) -> None:
+        assert self._batch is not None
+        self._batch.n_tokens = n_tokens
+        self._epoch += 1
+        rc = C.llama_decode(self._ctx, self._batch)
+        if rc != 0:
+            raise EngineError(f"llama_decode of {what} failed ({rc}): {_last_log_error()}")
+
+    def eval(self, tokens: Sequence[int]) -> _Logits:
         if self._ctx is None or self._batch is None:
             raise RuntimeError("eval before open()")
         if not tokens:
             raise ValueError("eval of no tokens")
-        if self._kv_len + len(tokens) > self._n_ctx:
+        self._drop_tree()
+        if self.kv_len + len(tokens) > self._n_ctx:
             raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
-        batch, step = self._batch, self.config.n_batch
+        batch, step = self._batch, self._n_batch
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
-            batch.n_tokens = len(chunk)
             for i, tok in enumerate(chunk):
                 batch.token[i] = tok
-                batch.pos[i] = self._kv_len + i
+                batch.pos[i] = self.kv_len + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = False
             batch.logits[len(chunk) - 1] = start + len(chunk) == len(tokens)
-            rc = C.llama_decode(self._ctx, batch)
-            if rc != 0:
-                raise EngineError(f"llama_decode failed ({rc}): {_last_log_error()}")
-            self._kv_len += len(chunk)
-        ptr = C.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()  # [n_vocab] float32
+            self._decode(len(chunk), f"{len(chunk)} tokens")
+            self._tokens.extend(chunk)
+        return _Logits(self, C.llama_get_logits_ith(self._ctx, -1), 1)
 
     def rewind(self, n_tokens: int) -> None:
-        if self._ctx is None or n_tokens >= self._kv_len:
+        self._drop_tree()
+        if self._ctx is None or n_tokens >= self.kv_len:
             return
         mem = C.llama_get_memory(self._ctx)
         if not C.llama_memory_seq_rm(mem, 0, n_tokens, -1):
             raise EngineError("llama.cpp could not trim the KV cache")
-        self._kv_len = n_tokens
+        del self._tokens[n_tokens:]
 
     # --- trees: one llama_decode for a whole draft tree -----------------------
 
     def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
-                  start: int = 0) -> np.ndarray:
+                  start: int = 0) -> _Logits:
         """Node i gets sequence id i + 1 and its cell is tagged with the ids of i and all its
         descendants. A query attends to the cells carrying its first id at positions <= its
         own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
@@ -190,11 +254,12 @@ class LlamaCppEngine:
         if self._ctx is None or self._batch is None:
             raise RuntimeError("eval_tree before open()")
         n = len(tokens)
-        if n + 1 > self.config.n_seq_max or n - start > self.config.n_batch:
-            raise ValueError(f"a tree of {n} nodes needs n_seq_max > {n} and n_batch >= {n - start}")
-        if start != self._tree_size:
-            raise ValueError(f"{self._tree_size} nodes are evaluated; cannot continue from {start}")
-        if self._kv_len + max(depths) + 1 > self._n_ctx:
+        if n > self._n_seq - 1 or n - start > self._n_batch:
+            raise ValueError(f"a tree of {n} nodes ({n - start} new) exceeds this engine's limits "
+                             f"({self._n_seq - 1} nodes, {self._n_batch} per call)")
+        if start != len(self._tree):
+            raise ValueError(f"{len(self._tree)} nodes are evaluated; cannot continue from {start}")
+        if self.kv_len + n > self._n_ctx:  # every node takes a cell of the cache
             raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
         mem = C.llama_get_memory(self._ctx)
         for i in range(start, n):
@@ -204,8 +269,7 @@ class LlamaCppEngine:
             C.llama_memory_seq_rm(mem, i + 1, -1, -1)
             C.llama_memory_seq_cp(mem, source + 1, i + 1, -1, -1)
         seq_ids = tree_seq_ids(parents)
-        batch, base = self._batch, self._kv_len
-        batch.n_tokens = n - start
+        batch, base = self._batch, self.kv_len
         for b, i in enumerate(range(start, n)):
             batch.token[b] = tokens[i]
             batch.pos[b] = base + depths[i]
@@ -214,21 +278,23 @@ class LlamaCppEngine:
             for k, s in enumerate(ids):
                 batch.seq_id[b][k] = s
             batch.logits[b] = True
-        rc = C.llama_decode(self._ctx, batch)
-        if rc != 0:
-            raise EngineError(f"llama_decode of a {n - start}-node tree failed ({rc}): {_last_log_error()}")
-        self._tree_size = n
-        ptr = C.llama_get_logits(self._ctx)
-        return np.ctypeslib.as_array(ptr, shape=(n - start, self.n_vocab)).copy()  # [n - start, n_vocab]
+        self._decode(n - start, f"a {n - start}-node tree")
+        self._tree = list(tokens)
+        return _Logits(self, C.llama_get_logits(self._ctx), n - start)
 
     def commit_path(self, path: Sequence[int]) -> None:
         mem = C.llama_get_memory(self._ctx)
         if path:
-            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self._kv_len, -1)  # the path's cells join seq 0
-        for s in range(1, self._tree_size + 1):
+            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self.kv_len, -1)  # the path's cells join seq 0
+        for s in range(1, len(self._tree) + 1):
             C.llama_memory_seq_rm(mem, s, -1, -1)
-        self._kv_len += len(path)
-        self._tree_size = 0
+        self._tokens += [self._tree[i] for i in path]
+        self._tree = []
+
+    def _drop_tree(self) -> None:
+        """A tree left uncommitted (a step stopped by Ctrl-C or an error) leaves the cache as it was."""
+        if self._tree and self._ctx is not None:
+            self.commit_path([])
 
     # --- lifetime -----------------------------------------------------------------
 
@@ -241,6 +307,7 @@ class LlamaCppEngine:
             self._ctx = None
 
     def close(self) -> None:
+        self.close_worker()
         self._free_context()
         if self._model:
             C.llama_model_free(self._model)
@@ -255,9 +322,14 @@ class LlamaCppEngine:
 
 def tree_seq_ids(parents: Sequence[int]) -> list[list[int]]:
     """Sequence ids for node j's cell, its own id (j + 1) first, then those of its
-    descendants: exactly the nodes whose queries may attend to j (see ancestor_mask)."""
-    mask = ancestor_mask(parents)  # mask[i, j]: j is an ancestor-or-self of i
-    return [[j + 1] + [int(i) + 1 for i in np.flatnonzero(mask[:, j]) if i != j] for j in range(len(parents))]
+    descendants: exactly the nodes whose queries may attend to j. Children come after their
+    parents, so one backward sweep hands each node's set up to its parent."""
+    below: list[list[int]] = [[] for _ in parents]  # descendants' ids, per node
+    for j in range(len(parents) - 1, -1, -1):
+        p = parents[j]
+        if p >= 0:
+            below[p] += [j + 1] + below[j]
+    return [[j + 1] + sorted(below[j]) for j in range(len(parents))]
 
 
 def _gpu_layers(requested: int | None) -> int:
@@ -266,8 +338,3 @@ def _gpu_layers(requested: int | None) -> int:
         return -1 if C.llama_supports_gpu_offload() else 0
     return requested
 
-
-def default_ctx(n_ctx_train: int, needed: int) -> int:
-    """A KV cache big enough for `needed` tokens: at least DEFAULT_CTX, at most the training context."""
-    ctx = max(DEFAULT_CTX, needed)
-    return min(ctx, n_ctx_train) if n_ctx_train > 0 else ctx

@@ -20,8 +20,8 @@ from typing import Hashable, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Engine, common_prefix
-from specrun.spec.tree import DraftTree
+from specrun.engines.base import Engine, Logits, Vocab
+from specrun.speculate.tree import DraftTree
 
 _BUCKETS = (0.1, 0.3, 0.6, 0.9)  # draft probability bucket edges for planner keys
 
@@ -41,48 +41,36 @@ def _key(prob: float, depth: int) -> Hashable:
     return ("model", sum(prob >= edge for edge in _BUCKETS), min(depth, 4))
 
 
-def _top_k(logits: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(token ids [k], probabilities [k]) of the k likeliest tokens under softmax(logits)."""
-    z = logits.astype(np.float64)
-    ids = np.argpartition(-z, k - 1)[:k] if k < z.size else np.arange(z.size)
-    m = z.max()
-    probs = np.exp(z[ids] - m) / np.exp(z - m).sum()
-    order = np.argsort(-probs, kind="stable")
-    return ids[order], probs[order]
-
-
 class ModelDrafter:
+    """The draft model's cache holds the committed text (`engine.tokens`); each draft brings
+    it up to the context, then grows the tree beside it."""
+
     costly = True  # a draft model pass per tree level
+
     def __init__(self, engine: Engine, config: ModelDraftConfig = ModelDraftConfig()) -> None:
         self.engine, self.config = engine, config
-        self.cached: list[int] = []  # the tokens in the draft model's committed cache
         self._tree: DraftTree | None = None
         self._evaluated = 0  # tree nodes (root excluded) evaluated by the draft model
-
-    def _sync(self, context: Sequence[int]) -> np.ndarray:
-        """Bring the draft cache to `context` (root included); logits after the root."""
-        common = min(common_prefix(self.cached, context), len(context) - 1)  # the root is always evaluated: we need its logits
-        self.engine.rewind(common)
-        self.cached = list(context)
-        return self.engine.eval(list(context[common:]))
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         cfg = self.config
         tree, keys, logp = DraftTree.rooted(context[-1]), [("root",)], [0.0]
         self._tree, self._evaluated = tree, 0
+        # Tree nodes below the root take cells of the draft's cache and sequence ids of its own.
+        max_depth = min(max_depth, self.engine.n_ctx - len(context))
+        max_nodes = min(max_nodes, self.engine.max_tree_nodes + 1, self.engine.n_ctx - len(context) + 1)
         if max_nodes <= 1 or max_depth <= 0:
             return tree, keys
-        max_depth = min(max_depth, self.engine.n_ctx - len(context))
         tie = itertools.count()
         heap: list[tuple[float, int, int, int, float]] = []  # (-cum logp, tie, parent, token, prob)
 
-        def offer(node: int, logits: np.ndarray) -> None:
+        def offer(node: int, logits: Logits, row: int) -> None:
             if tree.depths[node] >= max_depth:
                 return
-            for tok, p in zip(*_top_k(logits, cfg.top_k)):
+            for tok, p in zip(*logits.top_k(row, cfg.top_k)):
                 heapq.heappush(heap, (-(logp[node] + float(np.log(max(p, 1e-30)))), next(tie), node, int(tok), float(p)))
 
-        offer(0, self._sync(context))
+        offer(0, self.engine.sync(context), 0)  # the root is always evaluated: its logits start the tree
         for _ in range(cfg.max_passes):
             first_new = len(tree)
             while heap and len(tree) < max_nodes and len(tree) - first_new < cfg.nodes_per_pass:
@@ -96,8 +84,8 @@ class ModelDrafter:
             logits = self.engine.eval_tree(tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
                                            [d - 1 for d in tree.depths[1:]], start=first_new - 1)
             self._evaluated = len(tree) - 1
-            for row, node in zip(logits, range(first_new, len(tree))):
-                offer(node, row)
+            for row, node in enumerate(range(first_new, len(tree))):
+                offer(node, logits, row)
         return tree, keys
 
     def accepted(self, tokens: Sequence[int]) -> None:
@@ -111,7 +99,6 @@ class ModelDrafter:
                 path.append(child - 1)  # draft-side index: the root lives in the committed cache
                 node = child
         self.engine.commit_path(path)
-        self.cached += [tree.tokens[i + 1] for i in path] if tree is not None else []
         self._tree, self._evaluated = None, 0
 
 
@@ -119,7 +106,7 @@ class VocabMismatch(ValueError):
     pass
 
 
-def check_vocab_compatible(target: Engine, draft: Engine) -> None:
+def check_vocab_compatible(target: Vocab, draft: Vocab) -> None:
     """The draft must tokenize like the target (llama.cpp's speculative example's rules):
     same vocabulary type and special tokens, sizes within 128, same token texts."""
     if target.vocab_type() != draft.vocab_type():

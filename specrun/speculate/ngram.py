@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Hashable, Sequence
 
-from specrun.spec.tree import DraftTree
+from specrun.speculate.tree import DraftTree
 
 
 @dataclass(frozen=True)

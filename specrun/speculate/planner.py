@@ -17,13 +17,13 @@ target c(n) is flat for hundreds of tokens and large trees win.
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Hashable, Protocol, Sequence
+from typing import Hashable, Sequence
 
 import numpy as np
 
-from specrun.spec.tree import DraftTree
+from specrun.speculate.base import Drafter
+from specrun.speculate.tree import DraftTree
 
 
 @dataclass(frozen=True)
@@ -111,18 +111,6 @@ def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: CostCu
     return sum(chances[i] for i in keep) / cost.cost(len(keep)) * cost.cost(1)
 
 
-class Drafter(Protocol):
-    costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
-
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
-        """A candidate tree rooted at context[-1] and a planner key per node."""
-        ...
-
-    def accepted(self, tokens: Sequence[int]) -> None:
-        """The target accepted these drafted tokens after the root (a draft model keeps their KV)."""
-        ...
-
-
 class PlannedSpeculator:
     """Drafts a candidate tree, then verifies only the subtree that pays on this hardware
     (`cost` given), or every drafted node (`cost` None: a fixed budget).
@@ -130,9 +118,9 @@ class PlannedSpeculator:
     Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
 
     def __init__(self, name: str, drafter: Drafter, cost: CostCurve | None, stats: AcceptanceStats,
-                 max_nodes: int = 32) -> None:
+                 max_nodes: int = 32, max_depth: int = 16) -> None:
         self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
-        self.max_nodes = max_nodes
+        self.max_nodes, self.max_depth = max_nodes, max_depth
         self._keys: list[Hashable] = []
         # Candidates to draft next step when planning: a little more than the last plan kept,
         # so a costly drafter (a draft model) does not grow nodes that will not be verified.
@@ -144,17 +132,18 @@ class PlannedSpeculator:
 
     MAX_REST = 32
 
-    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
         self.skipped = False
+        max_depth, max_nodes = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes)
         if self.cost is None:
-            tree, self._keys = self.drafter.draft(context, self.max_nodes, max_depth)
+            tree, self._keys = self.drafter.draft(context, max_nodes, max_depth)
             return tree
         if self._resting > 0:
             self._resting -= 1
             self.skipped = True
             self._keys = [("root",)]
             return DraftTree.rooted(context[-1])
-        limit = min(self._candidates, self.max_nodes, self.cost.max_size)
+        limit = min(self._candidates, max_nodes, self.cost.max_size)
         candidates, keys = self.drafter.draft(context, limit, max_depth)
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
         self._keys = [keys[i] for i in keep]
@@ -165,91 +154,10 @@ class PlannedSpeculator:
             self._rest = 1
         return candidates.subtree(keep)
 
-    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not."""
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
                 self.stats.update(self._keys[i], i in accepted)
         self.drafter.accepted([tree.tokens[i] for i in path[1:]])
-
-
-class AutoSpeculator:
-    """Per step: prompt lookup when its planned tree pays (it costs nothing to draft), else
-    the draft model while its measured tokens per second beat plain decoding.
-
-    The draft model's rate is an exponential average over the steps that used it,
-    drafting time included; it is tried for a few steps first and again now and then,
-    since what pays changes with the text. The rate is remembered across runs, per draft
-    model, in `memory` ({"rate", "steps", "runs_without"}; saved with the calibration), so
-    a run can skip loading a draft model that does not pay here (`load_model`)."""
-
-    name = "auto"
-    TRY_STEPS = 3
-    RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
-    RETRY_RUNS = 20  # runs without loading it before its remembered rate is measured afresh
-    CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
-
-    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
-                 memory: dict[str, float] | None = None) -> None:
-        self.lookup, self.model, self.cost = lookup, model, cost
-        self.memory = memory if memory is not None else {}
-        self._used: PlannedSpeculator | None = None
-        self._since_model = 0
-        self._t_propose = 0.0
-
-    @classmethod
-    def load_model(cls, memory: dict[str, float], cost: CostCurve) -> bool:
-        """Whether a run should load the draft model at all (loading, checking and prefilling
-        it costs about a second here), judged from its remembered rate. A run that skips it
-        is counted; after RETRY_RUNS such runs the rate is forgotten and measured again, since
-        the build, the machine or the text may have changed."""
-        rate = memory.get("rate")
-        if rate is None or memory.get("steps", 0) < cls.TRY_STEPS or rate > cls.CLOSE / cost.cost(1):
-            return True
-        runs = int(memory.get("runs_without", 0)) + 1
-        if runs >= cls.RETRY_RUNS:
-            memory.clear()
-            return True
-        memory["runs_without"] = runs
-        return False
-
-    @property
-    def _model_rate(self) -> float | None:  # tokens per second when drafting with the model
-        return self.memory.get("rate")
-
-    @property
-    def _model_steps(self) -> int:
-        return int(self.memory.get("steps", 0))
-
-    def propose(self, context: Sequence[int], max_depth: int) -> DraftTree:
-        tree = self.lookup.propose(context, max_depth)
-        self._used = self.lookup
-        if len(tree) == 1 and self.model is not None and self._model_pays():
-            self._t_propose = time.perf_counter()
-            tree = self.model.propose(context, max_depth)
-            self._used = None if self.model.skipped else self.model  # a resting step says nothing of its rate
-            self._t_propose = time.perf_counter() - self._t_propose
-        self._since_model += 1
-        return tree
-
-    def _model_pays(self) -> bool:
-        if self._model_steps < self.TRY_STEPS or self._model_rate is None:
-            return True
-        plain = 1.0 / self.cost.cost(1)
-        if self._since_model >= self.RETRY_EVERY and self._model_rate > self.CLOSE * plain:
-            return True  # close enough that the text may have changed the verdict: look again
-        return self._model_rate > plain
-
-    def observe(self, tree: DraftTree, path: list[int], seconds: float) -> None:
-        if self._used is None:
-            return
-        self._used.observe(tree, path, seconds)
-        if self._used is self.model:
-            rate = len(path) / (self._t_propose + seconds)
-            old = self._model_rate
-            self.memory["rate"] = rate if old is None else 0.7 * old + 0.3 * rate
-            self.memory["steps"] = self._model_steps + 1
-            self.memory["runs_without"] = 0
-            self._since_model = 0
-        self._used = None

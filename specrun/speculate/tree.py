@@ -3,17 +3,18 @@
 Node 0 is the root: the last committed token, not yet evaluated by the target.
 Every other node i holds a drafted token `tokens[i]` whose parent is
 `parents[i]` (< i, so the arrays are in topological order) at depth
-`depths[i]` = depths[parent] + 1. Everything else (attention mask, llama.cpp
-sequence ids, paths) is derived from these arrays, never stored beside them.
+`depths[i]` = depths[parent] + 1. A (parent, token) -> child index makes
+lookups O(1), so growing a tree of n nodes costs O(n), not O(n^2): offloaded
+targets verify trees of hundreds of nodes. Everything else (attention masks,
+paths) is derived from the arrays, never stored beside them.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass, field
+from typing import Sequence
 
 import numpy as np
-
-from specrun.engines.base import ancestor_mask
 
 
 @dataclass
@@ -21,6 +22,7 @@ class DraftTree:
     tokens: list[int] = field(default_factory=list)  # [n]
     parents: list[int] = field(default_factory=list)  # [n], -1 for the root
     depths: list[int] = field(default_factory=list)  # [n], 0 for the root
+    _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False, compare=False)
 
     @classmethod
     def rooted(cls, root_token: int) -> "DraftTree":
@@ -36,16 +38,15 @@ class DraftTree:
         self.tokens.append(token)
         self.parents.append(parent)
         self.depths.append(self.depths[parent] + 1)
-        return len(self.tokens) - 1
+        node = len(self.tokens) - 1
+        self._children.setdefault((parent, token), node)
+        return node
 
     def child(self, node: int, token: int) -> int | None:
-        """The child of `node` holding `token`, if any."""
-        for i in range(node + 1, len(self.tokens)):
-            if self.parents[i] == node and self.tokens[i] == token:
-                return i
-        return None
+        """The (first) child of `node` holding `token`, if any."""
+        return self._children.get((node, token))
 
-    def add_path(self, tokens: list[int], parent: int = 0) -> None:
+    def add_path(self, tokens: Sequence[int], parent: int = 0) -> None:
         """Merge a chain of tokens under `parent`, sharing existing prefixes (a trie insert)."""
         for tok in tokens:
             nxt = self.child(parent, tok)
@@ -63,15 +64,26 @@ class DraftTree:
         """bool [n, n]: mask[i, j] iff node j is node i or one of its ancestors."""
         return ancestor_mask(self.parents)
 
-    def subtree(self, keep: list[int]) -> "DraftTree":
+    def subtree(self, keep: Sequence[int]) -> "DraftTree":
         """The tree of nodes `keep` (sorted, root first, closed under parents), re-indexed in order."""
         index = {old: new for new, old in enumerate(keep)}
-        out = DraftTree()
-        for old in keep:
+        out = DraftTree.rooted(self.tokens[keep[0]])
+        for old in keep[1:]:
             parent = self.parents[old]
-            if parent != -1 and parent not in index:
+            if parent not in index:
                 raise ValueError(f"node {old} kept without its parent {parent}")
-            out.tokens.append(self.tokens[old])
-            out.parents.append(-1 if parent == -1 else index[parent])
-            out.depths.append(self.depths[old])
+            out.add(self.tokens[old], index[parent])
         return out
+
+
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """bool [n, n] for a tree given as parent indices (parents[i] < i, -1 for the root):
+    mask[i, j] iff node j is node i or one of its ancestors, i.e. token i attends to j.
+    Built row by row: a node's row is its parent's row plus itself."""
+    n = len(parents)
+    mask = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask

@@ -20,16 +20,18 @@ from __future__ import annotations
 
 from typing import Callable
 
-import numpy as np
+from specrun.engines.base import Logits
+from specrun.speculate.tree import DraftTree
 
-from specrun.spec.tree import DraftTree
+Draw = Callable[[Logits, int], int]  # (logits, row) -> the token drawn from that row
 
 
-def walk(tree: DraftTree, logits: np.ndarray, draw: Callable[[np.ndarray], int]) -> tuple[list[int], int]:
-    """(accepted path of node indices, root first; the next token) for logits [n, vocab]."""
+def walk(tree: DraftTree, logits: Logits, draw: Draw) -> tuple[list[int], int]:
+    """(accepted path of node indices, root first; the next token) for the tree's logits
+    [n, vocab]. Reads only the rows along the path: depth + 1 of them at most."""
     node, path = 0, [0]
     while True:
-        token = draw(logits[node])
+        token = draw(logits, node)
         child = tree.child(node, token)
         if child is None:
             return path, token

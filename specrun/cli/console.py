@@ -1,0 +1,143 @@
+"""Everything the commands print, once each: errors, notices, stats lines, tables, streamed text.
+
+stdout carries only a command's product; everything else goes to stderr
+through `err`, which Rich keeps plain (no colour, no animation) when stderr
+is not a terminal or NO_COLOR is set.
+"""
+
+from __future__ import annotations
+
+import functools
+import io
+import os
+import sys
+from pathlib import Path
+from typing import Any, Callable, Iterable, TypeVar
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+
+from specrun.errors import SpecrunError, UsageError
+from specrun.generate import GenerationStats, Step
+
+err = Console(stderr=True, highlight=False, soft_wrap=True)  # one-line messages stay one line in pipes
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+EXIT_INTERRUPTED = 130
+EXIT_BROKEN_PIPE = 141  # what a shell reports for a process killed by SIGPIPE
+
+
+def print_error(e: SpecrunError) -> None:
+    """One line saying what went wrong, and one dim line saying what to do about it."""
+    err.print(f"[bold red]error:[/] {escape(e.message)}")
+    if e.hint:
+        err.print(f"[dim]hint: {escape(e.hint)}[/]")
+
+
+def friendly(fn: F) -> F:
+    """Turn user-facing errors and Ctrl-C into one stderr line and an exit code."""
+
+    @functools.wraps(fn)
+    def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return fn(*args, **kwargs)
+        except SpecrunError as e:
+            print_error(e)
+            raise typer.Exit(e.exit_code) from None
+        except KeyboardInterrupt:
+            err.print("[dim]interrupted[/]")
+            raise typer.Exit(EXIT_INTERRUPTED) from None
+
+    return wrapper  # type: ignore[return-value]
+
+
+def notice(message: str) -> None:
+    err.print(f"[dim]{escape(message)}[/]")
+
+
+def warn(message: str) -> None:
+    err.print(f"[yellow]warning: {escape(message)}[/]")
+
+
+def human(n: int | float | None) -> str:
+    """A byte count as people read it (decimal units, as disks are sold)."""
+    if n is None:
+        return "?"
+    for unit in ("B", "KB", "MB", "GB", "TB"):
+        if n < 1000 or unit == "TB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return str(n)
+
+
+def print_stdout(renderable: Any) -> None:
+    """A table on stdout: Rich on a terminal; in a pipe, plain lines, never cut to a width,
+    without the padding Rich adds."""
+    if sys.stdout.isatty():
+        Console(highlight=False).print(renderable)
+        return
+    buffer = io.StringIO()
+    Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
+    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+
+
+def stats_line(s: GenerationStats, mode: str) -> str:
+    """What a generation did, in the words every command uses."""
+    return (f"{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.tokens_per_call:.2f} tokens per target "
+            f"call, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted ({mode})")
+
+
+def spec_json(mode: str, stats: GenerationStats) -> dict[str, Any]:
+    return {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
+            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)}
+
+
+def timings_json(stats: GenerationStats) -> dict[str, float]:
+    return {"prefill_s": round(stats.prefill_s, 4), "decode_s": round(stats.decode_s, 4),
+            "draft_s": round(stats.draft_s, 4), "verify_s": round(stats.verify_s, 4),
+            "tokens_per_s": round(stats.tokens_per_s, 3)}
+
+
+def stream(steps: Iterable[Step], end_line: bool, stop: Callable[[], bool] = lambda: False) -> str:
+    """Write each step's text to stdout as it comes, until the steps end or `stop()` says so;
+    end with a newline if `end_line` and the text lacks one. A closed pipe exits quietly."""
+    text: list[str] = []
+    try:
+        for step in steps:
+            if step.text:
+                text.append(step.text)
+                sys.stdout.write(step.text)
+                sys.stdout.flush()
+            if stop():
+                break
+        if end_line and text and not text[-1].endswith("\n"):
+            sys.stdout.write("\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # The reader (e.g. `head`) is gone: stop, and keep Python from complaining at exit.
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    return "".join(text)
+
+
+def clean_text(text: str) -> str:
+    """Text as Python hands it over from bytes that were not UTF-8 (lone surrogates from
+    stdin or argv), with each undecodable byte replaced by U+FFFD, as editors show it."""
+    try:
+        data = text.encode("utf-8", "surrogateescape")
+    except UnicodeEncodeError:  # a surrogate no decoder made: nothing to recover
+        data = text.encode("utf-8", "replace")
+    return data.decode("utf-8", "replace")
+
+
+def write_report(path: Path, text: str) -> None:
+    """A report file, whole or not at all; a one-line error when it cannot be written."""
+    from specrun.store import write_atomic
+
+    try:
+        write_atomic(path, text)
+    except OSError as e:
+        raise UsageError(f"cannot write {path}: {e.strerror}") from None

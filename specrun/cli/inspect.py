@@ -1,0 +1,116 @@
+"""`specrun calibrate` and `specrun info`: what this machine measured, and what a model file is."""
+
+from __future__ import annotations
+
+import json
+from typing import Any, Optional
+
+import typer
+from rich.markup import escape
+from rich.table import Table
+
+from specrun import calibrate
+from specrun.catalog import load_catalog
+from specrun.cli import options as O
+from specrun.cli.app import app
+from specrun.cli.console import err, friendly, human, print_stdout
+from specrun.cli.models import resolve
+from specrun.errors import ModelFileError
+from specrun.gguf_file import read_gguf
+from specrun.speculate.factory import SpecConfig
+from specrun.store import NoProgress, Store, locate, looks_like_path, sha256_file
+
+@app.command("calibrate")
+@friendly
+def calibrate_cmd(
+    model: str = typer.Argument(..., help="Catalog name or GGUF path."),
+    threads: Optional[int] = O.THREADS,
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Measure what a target pass over n tokens costs here, for the speculation planner."""
+    models = resolve(model)
+    label = models.label
+    with models.session([SpecConfig()], O.placements(threads, gpu_layers)[0]) as session:
+        session.open(session.context_size(None))
+        cal = session.calibrated(force=True)
+    cost = cal.cost
+    rows = [{"tokens": n, "ms": round(t * 1000, 2), "per_token_ms": round(t * 1000 / n, 2),
+             "vs_one": round(t / cost.seconds[0], 3)} for n, t in zip(cost.sizes, cost.seconds)]
+    if as_json:
+        print(json.dumps({"model": label, "settings": cal.settings, "file": str(cal.path), "costs": rows}, indent=1))
+        return
+    print(f"{label}: one target pass over n tokens ({cal.settings})")
+    table = Table(box=None, pad_edge=False)
+    for col in ("tokens", "ms", "ms/token", "x one token"):
+        table.add_column(col, justify="right")
+    for r in rows:
+        table.add_row(str(r["tokens"]), f"{r['ms']:.1f}", f"{r['per_token_ms']:.1f}", f"{r['vs_one']:.2f}")
+    print_stdout(table)
+    err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
+
+
+@app.command()
+@friendly
+def info(
+    model: str = typer.Argument(..., help="Catalog name or GGUF path."),
+    verify: bool = typer.Option(False, "--verify", help="Recompute the file's sha256 now."),
+    as_json: bool = typer.Option(False, "--json", help="Print JSON."),
+) -> None:
+    """What a model file is: architecture, sizes, template, checksum, stored calibrations."""
+    from gguf import LlamaFileType
+
+    store, catalog = Store(), load_catalog()
+    label, path = locate(model, catalog.get, store)
+    meta = read_gguf(path)
+    entry = None if looks_like_path(model) else catalog.get(model)
+    pulled = store.pulled(entry) if entry else None
+    expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
+    file_type = meta.metadata.get("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except ValueError:
+        quant = str(file_type)
+    data: dict[str, Any] = {
+        "name": label, "path": str(path), "size": path.stat().st_size,
+        "architecture": meta.arch, "model_name": meta.metadata.get("general.name"), "quantization": quant,
+        "layers": meta.n_layers, "embedding_length": meta.arch_value("embedding_length"),
+        "vocabulary": meta.vocab_size, "context_length": meta.context_length,
+        "chat_template": meta.has_chat_template,
+        "draft": entry.draft if entry else None,
+        "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
+    }
+    if verify:
+        actual = sha256_file(path, NoProgress())
+        data["checksum"] = "ok" if actual == expected else ("computed" if expected is None else "MISMATCH")
+        data["sha256"] = actual
+    data["calibrations"] = [
+        {"settings": c.settings or "(not recorded)", "one_token_ms": round(c.cost.seconds[0] * 1000, 2),
+         "costs_vs_one": {str(n): round(t / c.cost.seconds[0], 2) for n, t in zip(c.cost.sizes, c.cost.seconds)},
+         "accepted": {k: [sum(v[0] for v in s.counts.values()), sum(v[1] for v in s.counts.values())]
+                      for k, s in c.stats.items()}}
+        for c in calibrate.stored_for(store.root, path)]
+    if as_json:
+        print(json.dumps(data, indent=1))
+    else:
+        table = Table(box=None, show_header=False, pad_edge=False)
+        table.add_column(style="bold")
+        table.add_column()
+        for key in ("name", "path", "size", "architecture", "model_name", "quantization", "layers",
+                    "embedding_length", "vocabulary", "context_length", "chat_template", "draft", "sha256",
+                    "checksum"):
+            value = data[key]
+            text = human(value) if key == "size" else ("yes" if value is True else "no" if value is False
+                                                        else "" if value is None else str(value))
+            table.add_row(key.replace("_", " "), escape(text))
+        for c in data["calibrations"]:
+            costs = ", ".join(f"{n}: {x:.2f}x" for n, x in c["costs_vs_one"].items() if n in ("2", "4", "8", "16"))
+            accepted = "; ".join(f"{k} {a}/{t} accepted" for k, (a, t) in c["accepted"].items())
+            table.add_row("calibration", escape(f"{c['settings']}: 1 token {c['one_token_ms']:.1f} ms, {costs}"
+                                                + (f"; {accepted}" if accepted else "")))
+        if not data["calibrations"]:
+            table.add_row("calibration", f"none yet (specrun calibrate {escape(model)})")
+        print_stdout(table)
+    if data["checksum"] == "MISMATCH":
+        raise ModelFileError(f"{path.name} does not match its sha256", hint=f"pull it again: specrun rm {model} "
+                             f"&& specrun pull {model}")

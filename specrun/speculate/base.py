@@ -1,0 +1,43 @@
+"""The two roles in speculation: a drafter guesses, a speculator decides what to verify.
+
+A `Drafter` proposes a candidate tree and tags each node with a planner key
+(how it was found). A `Speculator` turns drafts into the tree the target
+verifies in one pass, and learns from what the target accepted. The
+generation loop talks to speculators only.
+"""
+
+from __future__ import annotations
+
+from typing import Hashable, Protocol, Sequence
+
+from specrun.speculate.tree import DraftTree
+
+
+class Speculator(Protocol):
+    """Proposes a draft tree rooted at the pending token, and learns from what was accepted."""
+
+    name: str
+    max_depth: int  # the deepest draft node it proposes
+
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
+        """A tree rooted at context[-1] (the pending token) within the caller's room: depth at
+        most `max_depth` (tokens left to generate, cache room), nodes at most `max_nodes`
+        (the root included; cache room and what the target verifies in one pass)."""
+        ...
+
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+        """The target accepted `path` (node indices, root first) of `tree`; the step took
+        `wall_s` seconds of wall time, drafting included."""
+        ...
+
+
+class Drafter(Protocol):
+    costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
+
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+        """A candidate tree rooted at context[-1] and a planner key per node."""
+        ...
+
+    def accepted(self, tokens: Sequence[int]) -> None:
+        """The target accepted these drafted tokens after the root (a draft model keeps their KV)."""
+        ...

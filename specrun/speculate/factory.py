@@ -1,0 +1,66 @@
+"""Speculation modes and the one place that builds a speculator for a mode."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from specrun.engines.base import Engine
+from specrun.errors import UsageError
+from specrun.speculate.auto import AutoSpeculator, DraftSpeed
+from specrun.speculate.base import Drafter, Speculator
+from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.ngram import NgramDrafter
+from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
+
+SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
+MODEL_MODES = ("chain", "tree")  # need a draft model
+DEFAULT_DEPTH = 16
+DEFAULT_NODES = 32  # the planner's cap when no --budget is given
+
+
+@dataclass(frozen=True)
+class SpecConfig:
+    """How to speculate. `budget` None lets the planner size each tree from measured costs;
+    in auto mode the planner always decides and `budget` only caps the tree size."""
+
+    mode: str = "auto"  # auto | none | ngram | chain | tree
+    budget: int | None = None  # nodes per verified tree, root included
+    depth: int | None = None  # deepest draft node; None: DEFAULT_DEPTH
+
+    @property
+    def needs_costs(self) -> bool:
+        return self.mode == "auto" or (self.mode != "none" and self.budget is None)
+
+    @property
+    def max_nodes(self) -> int:
+        """Nodes the target verifies in one pass at most, root included (1: plain decoding)."""
+        return 1 if self.mode == "none" else self.budget or DEFAULT_NODES
+
+
+def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, AcceptanceStats],
+                    draft: Engine | None = None, speed: DraftSpeed | None = None) -> Speculator | None:
+    """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance
+    statistics it learns, keyed by drafter ("ngram", "model"); `speed` is what auto learns
+    about the draft model's speed. Both persist with the calibration."""
+    depth = spec.depth or DEFAULT_DEPTH
+    if spec.max_nodes == 1:
+        return None
+    if spec.needs_costs and cost is None:
+        raise ValueError("planned speculation needs a cost curve")
+    plan = cost if spec.needs_costs else None
+
+    def planned(name: str, drafter: Drafter, stats_key: str) -> PlannedSpeculator:
+        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()),
+                                 spec.max_nodes, depth)
+
+    lookup = planned("ngram", NgramDrafter(), "ngram")
+    if spec.mode == "ngram":
+        return lookup
+    if spec.mode in MODEL_MODES:
+        if draft is None:
+            raise UsageError(f"--spec {spec.mode} needs a draft model", hint="pass --draft NAME, or use --spec ngram")
+        config = ModelDraftConfig.chain(min(depth, 8)) if spec.mode == "chain" else ModelDraftConfig()
+        return planned(spec.mode, ModelDrafter(draft, config), "model")
+    model = planned("tree", ModelDrafter(draft), "model") if draft is not None else None
+    assert cost is not None
+    return AutoSpeculator(lookup, model, cost, speed)

@@ -1,0 +1,232 @@
+"""The engine contract, the same for every backend (parametrized over engine factories).
+
+Each factory opens a tiny f32 model with room for trees; references are the
+same engine kind evaluating plain sequences, so what is checked is the
+contract (trees, commits, prefix reuse, lazy logits), not one backend's maths.
+The torch engine joins ENGINES when it lands.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Callable
+
+import numpy as np
+import pytest
+
+from specrun.engines import Engine, Placement, open_engine
+from specrun.engines.base import ArrayLogits, top_k_of
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+
+TOL = dict(rtol=1e-3, atol=2e-3)  # batch shapes change f32 rounding only
+
+EngineFactory = Callable[[Path, int], Engine]
+
+
+def _llamacpp(path: Path, max_tree_nodes: int) -> Engine:
+    return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes))
+
+
+ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp}
+
+
+@pytest.fixture(params=sorted(ENGINES))
+def factory(request: pytest.FixtureRequest) -> EngineFactory:
+    return ENGINES[request.param]
+
+
+@pytest.fixture
+def engine(factory: EngineFactory, tiny_model: Path):
+    e = factory(tiny_model, 16)
+    e.open(256)
+    yield e
+    e.close()
+
+
+def fresh_logits(factory: EngineFactory, path: Path, tokens: list[int]) -> np.ndarray:
+    """Reference: a new engine evaluating `tokens` as one plain sequence; the last row."""
+    e = factory(path, 0)
+    try:
+        e.open(256)
+        return e.eval(tokens).row(0)
+    finally:
+        e.close()
+
+
+TREE_TOKENS = [40, 41, 42, 43, 44, 45, 46, 47, 48]
+TREE_PARENTS = [-1, 0, 0, 1, 1, 2, 3, 5, 7]  # node 0 is the root (the pending token)
+
+
+def _depths(parents: list[int]) -> list[int]:
+    d: list[int] = []
+    for p in parents:
+        d.append(0 if p < 0 else d[p] + 1)
+    return d
+
+
+def _path(parents: list[int], node: int) -> list[int]:
+    path = []
+    while node != -1:
+        path.append(node)
+        node = parents[node]
+    return path[::-1]
+
+
+def test_vocabulary_round_trips(engine: Engine) -> None:
+    vocab = engine.vocab
+    assert vocab.n_vocab == 272 and engine.n_ctx_train == 2048
+    for text in ("hello wörld", "def fib(n):\n\treturn 1 € 😀", "  spaces  "):
+        tokens = vocab.tokenize(text, add_special=False)
+        assert b"".join(vocab.piece(t) for t in tokens).decode() in (text, " " + text)
+    assert vocab.tokenize("hi")[0] == 1  # BOS added for this model
+    assert vocab.is_eog(2) and not vocab.is_eog(100)
+    assert vocab.piece(1) == b""  # control tokens print nothing
+    assert vocab.special_tokens() == (1, 2) and vocab.token_text(2) == b"</s>"
+
+
+def test_eval_in_pieces_equals_one_batch(factory: EngineFactory, engine: Engine, tiny_model: Path) -> None:
+    tokens = engine.vocab.tokenize("def fib(n): return the world " * 6)  # longer than one n_batch
+    engine.eval(tokens[:-3])
+    for t in tokens[-3:]:
+        last = engine.eval([t])
+    assert engine.kv_len == len(tokens) and list(engine.tokens) == tokens
+    np.testing.assert_allclose(last.row(0), fresh_logits(factory, tiny_model, tokens), **TOL)
+
+
+def test_sync_keeps_the_common_prefix(factory: EngineFactory, engine: Engine, tiny_model: Path) -> None:
+    a = engine.vocab.tokenize("hello world, hello world")
+    b = a[:6] + engine.vocab.tokenize(" the a def", add_special=False)
+    engine.sync(a)
+    logits = engine.sync(b).row(0)
+    assert list(engine.tokens) == b
+    np.testing.assert_allclose(logits, fresh_logits(factory, tiny_model, b), **TOL)
+    again = engine.sync(b)  # all of it cached: the last token is evaluated again for its logits
+    assert engine.kv_len == len(b)
+    np.testing.assert_allclose(again.row(0), logits, **TOL)
+    engine.rewind(3)
+    assert list(engine.tokens) == b[:3]
+
+
+def test_context_overflow_is_a_usage_error(engine: Engine) -> None:
+    from specrun.errors import UsageError
+
+    with pytest.raises(UsageError, match="context full"):
+        engine.eval([5] * 300)
+
+
+def test_tree_pass_equals_sequential_evaluation_along_every_path(factory: EngineFactory, engine: Engine,
+                                                                 tiny_model: Path) -> None:
+    prefix = engine.vocab.tokenize("def fib(n): return")
+    engine.eval(prefix)
+    logits = engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+    assert len(logits) == len(TREE_TOKENS)
+    assert engine.kv_len == len(prefix)  # nothing committed yet
+    for node in range(len(TREE_TOKENS)):
+        expected = fresh_logits(factory, tiny_model, prefix + [TREE_TOKENS[i] for i in _path(TREE_PARENTS, node)])
+        np.testing.assert_allclose(logits.row(node), expected, **TOL, err_msg=f"node {node}")
+
+
+def test_logits_rows_agree_with_full_rows(engine: Engine) -> None:
+    engine.eval(engine.vocab.tokenize("hello world"))
+    logits = engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+    rows = np.stack([logits.row(i) for i in range(len(logits))])  # [n, vocab]
+    reference = ArrayLogits(rows)
+    for i in range(len(logits)):
+        assert rows[i].dtype == np.float32 and rows[i].shape == (272,)
+        assert logits.argmax(i) == reference.argmax(i) == int(np.argmax(rows[i]))
+        ids, probs = logits.top_k(i, 5)
+        ref_ids, ref_probs = reference.top_k(i, 5)
+        np.testing.assert_array_equal(ids, ref_ids)
+        np.testing.assert_allclose(probs, ref_probs, rtol=1e-6)
+    engine.commit_path([])
+    engine.eval([5])
+    with pytest.raises(RuntimeError, match="next pass"):
+        logits.row(0)  # a handle is valid until the engine's next pass, and says so after
+
+
+def test_commit_keeps_exactly_the_accepted_path(factory: EngineFactory, engine: Engine, tiny_model: Path) -> None:
+    prefix = engine.vocab.tokenize("hello world")
+    engine.eval(prefix)
+    for _ in range(2):  # twice: a second tree must find the cache clean
+        engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+        path = _path(TREE_PARENTS, 8)  # 0 -> 2 -> 5 -> 7 -> 8
+        engine.commit_path(path)
+        prefix = prefix + [TREE_TOKENS[i] for i in path]
+        assert list(engine.tokens) == prefix
+    after = engine.eval([50]).row(0)
+    np.testing.assert_allclose(after, fresh_logits(factory, tiny_model, prefix + [50]), **TOL)
+
+
+def test_an_uncommitted_tree_leaves_the_cache_as_it_was(factory: EngineFactory, engine: Engine,
+                                                       tiny_model: Path) -> None:
+    prefix = engine.vocab.tokenize("the a def")
+    engine.eval(prefix)
+    engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))  # then a Ctrl-C, say
+    after = engine.sync(prefix + [60]).row(0)
+    np.testing.assert_allclose(after, fresh_logits(factory, tiny_model, prefix + [60]), **TOL)
+
+
+def test_a_tree_grown_over_several_calls_equals_one_call(engine: Engine) -> None:
+    prefix = engine.vocab.tokenize("def fib(n): return")
+    engine.eval(prefix)
+    depths = _depths(TREE_PARENTS)
+    whole = engine.eval_tree(TREE_TOKENS, TREE_PARENTS, depths)
+    whole_rows = np.stack([whole.row(i) for i in range(len(whole))])
+    engine.commit_path([])
+    parts = []
+    for start, end in [(0, 2), (2, 5), (5, 9)]:
+        part = engine.eval_tree(TREE_TOKENS[:end], TREE_PARENTS[:end], depths[:end], start)
+        parts += [part.row(i) for i in range(len(part))]
+    np.testing.assert_allclose(np.stack(parts), whole_rows, **TOL)
+    with pytest.raises(ValueError, match="evaluated"):
+        engine.eval_tree(TREE_TOKENS, TREE_PARENTS, depths, 3)
+    engine.commit_path(_path(TREE_PARENTS, 6))  # 0 -> 1 -> 3 -> 6
+    assert engine.kv_len == len(prefix) + 4
+
+
+def test_submit_tree_gives_the_logits_of_eval_tree(engine: Engine) -> None:
+    prefix = engine.vocab.tokenize("hello world hello")
+    engine.eval(prefix)
+    depths = _depths(TREE_PARENTS)
+    direct = engine.eval_tree(TREE_TOKENS, TREE_PARENTS, depths)
+    direct_rows = [direct.row(i) for i in range(len(direct))]
+    engine.commit_path([])
+    pending = engine.submit_tree(TREE_TOKENS, TREE_PARENTS, depths)
+    submitted = pending.result()
+    assert pending.done()
+    for i, row in enumerate(direct_rows):
+        np.testing.assert_allclose(submitted.row(i), row, **TOL)
+    engine.commit_path(_path(TREE_PARENTS, 4))
+    assert engine.kv_len == len(prefix) + 3
+
+
+def test_trees_are_bounded_by_what_the_engine_was_opened_for(factory: EngineFactory, tiny_model: Path) -> None:
+    e = factory(tiny_model, 4)
+    try:
+        e.open(64)
+        assert e.max_tree_nodes == 4
+        e.eval([1, 2, 3])
+        with pytest.raises(ValueError, match="exceeds"):
+            e.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+    finally:
+        e.close()
+
+
+def test_open_engine_needs_no_backend_name(tiny_model: Path) -> None:
+    e = open_engine(tiny_model, Placement(threads=1), max_tree_nodes=8)
+    try:
+        e.open(128)
+        assert e.max_tree_nodes == 8 and e.settings_key()
+        assert e.eval(e.vocab.tokenize("hello")).argmax(0) >= 0
+    finally:
+        e.close()
+
+
+def test_top_k_of_matches_a_full_softmax() -> None:
+    rng = np.random.default_rng(0)
+    row = (rng.standard_normal(1000) * 3).astype(np.float32)
+    p = np.exp(row.astype(np.float64) - row.max())
+    p /= p.sum()
+    ids, probs = top_k_of(row, 7)
+    np.testing.assert_array_equal(ids, np.argsort(-p, kind="stable")[:7])
+    np.testing.assert_allclose(probs, p[ids], rtol=1e-5)
