@@ -9,7 +9,7 @@ named here: `open_engine` picks it from the model and the placement.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
@@ -99,6 +99,8 @@ class Session:
         replaced by a big enough one for the measurement, then reopened at its own size."""
         if self.calibration is not None and not force:
             return self.calibration
+        if not self.target.n_ctx:
+            raise RuntimeError("calibrated() before open()")
         file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
                                           self.target.settings_key())
         found = None if force else calibrate.load(file)

@@ -60,4 +60,7 @@ def test_add_path_merges_shared_prefixes() -> None:
         tree.add(1, 99)
     with pytest.raises(ValueError, match="without its parent"):
         tree.subtree([0, 2])
+    rebuilt = DraftTree(list(tree.tokens), list(tree.parents), list(tree.depths))  # from arrays alone
+    assert [rebuilt.child(p, t) for p, t in zip(tree.parents, tree.tokens)] == \
+        [tree.child(p, t) for p, t in zip(tree.parents, tree.tokens)]
 

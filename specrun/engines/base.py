@@ -16,7 +16,7 @@ keep the contract fit for GPUs and for drafting while the target works:
 from __future__ import annotations
 
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -189,9 +189,12 @@ class ArrayLogits:
 class CacheMixin:
     """What every engine does the same way on top of its own eval, rewind and eval_tree:
     `sync`, and `submit_tree` on one worker thread (llama.cpp's C calls and torch's ops
-    release the GIL, so the caller's thread runs on meanwhile). `close_worker` in close()."""
+    release the GIL, so the caller's thread runs on meanwhile). An engine calls `settle()`
+    first in each of its own calls, so a call made while a pass is pending waits for it
+    instead of racing it, and `close_worker()` in close()."""
 
     _worker: ThreadPoolExecutor | None = None
+    _pending: Future | None = None
     _worker_lock = threading.Lock()
 
     def sync(self, tokens: Sequence[int]) -> Logits:
@@ -203,13 +206,23 @@ class CacheMixin:
 
     def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Future:
+        self.settle()
         with self._worker_lock:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
-        return self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+        self._pending = self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+        return self._pending
+
+    def settle(self) -> None:
+        """Wait for a pass under way on the worker (its outcome goes to its own `result()`)."""
+        pending = self._pending
+        if pending is not None and not threading.current_thread().name.startswith("specrun-engine"):
+            wait([pending])
+            self._pending = None
 
     def close_worker(self) -> None:
         """Wait for a pass under way and end the worker thread: none outlives the engine."""
+        self.settle()
         if self._worker is not None:
             self._worker.shutdown(wait=True)
             self._worker = None

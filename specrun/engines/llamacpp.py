@@ -161,6 +161,7 @@ class LlamaCppEngine(CacheMixin):
     # --- context and decoding --------------------------------------------------
 
     def open(self, n_ctx: int) -> None:
+        self.settle()
         self._free_context()
         params = C.llama_context_default_params()
         n_seq = self._n_seq
@@ -196,7 +197,7 @@ class LlamaCppEngine(CacheMixin):
 
     @property
     def tokens(self) -> Sequence[int]:
-        return self._tokens
+        return tuple(self._tokens)  # a copy: callers may hold it while the cache moves on
 
     @property
     def max_tree_nodes(self) -> int:
@@ -212,6 +213,7 @@ class LlamaCppEngine(CacheMixin):
             raise EngineError(f"llama_decode of {what} failed ({rc}): {_last_log_error()}")
 
     def eval(self, tokens: Sequence[int]) -> _Logits:
+        self.settle()
         if self._ctx is None or self._batch is None:
             raise RuntimeError("eval before open()")
         if not tokens:
@@ -234,6 +236,7 @@ class LlamaCppEngine(CacheMixin):
         return _Logits(self, C.llama_get_logits_ith(self._ctx, -1), 1)
 
     def rewind(self, n_tokens: int) -> None:
+        self.settle()
         self._drop_tree()
         if self._ctx is None or n_tokens >= self.kv_len:
             return
@@ -251,6 +254,7 @@ class LlamaCppEngine(CacheMixin):
         own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
         calls since the last commit (a tree grown step by step, as a drafter does); each new
         node's sequence starts as a copy of its nearest evaluated ancestor's (or the prefix)."""
+        self.settle()
         if self._ctx is None or self._batch is None:
             raise RuntimeError("eval_tree before open()")
         n = len(tokens)
@@ -283,6 +287,7 @@ class LlamaCppEngine(CacheMixin):
         return _Logits(self, C.llama_get_logits(self._ctx), n - start)
 
     def commit_path(self, path: Sequence[int]) -> None:
+        self.settle()
         mem = C.llama_get_memory(self._ctx)
         if path:
             C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self.kv_len, -1)  # the path's cells join seq 0
@@ -299,6 +304,7 @@ class LlamaCppEngine(CacheMixin):
     # --- lifetime -----------------------------------------------------------------
 
     def _free_context(self) -> None:
+        self._epoch += 1  # logits handles into the freed context go stale
         if self._batch is not None:
             C.llama_batch_free(self._batch)
             self._batch = None

@@ -24,6 +24,10 @@ class DraftTree:
     depths: list[int] = field(default_factory=list)  # [n], 0 for the root
     _children: dict[tuple[int, int], int] = field(default_factory=dict, repr=False, compare=False)
 
+    def __post_init__(self) -> None:
+        for node in range(len(self.tokens) - 1, 0, -1):  # built from arrays: index them (first child wins)
+            self._children[(self.parents[node], self.tokens[node])] = node
+
     @classmethod
     def rooted(cls, root_token: int) -> "DraftTree":
         return cls([root_token], [-1], [0])
