@@ -18,6 +18,7 @@ from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import err, friendly, notice, print_stdout, write_report
 from specrun.cli.models import resolve
+from specrun.engines import engine_for
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig
 from specrun.workloads import load_workload
@@ -42,6 +43,9 @@ def bench(
     gpu_layers: Optional[int] = O.GPU_LAYERS,
     draft_threads: Optional[int] = O.DRAFT_THREADS,
     draft_gpu_layers: Optional[int] = O.DRAFT_GPU_LAYERS,
+    engine: str = O.ENGINE,
+    device: Optional[str] = O.DEVICE,
+    quant: Optional[str] = O.QUANT,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
                                              "needs matplotlib)."),
@@ -49,6 +53,7 @@ def bench(
     """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
     O.check_sampling(top_p)
     O.check_draft_flags(draft, no_draft)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
     if plot_path is not None:
         _need_matplotlib()
     for out in (json_path, plot_path):  # before minutes of work, not after
@@ -56,11 +61,12 @@ def bench(
             raise UsageError(f"cannot write {out}: {out.parent} is not a directory")
     prompts = load_workload(workload, n_prompts)
     models = resolve(model, draft, "auto", no_draft)
-    chosen = B.parse_modes(modes, models.draft is not None, notice)
+    engine_for(models.target, places[0])  # a placement no engine serves stops here, before any notice
+    chosen = _peers_need_gguf(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes))
     specs = [m.spec for m in chosen if m.spec is not None]
     config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
     peers: dict[str, Any] = {}
-    with models.session(specs, *O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers)) as session:
+    with models.session(specs, *places) as session:
         template = ChatTemplate.of_model(models.target, session) if any(p.messages for p in prompts) else None
         runner = B.Bench(session, chosen, config, peers, template)
         needed = max(len(runner.prompt_tokens(p)) for p in prompts) + max_tokens + 64
@@ -69,7 +75,8 @@ def bench(
         try:
             for m in chosen:
                 if m.spec is None:
-                    peers[m.key] = B.LlamaCppPythonPeer(models.target, min(needed, session.target.n_ctx), threads, gpu_layers,
+                    peers[m.key] = B.LlamaCppPythonPeer(models.target, min(needed, session.target.n_ctx), threads,
+                                                        0 if device == "cpu" else gpu_layers,
                                                         lookup=m.key == "lcp-lookup")
                     if m.key == "lcp-lookup":
                         notice(f"llama-cpp-python's prompt lookup drafts {peers[m.key].num_pred_tokens} tokens "
@@ -103,6 +110,19 @@ def bench(
 
         plot_bench(summaries, f"{models.label}, {workload}", plot_path)
         err.print(f"[dim]wrote {escape(str(plot_path))}[/]")
+
+
+def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:
+    """llama-cpp-python's rows run the target's GGUF file: none for a safetensors directory
+    (an error when asked for by name, skipped with a notice by default)."""
+    peers = [m.key for m in chosen if m.spec is None]
+    if not peers or not target.is_dir():
+        return chosen
+    if asked:
+        raise UsageError(f"mode {peers[0]} runs llama-cpp-python, which needs a GGUF file, not a directory",
+                         hint="leave the lcp-* modes out of --modes")
+    notice(f"{target.name} is a safetensors directory: skipping {', '.join(peers)}")
+    return [m for m in chosen if m.spec is not None]
 
 
 def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summaries: list[Any],

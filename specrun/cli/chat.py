@@ -39,6 +39,9 @@ def chat(
     gpu_layers: Optional[int] = O.GPU_LAYERS,
     draft_threads: Optional[int] = O.DRAFT_THREADS,
     draft_gpu_layers: Optional[int] = O.DRAFT_GPU_LAYERS,
+    engine: str = O.ENGINE,
+    device: Optional[str] = O.DEVICE,
+    quant: Optional[str] = O.QUANT,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -48,8 +51,9 @@ def chat(
     """Talk with a model. Piped stdin: each line is one turn, and only replies reach stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
     O.check_sampling(top_p)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
     models = resolve(model, draft, spec, no_draft)
-    with models.session([spec_cfg], *O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers)) as session:
+    with models.session([spec_cfg], *places) as session:
         template = ChatTemplate.of_model(models.target, session)
         session.open(session.context_size(ctx))
         config = ChatConfig(spec_cfg, GenerationConfig(max_tokens, SamplingConfig(temperature, top_p, seed)), system)

@@ -1,8 +1,9 @@
-"""`specrun calibrate` and `specrun info`: what this machine measured, and what a model file is."""
+"""`specrun calibrate` and `specrun info`: what this machine measured, and what a model is and what runs it."""
 
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Any, Optional
 
 import typer
@@ -15,7 +16,8 @@ from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import err, friendly, human, print_stdout
 from specrun.cli.models import resolve
-from specrun.errors import ModelFileError
+from specrun.engines import device_of, engine_for, planned_weight_bytes
+from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.speculate.factory import SpecConfig
 from specrun.store import NoProgress, Store, locate, looks_like_path, sha256_file
@@ -26,12 +28,16 @@ def calibrate_cmd(
     model: str = typer.Argument(..., help="Catalog name or GGUF path."),
     threads: Optional[int] = O.THREADS,
     gpu_layers: Optional[int] = O.GPU_LAYERS,
+    engine: str = O.ENGINE,
+    device: Optional[str] = O.DEVICE,
+    quant: Optional[str] = O.QUANT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Measure what a target pass over n tokens costs here, for the speculation planner."""
+    placement = O.placements(threads, gpu_layers, engine=engine, device=device, quant=quant)[0]
     models = resolve(model)
     label = models.label
-    with models.session([SpecConfig()], O.placements(threads, gpu_layers)[0]) as session:
+    with models.session([SpecConfig()], placement) as session:
         session.open(session.context_size(None))
         cal = session.calibrated(force=True)
     cost = cal.cost
@@ -53,30 +59,29 @@ def calibrate_cmd(
 @app.command()
 @friendly
 def info(
-    model: str = typer.Argument(..., help="Catalog name or GGUF path."),
+    model: str = typer.Argument(..., help="Catalog name, GGUF path or safetensors directory."),
     verify: bool = typer.Option(False, "--verify", help="Recompute the file's sha256 now."),
+    gpu_layers: Optional[int] = O.GPU_LAYERS,
+    engine: str = O.ENGINE,
+    device: Optional[str] = O.DEVICE,
+    quant: Optional[str] = O.QUANT,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
-    """What a model file is: architecture, sizes, template, checksum, stored calibrations."""
-    from gguf import LlamaFileType
-
+    """What a model is, what would run it and where: architecture, sizes, engine, device, the
+    memory its weights take, template, checksum, stored calibrations."""
+    placement = O.placements(None, gpu_layers, engine=engine, device=device, quant=quant)[0]
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
-    meta = read_gguf(path)
+    if verify and path.is_dir():
+        raise UsageError("--verify checks a GGUF file's sha256; a safetensors directory has none to check")
     entry = None if looks_like_path(model) else catalog.get(model)
     pulled = store.pulled(entry) if entry else None
     expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
-    file_type = meta.metadata.get("general.file_type")
-    try:
-        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
-    except ValueError:
-        quant = str(file_type)
-    data: dict[str, Any] = {
-        "name": label, "path": str(path), "size": path.stat().st_size,
-        "architecture": meta.arch, "model_name": meta.metadata.get("general.name"), "quantization": quant,
-        "layers": meta.n_layers, "embedding_length": meta.arch_value("embedding_length"),
-        "vocabulary": meta.vocab_size, "context_length": meta.context_length,
-        "chat_template": meta.has_chat_template,
+    data: dict[str, Any] = {"name": label, "path": str(path)}
+    data |= _directory_facts(path) if path.is_dir() else _gguf_facts(path)
+    data |= {
+        "engine": engine_for(path, placement), "device": device_of(path, placement),
+        "weight_bytes": planned_weight_bytes(path, placement),
         "draft": entry.draft if entry else None,
         "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
     }
@@ -96,13 +101,13 @@ def info(
         table = Table(box=None, show_header=False, pad_edge=False)
         table.add_column(style="bold")
         table.add_column()
-        for key in ("name", "path", "size", "architecture", "model_name", "quantization", "layers",
-                    "embedding_length", "vocabulary", "context_length", "chat_template", "draft", "sha256",
-                    "checksum"):
+        for key in ("name", "path", "size", "architecture", "model_name", "quantization", "engine", "device",
+                    "weight_bytes", "layers", "embedding_length", "vocabulary", "context_length", "chat_template",
+                    "draft", "sha256", "checksum"):
             value = data[key]
-            text = human(value) if key == "size" else ("yes" if value is True else "no" if value is False
-                                                        else "" if value is None else str(value))
-            table.add_row(key.replace("_", " "), escape(text))
+            text = human(value) if key in ("size", "weight_bytes") else (
+                "yes" if value is True else "no" if value is False else "" if value is None else str(value))
+            table.add_row("weights" if key == "weight_bytes" else key.replace("_", " "), escape(text))
         for c in data["calibrations"]:
             costs = ", ".join(f"{n}: {x:.2f}x" for n, x in c["costs_vs_one"].items() if n in ("2", "4", "8", "16"))
             accepted = "; ".join(f"{k} {a}/{t} accepted" for k, (a, t) in c["accepted"].items())
@@ -114,3 +119,42 @@ def info(
     if data["checksum"] == "MISMATCH":
         raise ModelFileError(f"{path.name} does not match its sha256", hint=f"pull it again: specrun rm {model} "
                              f"&& specrun pull {model}")
+
+
+def _gguf_facts(path: Path) -> dict[str, Any]:
+    """What a GGUF file's header says about the model (the header is checked on the way)."""
+    from gguf import LlamaFileType
+
+    meta = read_gguf(path)
+    file_type = meta.metadata.get("general.file_type")
+    try:
+        quant = LlamaFileType(file_type).name.removeprefix("MOSTLY_") if file_type is not None else None
+    except ValueError:
+        quant = str(file_type)
+    return {"size": path.stat().st_size, "architecture": meta.arch, "model_name": meta.metadata.get("general.name"),
+            "quantization": quant, "layers": meta.n_layers, "embedding_length": meta.arch_value("embedding_length"),
+            "vocabulary": meta.vocab_size, "context_length": meta.context_length,
+            "chat_template": meta.has_chat_template}
+
+
+def _directory_facts(path: Path) -> dict[str, Any]:
+    """The same facts for a Hugging Face safetensors directory, from its config.json (and
+    tokenizer_config.json for the chat template)."""
+    def read(name: str) -> dict[str, Any]:
+        try:
+            value = json.loads((path / name).read_text())
+        except (OSError, ValueError):
+            return {}
+        return value if isinstance(value, dict) else {}
+
+    config, tokenizer = read("config.json"), read("tokenizer_config.json")
+    if not config:
+        raise ModelFileError(f"{path}: no readable config.json", hint="give a Hugging Face model directory")
+    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
+    return {"size": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
+            "architecture": config.get("model_type"), "model_name": config.get("_name_or_path") or path.name,
+            "quantization": config.get("torch_dtype") or config.get("dtype"), "layers": text.get("num_hidden_layers"),
+            "embedding_length": text.get("hidden_size"), "vocabulary": text.get("vocab_size"),
+            "context_length": text.get("max_position_embeddings"),
+            "chat_template": (isinstance(tokenizer.get("chat_template"), str)
+                              or (path / "chat_template.jinja").is_file())}

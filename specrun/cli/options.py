@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from specrun.engines import Placement
+from specrun.engines import DEVICES, ENGINES, QUANTS, Placement
 from specrun.errors import UsageError
 from specrun.speculate.factory import MODEL_MODES, SPEC_MODES, SpecConfig
 
@@ -18,6 +18,11 @@ DRAFT_THREADS = typer.Option(None, "--draft-threads", min=1, help="CPU threads f
                              "(default: as the target).")
 DRAFT_GPU_LAYERS = typer.Option(None, "--draft-gpu-layers", min=-1, help="Draft model layers on the GPU "
                                 "(default: as the target; 0 keeps it on the CPU).")
+ENGINE = typer.Option("auto", "--engine", help="auto, llama.cpp or torch (auto: llama.cpp unless the model "
+                      "or --quant/--device needs torch).")
+DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when the engine has one).")
+QUANT = typer.Option(None, "--quant", help="Quantize safetensors weights as they load: nf4, fp4 or int8 "
+                     "(torch engine).")
 SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or tree "
                     "(draft model).")
 DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
@@ -50,9 +55,24 @@ def check_sampling(top_p: float) -> None:
 
 
 def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads: Optional[int] = None,
-               draft_gpu_layers: Optional[int] = None) -> tuple[Placement, Placement]:
-    """(target, draft) placements; the draft follows the target where not told otherwise."""
-    target = Placement(threads=threads, gpu_layers=gpu_layers)
+               draft_gpu_layers: Optional[int] = None, engine: str = "auto", device: Optional[str] = None,
+               quant: Optional[str] = None, draft_engine: str = "auto",
+               draft_device: Optional[str] = None) -> tuple[Placement, Placement]:
+    """(target, draft) placements, checked. The draft follows the target's threads and GPU layers
+    where not told otherwise, but not its engine, device or quantization: a small draft stays on
+    llama.cpp unless told."""
+    check_engine_flags(engine, device, quant)
+    check_engine_flags(draft_engine, draft_device, None)
+    target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant)
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
-                      gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers)
+                      gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers,
+                      engine=draft_engine, device=draft_device)
     return target, draft
+
+
+def check_engine_flags(engine: str, device: Optional[str], quant: Optional[str]) -> None:
+    """One-line errors for values no engine knows (before any model is read)."""
+    for flag, value, known in (("--engine", engine, ENGINES), ("--device", device, DEVICES),
+                               ("--quant", quant, QUANTS)):
+        if value is not None and value not in known:
+            raise UsageError(f"unknown {flag} '{value}'", hint=f"use one of: {', '.join(known)}")

@@ -49,6 +49,9 @@ def run(
     gpu_layers: Optional[int] = O.GPU_LAYERS,
     draft_threads: Optional[int] = O.DRAFT_THREADS,
     draft_gpu_layers: Optional[int] = O.DRAFT_GPU_LAYERS,
+    engine: str = O.ENGINE,
+    device: Optional[str] = O.DEVICE,
+    quant: Optional[str] = O.QUANT,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -60,10 +63,11 @@ def run(
     """Generate a completion of PROMPT and stream it to stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
     O.check_sampling(top_p)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
     models = resolve(model, draft, spec, no_draft)
     text = read_prompt(prompt)
     t0 = time.perf_counter()
-    with models.session([spec_cfg], *O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers)) as session:
+    with models.session([spec_cfg], *places) as session:
         tokens = session.target.vocab.tokenize(text)
         session.open(session.context_size(ctx, len(tokens) + max_tokens))
         check_prompt(tokens, session.target.n_ctx)  # before any calibration work

@@ -1,35 +1,179 @@
 """Inference engines: what runs a model's forward pass.
 
 `base` is the contract everything above talks to (`Engine`, `Vocab`, `Logits`);
-`llamacpp` implements it on llama.cpp. `open_engine` picks the backend for a
-model file and a placement, so no caller names one. The torch engine (weights
-streamed from RAM or disk) joins here.
+`llamacpp` implements it on llama.cpp, `torch_engine` on PyTorch (GGUF files and
+safetensors directories, optionally quantized by bitsandbytes as they load).
+`open_engine` picks the backend for a model and a placement, so no caller names
+one. torch is imported only when the torch engine is picked: importing it costs
+a second or more, which a llama.cpp run must not pay.
 """
 
 from __future__ import annotations
 
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Iterator
 
 from specrun.engines.base import Engine, Logits, Pending, Vocab
+from specrun.errors import UsageError
+
+ENGINES = ("auto", "llama.cpp", "torch")
+DEVICES = ("cpu", "cuda")
+QUANTS = ("nf4", "fp4", "int8")
+TORCH_EXTRA = ("torch", "bitsandbytes", "tokenizers")  # what `pip install 'specrun[torch]'` brings
+INSTALL_TORCH = "install the torch engine: pip install 'specrun[torch]' (or bash scripts/install.sh --torch)"
 
 
 @dataclass(frozen=True)
 class Placement:
-    """Where a model runs. `None` means: decide from the model and the machine."""
+    """Where and how a model runs. `None` and "auto" mean: decide from the model and the machine."""
 
     threads: int | None = None  # CPU threads; None: every core
-    gpu_layers: int | None = None  # layers on the GPU; None: all when the build has a GPU; -1: all
+    gpu_layers: int | None = None  # llama.cpp: layers on the GPU; None: all when the build has a GPU; -1: all
+    engine: str = "auto"  # "auto" | "llama.cpp" | "torch"
+    device: str | None = None  # "cpu" | "cuda"; None: the GPU when the engine has one
+    quant: str | None = None  # torch on safetensors only: "nf4" | "fp4" | "int8"
+
+
+def engine_for(model: Path, placement: Placement = Placement()) -> str:
+    """The engine `open_engine` runs `model` on: "llama.cpp" or "torch". Auto picks torch only
+    where llama.cpp cannot serve the placement (a safetensors directory, --quant, or --device
+    cuda on a llama.cpp build without GPU offload). UsageError for a placement none can serve;
+    whether torch and a CUDA device are there is `torch_device`'s to say (it imports torch)."""
+    p = placement
+    if p.engine not in ENGINES:
+        raise UsageError(f"unknown engine '{p.engine}'", hint=f"use one of: {', '.join(ENGINES)}")
+    if p.device is not None and p.device not in DEVICES:
+        raise UsageError(f"unknown device '{p.device}'", hint=f"use one of: {', '.join(DEVICES)}")
+    if p.quant is not None and p.quant not in QUANTS:
+        raise UsageError(f"unknown quantization '{p.quant}'", hint=f"use one of: {', '.join(QUANTS)}")
+    directory = model.is_dir()
+    if p.engine == "llama.cpp" and directory:
+        raise UsageError(f"llama.cpp runs GGUF files, and {model.name} is a safetensors directory",
+                         hint="use --engine torch (or leave --engine out)")
+    if p.quant is not None and not directory:
+        where = "the llama.cpp engine" if p.engine == "llama.cpp" else f"{model.name}, a GGUF file"
+        raise UsageError(f"--quant quantizes safetensors weights as they load, not {where} (already quantized)",
+                         hint="leave out --quant, or give a safetensors directory (torch engine)")
+    if p.engine != "auto":
+        engine = p.engine
+    elif directory or p.quant is not None or (p.device == "cuda" and not _llama_gpu()):
+        engine = "torch"
+    else:
+        engine = "llama.cpp"
+    if engine == "llama.cpp":
+        llama_gpu_layers(p)  # its contradictions, before any model is read
+    elif p.gpu_layers is not None:
+        raise UsageError("--gpu-layers is for the llama.cpp engine; the torch engine puts the whole model "
+                         "on --device")
+    return engine
 
 
 def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes: int = 0) -> Engine:
     """A loaded engine for `model` (no cache yet: `open` it) that verifies trees of up to
     `max_tree_nodes` nodes in one pass."""
+    if engine_for(model, placement) == "torch":
+        device = torch_device(placement)  # its errors first: they need no model loaded
+        with _torch_needed():
+            from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+            config = TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
+                                 max_tree_nodes=max_tree_nodes)
+            return TorchEngine(model, config)
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
-    config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=placement.gpu_layers,
+    config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=llama_gpu_layers(placement),
                             max_tree_nodes=max_tree_nodes)
     return LlamaCppEngine(model, config)
 
 
-__all__ = ["Engine", "Logits", "Pending", "Placement", "Vocab", "open_engine"]
+def llama_gpu_layers(placement: Placement) -> int | None:
+    """llama.cpp's GPU layers for a placement: --device cpu means none, --device cuda needs a
+    build with GPU offload; otherwise --gpu-layers (None: all on a GPU build)."""
+    layers, device = placement.gpu_layers, placement.device
+    if device == "cpu":
+        if layers not in (None, 0):
+            raise UsageError(f"--device cpu and --gpu-layers {layers} contradict each other")
+        return 0
+    if device == "cuda":
+        if layers == 0:
+            raise UsageError("--device cuda and --gpu-layers 0 contradict each other")
+        if not _llama_gpu():
+            raise UsageError("no CUDA device: this llama.cpp build has no GPU offload",
+                             hint='use --engine torch, or rebuild: CMAKE_ARGS="-DGGML_CUDA=on" bash scripts/install.sh')
+    return layers
+
+
+def torch_device(placement: Placement) -> str:
+    """The torch engine's device: --device, else cuda when torch sees a GPU, else cpu. Imports
+    torch, so a missing torch is one line with the install command before any model is read."""
+    try:
+        import torch
+    except ModuleNotFoundError as e:
+        if placement.device == "cuda":
+            raise UsageError("no CUDA device: torch is not installed", hint=INSTALL_TORCH) from None
+        raise _install_error(e) or e from None
+    if placement.device == "cpu":
+        return "cpu"
+    if torch.cuda.is_available():
+        return "cuda"
+    if placement.device == "cuda":
+        build = " (a CPU-only build)" if torch.version.cuda is None else ""
+        raise UsageError(f"no CUDA device: torch {torch.__version__}{build} sees no GPU",
+                         hint="leave out --device cuda to run on the CPU; on an NVIDIA machine, "
+                              "bash scripts/install.sh --torch installs torch's CUDA build")
+    return "cpu"
+
+
+def planned_weight_bytes(model: Path, placement: Placement = Placement()) -> int:
+    """Memory the model's weights will take once loaded, without loading them (`specrun info`):
+    the GGUF file's tensor data for llama.cpp, the torch engine's own estimate otherwise."""
+    if engine_for(model, placement) == "llama.cpp":
+        from specrun.gguf_file import read_gguf
+
+        return read_gguf(model).data_end  # tensor data plus the (small) header before it
+    device = torch_device(placement)
+    with _torch_needed():
+        from specrun.engines.torch_engine import TorchConfig, planned_weight_bytes as torch_bytes
+
+        return torch_bytes(model, TorchConfig(device=device, threads=placement.threads, quant=placement.quant))
+
+
+def device_of(model: Path, placement: Placement = Placement()) -> str:
+    """Where the model's weights would live: "cpu", "cuda", or "gpu" (llama.cpp's GPU backend)."""
+    if engine_for(model, placement) == "torch":
+        return torch_device(placement)
+    layers = llama_gpu_layers(placement)
+    return "cpu" if layers == 0 or not _llama_gpu() else "gpu"
+
+
+def _llama_gpu() -> bool:
+    """Whether this llama.cpp build can offload layers to a GPU (CUDA, Metal, ...)."""
+    import llama_cpp
+
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def _install_error(e: ModuleNotFoundError) -> UsageError | None:
+    """The install command for a missing package of the torch extra; None for anything else (a bug)."""
+    top = (e.name or "").split(".")[0]
+    if top in TORCH_EXTRA:
+        return UsageError(f"the torch engine needs {top}, which is not installed", hint=INSTALL_TORCH)
+    return None
+
+
+@contextmanager
+def _torch_needed() -> Iterator[None]:
+    """Imports inside the torch engine that find no torch (or bitsandbytes, tokenizers) say how to
+    install them instead of raising a traceback."""
+    try:
+        yield
+    except ModuleNotFoundError as e:
+        if (error := _install_error(e)) is None:
+            raise
+        raise error from None
+
+
+__all__ = ["DEVICES", "ENGINES", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
+           "engine_for", "open_engine", "planned_weight_bytes"]
