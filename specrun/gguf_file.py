@@ -37,12 +37,24 @@ class ArrayInfo:
 
 
 @dataclass(frozen=True)
+class TensorInfo:
+    """Where a tensor's bytes are: what an engine reading the file itself (or streaming it) needs."""
+
+    name: str
+    type: int  # GGMLQuantizationType
+    shape: tuple[int, ...]  # numpy order: rows first, the contiguous dimension last
+    offset: int  # from the start of the file
+    n_bytes: int
+
+
+@dataclass(frozen=True)
 class GGUFInfo:
     version: int
     metadata: dict[str, Any]  # scalars and strings as values, arrays as ArrayInfo
     n_tensors: int
     data_end: int  # bytes the file needs to hold every tensor
     file_size: int
+    tensors: tuple[TensorInfo, ...] = ()
 
     @property
     def arch(self) -> str:
@@ -103,16 +115,20 @@ def _parse(buf: memoryview, size: int, path: Path) -> GGUFInfo:
             metadata[key] = reader.value(reader.scalar("<I"))
         alignment = int(metadata.get("general.alignment", 32))
         data_extent = 0
+        table = []
         for _ in range(n_tensors):
-            reader.string()
+            name = reader.string()
             n_dims = reader.scalar("<I")
             if n_dims > 8:
                 raise ModelFileError(f"{path}: corrupt tensor table", hint=_HINT)
+            dims = [reader.scalar("<Q") for _ in range(n_dims)]
             n_elems = 1
-            for _ in range(n_dims):
-                n_elems *= reader.scalar("<Q")
+            for d in dims:
+                n_elems *= d
             ggml_type, offset = reader.scalar("<I"), reader.scalar("<Q")
-            data_extent = max(data_extent, offset + _tensor_bytes(ggml_type, n_elems, path))
+            n_bytes = _tensor_bytes(ggml_type, n_elems, path)
+            data_extent = max(data_extent, offset + n_bytes)
+            table.append((name, ggml_type, tuple(reversed(dims)), offset, n_bytes))
         data_start = -(-reader.pos // alignment) * alignment
     except (struct.error, ValueError, UnicodeDecodeError):
         raise ModelFileError(f"{path}: truncated or corrupt GGUF header", hint=_HINT) from None
@@ -123,7 +139,9 @@ def _parse(buf: memoryview, size: int, path: Path) -> GGUFInfo:
         raise ModelFileError(
             f"{path}: truncated GGUF file ({size} bytes, its tensors need {data_end})", hint=_HINT
         )
-    return GGUFInfo(version=version, metadata=metadata, n_tensors=n_tensors, data_end=data_end, file_size=size)
+    tensors = tuple(TensorInfo(name, t, shape, data_start + off, nb) for name, t, shape, off, nb in table)
+    return GGUFInfo(version=version, metadata=metadata, n_tensors=n_tensors, data_end=data_end, file_size=size,
+                    tensors=tensors)
 
 
 def _tensor_bytes(ggml_type: int, n_elems: int, path: Path) -> int:

@@ -38,6 +38,9 @@ class TinySpec:
     scale: float = 0.5  # weight scale: larger makes sharper (less uniform) next-token distributions
     chat_template: str | None = CHAT_TEMPLATE
     words: tuple[str, ...] = WORDS  # the word pieces after the byte tokens (272 tokens in all)
+    arch: str = "llama"  # or "qwen2" (q/k/v biases, NEOX RoPE) or "qwen3" (q/k norms)
+    n_head_kv: int | None = None  # grouped-query attention when fewer than n_head
+    tied: bool = False  # no output matrix: the embeddings serve as one
 
     @property
     def vocab(self) -> list[str]:
@@ -46,14 +49,16 @@ class TinySpec:
 
 def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     rng = np.random.default_rng(spec.seed)
-    w = GGUFWriter(str(path), "llama")
+    w = GGUFWriter(str(path), spec.arch)
     w.add_name("tiny-test")
     w.add_context_length(spec.n_ctx)
     w.add_embedding_length(spec.n_embd)
     w.add_block_count(spec.n_layers)
     w.add_feed_forward_length(spec.n_ff)
     w.add_head_count(spec.n_head)
-    w.add_head_count_kv(spec.n_head)
+    w.add_head_count_kv(spec.n_head_kv or spec.n_head)
+    if spec.arch != "llama":
+        w.add_rope_freq_base(1e6)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(spec.n_embd // spec.n_head)
     vocab, words = spec.vocab, spec.words
@@ -79,19 +84,31 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
         else:
             w.add_tensor(name, a)
 
-    def norm(name: str) -> None:
-        w.add_tensor(name, np.ones(spec.n_embd, dtype=np.float32))
+    def norm(name: str, size: int = spec.n_embd) -> None:
+        if spec.arch == "llama":  # ones, as the llama tests were written against
+            w.add_tensor(name, np.ones(size, dtype=np.float32))
+        else:
+            w.add_tensor(name, (1 + 0.1 * rng.standard_normal(size)).astype(np.float32))
 
     n, v = spec.n_embd, len(vocab)
+    head_dim = n // spec.n_head
+    n_kv = (spec.n_head_kv or spec.n_head) * head_dim
     emb = (rng.standard_normal((v, n))).astype(np.float32)
     w.add_tensor("token_embd.weight", emb)  # embeddings stay f32 (row lookups)
     norm("output_norm.weight")
-    matrix("output.weight", v, n)
+    if not spec.tied:
+        matrix("output.weight", v, n)
     for i in range(spec.n_layers):
         norm(f"blk.{i}.attn_norm.weight")
         norm(f"blk.{i}.ffn_norm.weight")
-        for t in ("q", "k", "v", "output"):
-            matrix(f"blk.{i}.attn_{t}.weight", n, n)
+        for t, rows in (("q", n), ("k", n_kv), ("v", n_kv), ("output", n)):
+            matrix(f"blk.{i}.attn_{t}.weight", rows, n)
+        if spec.arch == "qwen2":
+            for t, rows in (("q", n), ("k", n_kv), ("v", n_kv)):
+                w.add_tensor(f"blk.{i}.attn_{t}.bias", (0.1 * rng.standard_normal(rows)).astype(np.float32))
+        if spec.arch == "qwen3":
+            norm(f"blk.{i}.attn_q_norm.weight", head_dim)
+            norm(f"blk.{i}.attn_k_norm.weight", head_dim)
         matrix(f"blk.{i}.ffn_gate.weight", spec.n_ff, n)
         matrix(f"blk.{i}.ffn_up.weight", spec.n_ff, n)
         matrix(f"blk.{i}.ffn_down.weight", n, spec.n_ff)
@@ -100,6 +117,19 @@ def build_tiny_model(path: Path, spec: TinySpec = TinySpec()) -> Path:
     w.write_tensors_to_file()
     w.close()
     return path
+
+
+def quantize_model(src: Path, dst: Path, ftype: int) -> Path:
+    """`src` requantized by llama.cpp itself (ftype: llama_cpp.LLAMA_FTYPE_MOSTLY_*), as its
+    own quantize tool would (dimensions must be multiples of 256 for K-quants)."""
+    import llama_cpp
+
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.nthread = 1
+    if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
+        raise RuntimeError(f"llama_model_quantize failed for {src}")
+    return dst
 
 
 _SMOKE = """

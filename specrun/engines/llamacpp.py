@@ -344,3 +344,23 @@ def _gpu_layers(requested: int | None) -> int:
         return -1 if C.llama_supports_gpu_offload() else 0
     return requested
 
+
+
+class VocabOnly:
+    """A GGUF file's vocabulary through llama.cpp without its weights (`vocab_only`): another
+    engine running the same file tokenizes exactly as the llama.cpp engine does."""
+
+    def __init__(self, path: Path) -> None:
+        _init_backend()
+        params = C.llama_model_default_params()
+        params.vocab_only = True
+        params.n_gpu_layers = 0
+        self._model = C.llama_model_load_from_file(str(path).encode(), params)
+        if not self._model:
+            raise EngineError(f"llama.cpp could not read the vocabulary of {path}: {_last_log_error() or 'unknown error'}")
+        self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
+
+    def close(self) -> None:
+        if self._model:
+            C.llama_model_free(self._model)
+            self._model = None

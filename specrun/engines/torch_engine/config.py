@@ -1,0 +1,60 @@
+"""How the torch engine runs a model, and the choices it makes when not told."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from specrun.errors import UsageError
+
+QUANTS = ("nf4", "fp4", "int8")
+DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+
+@dataclass(frozen=True)
+class TorchConfig:
+    device: str = "cpu"  # "cpu", "cuda", "cuda:N"
+    dtype: str | None = None  # compute dtype (a DTYPES key); None: chosen for the device
+    threads: int | None = None  # CPU threads; None: every core
+    quant: str | None = None  # safetensors directories: quantize at load to nf4, fp4 or int8
+    max_tree_nodes: int = 0  # the largest tree the caller will verify in one pass
+
+
+def resolve_device(name: str) -> torch.device:
+    """The torch device, checked: a one-line error where CUDA is asked for and missing."""
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise UsageError(f"unknown device '{name}'", hint="use --device cpu or --device cuda") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise UsageError("no CUDA device: this torch build or machine has no GPU it can use",
+                             hint="use --device cpu, or install a CUDA build of torch")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise UsageError(f"no CUDA device {device.index} (this machine has {torch.cuda.device_count()})")
+    elif device.type != "cpu":
+        raise UsageError(f"the torch engine runs on cpu or cuda, not '{name}'")
+    return device
+
+
+def cpu_has_bf16() -> bool:
+    """Whether this CPU multiplies bfloat16 natively (AVX-512 BF16 or AMX): there bf16 matrices
+    run at about twice the speed of float32 (one pass reads half the bytes); elsewhere bf16
+    is emulated and slower than float32."""
+    try:
+        flags = Path("/proc/cpuinfo").read_text()
+    except OSError:
+        return False
+    return " avx512_bf16" in flags or " amx_bf16" in flags
+
+
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    if name is not None:
+        if name not in DTYPES:
+            raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPES)}")
+        return DTYPES[name]
+    if device.type == "cuda":
+        return torch.bfloat16
+    return torch.bfloat16 if cpu_has_bf16() else torch.float32

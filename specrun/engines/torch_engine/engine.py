@@ -1,0 +1,208 @@
+"""The torch engine: the engine contract on `model.Transformer` and a static `KVCache`.
+
+Trees of any size the cache has room for are verified in one pass: node i
+writes its keys and values to slot kv_len + i, sits at position
+kv_len + depth[i], and attends to the committed slots and its ancestors'
+slots (a boolean mask for SDPA). `commit_path` moves the path's rows down
+to follow the committed ones. Logits stay on the device until read.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+
+from specrun.engines.base import CacheMixin, top_k_of
+from specrun.engines.torch_engine.cache import KVCache
+from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
+from specrun.engines.torch_engine.loading import LoadedModel, load_model
+from specrun.engines.torch_engine.model import Batch, Transformer
+from specrun.errors import UsageError
+
+PREFILL_CHUNK = 512  # prompt tokens per pass: bounds the activations of a long prompt
+
+
+class TorchLogits:
+    """Rows [n, n_vocab] float32 on the engine's device; a row reaches the host only when read."""
+
+    def __init__(self, engine: "TorchEngine", rows: torch.Tensor) -> None:
+        self._engine, self._epoch, self._rows = engine, engine._epoch, rows
+
+    def _view(self, i: int) -> torch.Tensor:
+        if self._engine._epoch != self._epoch:
+            raise RuntimeError("logits read after the engine's next pass")
+        return self._rows[i]
+
+    def __len__(self) -> int:
+        return self._rows.shape[0]
+
+    def row(self, i: int) -> np.ndarray:
+        return self._view(i).cpu().numpy().copy()
+
+    def argmax(self, i: int) -> int:
+        return int(torch.argmax(self._view(i)))  # the first maximum: the lowest id on ties
+
+    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        row = self._view(i)
+        if row.device.type == "cpu":
+            return top_k_of(row.numpy(), k)
+        k = min(k, row.numel())
+        values, ids = torch.topk(row, k)
+        probs = torch.exp(values.double() - torch.logsumexp(row.double(), 0))
+        ids_np, probs_np = ids.cpu().numpy(), probs.cpu().numpy()
+        order = np.lexsort((ids_np, -probs_np))  # likeliest first, lowest id among equals
+        return ids_np[order], probs_np[order]
+
+
+class TorchEngine(CacheMixin):
+    def __init__(self, path: Path, config: TorchConfig = TorchConfig()) -> None:
+        self.config, self.path = config, path
+        self.device_obj = resolve_device(config.device)
+        self.device = str(self.device_obj)
+        self.dtype = resolve_dtype(config.dtype, self.device_obj)
+        if self.device_obj.type == "cpu":
+            torch.set_num_threads(config.threads or os.cpu_count() or 1)
+        self.loaded: LoadedModel = load_model(path, self.device_obj, self.dtype, config.quant)
+        self.args = self.loaded.args
+        self.vocab = self.loaded.vocab
+        self.n_ctx_train = self.args.n_ctx_train
+        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.dtype)
+        self.weight_bytes = self.loaded.weights.nbytes
+        self._cache: KVCache | None = None
+        self._tokens: list[int] = []
+        self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
+        self._epoch = 0
+
+    def settings_key(self) -> str:
+        where = self.device
+        if self.device_obj.type == "cuda":
+            where += f" {torch.cuda.get_device_name(self.device_obj)}"
+        threads = self.config.threads or os.cpu_count()
+        return (f"torch {torch.__version__}, engine torch, device {where}, dtype {str(self.dtype)[6:]}, "
+                f"threads {threads}, weights {self.loaded.storage}")
+
+    # --- cache -------------------------------------------------------------------
+
+    def open(self, n_ctx: int) -> None:
+        self.settle()
+        self._epoch += 1
+        self._cache = None  # free the old one first
+        a = self.args
+        self._cache = KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, self.dtype, self.device_obj)
+        self._tokens, self._tree = [], []
+
+    @property
+    def n_ctx(self) -> int:
+        return self._cache.n_ctx if self._cache is not None else 0
+
+    @property
+    def kv_len(self) -> int:
+        return len(self._tokens)
+
+    @property
+    def tokens(self) -> Sequence[int]:
+        return tuple(self._tokens)
+
+    @property
+    def max_tree_nodes(self) -> int:
+        """Trees are bounded by cache room only; this is the size the session asked for."""
+        return self.config.max_tree_nodes
+
+    def _forward(self, batch: Batch) -> TorchLogits:
+        assert self._cache is not None
+        self._epoch += 1
+        return TorchLogits(self, self.model.forward(batch, self._cache))
+
+    def _tensor(self, values: Sequence[int] | np.ndarray) -> torch.Tensor:
+        return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device_obj)
+
+    def eval(self, tokens: Sequence[int]) -> TorchLogits:
+        self.settle()
+        if self._cache is None:
+            raise RuntimeError("eval before open()")
+        if not tokens:
+            raise ValueError("eval of no tokens")
+        self._drop_tree()
+        if self.kv_len + len(tokens) > self.n_ctx:
+            raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
+        logits: TorchLogits | None = None
+        for start in range(0, len(tokens), PREFILL_CHUNK):
+            chunk = list(tokens[start:start + PREFILL_CHUNK])
+            base, n = self.kv_len, len(chunk)
+            slots = self._tensor(np.arange(base, base + n))
+            mask = None
+            if n > 1:  # causal: token i sees slots up to base + i
+                mask = torch.arange(base + n, device=self.device_obj)[None, :] <= slots[:, None]
+            last = start + n == len(tokens)
+            out = self._tensor([n - 1] if last else [])
+            logits = self._forward(Batch(self._tensor(chunk), slots, slots, base + n, mask, out))
+            self._tokens.extend(chunk)
+        assert logits is not None
+        return logits
+
+    def rewind(self, n_tokens: int) -> None:
+        self.settle()
+        self._drop_tree()
+        del self._tokens[n_tokens:]  # the rows after it are overwritten by later passes
+
+    # --- trees -----------------------------------------------------------------------
+
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                  start: int = 0) -> TorchLogits:
+        self.settle()
+        if self._cache is None:
+            raise RuntimeError("eval_tree before open()")
+        n, base = len(tokens), self.kv_len
+        if start != len(self._tree):
+            raise ValueError(f"{len(self._tree)} nodes are evaluated; cannot continue from {start}")
+        if not start < n:
+            raise ValueError("eval_tree of no new nodes")
+        if base + n > self.n_ctx:  # every node takes a slot of the cache
+            raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
+        new = np.arange(start, n)
+        mask = torch.ones((n - start, base + n), dtype=torch.bool)
+        mask[:, base:] = torch.from_numpy(ancestor_matrix(parents)[start:])
+        batch = Batch(ids=self._tensor(tokens[start:]), positions=self._tensor(base + np.asarray(depths[start:])),
+                      slots=self._tensor(base + new), end=base + n, mask=mask.to(self.device_obj))
+        logits = self._forward(batch)
+        self._tree = list(tokens)
+        return logits
+
+    def commit_path(self, path: Sequence[int]) -> None:
+        self.settle()
+        assert self._cache is not None
+        base = self.kv_len
+        if list(path) != list(range(len(path))):  # a prefix of the slots is already in place
+            self._cache.move(self._tensor(base + np.asarray(path)), self._tensor(base + np.arange(len(path))))
+        self._tokens += [self._tree[i] for i in path]
+        self._tree = []
+
+    def _drop_tree(self) -> None:
+        self._tree = []  # its rows sit after kv_len, where the next pass overwrites them
+
+    def close(self) -> None:
+        self.close_worker()
+        self._epoch += 1
+        self._cache = None
+        self.loaded.close()
+
+    def __enter__(self) -> "TorchEngine":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+def ancestor_matrix(parents: Sequence[int]) -> np.ndarray:
+    """[n, n] bool: [i, j] when node j is node i or one of its ancestors (parents[i] < i)."""
+    n = len(parents)
+    anc = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            anc[i] = anc[p]
+        anc[i, i] = True
+    return anc

@@ -1,0 +1,121 @@
+"""The forward pass of a decoder-only transformer (llama, Mistral, Qwen2, Qwen3).
+
+Pure functions of the weights, the cache and the batch; no state of its own
+beyond precomputed RoPE frequencies. A batch is n tokens with their positions,
+the cache slots their keys and values go to, and which cache slots each may
+attend to (a boolean mask, or None for "all slots before `end`"). Plain
+decoding, prefill and tree verification are the same call.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+
+from specrun.engines.torch_engine.arch import ModelArgs
+from specrun.engines.torch_engine.cache import KVCache
+from specrun.engines.torch_engine.weights import LayerWeights, ModelWeights
+
+
+@dataclass
+class Batch:
+    ids: torch.Tensor  # [n] int64 token ids
+    positions: torch.Tensor  # [n] int64 RoPE positions
+    slots: torch.Tensor  # [n] int64 cache slots the tokens' keys and values are written to
+    end: int  # tokens attend to cache slots [0, end) ...
+    mask: torch.Tensor | None  # ... where this is True: [n, end] bool; None: all of them
+    out_rows: torch.Tensor | None = None  # rows whose logits are wanted (None: all)
+
+
+class Rope:
+    """Rotary position embedding, paired as llama.cpp pairs it for the architecture."""
+
+    def __init__(self, args: ModelArgs, factors: torch.Tensor | None, device: torch.device) -> None:
+        half = args.rope_dim // 2
+        # theta_i = base^(-2i/d), the same float32 powers llama.cpp takes (divided by Llama 3.1's factors)
+        inv = torch.pow(torch.tensor(args.rope_base, dtype=torch.float32),
+                        -torch.arange(half, dtype=torch.float32) * 2.0 / args.rope_dim)
+        if factors is not None:
+            inv = inv / factors.float().cpu()
+        self.inv_freq = (inv * args.rope_scale).to(device)  # [half]
+        self.dim, self.neox = args.rope_dim, args.rope_neox
+
+    def __call__(self, x: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
+        """x [n, heads, head_dim] -> the same, its first rope_dim dims rotated by position."""
+        angles = positions.float()[:, None] * self.inv_freq[None, :]  # [n, half]
+        cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # [n, 1, half]
+        rot, rest = x[..., :self.dim].float(), x[..., self.dim:]
+        if self.neox:  # dim i pairs with dim i + half
+            a, b = rot[..., :self.dim // 2], rot[..., self.dim // 2:]
+            out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
+        else:  # adjacent dims (2i, 2i + 1) pair
+            a, b = rot[..., 0::2], rot[..., 1::2]
+            out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
+        return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.shape[-1] else out.to(x.dtype)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """llama.cpp's RMSNorm, in float32 whatever the compute dtype."""
+    xf = x.float()
+    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+
+
+class Transformer:
+    def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device, dtype: torch.dtype) -> None:
+        self.args, self.weights, self.device, self.dtype = args, weights, device, dtype
+        self.rope = Rope(args, weights.rope_factors, device)
+
+    def layers(self) -> Sequence[LayerWeights]:
+        """The decoder layers in order (a streamed placement replaces this with its own source)."""
+        return self.weights.layers
+
+    @torch.inference_mode()
+    def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
+        """Logits [m, n_vocab] float32 for the batch's `out_rows` (m of n), after writing its
+        keys and values into the cache."""
+        a, w = self.args, self.weights
+        x = w.embed(batch.ids).to(self.dtype)  # [n, n_embd]
+        mask = None if batch.mask is None else _grouped_mask(batch.mask, a.n_head // a.n_head_kv)
+        for i, layer in enumerate(self.layers()):
+            x = self._layer(i, layer, x, batch, mask, cache)
+        if batch.out_rows is not None:
+            x = x[batch.out_rows]
+        return w.output(rms_norm(x, w.norm, a.norm_eps)).float()
+
+    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, batch: Batch, mask: torch.Tensor | None,
+               cache: KVCache) -> torch.Tensor:
+        a, n = self.args, x.shape[0]
+        h = rms_norm(x, w.attn_norm, a.norm_eps)
+        q = w.q(h).view(n, a.n_head, a.head_dim)
+        k = w.k(h).view(n, a.n_head_kv, a.head_dim)
+        v = w.v(h).view(n, a.n_head_kv, a.head_dim)
+        if w.q_norm is not None and w.k_norm is not None:
+            q, k = rms_norm(q, w.q_norm, a.norm_eps), rms_norm(k, w.k_norm, a.norm_eps)
+        q, k = self.rope(q, batch.positions), self.rope(k, batch.positions)
+        cache.write(i, batch.slots, k, v)
+        keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
+        attn = _attention(q, keys, values, mask)  # [n, n_head * head_dim]
+        x = x + w.o(attn)
+        h = rms_norm(x, w.ffn_norm, a.norm_eps)
+        return x + w.down(F.silu(w.gate(h)) * w.up(h))
+
+
+def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
+    """[n, end] -> [group * n, end]: the queries of one KV head's group, stacked (see _attention)."""
+    return mask.repeat(group, 1) if group > 1 else mask
+
+
+def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Grouped-query attention without copying the cache per query head: the group of query
+    heads sharing a KV head is folded into the query rows. q [n, n_head, d], keys/values
+    [n_kv, end, d], mask [group * n, end] -> [n, n_head * d]."""
+    n, n_head, d = q.shape
+    n_kv = keys.shape[0]
+    group = n_head // n_kv
+    # head h uses KV head h // group: [n, n_kv, group, d] -> [n_kv, group * n, d]
+    qg = q.view(n, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * n, d)
+    out = F.scaled_dot_product_attention(qg.to(keys.dtype), keys, values, attn_mask=mask)  # [n_kv, group*n, d]
+    return out.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_head * d).to(q.dtype)
