@@ -3,7 +3,6 @@
 Each factory opens a tiny f32 model with room for trees; references are the
 same engine kind evaluating plain sequences, so what is checked is the
 contract (trees, commits, prefix reuse, lazy logits), not one backend's maths.
-The torch engine joins ENGINES when it lands.
 """
 
 from __future__ import annotations
@@ -27,7 +26,13 @@ def _llamacpp(path: Path, max_tree_nodes: int) -> Engine:
     return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes))
 
 
-ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp}
+def _torch(path: Path, max_tree_nodes: int) -> Engine:
+    from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+    return TorchEngine(path, TorchConfig(dtype="float32", threads=1, max_tree_nodes=max_tree_nodes))
+
+
+ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch}
 
 
 @pytest.fixture(params=sorted(ENGINES))

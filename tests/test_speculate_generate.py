@@ -140,12 +140,21 @@ class LikelySpeculator(RandomSpeculator):
         return tree
 
 
-def test_next_tokens_follow_the_target_distribution(sharp_model: Path) -> None:
+def _open_target(kind: str, path: Path):
+    if kind == "torch":
+        from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+        return TorchEngine(path, TorchConfig(dtype="float32", threads=1, max_tree_nodes=63))
+    return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, max_tree_nodes=63))
+
+
+@pytest.mark.parametrize("kind", ["llama.cpp", "torch"])
+def test_next_tokens_follow_the_target_distribution(sharp_model: Path, kind: str) -> None:
     """Independent seeds: the first 3 generated tokens over 2000 runs each, speculative
-    against plain, compared with a two-sample chi-square test (p = 0.001)."""
+    against plain, compared with a two-sample chi-square test (p = 0.001), on each engine."""
     counts: dict[str, dict[tuple[int, ...], int]] = {"plain": {}, "spec": {}}
     accepted = 0
-    with LlamaCppEngine(sharp_model, LlamaCppConfig(n_threads=1, max_tree_nodes=63)) as e:
+    with _open_target(kind, sharp_model) as e:
         e.open(128)
         prompt = e.vocab.tokenize("hello")
         likely = {}

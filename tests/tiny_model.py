@@ -132,6 +132,33 @@ def quantize_model(src: Path, dst: Path, ftype: int) -> Path:
     return dst
 
 
+def dequantized_twin(src: Path, dst: Path) -> Path:
+    """`src` with every tensor dequantized to f32 by the gguf package (same header): what a
+    quantized file computes, free of llama.cpp's 8-bit rounding of activations in its
+    quantized dot products."""
+    from gguf import GGUFReader
+    from gguf.quants import dequantize
+
+    r = GGUFReader(str(src))
+    w = GGUFWriter(str(dst), str(r.fields["general.architecture"].contents()))
+    for key, f in r.fields.items():
+        if key.startswith("GGUF.") or key == "general.architecture":
+            continue
+        kind = f.types[0]
+        if kind.name == "ARRAY":
+            w.add_key_value(key, f.contents(), kind, sub_type=f.types[-1])
+        else:
+            w.add_key_value(key, f.contents(), kind)
+    for t in r.tensors:
+        shape = tuple(int(d) for d in reversed(t.shape))
+        w.add_tensor(t.name, dequantize(np.asarray(t.data), t.tensor_type).reshape(shape).astype(np.float32))
+    w.write_header_to_file()
+    w.write_kv_data_to_file()
+    w.write_tensors_to_file()
+    w.close()
+    return dst
+
+
 _SMOKE = """
 import sys
 from pathlib import Path

@@ -161,6 +161,8 @@ class TorchEngine(CacheMixin):
             raise ValueError(f"{len(self._tree)} nodes are evaluated; cannot continue from {start}")
         if not start < n:
             raise ValueError("eval_tree of no new nodes")
+        if n > self.max_tree_nodes:
+            raise ValueError(f"a tree of {n} nodes exceeds the {self.max_tree_nodes} this engine was opened for")
         if base + n > self.n_ctx:  # every node takes a slot of the cache
             raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
         new = np.arange(start, n)
