@@ -132,7 +132,7 @@ def planned_weight_bytes(model: Path, placement: Placement = Placement()) -> int
     if engine_for(model, placement) == "llama.cpp":
         from specrun.gguf_file import read_gguf
 
-        return read_gguf(model).data_end  # tensor data plus the (small) header before it
+        return sum(t.n_bytes for t in read_gguf(model).tensors)
     device = torch_device(placement)
     with _torch_needed():
         from specrun.engines.torch_engine import TorchConfig, planned_weight_bytes as torch_bytes
