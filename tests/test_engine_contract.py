@@ -16,6 +16,7 @@ import pytest
 from specrun.engines import Engine, Placement, open_engine
 from specrun.engines.base import top_k_of
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from tests.conftest import torch_devices
 
 TOL = dict(rtol=1e-3, atol=2e-3)  # batch shapes change f32 rounding only
 
@@ -26,13 +27,18 @@ def _llamacpp(path: Path, max_tree_nodes: int) -> Engine:
     return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes))
 
 
-def _torch(path: Path, max_tree_nodes: int) -> Engine:
-    from specrun.engines.torch_engine import TorchConfig, TorchEngine
+def _torch(device: str) -> EngineFactory:
+    def factory(path: Path, max_tree_nodes: int) -> Engine:
+        from specrun.engines.torch_engine import TorchConfig, TorchEngine
 
-    return TorchEngine(path, TorchConfig(dtype="float32", threads=1, max_tree_nodes=max_tree_nodes))
+        return TorchEngine(path, TorchConfig(device=device, dtype="float32", threads=1, max_tree_nodes=max_tree_nodes))
+
+    return factory
 
 
-ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch}
+ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch("cpu")}
+if torch_devices()[1:]:  # on a machine with a GPU, the torch engine there too
+    ENGINES["torch-cuda"] = _torch("cuda")
 
 
 @pytest.fixture(params=sorted(ENGINES))

@@ -27,6 +27,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
 from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
+from tests.conftest import torch_devices
 from tests.tiny_model import TinySpec, build_tiny_model, dequantized_twin, quantize_model
 
 TEXT = "def fib(n): return the world hello print a"
@@ -50,10 +51,13 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[tuple[str, str], Pa
     return out
 
 
-def both_engines(path: Path) -> tuple[np.ndarray, np.ndarray, TorchEngine]:
+DEVICES = torch_devices()
+
+
+def both_engines(path: Path, device: str = "cpu") -> tuple[np.ndarray, np.ndarray, TorchEngine]:
     """Logits at every position of TEXT from each engine: ([n, vocab], [n, vocab], the torch engine)."""
     ref = LlamaCppEngine(path, LlamaCppConfig(n_threads=1))
-    ours = TorchEngine(path, TorchConfig(dtype="float32", threads=1))
+    ours = TorchEngine(path, TorchConfig(device=device, dtype="float32", threads=1))
     try:
         ref.open(128)
         ours.open(128)
@@ -70,17 +74,19 @@ def cosines(a: np.ndarray, b: np.ndarray) -> np.ndarray:
     return (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_f32_logits_match_llama_cpp_at_every_position(models, name: str) -> None:
-    a, b, ours = both_engines(models[name, "f32"])
+def test_f32_logits_match_llama_cpp_at_every_position(models, name: str, device: str) -> None:
+    a, b, ours = both_engines(models[name, "f32"], device)
     ours.close()
     assert cosines(a, b).min() > 0.999
     np.testing.assert_array_equal(a.argmax(1), b.argmax(1))
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("ftype", ["q8_0", "q4_k_m"])
 @pytest.mark.parametrize("name", sorted(SHAPES))
-def test_quantized_logits_match_llama_cpp(models, name: str, ftype: str, tmp_path: Path) -> None:
+def test_quantized_logits_match_llama_cpp(models, name: str, ftype: str, device: str, tmp_path: Path) -> None:
     """Against llama.cpp on the dequantized twin: cosine > 0.999 and every argmax (the
     dequantization and the forward pass are exact). Against llama.cpp on the quantized file:
     cosine > 0.98 at every position (its 8-bit activations move logits by a few percent)."""
@@ -88,7 +94,7 @@ def test_quantized_logits_match_llama_cpp(models, name: str, ftype: str, tmp_pat
     twin = dequantized_twin(quantized, tmp_path / "twin.gguf")
     reference, _, ours = both_engines(twin)
     ours.close()
-    direct, b, ours = both_engines(quantized)
+    direct, b, ours = both_engines(quantized, device)
     ours.close()
     assert cosines(reference, b).min() > 0.999
     np.testing.assert_array_equal(reference.argmax(1), b.argmax(1))
