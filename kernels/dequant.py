@@ -25,24 +25,35 @@ def _triton_ready() -> bool:
 
 
 def dequantize(
-    raw: torch.Tensor, qtype: int, shape: tuple[int, ...], dtype: torch.dtype = torch.float32
+    raw: torch.Tensor,
+    qtype: int,
+    shape: tuple[int, ...],
+    dtype: torch.dtype = torch.float32,
+    out: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """uint8 bytes (1-D or [rows, row_bytes]) -> dtype [*shape] on raw's device.
 
     shape is numpy order (rows, cols): the last dim is contiguous and a multiple of the
-    type's block size. Raises UnsupportedType for types outside SUPPORTED.
+    type's block size. out (contiguous, dtype, shape, raw's device), when given, is
+    written and returned: engines that stream layers reuse one buffer instead of paying
+    for a fresh allocation each time. Raises UnsupportedType for types outside SUPPORTED.
     """
     shape = tuple(int(s) for s in shape)
     check_layout(raw, qtype, shape)
+    if out is not None and (out.shape != shape or out.dtype != dtype or out.device != raw.device
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {raw.device}")
     if raw.is_cuda and dtype in (torch.float32, torch.float16, torch.bfloat16) and _triton_ready():
         from .dequant_triton import dequantize_triton
 
-        return dequantize_triton(raw, qtype, shape, dtype)
+        return dequantize_triton(raw, qtype, shape, dtype, out=out)
     if raw.device.type == "cpu":
+        if dtype == torch.float32:
+            return dequantize_cpu(raw, qtype, shape, out=out)
         values = dequantize_cpu(raw, qtype, shape)
     else:
         values = dequantize_reference(raw, qtype, shape)
-    return values.to(dtype)
+    return values.to(dtype) if out is None else out.copy_(values)
 
 
 def dequantize_rows(

@@ -78,7 +78,7 @@ def _functions() -> dict[int, ctypes._CFuncPtr]:
 def ggml_available(qtype: int | None = None) -> bool:
     """Whether ggml's routine (for qtype, or for any type) can be called here."""
     fns = _functions()
-    return bool(fns) if qtype is None else (int(qtype) == int(T.F32) or int(qtype) in fns)
+    return bool(fns) if qtype is None else (int(qtype) == int(T.F32) or int(qtype) in fns)  # F32 is a copy
 
 
 @functools.cache
@@ -87,25 +87,38 @@ def _pool(threads: int) -> ThreadPoolExecutor:
     return ThreadPoolExecutor(max_workers=threads, thread_name_prefix="specrun-dequant")
 
 
-def dequantize_cpu(raw: torch.Tensor, qtype: int, shape: tuple[int, ...], threads: int | None = None) -> torch.Tensor:
+def dequantize_cpu(
+    raw: torch.Tensor,
+    qtype: int,
+    shape: tuple[int, ...],
+    threads: int | None = None,
+    out: torch.Tensor | None = None,
+) -> torch.Tensor:
     """uint8 bytes on the CPU (1-D or [rows, row_bytes]) -> float32 [*shape], via ggml's routines.
 
     threads defaults to torch.get_num_threads(); the blocks are split into that many
-    contiguous ranges. Falls back to dequantize_reference when ggml's library or this
-    type's symbol is missing (same values, slower).
+    contiguous ranges. out, a contiguous float32 CPU tensor of shape, is written and
+    returned: reusing one saves the page faults of a fresh large allocation, which here
+    cost several times the dequantization itself (see kernels/README.md). Falls back to
+    dequantize_reference when ggml's library or this type's symbol is missing (same
+    values, slower).
     """
     block_size, type_size = check_layout(raw, qtype, shape)
     if raw.device.type != "cpu":
         raise ValueError(f"dequantize_cpu needs a CPU tensor, got one on {raw.device}")
     qtype = int(qtype)
     raw = raw.contiguous()
-    if qtype == int(T.F32):
-        return raw.view(torch.float32).reshape(shape).clone()
+    if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu"
+                            or not out.is_contiguous()):
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {shape}")
+    if qtype == int(T.F32) and out is not None:
+        return out.copy_(raw.view(torch.float32).reshape(shape))
     fn = _functions().get(qtype)
-    if fn is None:
-        return dequantize_reference(raw, qtype, shape)
+    if fn is None:  # F32 too: a copy is all it takes
+        values = dequantize_reference(raw, qtype, shape)
+        return values if out is None else out.copy_(values)
 
-    out = torch.empty(shape, dtype=torch.float32)
+    out = torch.empty(shape, dtype=torch.float32) if out is None else out
     n_blocks = raw.numel() // type_size
     threads = max(1, threads or torch.get_num_threads())
     threads = max(1, min(threads, n_blocks * block_size // _MIN_VALUES_PER_THREAD, n_blocks))
