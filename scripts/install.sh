@@ -65,7 +65,7 @@ PY
 }
 
 # The newest torch CPU build (X+cpu) pip's configuration already offers for this Python, if any:
-# `pip index versions` lists what the configured indexes and find-links hold, downloading nothing.
+# `pip index versions` lists what the configured indexes and find-links hold, downloading no wheel.
 offered_cpu_torch() {
   { "${PIP[@]}" index versions torch --json 2>/dev/null || true; } | .venv/bin/python -c '
 import json, sys
