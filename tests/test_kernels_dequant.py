@@ -65,7 +65,8 @@ def test_reference_on_gguf_quantized_floats(qtype: T) -> None:
 
 @pytest.mark.parametrize("threads", [1, 3])
 @pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
-def test_ggml_cpu_path_is_bit_exact_with_reference(qtype: T, threads: int) -> None:
+def test_cpu_fast_path_is_bit_exact_with_reference(qtype: T, threads: int) -> None:
+    """ggml's routines (torch's cast for F16/F32); CI has llama_cpp, so the fast path must be there."""
     assert dequant_cpu.ggml_available(qtype), "llama_cpp's libggml-base or its routine is missing"
     rows, cols = 64, 4096  # enough values for 3 threads to each get a range
     raw = torch.from_numpy(random_bytes(qtype, rows, cols, seed=2))
