@@ -6,7 +6,8 @@ bytes as [blocks, sub-blocks, 32] tiles whose last dim is contiguous in memory (
 loads and stores vectorize). Values are computed in float32 in gguf's order
 ((d * sc) * q - dmin * m), compiled without fused multiply-adds
 (enable_fp_fusion=False), so float32 output is bit-exact with the reference and
-bf16/f16 output is the reference rounded to nearest even.
+bf16/f16 output is the reference rounded to nearest even. F16/BF16/F32 tensors go
+through one elementwise cast kernel.
 
 Triton is imported under a guard: on a machine without it (CPU-only) this module still
 imports and `available()` is False.
@@ -139,6 +140,13 @@ if triton is not None:
         y = d * q.to(tl.float32)
         tl.store(out + b3 * 32 + hi * 16 + lane, y.to(out.dtype.element_ty), mask=ok3)
 
+    @triton.jit
+    def _cast_kernel(src, out, n, BLOCK: tl.constexpr):
+        # F16/BF16/F32 values -> out's dtype through float32 (exact widening, then one rounding)
+        i = tl.program_id(0).to(tl.int64) * BLOCK + tl.arange(0, BLOCK)
+        ok = i < n
+        tl.store(out + i, tl.load(src + i, mask=ok).to(tl.float32).to(out.dtype.element_ty), mask=ok)
+
     # type id -> (kernel, blocks per program, warps): 2048-4096 values per program. Picked
     # on an H100 over 2-128 blocks x 2-8 warps; these run at 2.3-2.9 TB/s (bytes read +
     # written) on a 16384x8192 matrix, where the others were at most a few % faster.
@@ -153,9 +161,16 @@ if triton is not None:
 
 def _float_values(raw: torch.Tensor, qtype: int, out: torch.Tensor) -> torch.Tensor:
     """F16/BF16/F32: a reinterpretation and one cast into out (exact widening, or one
-    rounding of the exact value: the same as reference.to(dtype)); never aliases raw."""
-    src = {int(T.F16): torch.float16, int(T.BF16): torch.bfloat16, int(T.F32): torch.float32}[qtype]
-    return out.copy_(raw.view(src).reshape(out.shape))
+    rounding of the exact value: the same as reference.to(dtype)); never aliases raw.
+
+    A Triton cast where Triton is there: torch's f16 -> bf16 copy ran at 1.4 TB/s on an
+    H100, this at about 2.8."""
+    src = raw.view({int(T.F16): torch.float16, int(T.BF16): torch.bfloat16, int(T.F32): torch.float32}[qtype])
+    if triton is None:
+        return out.copy_(src.reshape(out.shape))
+    block = 4096
+    _cast_kernel[(triton.cdiv(src.numel(), block),)](src, out, src.numel(), BLOCK=block, num_warps=8)
+    return out
 
 
 def dequantize_triton(
@@ -182,18 +197,18 @@ def dequantize_triton(
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {raw.device}")
     out = torch.empty(shape, dtype=dtype, device=raw.device) if out is None else out
-    if qtype in (int(T.F16), int(T.BF16), int(T.F32)):
-        return _float_values(raw, qtype, out)
-    if triton is None:
-        raise RuntimeError(f"Triton is not installed: cannot dequantize {type_name(qtype)} on CUDA with it")
-    kernel, blocks, warps = _KERNELS[qtype]
-    n_blocks = raw.numel() // type_size
-    if n_blocks == 0:
+    if raw.numel() == 0:
         return out
-    grid = (triton.cdiv(n_blocks, blocks),)
     # Triton launches on the current device: switch only when raw lives elsewhere (the switch costs µs).
     switch = torch.cuda.device(raw.device) if raw.device.index != torch.cuda.current_device() else nullcontext()
     with switch:
+        if qtype in (int(T.F16), int(T.BF16), int(T.F32)):
+            return _float_values(raw, qtype, out)
+        if triton is None:
+            raise RuntimeError(f"Triton is not installed: cannot dequantize {type_name(qtype)} on CUDA with it")
+        kernel, blocks, warps = _KERNELS[qtype]
+        n_blocks = raw.numel() // type_size
+        grid = (triton.cdiv(n_blocks, blocks),)
         kernel[grid](raw, raw.view(torch.float16), out, n_blocks, BLOCKS=blocks, num_warps=warps,
                      enable_fp_fusion=False)
     return out

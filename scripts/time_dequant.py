@@ -62,7 +62,8 @@ def median_seconds(fn: Callable[[], object], runs: int, cuda: bool) -> float:
 def gpu_seconds(fn: Callable[[], object], runs: int) -> float:
     """Median GPU time of fn from CUDA events, without the host's launch cost: a 256 MB memset
     before each run evicts L2 and keeps the GPU busy while the host prepares the launch."""
-    fn()
+    for _ in range(10):  # warm-up, and time for the GPU's clocks to rise after the CPU rows
+        fn()
     flush = torch.empty(256 << 20, dtype=torch.uint8, device="cuda")
     events = []
     for _ in range(runs):
