@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
-from .gguf_reference import check_layout, dequantize_reference
+from .gguf_reference import aligned, check_layout, dequantize_reference
 
 _SYMBOLS: dict[int, str] = {
     int(T.Q4_K): "dequantize_row_q4_K",
@@ -115,7 +115,7 @@ def dequantize_cpu(
     if raw.device.type != "cpu":
         raise ValueError(f"dequantize_cpu needs a CPU tensor, got one on {raw.device}")
     qtype = int(qtype)
-    raw = raw.contiguous()
+    raw = aligned(raw)
     if out is not None and (out.shape != shape or out.dtype != torch.float32 or out.device.type != "cpu"
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {shape}")

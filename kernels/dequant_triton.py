@@ -20,7 +20,7 @@ from contextlib import nullcontext
 import torch
 from gguf import GGMLQuantizationType as T
 
-from .gguf_reference import check_layout, type_name
+from .gguf_reference import aligned, check_layout, type_name
 
 try:  # Triton ships with CUDA builds of torch only.
     import triton
@@ -190,9 +190,7 @@ def dequantize_triton(
         raise ValueError(f"dequantize_triton needs a CUDA tensor, got one on {raw.device}")
     if dtype not in _OUT_DTYPES:
         raise ValueError(f"output dtype must be one of {_OUT_DTYPES}, not {dtype}")
-    raw = raw.contiguous().reshape(-1)
-    if raw.storage_offset() % 2:  # the f16 view below needs 2-byte alignment
-        raw = raw.clone()
+    raw = aligned(raw).reshape(-1)  # the f16/f32 views below need it
     if out is not None and (out.shape != shape or out.dtype != dtype or out.device != raw.device
                             or not out.is_contiguous()):
         raise ValueError(f"out must be a contiguous {dtype} tensor of shape {shape} on {raw.device}")

@@ -178,6 +178,13 @@ def check_layout(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> tuple
     return block_size, type_size
 
 
+def aligned(raw: torch.Tensor) -> torch.Tensor:
+    """raw, contiguous and at a 4-byte-aligned storage offset: viewing bytes as f16/f32
+    needs it, and a slice of a buffer (a tensor inside a GGUF file) may lack it."""
+    raw = raw.contiguous()
+    return raw.clone() if raw.storage_offset() % 4 else raw
+
+
 def dequantize_reference(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) -> torch.Tensor:
     """uint8 bytes (1-D or [rows, row_bytes]) -> float32 [*shape] on raw's device.
 
@@ -185,5 +192,5 @@ def dequantize_reference(raw: torch.Tensor, qtype: int, shape: tuple[int, ...]) 
     gguf.quants.dequantize of the same bytes.
     """
     _, type_size = check_layout(raw, qtype, shape)
-    blocks = raw.reshape(-1, type_size)  # [n_blocks, type_size]
+    blocks = aligned(raw).reshape(-1, type_size)  # [n_blocks, type_size]
     return _BLOCKS[int(qtype)](blocks).reshape(shape)

@@ -105,6 +105,19 @@ def test_dequantize_rows_matches_slicing_the_whole(qtype: T) -> None:
     assert torch.equal(dequantize_rows(raw.reshape(-1), int(qtype), [4], cols, torch.bfloat16), whole[[4]].bfloat16())
 
 
+@pytest.mark.parametrize("qtype", TYPES, ids=lambda t: t.name)
+def test_bytes_at_an_odd_offset_in_a_buffer(qtype: T) -> None:
+    """A tensor sliced out of a file's buffer need not be aligned for f16/f32 views."""
+    raw = random_bytes(qtype, 2, 256, seed=7).reshape(-1)
+    buffer = torch.zeros(raw.size + 1, dtype=torch.uint8)
+    buffer[1:] = torch.from_numpy(raw)
+    want = gguf_values(raw.reshape(2, -1), qtype)
+    assert torch.equal(dequantize_reference(buffer[1:], int(qtype), (2, 256)), want)
+    assert torch.equal(dequantize(buffer[1:], int(qtype), (2, 256)), want)
+    if torch.cuda.is_available():
+        assert torch.equal(dequantize(buffer.cuda()[1:], int(qtype), (2, 256)), want.cuda())
+
+
 @pytest.mark.parametrize("qtype", [int(T.Q2_K), 999])
 def test_unsupported_type_names_it_and_the_supported_ones(qtype: int) -> None:
     raw = torch.zeros(84, dtype=torch.uint8)
