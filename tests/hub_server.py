@@ -11,7 +11,12 @@ headers huggingface-hub (2.x, `hf_hub_download`) relies on:
     Content-Length  and `Range` -> 206 + Content-Range
 
 Unknown repos answer 404 `X-Error-Code: RepoNotFound`, unknown revisions
-`RevisionNotFound`, unknown files `EntryNotFound`. Faults can be injected: cut
+`RevisionNotFound`, unknown files `EntryNotFound`.
+
+For `snapshot_download` it also answers the two API calls it makes:
+`GET /api/models/{repo_id}/revision/{revision}` (repo info: `sha`, `siblings`)
+and `GET /api/models/{repo_id}/tree/{revision}[/{path}]` (every file with its
+git blob id, size and, for LFS files, `lfs: {oid: sha256, size, pointerSize}`). Faults can be injected: cut
 the connection part-way through GET bodies (`drop_after`), or serve bytes that
 do not match the advertised sha256 (`corrupt`). Every request is recorded
 (`requests`, `gets()`) so tests can see whether a download resumed with Range.
@@ -28,6 +33,7 @@ send huggingface-hub to it with its cache under a temporary HF_HOME:
 from __future__ import annotations
 
 import hashlib
+import json
 import re
 import socket
 import threading
@@ -63,6 +69,20 @@ class HubFile:
         if self.lfs:
             return self.sha256
         return hashlib.sha1(b"blob %d\0" % len(self.data) + self.data).hexdigest()
+
+    @property
+    def blob_id(self) -> str:
+        """The git blob sha1 the tree API lists: of the file, or of its LFS pointer."""
+        if not self.lfs:
+            return self.etag
+        pointer = f"version https://git-lfs.github.com/spec/v1\noid sha256:{self.sha256}\nsize {len(self.data)}\n"
+        return hashlib.sha1(b"blob %d\0" % len(pointer) + pointer.encode()).hexdigest()
+
+    def tree_entry(self, path: str) -> dict[str, Any]:
+        entry: dict[str, Any] = {"type": "file", "oid": self.blob_id, "size": len(self.data), "path": path}
+        if self.lfs:
+            entry["lfs"] = {"oid": self.sha256, "size": len(self.data), "pointerSize": 134}
+        return entry
 
     def served(self) -> bytes:
         """The bytes sent on GET: the file, or (corrupted) the same length with every byte flipped."""
@@ -189,6 +209,41 @@ class HubServer:
         with self._lock:
             self.requests.append(Request(method, path, range_header))
 
+    def _resolve_revision(self, repo_id: str, revision: str) -> tuple[int, dict[str, str], str]:
+        """(200, {}, revision name) or a 404 for an unknown repo or revision; caller holds the lock.
+        A commit the server reported stands for its revision."""
+        if repo_id not in self._repos:
+            return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, revision
+        revisions = {rev for (repo, rev, _) in self._files if repo == repo_id} | {"main"}
+        revision = {commit_for(repo_id, rev): rev for rev in revisions}.get(revision, revision)
+        if revision not in revisions:
+            return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, revision
+        return 200, {}, revision
+
+    def _api(self, path: str) -> tuple[int, dict[str, str], Any]:
+        """(status, headers, JSON body) for the repo-info and tree API paths."""
+        rest = path.removeprefix("/api/models/")
+        for marker in ("/revision/", "/tree/"):
+            repo_id, sep, tail = rest.partition(marker)
+            if sep:
+                break
+        else:
+            return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, {}
+        revision, _, sub = tail.partition("/")
+        repo_id, revision, sub = unquote(repo_id), unquote(revision), unquote(sub)
+        with self._lock:
+            status, headers, revision = self._resolve_revision(repo_id, revision)
+            if status != 200:
+                return status, headers, {"error": headers["X-Error-Message"]}
+            files = {name: f for (repo, rev, name), f in sorted(self._files.items()) if (repo, rev) == (repo_id,
+                                                                                                      revision)}
+        commit = commit_for(repo_id, revision)
+        if marker == "/revision/":
+            return 200, {}, {"id": repo_id, "modelId": repo_id, "sha": commit, "private": False,
+                             "siblings": [{"rfilename": name} for name in files]}
+        prefix = sub.rstrip("/") + "/" if sub else ""
+        return 200, {}, [f.tree_entry(name) for name, f in files.items() if name.startswith(prefix)]
+
     def _lookup(self, path: str) -> tuple[int, dict[str, str], HubFile | None]:
         """(status, headers, file) for a /resolve/ path."""
         repo_id, sep, rest = path.lstrip("/").partition("/resolve/")
@@ -197,13 +252,9 @@ class HubServer:
         revision, _, filename = rest.partition("/")
         repo_id, revision, filename = unquote(repo_id), unquote(revision), unquote(filename)
         with self._lock:
-            if repo_id not in self._repos:
-                return 404, {"X-Error-Code": "RepoNotFound", "X-Error-Message": "Repository not found"}, None
-            revisions = {rev for (repo, rev, _) in self._files if repo == repo_id} | {"main"}
-            by_commit = {commit_for(repo_id, rev): rev for rev in revisions}
-            revision = by_commit.get(revision, revision)
-            if revision not in revisions:
-                return 404, {"X-Error-Code": "RevisionNotFound", "X-Error-Message": "Invalid rev id"}, None
+            status, headers, revision = self._resolve_revision(repo_id, revision)
+            if status != 200:
+                return status, headers, None
             commit = commit_for(repo_id, revision)
             file = self._files.get((repo_id, revision, filename))
         if file is None:
@@ -252,6 +303,10 @@ def _handler_for(hub: HubServer) -> type[BaseHTTPRequestHandler]:
             path = urlsplit(self.path).path
             range_header = self.headers.get("Range")
             hub._record(self.command, path, range_header)
+            if path.startswith("/api/models/"):
+                status, headers, value = hub._api(path)
+                self._send(status, headers, json.dumps(value).encode(), content_type="application/json")
+                return
             status, headers, file = hub._lookup(path)
             if file is None:
                 self._send(status, headers, b"" if not body else b'{"error": "not found"}',

@@ -133,7 +133,7 @@ def test_model_dir_facts(dirs: dict[str, Path]) -> None:
     facts = md.facts()
     assert facts["shards"] == ["model-00001-of-00002.safetensors", "model-00002-of-00002.safetensors"]
     assert list(facts["dtypes"]) == ["F32"] and facts["architecture"] == "qwen2" and facts["layers"] == 2
-    assert facts["model_name"] == "Qwen2ForCausalLM" and facts["chat_template"] is True
+    assert facts["model_name"] == "qwen2" and facts["chat_template"] is True
     assert "<|im_start|>" in (chat_template(dirs["qwen2"]) or "")
 
 

@@ -74,7 +74,7 @@ def info(
     label, path = locate(model, catalog.get, store)
     if verify and path.is_dir():
         raise UsageError("--verify checks a GGUF file's sha256; a safetensors directory has none to check")
-    entry = None if looks_like_path(model) else catalog.get(model)
+    entry = None if looks_like_path(model) else catalog.entries.get(model)  # None: a path (or bare directory)
     pulled = store.pulled(entry) if entry else None
     expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
     data: dict[str, Any] = {"name": label, "path": str(path)}
@@ -108,6 +108,9 @@ def info(
             text = human(value) if key in ("size", "weight_bytes") else (
                 "yes" if value is True else "no" if value is False else "" if value is None else str(value))
             table.add_row("weights" if key == "weight_bytes" else key.replace("_", " "), escape(text))
+        if "shards" in data:  # a model directory
+            table.add_row("dtypes", escape(", ".join(f"{k} {human(v)}" for k, v in data["dtypes"].items())))
+            table.add_row("shards", escape(f"{len(data['shards'])}: {', '.join(data['shards'])}"))
         for c in data["calibrations"]:
             costs = ", ".join(f"{n}: {x:.2f}x" for n, x in c["costs_vs_one"].items() if n in ("2", "4", "8", "16"))
             accepted = "; ".join(f"{k} {a}/{t} accepted" for k, (a, t) in c["accepted"].items())
@@ -138,23 +141,8 @@ def _gguf_facts(path: Path) -> dict[str, Any]:
 
 
 def _directory_facts(path: Path) -> dict[str, Any]:
-    """The same facts for a Hugging Face safetensors directory, from its config.json (and
-    tokenizer_config.json for the chat template)."""
-    def read(name: str) -> dict[str, Any]:
-        try:
-            value = json.loads((path / name).read_text())
-        except (OSError, ValueError):
-            return {}
-        return value if isinstance(value, dict) else {}
+    """The same facts for a Hugging Face model directory, plus its stored dtypes and shards;
+    the directory is checked on the way (config, tokenizer, every shard), with one-line errors."""
+    from specrun.model_dir import open_model_dir
 
-    config, tokenizer = read("config.json"), read("tokenizer_config.json")
-    if not config:
-        raise ModelFileError(f"{path}: no readable config.json", hint="give a Hugging Face model directory")
-    text = config.get("text_config") if isinstance(config.get("text_config"), dict) else config
-    return {"size": sum(f.stat().st_size for f in path.rglob("*") if f.is_file()),
-            "architecture": config.get("model_type"), "model_name": config.get("_name_or_path") or path.name,
-            "quantization": config.get("torch_dtype") or config.get("dtype"), "layers": text.get("num_hidden_layers"),
-            "embedding_length": text.get("hidden_size"), "vocabulary": text.get("vocab_size"),
-            "context_length": text.get("max_position_embeddings"),
-            "chat_template": (isinstance(tokenizer.get("chat_template"), str)
-                              or (path / "chat_template.jinja").is_file())}
+    return open_model_dir(path).facts()

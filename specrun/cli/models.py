@@ -14,12 +14,13 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
-from specrun.catalog import Catalog, load_catalog
+from specrun.catalog import Catalog, ModelEntry, load_catalog
 from specrun.cli.app import app
 from specrun.cli.console import err, friendly, human, notice, print_stdout
 from specrun.engines import Placement
-from specrun.errors import NotPulledError, UsageError
+from specrun.errors import CatalogError, NotPulledError, UsageError
 from specrun.gguf_file import read_gguf
+from specrun.model_dir import ModelDir, open_model_dir
 from specrun.session import Session, SessionConfig
 from specrun.speculate.factory import MODEL_MODES, SpecConfig
 from specrun.store import Store, locate, looks_like_path
@@ -47,14 +48,35 @@ def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: 
     only when `spec` may use one. Chain and tree need one; auto goes on without it."""
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
-    read_gguf(path)
+    check_model(path)
     draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
     return Resolved(store, label, path, draft_path)
 
 
+def check_model(path: Path) -> ModelDir | None:
+    """Check a model before any engine sees it: a directory's config, tokenizer and shards
+    (returned), else a GGUF file's header. One-line ModelFileError on a bad one."""
+    if path.is_dir():
+        return open_model_dir(path)
+    read_gguf(path)
+    return None
+
+
+def _catalog_entry(name: str, catalog: Catalog) -> ModelEntry | None:
+    """The catalog entry a model argument names; None for a path (a bare directory name included)."""
+    if looks_like_path(name):
+        return None
+    try:
+        return catalog.get(name)
+    except CatalogError:
+        if Path(name).is_dir():
+            return None
+        raise
+
+
 def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, store: Store) -> Path | None:
     if draft is None:
-        entry = None if looks_like_path(target) else catalog.get(target)
+        entry = _catalog_entry(target, catalog)
         if entry is None or entry.draft is None:
             if spec in MODEL_MODES:
                 raise UsageError(f"{target} has no recommended draft", hint="pass --draft NAME")
@@ -66,7 +88,7 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
                 raise
             return None
     path = locate(draft, catalog.get, store)[1]
-    read_gguf(path)
+    check_model(path)
     return path
 
 
@@ -115,8 +137,10 @@ def pull(
             t0 = time.perf_counter()
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
                 pulled = store.pull(entry, kind=source, progress=_RichProgress(bar))
-            err.print(f"pulled {name} ({human(pulled.size)}, sha256 ok) in {time.perf_counter() - t0:.0f} s "
-                      f"[dim]from {escape(pulled.source)}[/]")
+            checked = "sha256 ok" if pulled.files is None else f"{len(pulled.files)} files, hub checksums ok"
+            at = f" at {pulled.commit[:12]}" if pulled.commit else ""
+            err.print(f"pulled {name} ({human(pulled.size)}, {checked}) in {time.perf_counter() - t0:.0f} s "
+                      f"[dim]from {escape(pulled.source)}{at}[/]")
         else:
             err.print(f"{name} is already pulled [dim]({escape(already.path)})[/]")
 
@@ -163,18 +187,25 @@ def rm(name: str = typer.Argument(..., help="A pulled catalog model.")) -> None:
 @friendly
 def add(
     name: str = typer.Argument(..., help="Name for the model in your catalog."),
-    path: Path = typer.Argument(..., help="A GGUF file on disk."),
+    path: Path = typer.Argument(..., help="A GGUF file, or a Hugging Face model directory (config.json, "
+                                           "tokenizer.json, *.safetensors)."),
     role: str = typer.Option("target", "--role", help="target, draft or both."),
     draft: Optional[str] = typer.Option(None, "--draft", help="Recommended draft model name."),
 ) -> None:
-    """Register a local GGUF file in your user catalog."""
+    """Register a local GGUF file or safetensors model directory in your user catalog."""
     from specrun.catalog import ROLES, add_local
 
     if role not in ROLES:
         raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
-    if not path.is_file():
-        raise UsageError(f"no such file: {path}")
-    info = read_gguf(path)
-    tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model", "unknown"))
-    entry = add_local(name, path, arch=info.arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    if not (path.is_file() or path.is_dir()):
+        raise UsageError(f"no such file or directory: {path}")
+    model_dir = check_model(path)
+    if model_dir is not None:  # the tokenizer family: what a draft must share (model_type names it well enough)
+        arch = tokenizer = model_dir.model_type
+    else:
+        info = read_gguf(path)
+        arch = info.arch
+        tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model",
+                                                                                     "unknown"))
+    entry = add_local(name, path, arch=arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
     err.print(f"added {entry.name} -> {entry.path} [dim]({escape(entry.origin)})[/]")
