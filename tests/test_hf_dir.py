@@ -231,6 +231,22 @@ def test_gguf_twin_matches_hf_semantics_and_llama_cpp(dirs: dict[str, Path], tmp
             engine.close()
 
 
+def test_the_torch_engine_runs_a_directory_as_transformers_would(dirs: dict[str, Path]) -> None:
+    """The loader's weights through the torch engine's forward pass: the reference logits."""
+    from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+    ids = [5, 17, 99, 3, 200, 42, 7, 300, 11, 12]
+    for d in dirs.values():
+        engine = TorchEngine(d, TorchConfig(device="cpu", dtype="float32", threads=1))
+        try:
+            engine.open(32)
+            got = np.stack([engine.eval([t]).row(0) for t in ids])
+        finally:
+            engine.close()
+        ref = reference_logits(d, ids)
+        assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), d.name
+
+
 def test_permute_turns_rotate_half_into_adjacent_pairs() -> None:
     """RoPE on HF rows (dim i with i + d/2) equals RoPE on permuted rows (2i with 2i + 1)."""
     n_head, d = 2, 8
