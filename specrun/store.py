@@ -12,9 +12,9 @@ A pull writes into tmp/, checks the sha256, renames the file into place and
 only then writes the manifest (both atomic renames), so a killed or failed pull
 leaves nothing that `list` or `run` would use. Pulls of one model, from any
 process, take turns on its lock, so one never clears another's tmp/ folder.
-A safetensors directory goes the same way (model_dir.fetch_hub_snapshot):
-snapshot_download into the Hugging Face cache, every file checked against the hub's record for the
-resolved commit, links staged in tmp/, the directory renamed into place, then
+A safetensors directory goes the same way (model_dir.fetch_hub_snapshot): a
+snapshot_download into the HF cache, each file checked against the hub's
+records of the resolved commit, links staged in tmp/, renamed into place, then
 the manifest (which lists each file and its size).
 """
 
