@@ -23,7 +23,6 @@ from pathlib import Path
 from typing import Any, BinaryIO
 
 import torch
-import torch.nn.functional as F
 
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.weights import (DenseEmbedding, DenseLinear, LayerWeights, Linear, ModelWeights,
