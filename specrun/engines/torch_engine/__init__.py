@@ -17,17 +17,23 @@ def planned_weight_bytes(path: Path, config: TorchConfig) -> int:
     """Memory the weights would take once loaded with `config`, read from the file's header
     (nothing is loaded): on a CPU a GGUF's matrices are dequantized to the compute dtype, on
     a GPU they keep their blocks."""
-    import numpy as np
     import torch
 
     from specrun.engines.torch_engine.config import resolve_dtype
 
     device = torch.device(config.device)
-    size = torch.finfo(resolve_dtype(config.dtype, device)).bits // 8
+    dtype = resolve_dtype(config.dtype, device, _bytes_at(path, device, 4, config.quant))
+    return _bytes_at(path, device, torch.finfo(dtype).bits // 8, config.quant)
+
+
+def _bytes_at(path: Path, device: "torch.device", size: int, quant: str | None) -> int:  # type: ignore[name-defined]  # noqa: F821
+    """Weight bytes with dense matrices of `size`-byte elements."""
+    import numpy as np
+
     if path.is_dir():
         from specrun.engines.torch_engine.safetensors import planned_bytes
 
-        return planned_bytes(path, size, config.quant)
+        return planned_bytes(path, size, quant)
     from specrun.gguf_file import read_gguf
 
     total = 0

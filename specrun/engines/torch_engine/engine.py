@@ -63,7 +63,7 @@ class TorchEngine(CacheMixin):
         self.config, self.path = config, path
         self.device_obj = resolve_device(config.device)
         self.device = str(self.device_obj)
-        self.dtype = resolve_dtype(config.dtype, self.device_obj)
+        self.dtype = resolve_dtype(config.dtype, self.device_obj, _float32_bytes(path, config))
         if self.device_obj.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.loaded: LoadedModel = load_model(path, self.device_obj, self.dtype, config.quant)
@@ -92,7 +92,7 @@ class TorchEngine(CacheMixin):
         self._epoch += 1
         self._cache = None  # free the old one first
         a = self.args
-        self._cache = KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, self.dtype, self.device_obj)
+        self._cache = KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, kv_dtype(self.device_obj), self.device_obj)
         self._tokens, self._tree = [], []
 
     @property
@@ -197,6 +197,21 @@ class TorchEngine(CacheMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _float32_bytes(path: Path, config: TorchConfig) -> int | None:
+    """What the weights would take dequantized to float32 (for the CPU's dtype choice)."""
+    if config.dtype is not None or config.device != "cpu":
+        return None
+    from specrun.engines.torch_engine import planned_weight_bytes
+
+    return planned_weight_bytes(path, TorchConfig(device="cpu", dtype="float32", quant=config.quant))
+
+
+def kv_dtype(device: torch.device) -> torch.dtype:
+    """float16 on a GPU, as llama.cpp keeps its cache; float32 on a CPU, where half-precision
+    attention is emulated and slow, and the cache is small next to the weights."""
+    return torch.float16 if device.type == "cuda" else torch.float32
 
 
 def ancestor_matrix(parents: Sequence[int]) -> np.ndarray:

@@ -47,20 +47,19 @@ class Rope:
         """x [n, heads, head_dim] -> the same, its first rope_dim dims rotated by position."""
         angles = positions.float()[:, None] * self.inv_freq[None, :]  # [n, half]
         cos, sin = angles.cos()[:, None, :], angles.sin()[:, None, :]  # [n, 1, half]
-        rot, rest = x[..., :self.dim].float(), x[..., self.dim:]
+        rot, rest = x[..., :self.dim], x[..., self.dim:]
         if self.neox:  # dim i pairs with dim i + half
             a, b = rot[..., :self.dim // 2], rot[..., self.dim // 2:]
             out = torch.cat((a * cos - b * sin, a * sin + b * cos), dim=-1)
         else:  # adjacent dims (2i, 2i + 1) pair
             a, b = rot[..., 0::2], rot[..., 1::2]
             out = torch.stack((a * cos - b * sin, a * sin + b * cos), dim=-1).flatten(-2)
-        return torch.cat((out.to(x.dtype), rest), dim=-1) if rest.shape[-1] else out.to(x.dtype)
+        return torch.cat((out, rest), dim=-1) if rest.shape[-1] else out
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
-    """llama.cpp's RMSNorm, in float32 whatever the compute dtype."""
-    xf = x.float()
-    return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps) * weight.float()).to(x.dtype)
+    """llama.cpp's RMSNorm (float32 in, float32 out)."""
+    return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
 class Transformer:
@@ -74,16 +73,17 @@ class Transformer:
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """Logits [m, n_vocab] float32 for the batch's `out_rows` (m of n), after writing its
+        """Activations are float32 between the matrix products, which run in the weights' dtype.
+        Logits [m, n_vocab] float32 for the batch's `out_rows` (m of n), after writing its
         keys and values into the cache."""
         a, w = self.args, self.weights
-        x = w.embed(batch.ids).to(self.dtype)  # [n, n_embd]
+        x = w.embed(batch.ids)  # [n, n_embd] float32: the residual stream stays in full precision
         mask = None if batch.mask is None else _grouped_mask(batch.mask, a.n_head // a.n_head_kv)
         for i, layer in enumerate(self.layers()):
             x = self._layer(i, layer, x, batch, mask, cache)
         if batch.out_rows is not None:
             x = x[batch.out_rows]
-        return w.output(rms_norm(x, w.norm, a.norm_eps)).float()
+        return w.output(rms_norm(x, w.norm, a.norm_eps))
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, batch: Batch, mask: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:
@@ -118,4 +118,4 @@ def _attention(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor, mask: 
     # head h uses KV head h // group: [n, n_kv, group, d] -> [n_kv, group * n, d]
     qg = q.view(n, n_kv, group, d).permute(1, 2, 0, 3).reshape(n_kv, group * n, d)
     out = F.scaled_dot_product_attention(qg.to(keys.dtype), keys, values, attn_mask=mask)  # [n_kv, group*n, d]
-    return out.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_head * d).to(q.dtype)
+    return out.view(n_kv, group, n, d).permute(2, 0, 1, 3).reshape(n, n_head * d).float()

@@ -24,7 +24,9 @@ from specrun.kernels import dequant
 
 
 class Linear(Protocol):
-    """y = x W^T (+ b): x [..., n_in] -> [..., n_out], in the compute dtype."""
+    """y = x W^T (+ b): x [..., n_in] -> float32 [..., n_out]. The product runs in the matrix's
+    own dtype; what goes in and out is float32, so the residual stream and the logits keep
+    full precision (bf16 logits are rounded to 1/128 of their size: ties that are not there)."""
 
     nbytes: int  # memory the stored matrix (and bias) takes
 
@@ -32,7 +34,7 @@ class Linear(Protocol):
 
 
 class Embedding(Protocol):
-    """Token ids [n] -> rows [n, n_embd] in the compute dtype."""
+    """Token ids [n] -> rows [n, n_embd] float32."""
 
     nbytes: int
 
@@ -49,7 +51,7 @@ class DenseLinear:
         return _nbytes(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.weight, self.bias)
+        return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
 
 
 @dataclass
@@ -61,7 +63,7 @@ class DenseEmbedding:
         return _nbytes(self.table)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return self.table[ids]
+        return self.table[ids].float()
 
 
 @dataclass
@@ -79,7 +81,8 @@ class GgufLinear:
         return _nbytes(self.raw, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, dequant.dequantize(self.raw, self.qtype, self.shape, self.dtype), self.bias)
+        weight = dequant.dequantize(self.raw, self.qtype, self.shape, self.dtype)
+        return F.linear(x.to(self.dtype), weight, self.bias).float()
 
 
 @dataclass
@@ -96,7 +99,7 @@ class GgufEmbedding:
         return _nbytes(self.raw)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        return dequant.dequantize_rows(self.raw, self.qtype, ids, self.n_embd, self.dtype)
+        return dequant.dequantize_rows(self.raw, self.qtype, ids, self.n_embd, torch.float32)
 
 
 @dataclass
@@ -195,7 +198,7 @@ def load_gguf(tensors: GgufTensors, args: ModelArgs, device: torch.device, dtype
     def bias(name: str) -> torch.Tensor | None:
         return tensors.dense(name, dtype).to(device) if name in tensors else None
 
-    def linear(name: str, bias_name: str | None = None) -> Linear:
+    def linear(name: str, bias_name: str | None = None, dtype: torch.dtype = dtype) -> Linear:
         b = bias(bias_name) if bias_name else None
         qtype = tensors.qtype(name)
         if convert or qtype in _DENSE_TYPES:
@@ -220,7 +223,7 @@ def load_gguf(tensors: GgufTensors, args: ModelArgs, device: torch.device, dtype
             k_norm=vector(p + "attn_k_norm.weight") if args.qk_norm else None,
         ))
     output_name = "token_embd.weight" if args.tied_embeddings else "output.weight"
-    output = linear(output_name)
+    output = linear(output_name, dtype=torch.float32)  # logits in full precision
     embed: Embedding
     if args.tied_embeddings and isinstance(output, DenseLinear):
         embed = DenseEmbedding(output.weight)  # one dense table serves both
