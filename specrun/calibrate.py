@@ -54,7 +54,8 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
                 engine.eval([prefix[rep]])
                 engine.rewind(len(prefix))
             else:
-                engine.eval_tree(prefix[:n], [-1] + list(range(n - 1)), list(range(n)))
+                chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
+                engine.eval_tree(chain, [-1] + list(range(n - 1)), list(range(n)))
                 engine.commit_path([])
             runs.append(time.perf_counter() - t)
         times.append(statistics.median(runs))
