@@ -247,6 +247,38 @@ def test_the_torch_engine_runs_a_directory_as_transformers_would(dirs: dict[str,
         assert np.abs(got - ref).max() < 1e-5 * np.abs(ref).max(), d.name
 
 
+@pytest.mark.parametrize("quant, cosine", [(None, 0.999), ("nf4", 0.95)])
+@pytest.mark.parametrize("kind", ["llama", "qwen2"])
+def test_a_directory_in_bf16_or_nf4_generates_and_matches_its_gguf_twin(dirs: dict[str, Path], tmp_path: Path,
+                                                                       kind: str, quant: str | None,
+                                                                       cosine: float) -> None:
+    """The directory as a user runs it (bfloat16 compute, or NF4 weights) against its GGUF
+    twin on the torch engine in float32 (the same weights, in llama.cpp's layout and RoPE
+    pairing): cosine of the logits at every position above 0.999 (bf16 rounding only) or
+    0.95 (NF4's 4-bit weights), and greedy generation runs on both."""
+    if quant:
+        pytest.importorskip("bitsandbytes")
+    from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+    d = dirs[kind]
+    twin = build_gguf_twin(d, tmp_path / "twin.gguf")
+    ids = [5, 17, 99, 3, 200, 42, 7, 300, 11, 12]
+    rows = {}
+    for name, path, cfg in (("dir", d, TorchConfig(dtype="bfloat16", quant=quant, threads=1)),
+                            ("twin", twin, TorchConfig(dtype="float32", threads=1))):
+        with TorchEngine(path, cfg) as engine:
+            engine.open(64)
+            rows[name] = np.stack([engine.eval([t]).row(0) for t in ids])
+            logits, out = engine.eval([1]), []
+            for _ in range(8):
+                out.append(logits.argmax(0))
+                logits = engine.eval([out[-1]])
+            assert len(out) == 8 and all(0 <= t < engine.vocab.n_vocab for t in out)
+    a, b = rows["dir"], rows["twin"]
+    cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)
+    assert cos.min() > cosine, cos.min()
+
+
 def test_permute_turns_rotate_half_into_adjacent_pairs() -> None:
     """RoPE on HF rows (dim i with i + d/2) equals RoPE on permuted rows (2i with 2i + 1)."""
     n_head, d = 2, 8
