@@ -126,7 +126,7 @@ def quantize_model(src: Path, dst: Path, ftype: int) -> Path:
 
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
-    params.nthread = 1
+    params.nthread = 0  # all cores
     if llama_cpp.llama_model_quantize(str(src).encode(), str(dst).encode(), params) != 0:
         raise RuntimeError(f"llama_model_quantize failed for {src}")
     return dst
