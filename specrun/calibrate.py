@@ -93,8 +93,8 @@ class Calibration:
 
 
 def calibration_path(root: Path, model: Path, settings: str) -> Path:
-    """One file per model file (by name and size) and engine settings."""
-    size = model.stat().st_size
+    """One file per model (by name and size: a directory's size is its files') and engine settings."""
+    size = sum(f.stat().st_size for f in model.iterdir() if f.is_file()) if model.is_dir() else model.stat().st_size
     digest = hashlib.sha256(f"{model.name}|{size}|{settings}".encode()).hexdigest()[:16]
     return root / "calibration" / f"{model.stem}-{digest}.json"
 

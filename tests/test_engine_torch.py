@@ -178,3 +178,4 @@ def test_seeded_sampling_with_trees_equals_plain_sampling(torch_pair, seed: int)
     assert spec.tokens == plain.tokens and spec.stats.drafted_tokens > 0
     other = generate(target, "hello world", dataclasses.replace(cfg, seed=seed + 100))
     assert other.tokens != plain.tokens  # the seed matters: the comparison can fail
+

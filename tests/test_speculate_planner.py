@@ -262,3 +262,12 @@ def test_a_cache_too_small_to_measure_in_is_widened_then_restored(tiny_model: Pa
         monkeypatch.setattr(s.target, "open", lambda n: (opened.append(n), real_open(n))[1])
         assert s.calibrated().cost.max_size == 32
         assert opened == [1024, n_ctx] and s.target.n_ctx == n_ctx and s.target.kv_len == 0
+
+
+def test_a_directory_calibration_changes_with_its_weights(tmp_path: Path) -> None:
+    d = tmp_path / "model"
+    d.mkdir()
+    (d / "model.safetensors").write_bytes(b"x" * 100)
+    before = calibration_path(tmp_path, d, "torch")
+    (d / "model.safetensors").write_bytes(b"x" * 200)
+    assert calibration_path(tmp_path, d, "torch") != before
