@@ -10,7 +10,7 @@ import pytest
 from specrun.engines.llamacpp import MAX_SEQ, LlamaCppConfig, LlamaCppEngine, tree_seq_ids
 from specrun.errors import EngineError, UsageError
 from specrun.session import default_ctx
-from specrun.speculate.tree import ancestor_mask
+from specrun.engines.base import ancestor_mask
 
 
 def test_unloadable_file_is_an_engine_error(tmp_path: Path, tiny_model: Path) -> None:

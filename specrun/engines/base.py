@@ -156,6 +156,19 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
     return n
 
 
+def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
+    """bool [n, n] for a tree given as parent indices (parents[i] < i, -1 for the root):
+    mask[i, j] iff node j is node i or one of its ancestors, i.e. token i attends to j.
+    Built row by row: a node's row is its parent's row plus itself."""
+    n = len(parents)
+    mask = np.zeros((n, n), dtype=bool)
+    for i, p in enumerate(parents):
+        if p >= 0:
+            mask[i] = mask[p]
+        mask[i, i] = True
+    return mask
+
+
 def top_k_of(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     """(ids [k], probabilities [k]) of the k likeliest entries of a logits row, likeliest first."""
     k = min(k, row.size)

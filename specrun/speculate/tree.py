@@ -16,6 +16,8 @@ from typing import Sequence
 
 import numpy as np
 
+from specrun.engines.base import ancestor_mask  # one mask for engines and trees
+
 
 @dataclass
 class DraftTree:
@@ -78,16 +80,3 @@ class DraftTree:
                 raise ValueError(f"node {old} kept without its parent {parent}")
             out.add(self.tokens[old], index[parent])
         return out
-
-
-def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
-    """bool [n, n] for a tree given as parent indices (parents[i] < i, -1 for the root):
-    mask[i, j] iff node j is node i or one of its ancestors, i.e. token i attends to j.
-    Built row by row: a node's row is its parent's row plus itself."""
-    n = len(parents)
-    mask = np.zeros((n, n), dtype=bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            mask[i] = mask[p]
-        mask[i, i] = True
-    return mask

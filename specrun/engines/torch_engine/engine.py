@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import CacheMixin, top_k_of
+from specrun.engines.base import CacheMixin, ancestor_mask, top_k_of
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
@@ -70,7 +70,7 @@ class TorchEngine(CacheMixin):
         self.args = self.loaded.args
         self.vocab = self.loaded.vocab
         self.n_ctx_train = self.args.n_ctx_train
-        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.dtype)
+        self.model = Transformer(self.args, self.loaded.weights, self.device_obj)
         self.weight_bytes = self.loaded.weights.nbytes
         self._cache: KVCache | None = None
         self._tokens: list[int] = []
@@ -167,7 +167,7 @@ class TorchEngine(CacheMixin):
             raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
         new = np.arange(start, n)
         mask = torch.ones((n - start, base + n), dtype=torch.bool)
-        mask[:, base:] = torch.from_numpy(ancestor_matrix(parents)[start:])
+        mask[:, base:] = torch.from_numpy(ancestor_mask(parents)[start:])
         batch = Batch(ids=self._tensor(tokens[start:]), positions=self._tensor(base + np.asarray(depths[start:])),
                       slots=self._tensor(base + new), end=base + n, mask=mask.to(self.device_obj))
         logits = self._forward(batch)
@@ -212,14 +212,3 @@ def kv_dtype(device: torch.device) -> torch.dtype:
     """float16 on a GPU, as llama.cpp keeps its cache; float32 on a CPU, where half-precision
     attention is emulated and slow, and the cache is small next to the weights."""
     return torch.float16 if device.type == "cuda" else torch.float32
-
-
-def ancestor_matrix(parents: Sequence[int]) -> np.ndarray:
-    """[n, n] bool: [i, j] when node j is node i or one of its ancestors (parents[i] < i)."""
-    n = len(parents)
-    anc = np.zeros((n, n), dtype=bool)
-    for i, p in enumerate(parents):
-        if p >= 0:
-            anc[i] = anc[p]
-        anc[i, i] = True
-    return anc
