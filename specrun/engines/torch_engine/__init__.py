@@ -8,6 +8,7 @@ the GGUF loader), `safetensors` and `hf_vocab` (Hugging Face directories),
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Callable
 
 from specrun.engines.torch_engine.config import QUANTS, TorchConfig
 from specrun.engines.torch_engine.engine import TorchEngine
@@ -22,27 +23,26 @@ def planned_weight_bytes(path: Path, config: TorchConfig) -> int:
     from specrun.engines.torch_engine.config import resolve_dtype
 
     device = torch.device(config.device)
-    dtype = resolve_dtype(config.dtype, device, _bytes_at(path, device, 4, config.quant))
-    return _bytes_at(path, device, torch.finfo(dtype).bits // 8, config.quant)
+    bytes_at = _weight_bytes(path, device, config.quant)
+    dtype = resolve_dtype(config.dtype, device, bytes_at(4))
+    return bytes_at(torch.finfo(dtype).bits // 8)
 
 
-def _bytes_at(path: Path, device: "torch.device", size: int, quant: str | None) -> int:  # type: ignore[name-defined]  # noqa: F821
-    """Weight bytes with dense matrices of `size`-byte elements."""
-    import numpy as np
-
+def _weight_bytes(path: Path, device: "torch.device", quant: str | None) -> Callable[[int], int]:  # type: ignore[name-defined]  # noqa: F821
+    """Weight bytes as a function of the dense matrices' element size (the header is read once)."""
     if path.is_dir():
         from specrun.engines.torch_engine.safetensors import planned_bytes
 
-        return planned_bytes(path, size, quant)
+        return lambda size: planned_bytes(path, size, quant)
     from specrun.gguf_file import read_gguf
 
-    total = 0
+    kept, dense = 0, 0  # bytes kept as stored; elements dequantized at load
     for t in read_gguf(path).tensors:
-        stored = t.n_bytes
         if device.type == "cpu" and len(t.shape) == 2 and t.name != "token_embd.weight":
-            stored = int(np.prod(t.shape)) * size
-        total += stored
-    return total
+            dense += t.shape[0] * t.shape[1]
+        else:
+            kept += t.n_bytes
+    return lambda size: kept + dense * size
 
 
 __all__ = ["QUANTS", "TorchConfig", "TorchEngine", "planned_weight_bytes"]

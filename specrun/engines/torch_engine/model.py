@@ -63,8 +63,8 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
 
 
 class Transformer:
-    def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device, dtype: torch.dtype) -> None:
-        self.args, self.weights, self.device, self.dtype = args, weights, device, dtype
+    def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device) -> None:
+        self.args, self.weights = args, weights
         self.rope = Rope(args, weights.rope_factors, device)
 
     def layers(self) -> Sequence[LayerWeights]:
