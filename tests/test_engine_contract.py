@@ -27,18 +27,22 @@ def _llamacpp(path: Path, max_tree_nodes: int) -> Engine:
     return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes))
 
 
-def _torch(device: str) -> EngineFactory:
+def _torch(device: str, offload: str = "none") -> EngineFactory:
     def factory(path: Path, max_tree_nodes: int) -> Engine:
         from specrun.engines.torch_engine import TorchConfig, TorchEngine
+        from specrun.engines.torch_engine.config import OffloadConfig
 
-        return TorchEngine(path, TorchConfig(device=device, dtype="float32", threads=1, max_tree_nodes=max_tree_nodes))
+        return TorchEngine(path, TorchConfig(device=device, dtype="float32", threads=1, max_tree_nodes=max_tree_nodes,
+                                             offload=OffloadConfig(mode=offload, slots=2)))
 
     return factory
 
 
-ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch("cpu")}
-if torch_devices()[1:]:  # on a machine with a GPU, the torch engine there too
+# torch-disk: every layer read from the file each pass, through two buffers
+ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch("cpu"), "torch-disk": _torch("cpu", "disk")}
+if torch_devices()[1:]:  # on a machine with a GPU, the torch engine there too, resident and streamed from RAM
     ENGINES["torch-cuda"] = _torch("cuda")
+    ENGINES["torch-cuda-ram"] = _torch("cuda", "ram")
 
 
 @pytest.fixture(params=sorted(ENGINES))

@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
 from typing import Protocol, Sequence
 
 import numpy as np
@@ -142,7 +143,29 @@ class Engine(Protocol):
         after the last `eval_tree`, and drop every other node."""
         ...
 
+    def transfer(self) -> "Transfer | None":
+        """What streaming the weights has cost so far; None where they stay where they compute."""
+        ...
+
     def close(self) -> None: ...
+
+
+@dataclass
+class Transfer:
+    """Totals of an offloaded placement since the engine loaded: weights brought to the compute
+    unit by unit every pass (from disk, or from RAM to a GPU)."""
+
+    passes: int = 0
+    bytes: int = 0  # bytes streamed (read or copied)
+    wait_s: float = 0.0  # time passes stood waiting for weights to arrive
+    busy_s: float = 0.0  # wall time with a read or copy in flight
+    bytes_per_pass: int = 0
+    link_bps: float | None = None  # the disk's (or link's) measured bytes per second, once measured
+
+    def minus(self, earlier: "Transfer") -> "Transfer":
+        """What happened between `earlier` and this snapshot."""
+        return replace(self, passes=self.passes - earlier.passes, bytes=self.bytes - earlier.bytes,
+                       wait_s=self.wait_s - earlier.wait_s, busy_s=self.busy_s - earlier.busy_s)
 
 
 def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
@@ -225,6 +248,9 @@ class CacheMixin:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
         self._pending = self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
         return self._pending
+
+    def transfer(self) -> Transfer | None:
+        return None
 
     def settle(self) -> None:
         """Wait for a pass under way on the worker (its outcome goes to its own `result()`)."""

@@ -13,6 +13,27 @@ QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
+OFFLOADS = ("none", "ram", "disk")
+
+
+@dataclass(frozen=True)
+class OffloadConfig:
+    """Where the weights live between passes. `none`: on the device. `ram` (GPU): pinned host
+    memory, streamed to a few device slots each pass. `disk`: the model file, read each pass."""
+
+    mode: str = "none"
+    ram: int | None = None  # bytes of RAM for weight buffers; None: see streamed.plan_residency
+    gpu_memory: int | None = None  # bytes of GPU memory for weights (ram mode); None: what is free
+    slots: int = 3  # buffers a streamed unit is read or copied into, ahead of the compute
+    readers: int = 4  # threads reading the disk (disk mode)
+
+    def describe(self) -> str:
+        if self.mode == "none":
+            return "resident"
+        budgets = [f"{name} {value}" for name, value in (("ram", self.ram), ("gpu", self.gpu_memory)) if value]
+        return f"offload {self.mode}, {self.slots} slots" + "".join(f", {b}" for b in budgets)
+
+
 @dataclass(frozen=True)
 class TorchConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:N"
@@ -20,6 +41,7 @@ class TorchConfig:
     threads: int | None = None  # CPU threads; None: every core
     quant: str | None = None  # safetensors directories: quantize at load to nf4, fp4 or int8
     max_tree_nodes: int = 0  # the largest tree the caller will verify in one pass
+    offload: OffloadConfig = OffloadConfig()
 
 
 def resolve_device(name: str) -> torch.device:

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import CacheMixin, ancestor_mask, top_k_of
+from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, top_k_of
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
@@ -66,12 +66,15 @@ class TorchEngine(CacheMixin):
         self.dtype = resolve_dtype(config.dtype, self.device_obj, _float32_bytes(path, config))
         if self.device_obj.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
-        self.loaded: LoadedModel = load_model(path, self.device_obj, self.dtype, config.quant)
+        self.loaded: LoadedModel = load_model(path, self.device_obj, self.dtype, config.quant, config.offload)
         self.args = self.loaded.args
         self.vocab = self.loaded.vocab
         self.n_ctx_train = self.args.n_ctx_train
-        self.model = Transformer(self.args, self.loaded.weights, self.device_obj)
-        self.weight_bytes = self.loaded.weights.nbytes
+        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.loaded.source)
+        self.stream = self.loaded.stream
+        self.weight_bytes = self.loaded.weights.nbytes + (self.stream.buffer_bytes if self.stream else 0)
+        self.notices: list[str] = list(self.stream.notices) if self.stream else []
+        self._link_bps: float | None = None
         self._cache: KVCache | None = None
         self._tokens: list[int] = []
         self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
@@ -84,6 +87,23 @@ class TorchEngine(CacheMixin):
         threads = self.config.threads or os.cpu_count()
         return (f"torch {torch.__version__}, engine torch, device {where}, dtype {str(self.dtype)[6:]}, "
                 f"threads {threads}, weights {self.loaded.storage}")
+
+    # --- streaming -------------------------------------------------------------------
+
+    def transfer(self) -> Transfer | None:
+        if self.stream is None:
+            return None
+        c = self.stream.counters
+        return Transfer(c.passes, c.bytes_read, c.wait_s, c.busy_s, self.stream.bytes_per_pass, self._link_bps)
+
+    def measure_link(self) -> float | None:
+        """The disk's (or link's) bytes per second for this placement's stream, measured by one
+        pass of reads with no compute; None for resident weights."""
+        self.settle()
+        measure = getattr(self.stream, "measure_throughput", None)
+        if measure is not None:
+            self._link_bps = measure()
+        return self._link_bps
 
     # --- cache -------------------------------------------------------------------
 
@@ -201,8 +221,8 @@ class TorchEngine(CacheMixin):
 
 def _float32_bytes(path: Path, config: TorchConfig) -> int | None:
     """What the weights would take dequantized to float32 (for the CPU's dtype choice)."""
-    if config.dtype is not None or config.device != "cpu":
-        return None
+    if config.dtype is not None or config.device != "cpu" or config.offload.mode != "none":
+        return None  # streamed weights keep their blocks: nothing is dequantized at load
     from specrun.engines.torch_engine import planned_weight_bytes
 
     return planned_weight_bytes(path, TorchConfig(device="cpu", dtype="float32", quant=config.quant))

@@ -10,7 +10,7 @@ decoding, prefill and tree verification are the same call.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Sequence
+from typing import Iterable, Protocol
 
 import torch
 import torch.nn.functional as F
@@ -62,14 +62,35 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     return x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + eps) * weight
 
 
-class Transformer:
-    def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device) -> None:
-        self.args, self.weights = args, weights
-        self.rope = Rope(args, weights.rope_factors, device)
+class LayerSource(Protocol):
+    """Where a pass gets its decoder layers and output matrix: resident weights, or a stream
+    (streamed.StreamedSource) that brings each layer in while the previous one computes."""
 
-    def layers(self) -> Sequence[LayerWeights]:
-        """The decoder layers in order (a streamed placement replaces this with its own source)."""
+    def layers(self) -> Iterable[LayerWeights]: ...
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """Final hidden states [m, n_embd] -> float32 logits [m, n_vocab]; called once per pass,
+        after the layers."""
+        ...
+
+
+class ResidentSource:
+    def __init__(self, weights: ModelWeights) -> None:
+        self.weights = weights
+
+    def layers(self) -> Iterable[LayerWeights]:
         return self.weights.layers
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        return self.weights.output(x)
+
+
+class Transformer:
+    def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device,
+                 source: LayerSource | None = None) -> None:
+        self.args, self.weights = args, weights
+        self.source = source or ResidentSource(weights)
+        self.rope = Rope(args, weights.rope_factors, device)
 
     @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
@@ -79,11 +100,11 @@ class Transformer:
         a, w = self.args, self.weights
         x = w.embed(batch.ids)  # [n, n_embd] float32: the residual stream stays in full precision
         mask = None if batch.mask is None else _grouped_mask(batch.mask, a.n_head // a.n_head_kv)
-        for i, layer in enumerate(self.layers()):
+        for i, layer in enumerate(self.source.layers()):
             x = self._layer(i, layer, x, batch, mask, cache)
         if batch.out_rows is not None:
             x = x[batch.out_rows]
-        return w.output(rms_norm(x, w.norm, a.norm_eps))
+        return self.source.output(rms_norm(x, w.norm, a.norm_eps))
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, batch: Batch, mask: torch.Tensor | None,
                cache: KVCache) -> torch.Tensor:

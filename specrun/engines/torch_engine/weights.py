@@ -86,6 +86,31 @@ class GgufLinear:
 
 
 @dataclass
+class GgmlLinear:
+    """A CPU matrix kept in its GGUF blocks and multiplied by llama.cpp's own kernels, which
+    quantize the activations as llama.cpp does: no float32 copy of the weights is ever made,
+    which is what lets a streamed layer cost about what its bytes cost to read."""
+
+    raw: torch.Tensor  # uint8 [n_out, row_bytes], 32-byte aligned
+    qtype: int
+    shape: tuple[int, int]  # (n_out, n_in)
+    bias: torch.Tensor | None = None  # float32 [n_out]
+
+    @property
+    def nbytes(self) -> int:
+        return _nbytes(self.raw, self.bias)
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        from specrun.kernels import ggml_matmul
+
+        lead = x.shape[:-1]
+        y = ggml_matmul.matmul(self.raw, self.qtype, self.shape, x.reshape(-1, x.shape[-1]).float())
+        if self.bias is not None:
+            y += self.bias
+        return y.view(*lead, self.shape[0])
+
+
+@dataclass
 class GgufEmbedding:
     """Embedding rows dequantized on lookup: only the rows of the tokens asked for."""
 
@@ -143,7 +168,7 @@ def _nbytes(*tensors: torch.Tensor | None) -> int:
 
 # --- GGUF ----------------------------------------------------------------------
 
-_DENSE_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # F32, F16, BF16
+DENSE_TYPES = {0: torch.float32, 1: torch.float16, 30: torch.bfloat16}  # F32, F16, BF16
 
 
 class GgufTensors:
@@ -181,8 +206,8 @@ class GgufTensors:
         """The tensor dequantized (on the CPU's fastest path), in `dtype`, numpy-ordered shape."""
         shape, qtype = self.shape(name), self.qtype(name)
         raw = self.raw(name)
-        if qtype in _DENSE_TYPES:
-            return raw.view(_DENSE_TYPES[qtype]).reshape(shape).to(dtype)
+        if qtype in DENSE_TYPES:
+            return raw.view(DENSE_TYPES[qtype]).reshape(shape).to(dtype)
         return dequant.dequantize(raw, qtype, shape, torch.float32).to(dtype)
 
 
@@ -201,7 +226,7 @@ def load_gguf(tensors: GgufTensors, args: ModelArgs, device: torch.device, dtype
     def linear(name: str, bias_name: str | None = None, dtype: torch.dtype = dtype) -> Linear:
         b = bias(bias_name) if bias_name else None
         qtype = tensors.qtype(name)
-        if convert or qtype in _DENSE_TYPES:
+        if convert or qtype in DENSE_TYPES:
             return DenseLinear(tensors.dense(name, dtype).to(device), b)
         rows, cols = tensors.shape(name)
         return GgufLinear(tensors.raw(name).to(device), qtype, (rows, cols), dtype, b)
@@ -229,7 +254,7 @@ def load_gguf(tensors: GgufTensors, args: ModelArgs, device: torch.device, dtype
         embed = DenseEmbedding(output.weight)  # one dense table serves both
     elif args.tied_embeddings and isinstance(output, GgufLinear):
         embed = GgufEmbedding(output.raw, output.qtype, args.n_embd, dtype)  # one copy of the blocks
-    elif tensors.qtype("token_embd.weight") in _DENSE_TYPES:
+    elif tensors.qtype("token_embd.weight") in DENSE_TYPES:
         embed = DenseEmbedding(tensors.dense("token_embd.weight", dtype).to(device))
     else:  # rows dequantized on lookup
         embed = GgufEmbedding(tensors.raw("token_embd.weight").to(device), tensors.qtype("token_embd.weight"),

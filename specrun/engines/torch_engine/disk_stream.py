@@ -1,0 +1,216 @@
+"""Weights read from disk on every pass, into a ring of a few aligned buffers.
+
+A pass walks the units (layers, output slices) in order. Units kept resident
+were read once at start; the others stream: the k-th streamed read of the
+run goes to slot k mod S, and is issued as soon as the slot's previous unit
+is done with, so the reader threads run up to S units ahead of the compute
+and wrap around into the next pass (its first layers load while the draft
+model works). Reads use O_DIRECT (no page cache: the mode really reads the
+disk every pass and its memory stays the buffers', whatever the model's size)
+with several threads, each reading a chunk of the unit; where a filesystem
+refuses O_DIRECT, buffered reads with posix_fadvise(DONTNEED) stand in, and a
+notice says so. Every read is checked: a short read, an I/O error or a model
+file that changed on disk becomes a one-line ModelFileError, never a hang.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from specrun.engines.torch_engine.layout import ALIGN, Unit
+from specrun.errors import ModelFileError
+from specrun.kernels.ggml_matmul import aligned_empty
+
+READ_CHUNK = 8 << 20  # bytes per read call: several per unit, spread over the readers
+
+
+@dataclass
+class StreamCounters:
+    """What streaming cost so far (all passes)."""
+
+    passes: int = 0
+    bytes_read: int = 0  # bytes read from the file by the ring (resident units not counted)
+    wait_s: float = 0.0  # time the forward pass waited for a unit's bytes
+    busy_s: float = 0.0  # wall time with at least one read in flight
+
+
+def file_identity(path: Path) -> tuple[int, int, int]:
+    try:
+        st = os.stat(path)
+    except FileNotFoundError:
+        raise ModelFileError(f"{path.name} disappeared while it was being read",
+                             hint="keep the model file in place while specrun runs") from None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class DiskStream:
+    def __init__(self, path: Path, units: list[Unit], resident: set[int], slots: int, readers: int = 4,
+                 direct: bool = True) -> None:
+        self.path, self.units = path, units
+        self.identity = file_identity(path)
+        self.streamed = [u for u in units if u.index not in resident]
+        self.counters = StreamCounters()
+        self.notices: list[str] = []
+        self.direct = False
+        self._fd = os.open(path, os.O_RDONLY)
+        if direct:
+            self._open_direct()
+        self._lock = threading.Lock()
+        self._in_flight, self._busy_since = 0, 0.0
+        self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="specrun-read")
+        self._resident = {u.index: self._read_now(u) for u in units if u.index in resident}
+        size = max((u.n_bytes for u in self.streamed), default=0)
+        self._slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
+        self._reads: dict[int, list[Future]] = {}
+        self._issued = self._next = 0
+        self._fill()
+
+    # --- reading ---------------------------------------------------------------------
+
+    def _open_direct(self) -> None:
+        """O_DIRECT where the OS and filesystem take it (tmpfs and macOS do not): probed with one read."""
+        flag = getattr(os, "O_DIRECT", 0)
+        try:
+            if not flag:
+                raise OSError("O_DIRECT is not available on this system")
+            fd = os.open(self.path, os.O_RDONLY | flag)
+        except OSError as e:
+            self.notices.append(f"direct reads refused for {self.path.name} ({e.strerror or e}): reading "
+                                "through the page cache, dropped after each read")
+            return
+        probe = aligned_empty(ALIGN, ALIGN)
+        try:
+            os.preadv(fd, [probe.numpy()], 0)
+        except OSError as e:
+            os.close(fd)
+            self.notices.append(f"direct reads refused for {self.path.name} ({e.strerror or e}): reading "
+                                "through the page cache, dropped after each read")
+            return
+        os.close(self._fd)
+        self._fd, self.direct = fd, True
+
+    def _read_chunk(self, buf: torch.Tensor, offset: int) -> int:
+        """Fill buf (a view of an aligned buffer) from the file at offset; returns the bytes read."""
+        with self._lock:
+            if self._in_flight == 0:
+                self._busy_since = time.perf_counter()
+            self._in_flight += 1
+        try:
+            view, done = buf.numpy(), 0
+            while done < len(view):
+                n = os.preadv(self._fd, [view[done:]], offset + done)
+                if n == 0:
+                    break  # end of file: the caller checks what it needed
+                done += n
+            if not self.direct:
+                os.posix_fadvise(self._fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+            return done
+        finally:
+            with self._lock:
+                self._in_flight -= 1
+                if self._in_flight == 0:
+                    self.counters.busy_s += time.perf_counter() - self._busy_since
+
+    def _submit(self, unit: Unit, buf: torch.Tensor) -> list[Future]:
+        return [self._pool.submit(self._read_chunk, buf[o:min(o + READ_CHUNK, unit.n_bytes)], unit.start + o)
+                for o in range(0, unit.n_bytes, READ_CHUNK)]
+
+    def _collect(self, unit: Unit, futures: list[Future]) -> int:
+        """Wait for a unit's reads (returns the bytes read); errors become one line."""
+        got = 0
+        try:
+            for f in futures:
+                got += f.result()
+        except OSError as e:
+            raise ModelFileError(f"reading {self.path.name} failed: {e.strerror or e}",
+                                 hint="check the disk (dmesg) and the file (specrun pull again)") from None
+        end = max(s.offset + s.n_bytes for s in unit.spans)
+        if got < end:
+            raise ModelFileError(f"{self.path.name} ended early (read {got} of {end} bytes of a layer): "
+                                 "it changed on disk while specrun ran", hint="specrun pull it again")
+        return got
+
+    def _read_now(self, unit: Unit) -> torch.Tensor:
+        buf = aligned_empty(unit.n_bytes, ALIGN)
+        self._collect(unit, self._submit(unit, buf))
+        return buf
+
+    # --- the ring --------------------------------------------------------------------
+
+    def _fill(self) -> None:
+        """Issue reads until every slot holds or awaits a unit not yet consumed."""
+        n = len(self.streamed)
+        while n and self._issued < self._next + len(self._slots):
+            k = self._issued
+            self._reads[k] = self._submit(self.streamed[k % n], self._slots[k % len(self._slots)])
+            self._issued += 1
+
+    def _drop(self) -> None:
+        """Forget the reads ahead (waiting for those already running) and go back to the first unit."""
+        for futures in self._reads.values():
+            for f in futures:
+                f.cancel()
+        wait([f for fs in self._reads.values() for f in fs])
+        self._reads.clear()
+        self._issued = self._next = 0
+
+    def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]:
+        """One pass: each unit with its bytes (uint8 [unit.n_bytes]), valid until the next is asked for."""
+        if file_identity(self.path) != self.identity:
+            raise ModelFileError(f"{self.path.name} changed on disk while specrun ran", hint="run again")
+        if self.streamed and self._next % len(self.streamed):
+            self._drop()  # a pass was abandoned part-way
+            self._fill()
+        self.counters.passes += 1
+        for unit in self.units:
+            if unit.index in self._resident:
+                yield unit, self._resident[unit.index]
+                continue
+            k = self._next
+            t = time.perf_counter()
+            self.counters.bytes_read += self._collect(unit, self._reads.pop(k))
+            self.counters.wait_s += time.perf_counter() - t
+            try:
+                yield unit, self._slots[k % len(self._slots)][:unit.n_bytes]
+            finally:  # the slot is free once its unit is done with: refill it
+                self._next += 1
+                self._fill()
+
+    @property
+    def bytes_per_pass(self) -> int:
+        """Bytes read per pass: the streamed units' aligned ranges, cut at the end of the file."""
+        return sum(min(u.n_bytes, self.identity[1] - u.start) for u in self.streamed)
+
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory the stream holds: its slots and the resident units."""
+        return sum(s.numel() for s in self._slots) + sum(b.numel() for b in self._resident.values())
+
+    def measure_throughput(self) -> float:
+        """Bytes per second of a pass read with no compute (the disk's limit for this placement)."""
+        saved = replace(self.counters)
+        self._drop()
+        t = time.perf_counter()
+        self._fill()
+        for _ in self.pass_units():
+            pass
+        seconds = time.perf_counter() - t
+        self.counters = saved
+        self._drop()
+        self._fill()
+        return self.bytes_per_pass / seconds if seconds > 0 else 0.0
+
+    def close(self) -> None:
+        self._drop()
+        self._pool.shutdown(wait=True)
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1

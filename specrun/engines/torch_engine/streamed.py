@@ -1,0 +1,186 @@
+"""Offloaded placements: the model's weights come to the compute unit by unit, every pass.
+
+`open_streamed` cuts the GGUF file into units (layout.py), decides which stay
+resident within the budgets, and builds the stream: `DiskStream` (the file,
+read each pass) or `RamStream` (pinned RAM, copied to the GPU each pass). The
+forward pass sees a `StreamedSource`: decoder layers and the output matrix
+built as views of each unit's bytes while they are in their slot. Token
+embeddings are read row by row from the file: a pass needs only its tokens'.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator
+
+import torch
+
+from specrun.engines.torch_engine.arch import ModelArgs
+from specrun.engines.torch_engine.config import OffloadConfig, available_memory
+from specrun.engines.torch_engine.disk_stream import DiskStream, StreamCounters
+from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units
+from specrun.engines.torch_engine.ram_stream import CopyEngine, CudaCopyEngine, RamStream
+from specrun.engines.torch_engine.weights import GgufTensors, LayerWeights
+from specrun.errors import UsageError
+from specrun.gguf_file import GGUFInfo
+from specrun.kernels import dequant
+
+MIN_SLOTS = 2  # one unit computing while the next one arrives
+
+
+class Stream:
+    """What the source needs of a stream (DiskStream and RamStream both are one)."""
+
+    counters: StreamCounters
+    notices: list[str]
+    bytes_per_pass: int
+    buffer_bytes: int
+
+    def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]: ...
+
+    def close(self) -> None: ...
+
+
+class FileRowEmbedding:
+    """Token embeddings read from the file a row at a time: a pass needs a few of 150k rows."""
+
+    nbytes = 0
+
+    def __init__(self, path: Path, offset: int, qtype: int, shape: tuple[int, ...], device: torch.device) -> None:
+        self._fd = os.open(path, os.O_RDONLY)
+        self.offset, self.qtype, self.device = offset, qtype, device
+        self.n_embd = shape[1]
+        self.row_bytes = dequant.row_bytes(qtype, shape[1])
+
+    def __call__(self, ids: torch.Tensor) -> torch.Tensor:
+        rows = [os.pread(self._fd, self.row_bytes, self.offset + int(i) * self.row_bytes) for i in ids.tolist()]
+        if any(len(r) != self.row_bytes for r in rows):
+            from specrun.errors import ModelFileError
+
+            raise ModelFileError("the model file ended early while reading an embedding row: it changed on disk")
+        raw = torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).view(len(rows), self.row_bytes)
+        return dequant.dequantize(raw, self.qtype, (len(rows), self.n_embd), torch.float32).to(self.device)
+
+    def close(self) -> None:
+        if self._fd >= 0:
+            os.close(self._fd)
+            self._fd = -1
+
+
+@dataclass
+class StreamedSource:
+    """Layers and logits for the forward pass, from a stream (see model.Transformer)."""
+
+    stream: Stream
+    args: ModelArgs
+    dtype: torch.dtype
+    device: torch.device
+
+    def __post_init__(self) -> None:
+        self._pass: Iterator[tuple[Unit, torch.Tensor]] | None = None
+
+    def layers(self) -> Iterator[LayerWeights]:
+        if self._pass is not None:
+            self._pass.close()  # a pass cut short (an error, Ctrl-C): its slot is released now
+        self._pass = self.stream.pass_units()
+        for _ in range(self.args.n_layer):
+            unit, buf = next(self._pass)
+            yield layer_weights(unit, buf, self.args, self.dtype)
+
+    def output(self, x: torch.Tensor) -> torch.Tensor:
+        """x [m, n_embd] -> float32 logits [m, n_vocab], slice by slice (read even when m is 0:
+        the stream's order is fixed)."""
+        assert self._pass is not None
+        y = torch.empty(x.shape[0], self.args.n_vocab, dtype=torch.float32, device=x.device)
+        for unit, buf in self._pass:
+            r0, r1 = unit.rows
+            if x.shape[0]:
+                y[:, r0:r1] = linear(buf, unit.spans[0], None, torch.float32)(x)
+        self._pass = None
+        return y
+
+
+@dataclass
+class StreamedOutput:
+    """The output matrix as ModelWeights holds it: the source's slices (no bytes of its own)."""
+
+    source: StreamedSource
+    nbytes: int = 0
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        return self.source.output(x)
+
+
+def plan_residency(units: list[Unit], budget: int, slots: int, what: str) -> tuple[set[int], int]:
+    """(resident unit indices, slots) for a budget in bytes: the slots first, then whole units in
+    pass order while they fit. UsageError when not even MIN_SLOTS slots fit."""
+    biggest = max(u.n_bytes for u in units)
+    if budget < MIN_SLOTS * biggest:
+        raise UsageError(f"{what} {_gb(budget)} is too small to stream this model: its layers need "
+                         f"{MIN_SLOTS} x {_gb(biggest)} of buffers", hint=f"raise {what} to {_gb(MIN_SLOTS * biggest)} or more")
+    if budget >= sum(u.n_bytes for u in units):
+        return {u.index for u in units}, 0
+    slots = max(MIN_SLOTS, min(slots, budget // biggest))
+    left, resident = budget - slots * biggest, set()
+    for u in units:
+        if u.n_bytes <= left:
+            resident.add(u.index)
+            left -= u.n_bytes
+    return resident, slots
+
+
+def _gb(n: int) -> str:
+    return f"{n / 1e9:.2f} GB" if n >= 1e8 else f"{n / 1e6:.1f} MB"
+
+
+def open_streamed(path: Path, info: GGUFInfo, tensors: GgufTensors, args: ModelArgs, device: torch.device,
+                  dtype: torch.dtype, offload: OffloadConfig,
+                  copier: CopyEngine | None = None) -> tuple[Stream, StreamedSource, FileRowEmbedding]:
+    units = plan_units(info, args)
+    embd = tensors.info["token_embd.weight"]
+    embed = FileRowEmbedding(path, embd.offset, embd.type, embd.shape, device)
+    if offload.mode == "disk":
+        budget = offload.ram if offload.ram is not None else offload.slots * max(u.n_bytes for u in units)
+        resident, slots = plan_residency(units, budget, offload.slots, "--ram")
+        stream: Stream = DiskStream(path, units, resident, slots, offload.readers)
+    elif offload.mode == "ram":
+        stream = _ram_stream(path, units, device, offload, copier)
+    else:
+        raise ValueError(f"not a streamed placement: {offload.mode}")
+    return stream, StreamedSource(stream, args, dtype, device), embed
+
+
+def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: OffloadConfig,
+                copier: CopyEngine | None) -> RamStream:
+    """Resident units on the device within --gpu-memory; the rest in pinned RAM, within --ram."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        budget = offload.gpu_memory if offload.gpu_memory is not None else int(free * 0.8)
+        if budget > free:
+            raise UsageError(f"--gpu-memory {_gb(budget)} is more than the GPU has free ({_gb(free)})")
+    else:  # the slot logic on a CPU, for tests (with a fake copy engine)
+        budget = offload.gpu_memory if offload.gpu_memory is not None else offload.slots * max(u.n_bytes for u in units)
+    resident, slots = plan_residency(units, budget, offload.slots, "--gpu-memory")
+    host_bytes = sum(u.n_bytes for u in units if u.index not in resident)
+    ram = offload.ram if offload.ram is not None else (available_memory() or host_bytes) * 8 // 10
+    if host_bytes > ram:
+        raise UsageError(f"the layers streamed from RAM need {_gb(host_bytes)}, and only {_gb(ram)} of RAM "
+                         "is allowed or free", hint="use --offload disk, or raise --ram / --gpu-memory")
+    pin, size = device.type == "cuda", path.stat().st_size
+    with open(path, "rb", buffering=0) as f:
+        def read(u: Unit) -> torch.Tensor:
+            buf = torch.empty(min(u.n_bytes, size - u.start), dtype=torch.uint8, pin_memory=pin)
+            f.seek(u.start)
+            got = f.readinto(buf.numpy())
+            if got < max(s.offset + s.n_bytes for s in u.spans):
+                from specrun.errors import ModelFileError
+
+                raise ModelFileError(f"{path.name} ended early: it changed on disk")
+            return buf
+        host = {u.index: read(u) for u in units if u.index not in resident}
+        resident_bufs = {u.index: read(u).to(device) for u in units if u.index in resident}
+    biggest = max((u.n_bytes for u in units if u.index in host), default=ALIGN)
+    slot_bufs = [torch.empty(biggest, dtype=torch.uint8, device=device) for _ in range(slots if host else 0)]
+    return RamStream(units, host, resident_bufs, slot_bufs, copier or CudaCopyEngine(device))
