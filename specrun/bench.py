@@ -149,6 +149,9 @@ class RunResult:
     accepted_lengths: list[int] = field(default_factory=list)  # per target call after the prefill
     tree_sizes: list[int] = field(default_factory=list)  # nodes verified per call (1 = plain)
     tokens_per_call: float | None = None  # produced per target call, the prefill's included
+    depths: list[int] = field(default_factory=list)  # verified tree depth per call
+    bytes_per_pass: float = 0.0  # offloaded targets: weight bytes streamed per pass
+    read_s_per_pass: float = 0.0  # ... and the time reads were in flight per pass
     speedup: float = 0.0  # over plain in the same round
     differs_at: int | None = None  # first token that differs from plain, None if identical
     top2_margin: float | None = None  # target's top-2 logit margin there (greedy)
@@ -226,13 +229,14 @@ class Bench:
         self.session.forget()  # every mode pays the same prefill
         gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling),
                          self.session.speculator(mode.spec))
-        accepted_lengths, tree_sizes = [], []
+        accepted_lengths, tree_sizes, depths = [], [], []
 
         def steps() -> Iterator[tuple[int, str]]:
             for step in gen:
                 if step.target_calls:
                     accepted_lengths.append(step.accepted)
                     tree_sizes.append(step.drafted + 1)
+                    depths.append(step.depth)
                 yield len(step.tokens), step.text
 
         rate, _, _ = _timed(steps())
@@ -240,7 +244,8 @@ class Bench:
         self.session.save()
         return RunResult(prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
                          s.target_calls, s.drafted_tokens, s.accepted_tokens, s.draft_s, s.verify_s,
-                         accepted_lengths, tree_sizes, s.tokens_per_call)
+                         accepted_lengths, tree_sizes, s.tokens_per_call, depths, s.bytes_per_pass,
+                         s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0)
 
     def _compare(self, done: dict[str, RunResult], prompt: list[int]) -> None:
         """Speed-up over plain, and where the output differs from plain's, the first differing
@@ -290,6 +295,11 @@ class ModeSummary:
     tokens_per_call: float | None  # mean over runs
     draft_share: float | None  # drafting time / (drafting + verifying)
     mean_tree: float | None  # nodes verified per target call
+    max_tree: int | None  # the most nodes verified in one call
+    mean_depth: float | None  # verified tree depth per target call
+    pass_s: float | None  # a verify pass (and its walk), mean over calls
+    bytes_per_pass: float  # offloaded targets: weight bytes streamed per pass (0: resident)
+    read_s_per_pass: float  # time reads were in flight per pass
     identical: int  # runs whose output equals plain's
     differences: list[dict[str, Any]]  # prompt, round, token index, margin
     accepted_histogram: dict[int, int]  # accepted drafted tokens per call -> calls
@@ -306,6 +316,8 @@ def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
         draft = sum(r.draft_s or 0 for r in rs)
         verify = sum(r.verify_s or 0 for r in rs)
         trees = [n for r in rs for n in r.tree_sizes]
+        depths = [d for r in rs for d in r.depths]
+        passes = sum(len(r.tree_sizes) for r in rs)
         hist: dict[int, int] = {}
         for r in rs:
             for a in r.accepted_lengths:
@@ -316,6 +328,11 @@ def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
             statistics.mean(calls) if calls else None,
             draft / (draft + verify) if spec and draft + verify > 0 else None,
             statistics.mean(trees) if trees else None,
+            max(trees) if trees else None,
+            statistics.mean(depths) if depths else None,
+            verify / passes if passes and mode.spec is not None else None,
+            statistics.mean(r.bytes_per_pass for r in rs),
+            statistics.mean(r.read_s_per_pass for r in rs),
             sum(r.differs_at is None for r in rs),
             [{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at, "top2_margin": r.top2_margin}
              for r in rs if r.differs_at is not None],
@@ -350,8 +367,31 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
                      f"it {verdict}")
     for s in summaries:
         if s.mean_tree is not None and s.mode != "plain":
-            lines.append(f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average")
+            lines.append(f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average (at most "
+                         f"{s.max_tree}), trees {s.mean_depth:.1f} deep, {s.tokens_per_call or 0:.2f} tokens per call")
+    lines += streaming_explanation(session, summaries)
     return lines
+
+
+def streaming_explanation(session: Session, summaries: list[ModeSummary]) -> list[str]:
+    """For an offloaded target: bytes per pass, and a pass's time against what reading those
+    bytes alone takes at the disk's (or link's) throughput, measured now with no compute."""
+    plain = next((s for s in summaries if s.mode == "plain"), None)
+    if plain is None or not plain.bytes_per_pass:
+        return []
+    measure = getattr(session.target, "measure_link", None)
+    link = measure() if measure is not None else None
+    lines = [f"streamed {plain.bytes_per_pass / 1e6:.0f} MB of weights per pass; reads in flight "
+             f"{plain.read_s_per_pass:.3f} s per plain pass"]
+    if link and plain.pass_s:
+        limit = plain.bytes_per_pass / link
+        lines.append(f"reading them alone takes {limit:.3f} s ({link / 1e9:.2f} GB/s, measured now with no compute); "
+                     f"a plain pass took {plain.pass_s:.3f} s, {plain.pass_s / limit:.2f}x that limit")
+    for s in summaries:
+        if s.mode != "plain" and s.pass_s and s.mean_tree:
+            lines.append(f"{s.mode}: a pass over {s.mean_tree:.0f} nodes took {s.pass_s:.3f} s "
+                         f"({s.pass_s / plain.pass_s:.2f}x a plain pass)" if plain.pass_s else "")
+    return [line for line in lines if line]
 
 
 def to_json(config: BenchConfig, workload: str, model: str, draft: str | None, threads: int | None,

@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field, fields
 from typing import Iterator
 
-from specrun.engines.base import Engine, Logits, common_prefix
+from specrun.engines.base import Engine, Logits, Transfer, common_prefix
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
 from specrun.speculate.base import Speculator
@@ -44,6 +44,7 @@ class Step:
     draft_s: float  # time spent drafting
     verify_s: float  # time in the target's forward pass and the walk
     wall_s: float  # the whole step, as a clock on the wall sees it (drafting may overlap verifying)
+    depth: int = 0  # the verified tree's depth (0: plain decoding)
 
 
 @dataclass
@@ -59,6 +60,10 @@ class GenerationStats:
     draft_s: float = 0.0
     verify_s: float = 0.0
     eos_tokens: int = 0  # end-of-generation tokens drawn (produced by a call, not output)
+    streamed_passes: int = 0  # offloaded targets: passes that streamed weights, the prefill's included
+    streamed_bytes: int = 0  # weight bytes read (or copied) in them
+    stream_wait_s: float = 0.0  # time they waited for weights
+    stream_busy_s: float = 0.0  # wall time with a read or copy in flight
     stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
 
     def add(self, other: "GenerationStats") -> None:
@@ -70,6 +75,15 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def bytes_per_pass(self) -> float:
+        return self.streamed_bytes / self.streamed_passes if self.streamed_passes else 0.0
+
+    @property
+    def link_bps(self) -> float:
+        """Bytes per second while reads were in flight: what the disk (or link) delivered."""
+        return self.streamed_bytes / self.stream_busy_s if self.stream_busy_s > 0 else 0.0
 
     @property
     def tokens_per_call(self) -> float:
@@ -120,6 +134,7 @@ class Generation:
         engine, cfg, stats = self.engine, self.config, self.stats
         draw = drawer(cfg.sampling)
         stats.stop_reason = "interrupted"  # until the loop ends by itself
+        transfer_start = engine.transfer()
         t0 = time.perf_counter()
         stats.reused_tokens = min(common_prefix(engine.tokens, self.prompt), len(self.prompt) - 1)
         pending = draw(engine.sync(self.prompt), 0)
@@ -165,7 +180,9 @@ class Generation:
             stats.verify_s += t_end - t_draft
             wall = time.perf_counter() - t_step
             stats.decode_s += wall
-            yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft, wall)
+            self._count_transfer(transfer_start)
+            yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft, wall,
+                             max(tree.depths))
             if done is not None:
                 stats.stop_reason = done
                 break
@@ -173,6 +190,16 @@ class Generation:
         if tail:
             self._text.append(tail)
             yield Step([], tail, 0, 0, 0, 0.0, 0.0, 0.0)
+
+    def _count_transfer(self, start: Transfer | None) -> None:
+        """The weights streamed since the generation began (offloaded targets)."""
+        now = self.engine.transfer()
+        if now is None or start is None:
+            return
+        done = now.minus(start)
+        s = self.stats
+        s.streamed_passes, s.streamed_bytes, s.stream_wait_s, s.stream_busy_s = (
+            done.passes, done.bytes, done.wait_s, done.busy_s)
 
     def _commit(self, tokens: list[int]) -> tuple[list[int], str | None]:
         """Append tokens to the output until a stop condition; (appended, stop reason or None)."""
@@ -189,7 +216,7 @@ class Generation:
         return out, None
 
     def _step(self, tokens: list[int], calls: int, drafted: int, accepted: int,
-              draft_s: float, verify_s: float, wall_s: float) -> Step:
+              draft_s: float, verify_s: float, wall_s: float, depth: int = 0) -> Step:
         text = self._decoder.decode(b"".join(self.engine.vocab.piece(t) for t in tokens))
         self._text.append(text)
-        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s, wall_s)
+        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s, wall_s, depth)

@@ -20,8 +20,9 @@ from tests.conftest import REAL_STORE
 
 SPECRUN = [sys.executable, "-m", "specrun"]
 MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "speedup",
-                "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "identical",
-                "differences", "accepted_histogram"}
+                "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "max_tree",
+                "mean_depth", "pass_s", "bytes_per_pass", "read_s_per_pass", "identical", "differences",
+                "accepted_histogram"}
 
 
 def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:

@@ -41,12 +41,20 @@ def hf_dir(tmp_path: Path) -> Path:
 
 
 @dataclass(frozen=True)
+class FakeOffloadConfig:
+    mode: str = "none"
+    ram: int | None = None
+    gpu_memory: int | None = None
+
+
+@dataclass(frozen=True)
 class FakeTorchConfig:
     device: str = "cpu"
     dtype: str | None = None
     threads: int | None = None
     quant: str | None = None
     max_tree_nodes: int = 0
+    offload: FakeOffloadConfig = FakeOffloadConfig()
 
 
 @pytest.fixture
@@ -55,7 +63,9 @@ def fake_torch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     seen: dict[str, Any] = {"cuda": False}
     torch = types.ModuleType("torch")
     torch.__version__ = "0.0+fake"  # type: ignore[attr-defined]
-    torch.cuda = types.SimpleNamespace(is_available=lambda: seen["cuda"])  # type: ignore[attr-defined]
+    torch.cuda = types.SimpleNamespace(is_available=lambda: seen["cuda"],  # type: ignore[attr-defined]
+                                       mem_get_info=lambda device: (80 << 30, 80 << 30))
+    torch.device = str  # type: ignore[attr-defined]
     torch.version = types.SimpleNamespace(cuda=None)  # type: ignore[attr-defined]
 
     class FakeTorchEngine:
@@ -69,6 +79,7 @@ def fake_torch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 
     module = types.ModuleType("specrun.engines.torch_engine")
     module.TorchConfig, module.TorchEngine = FakeTorchConfig, FakeTorchEngine  # type: ignore[attr-defined]
+    module.OffloadConfig = FakeOffloadConfig  # type: ignore[attr-defined]
     module.planned_weight_bytes = planned_weight_bytes  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setitem(sys.modules, "specrun.engines.torch_engine", module)

@@ -389,3 +389,43 @@ def test_ram_placement_on_cuda_equals_resident(models: dict[str, Path]) -> None:
         for a, b in zip(passes(resident), passes(streamed), strict=True):
             assert torch.allclose(a, b, rtol=1e-3, atol=1e-3)
         assert streamed.transfer().bytes_per_pass == sum(unit_bytes(path))
+
+
+# --- the command line --------------------------------------------------------------------
+
+def specrun(*args: str) -> "subprocess.CompletedProcess[str]":
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-m", "specrun", *args], capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "NO_COLOR": "1"})
+
+
+def test_run_streams_from_disk_and_reports_what_it_read(models: dict[str, Path]) -> None:
+    import json
+
+    path = str(models["q4_k_m"])
+    args = ("run", path, "hello", "-n", "8", "--temperature", "0", "--spec", "none")
+    resident = specrun(*args, "--engine", "torch", "--json")
+    done = specrun(*args, "--offload", "disk", "--ram", "1K", "--json")
+    assert done.returncode != 0 and "too small to stream" in done.stderr and "Traceback" not in done.stderr
+    done = specrun(*args, "--offload", "disk", "--json")
+    assert done.returncode == 0, done.stderr
+    out = json.loads(done.stdout)
+    assert out["streaming"]["passes"] >= 8 and out["streaming"]["bytes_per_pass"] == sum(unit_bytes(models["q4_k_m"]))
+    assert json.loads(resident.stdout)["streaming"] is None
+    verbose = specrun(*args, "--offload", "disk", "-v")
+    assert verbose.returncode == 0 and "per pass" in verbose.stderr and verbose.stdout.strip()
+
+
+@pytest.mark.parametrize("flags, message", [
+    (("--offload", "disk", "--engine", "llama.cpp"), "streams weights in the torch engine"),
+    (("--offload", "ram", "--device", "cpu"), "from RAM to a GPU"),
+    (("--offload", "tape"), "unknown --offload 'tape'"),
+    (("--offload", "disk", "--ram", "lots"), "--ram takes a size"),
+    (("--ram", "1G", "--engine", "torch", "--offload", "none"), "budgets for streamed weights"),
+])
+def test_offload_flags_that_cannot_work_are_one_line_errors(models: dict[str, Path], flags: tuple[str, ...],
+                                                             message: str) -> None:
+    done = specrun("run", str(models["f32"]), "hi", "-n", "2", *flags)
+    assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr

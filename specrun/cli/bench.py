@@ -46,6 +46,9 @@ def bench(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    offload: str = O.OFFLOAD,
+    ram: Optional[str] = O.RAM,
+    gpu_memory: Optional[str] = O.GPU_MEMORY,
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
                                              "needs matplotlib)."),
@@ -53,7 +56,8 @@ def bench(
     """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
     O.check_sampling(top_p)
     O.check_draft_flags(draft, no_draft)
-    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
+                          offload=offload, ram=ram, gpu_memory=gpu_memory)
     if plot_path is not None:
         _need_matplotlib()
     for out in (json_path, plot_path):  # before minutes of work, not after

@@ -42,6 +42,9 @@ def chat(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    offload: str = O.OFFLOAD,
+    ram: Optional[str] = O.RAM,
+    gpu_memory: Optional[str] = O.GPU_MEMORY,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -51,7 +54,8 @@ def chat(
     """Talk with a model. Piped stdin: each line is one turn, and only replies reach stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
     O.check_sampling(top_p)
-    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
+                          offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
     with models.session([spec_cfg], *places) as session:
         template = ChatTemplate.of_model(models.target, session)

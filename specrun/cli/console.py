@@ -89,6 +89,26 @@ def stats_line(s: GenerationStats, mode: str) -> str:
             f"call, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted ({mode})")
 
 
+def stream_line(s: GenerationStats) -> str | None:
+    """What streaming the weights cost (offloaded targets): bytes per pass, a verify pass's time
+    against the time its reads were in flight, and the rate the disk or link delivered."""
+    if not s.streamed_passes:
+        return None
+    calls = max(s.target_calls - 1, 1)  # decode passes (the prefill's are longer)
+    return (f"streamed {human(s.bytes_per_pass)} per pass over {s.streamed_passes} passes at "
+            f"{human(s.link_bps)}/s; a verify pass took {s.verify_s / calls:.3f} s, reads in flight "
+            f"{s.stream_busy_s / s.streamed_passes:.3f} s per pass, waiting for them "
+            f"{s.stream_wait_s / s.streamed_passes:.3f} s; {s.tokens_per_call:.2f} tokens per pass")
+
+
+def stream_json(s: GenerationStats) -> dict[str, Any] | None:
+    if not s.streamed_passes:
+        return None
+    return {"passes": s.streamed_passes, "bytes": s.streamed_bytes, "bytes_per_pass": round(s.bytes_per_pass),
+            "busy_s": round(s.stream_busy_s, 4), "wait_s": round(s.stream_wait_s, 4),
+            "bytes_per_s": round(s.link_bps), "tokens_per_pass": round(s.tokens_per_call, 3)}
+
+
 def spec_json(mode: str, stats: GenerationStats) -> dict[str, Any]:
     return {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
             "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)}

@@ -31,10 +31,14 @@ def calibrate_cmd(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    offload: str = O.OFFLOAD,
+    ram: Optional[str] = O.RAM,
+    gpu_memory: Optional[str] = O.GPU_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Measure what a target pass over n tokens costs here, for the speculation planner."""
-    placement = O.placements(threads, gpu_layers, engine=engine, device=device, quant=quant)[0]
+    placement = O.placements(threads, gpu_layers, engine=engine, device=device, quant=quant, offload=offload,
+                              ram=ram, gpu_memory=gpu_memory)[0]
     models = resolve(model)
     label = models.label
     with models.session([SpecConfig()], placement) as session:
@@ -65,11 +69,15 @@ def info(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    offload: str = O.OFFLOAD,
+    ram: Optional[str] = O.RAM,
+    gpu_memory: Optional[str] = O.GPU_MEMORY,
     as_json: bool = typer.Option(False, "--json", help="Print JSON."),
 ) -> None:
     """What a model is, what would run it and where: architecture, sizes, engine, device, the
     memory its weights take, template, checksum, stored calibrations."""
-    placement = O.placements(None, gpu_layers, engine=engine, device=device, quant=quant)[0]
+    placement = O.placements(None, gpu_layers, engine=engine, device=device, quant=quant, offload=offload,
+                              ram=ram, gpu_memory=gpu_memory)[0]
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
     if verify and path.is_dir():

@@ -37,9 +37,13 @@ class Resolved:
 
     def session(self, specs: list[SpecConfig], target: Placement = Placement(),
                 draft: Placement = Placement(), notice: Callable[[str], None] = notice) -> Session:
-        """A session on these files, its trees sized for `specs` (the modes it will serve)."""
-        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft),
-                       notice)
+        """A session on these files, its trees sized for `specs` (the modes it will serve); what
+        the target's engine noticed while loading (direct I/O refused, ...) goes to `notice`."""
+        session = Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft),
+                          notice)
+        for line in session.target.notices:
+            notice(line)
+        return session
 
 
 def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:

@@ -6,7 +6,7 @@ from typing import Optional
 
 import typer
 
-from specrun.engines import DEVICES, ENGINES, QUANTS, Placement
+from specrun.engines import DEVICES, ENGINES, OFFLOADS, QUANTS, Placement
 from specrun.errors import UsageError
 from specrun.speculate.factory import MODEL_MODES, SPEC_MODES, SpecConfig
 
@@ -23,6 +23,13 @@ ENGINE = typer.Option("auto", "--engine", help="auto, llama.cpp or torch (auto: 
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when the engine has one).")
 QUANT = typer.Option(None, "--quant", help="Quantize safetensors weights as they load: nf4, fp4 or int8 "
                      "(torch engine).")
+OFFLOAD = typer.Option("auto", "--offload", help="Where the target's weights live between passes: none (on "
+                       "the device), ram (pinned RAM, streamed to the GPU each pass), disk (read from the file "
+                       "each pass), or auto (none when the model fits, else ram on a GPU, else disk; torch engine).")
+RAM = typer.Option(None, "--ram", help="RAM for streamed weights (e.g. 8G): read buffers plus layers kept "
+                   "resident (default: --offload disk: just the buffers; auto: half the free RAM).")
+GPU_MEMORY = typer.Option(None, "--gpu-memory", help="GPU memory for weights with --offload ram (e.g. 20G): "
+                          "slots plus resident layers (default: 80 percent of what is free).")
 SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prompt lookup), chain or tree "
                     "(draft model).")
 DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
@@ -54,16 +61,36 @@ def check_sampling(top_p: float) -> None:
         raise UsageError("--top-p must be greater than 0")
 
 
+def parse_size(text: Optional[str], flag: str) -> Optional[int]:
+    """'8G', '512M', '1.5GB', '300000000' -> bytes (binary units: 8G is 8 GiB)."""
+    if text is None:
+        return None
+    units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
+    t = text.strip().upper().removesuffix("IB").removesuffix("B")
+    number, unit = (t[:-1], t[-1]) if t and t[-1] in units else (t, "")
+    try:
+        value = float(number) * units[unit]
+    except ValueError:
+        raise UsageError(f"{flag} takes a size such as 8G or 512M, not '{text}'") from None
+    if value <= 0:
+        raise UsageError(f"{flag} must be more than 0")
+    return int(value)
+
+
 def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads: Optional[int] = None,
                draft_gpu_layers: Optional[int] = None, engine: str = "auto", device: Optional[str] = None,
-               quant: Optional[str] = None, draft_engine: str = "auto",
-               draft_device: Optional[str] = None) -> tuple[Placement, Placement]:
+               quant: Optional[str] = None, draft_engine: str = "auto", draft_device: Optional[str] = None,
+               offload: str = "auto", ram: Optional[str] = None,
+               gpu_memory: Optional[str] = None) -> tuple[Placement, Placement]:
     """(target, draft) placements, checked. The draft follows the target's threads and GPU layers
-    where not told otherwise, but not its engine, device or quantization: a small draft stays on
-    llama.cpp unless told."""
+    where not told otherwise, but not its engine, device, quantization or offloading: a small
+    draft stays on llama.cpp in memory unless told."""
     check_engine_flags(engine, device, quant)
     check_engine_flags(draft_engine, draft_device, None)
-    target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant)
+    if offload not in OFFLOADS:
+        raise UsageError(f"unknown --offload '{offload}'", hint=f"use one of: {', '.join(OFFLOADS)}")
+    target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant,
+                       offload=offload, ram=parse_size(ram, "--ram"), gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
                       gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers,
                       engine=draft_engine, device=draft_device)

@@ -11,8 +11,8 @@ import typer
 
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import (clean_text, err, friendly, spec_json, stats_line, stream, timings_json,
-                                 warn)
+from specrun.cli.console import (clean_text, err, friendly, notice, spec_json, stats_line, stream, stream_json,
+                                 stream_line, timings_json, warn)
 from specrun.cli.models import resolve
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
@@ -52,6 +52,9 @@ def run(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    offload: str = O.OFFLOAD,
+    ram: Optional[str] = O.RAM,
+    gpu_memory: Optional[str] = O.GPU_MEMORY,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -63,7 +66,8 @@ def run(
     """Generate a completion of PROMPT and stream it to stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
     O.check_sampling(top_p)
-    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant)
+    places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
+                          offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
     text = read_prompt(prompt)
     t0 = time.perf_counter()
@@ -94,9 +98,12 @@ def run(
             "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "stop_reason": stats.stop_reason,
             "speculation": spec_json(mode, stats),
+            "streaming": stream_json(stats),
             "timings": {"load_s": round(load_s, 4), **timings_json(stats)},
         }))
     if verbose:
         err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats_line(stats, mode)}; {stats.target_calls} "
                   f"target calls; stopped by {stats.stop_reason}; load {load_s:.2f} s, prefill {stats.prefill_s:.2f} "
                   f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")
+        if (line := stream_line(stats)) is not None:
+            notice(line)

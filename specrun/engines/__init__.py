@@ -19,6 +19,7 @@ from specrun.engines.base import Engine, Logits, Pending, Vocab
 from specrun.errors import UsageError
 
 ENGINES = ("auto", "llama.cpp", "torch")
+OFFLOADS = ("auto", "none", "ram", "disk")
 DEVICES = ("cpu", "cuda")
 QUANTS = ("nf4", "fp4", "int8")
 TORCH_EXTRA = ("torch", "bitsandbytes", "tokenizers")  # what `pip install 'specrun[torch]'` brings
@@ -34,6 +35,9 @@ class Placement:
     engine: str = "auto"  # "auto" | "llama.cpp" | "torch"
     device: str | None = None  # "cpu" | "cuda"; None: the GPU when the engine has one
     quant: str | None = None  # torch on safetensors only: "nf4" | "fp4" | "int8"
+    offload: str = "auto"  # "auto" | "none" | "ram" (pinned RAM -> GPU each pass) | "disk" (read each pass)
+    ram: int | None = None  # bytes of RAM for streamed weights' buffers and resident layers
+    gpu_memory: int | None = None  # bytes of GPU memory for weights (offload ram)
 
 
 def engine_for(model: Path, placement: Placement = Placement()) -> str:
@@ -48,6 +52,15 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
         raise UsageError(f"unknown device '{p.device}'", hint=f"use one of: {', '.join(DEVICES)}")
     if p.quant is not None and p.quant not in QUANTS:
         raise UsageError(f"unknown quantization '{p.quant}'", hint=f"use one of: {', '.join(QUANTS)}")
+    if p.offload not in OFFLOADS:
+        raise UsageError(f"unknown offload '{p.offload}'", hint=f"use one of: {', '.join(OFFLOADS)}")
+    streamed = p.offload in ("ram", "disk")
+    if streamed and p.engine == "llama.cpp":
+        raise UsageError(f"--offload {p.offload} streams weights in the torch engine, not llama.cpp",
+                         hint="use --engine torch (or leave --engine out)")
+    if p.offload == "ram" and p.device == "cpu":
+        raise UsageError("--offload ram streams weights from RAM to a GPU; with --device cpu they are in RAM already",
+                         hint="use --offload disk to read them from the file each pass, or --device cuda")
     directory = model.is_dir()
     if p.engine == "llama.cpp" and directory:
         raise UsageError(f"llama.cpp runs GGUF files, and {model.name} is a safetensors directory",
@@ -58,8 +71,10 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
                          hint="leave out --quant, or give a safetensors directory (torch engine)")
     if p.engine != "auto":
         engine = p.engine
-    elif directory or p.quant is not None or (p.device == "cuda" and not _llama_gpu()):
+    elif directory or p.quant is not None or streamed or (p.device == "cuda" and not _llama_gpu()):
         engine = "torch"
+    elif p.offload == "auto" and p.device != "cuda" and not _llama_gpu() and not fits_ram(model):
+        engine = "torch"  # llama.cpp would page the file in and out: stream it from disk instead
     else:
         engine = "llama.cpp"
     if engine == "llama.cpp":
@@ -76,16 +91,64 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
     if engine_for(model, placement) == "torch":
         device = torch_device(placement)  # its errors first: they need no model loaded
         with _torch_needed():
-            from specrun.engines.torch_engine import TorchConfig, TorchEngine
+            from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
 
+            mode, ram = offload_mode(model, placement, device)
             config = TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
-                                 max_tree_nodes=max_tree_nodes)
+                                 max_tree_nodes=max_tree_nodes,
+                                 offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
             return TorchEngine(model, config)
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
     config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=llama_gpu_layers(placement),
                             max_tree_nodes=max_tree_nodes)
     return LlamaCppEngine(model, config)
+
+
+def available_memory() -> int | None:
+    """Bytes of RAM available now (Linux), or None where unknown."""
+    try:
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemAvailable:"):
+                return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _model_bytes(model: Path) -> int:
+    return sum(f.stat().st_size for f in model.iterdir() if f.is_file()) if model.is_dir() else model.stat().st_size
+
+
+def fits_ram(model: Path) -> bool:
+    """Whether the model's files fit the memory available now (unknown: assume they do)."""
+    free = available_memory()
+    return free is None or _model_bytes(model) <= free
+
+
+def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, int | None]:
+    """(offload mode, RAM budget) for the torch engine. Auto: resident when the model fits the
+    device (the GPU's free memory, or RAM), else streamed from RAM to the GPU when RAM holds
+    it, else read from disk each pass, keeping half the free RAM for resident layers."""
+    mode, ram = placement.offload, placement.ram
+    if mode == "auto":
+        on_gpu = device.startswith("cuda")
+        if on_gpu:
+            import torch
+
+            fits_gpu = _model_bytes(model) <= torch.cuda.mem_get_info(torch.device(device))[0] * 0.9
+        if on_gpu and fits_gpu:
+            mode = "none"
+        elif fits_ram(model):
+            mode = "ram" if on_gpu else "none"
+        else:
+            mode, free = "disk", available_memory()
+            if ram is None and free is not None:
+                ram = free // 2
+    if mode == "none" and (placement.ram is not None or placement.gpu_memory is not None):
+        raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
+                         hint="add --offload disk (or ram, on a GPU)")
+    return mode, ram
 
 
 def llama_gpu_layers(placement: Placement) -> int | None:
@@ -175,5 +238,5 @@ def _torch_needed() -> Iterator[None]:
         raise error from None
 
 
-__all__ = ["DEVICES", "ENGINES", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
+__all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
            "engine_for", "open_engine", "planned_weight_bytes"]

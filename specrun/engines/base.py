@@ -87,6 +87,7 @@ class Engine(Protocol):
 
     vocab: Vocab
     n_ctx_train: int
+    notices: Sequence[str]  # one-line notes from loading (a fallback taken), for the user
 
     def settings_key(self) -> str:
         """What a measured cost depends on besides the model file: backend, build, placement."""
@@ -229,6 +230,7 @@ class CacheMixin:
     first in each of its own calls, so a call made while a pass is pending waits for it
     instead of racing it, and `close_worker()` in close()."""
 
+    notices: Sequence[str] = ()
     _worker: ThreadPoolExecutor | None = None
     _pending: Future | None = None
     _worker_lock = threading.Lock()

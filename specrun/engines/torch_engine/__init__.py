@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from specrun.engines.torch_engine.config import QUANTS, TorchConfig
+from specrun.engines.torch_engine.config import QUANTS, OffloadConfig, TorchConfig
 from specrun.engines.torch_engine.engine import TorchEngine
 
 

@@ -7,6 +7,7 @@ from pathlib import Path
 
 import torch
 
+from specrun.engines import available_memory
 from specrun.errors import UsageError
 
 QUANTS = ("nf4", "fp4", "int8")
@@ -70,17 +71,6 @@ def cpu_has_bf16() -> bool:
     except OSError:
         return False
     return " avx512_bf16" in flags or " amx_bf16" in flags
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available now (Linux), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def resolve_dtype(name: str | None, device: torch.device, float32_bytes: int | None = None) -> torch.dtype:
