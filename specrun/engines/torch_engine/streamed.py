@@ -18,7 +18,8 @@ from typing import Iterator
 import torch
 
 from specrun.engines.torch_engine.arch import ModelArgs
-from specrun.engines.torch_engine.config import OffloadConfig, available_memory
+from specrun.engines import available_memory
+from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream, StreamCounters
 from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units
 from specrun.engines.torch_engine.ram_stream import CopyEngine, CudaCopyEngine, RamStream
