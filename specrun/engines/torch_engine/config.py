@@ -25,14 +25,17 @@ class OffloadConfig:
     mode: str = "none"
     ram: int | None = None  # bytes of RAM for weight buffers; None: see streamed.plan_residency
     gpu_memory: int | None = None  # bytes of GPU memory for weights (ram mode); None: what is free
-    slots: int = 3  # buffers a streamed unit is read or copied into, ahead of the compute
+    slots: int | None = None  # buffers streamed units are read or copied into ahead of the compute; None:
+    # disk: enough for READ_AHEAD bytes (the next pass's first layers load while the draft model
+    # works); ram: 3 (copies are fast, and GPU memory is better spent on resident layers)
     readers: int = 4  # threads reading the disk (disk mode)
 
     def describe(self) -> str:
         if self.mode == "none":
             return "resident"
         budgets = [f"{name} {value}" for name, value in (("ram", self.ram), ("gpu", self.gpu_memory)) if value]
-        return f"offload {self.mode}, {self.slots} slots" + "".join(f", {b}" for b in budgets)
+        slots = f", {self.slots} slots" if self.slots else ""
+        return f"offload {self.mode}{slots}" + "".join(f", {b}" for b in budgets)
 
 
 @dataclass(frozen=True)

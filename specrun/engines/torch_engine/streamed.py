@@ -29,6 +29,8 @@ from specrun.gguf_file import GGUFInfo
 from specrun.kernels import dequant
 
 MIN_SLOTS = 2  # one unit computing while the next one arrives
+READ_AHEAD = 512 << 20  # disk: bytes the readers may run ahead of the compute, into the next pass
+RAM_SLOTS = 3  # ram: device slots (host-to-device copies keep up with a layer's compute)
 
 
 class Stream:
@@ -143,8 +145,12 @@ def open_streamed(path: Path, info: GGUFInfo, tensors: GgufTensors, args: ModelA
     embd = tensors.info["token_embd.weight"]
     embed = FileRowEmbedding(path, embd.offset, embd.type, embd.shape, device)
     if offload.mode == "disk":
-        budget = offload.ram if offload.ram is not None else offload.slots * max(u.n_bytes for u in units)
-        resident, slots = plan_residency(units, budget, offload.slots, "--ram")
+        biggest = max(u.n_bytes for u in units)
+        wanted = offload.slots or max(3, min(len(units) - 1, -(-READ_AHEAD // biggest)))
+        if offload.ram is None:  # no budget given: stream every unit, through the read-ahead slots
+            resident, slots = set(), min(wanted, len(units))
+        else:
+            resident, slots = plan_residency(units, offload.ram, wanted, "--ram")
         stream: Stream = DiskStream(path, units, resident, slots, offload.readers)
     elif offload.mode == "ram":
         stream = _ram_stream(path, units, device, offload, copier)
@@ -162,8 +168,9 @@ def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: Of
         if budget > free:
             raise UsageError(f"--gpu-memory {_gb(budget)} is more than the GPU has free ({_gb(free)})")
     else:  # the slot logic on a CPU, for tests (with a fake copy engine)
-        budget = offload.gpu_memory if offload.gpu_memory is not None else offload.slots * max(u.n_bytes for u in units)
-    resident, slots = plan_residency(units, budget, offload.slots, "--gpu-memory")
+        default = (offload.slots or RAM_SLOTS) * max(u.n_bytes for u in units)
+        budget = offload.gpu_memory if offload.gpu_memory is not None else default
+    resident, slots = plan_residency(units, budget, offload.slots or RAM_SLOTS, "--gpu-memory")
     host_bytes = sum(u.n_bytes for u in units if u.index not in resident)
     ram = offload.ram if offload.ram is not None else (available_memory() or host_bytes) * 8 // 10
     if host_bytes > ram:
