@@ -198,9 +198,12 @@ def planned_weight_bytes(model: Path, placement: Placement = Placement()) -> int
         return sum(t.n_bytes for t in read_gguf(model).tensors)
     device = torch_device(placement)
     with _torch_needed():
-        from specrun.engines.torch_engine import TorchConfig, planned_weight_bytes as torch_bytes
+        from specrun.engines.torch_engine import OffloadConfig, TorchConfig, planned_weight_bytes as torch_bytes
 
-        return torch_bytes(model, TorchConfig(device=device, threads=placement.threads, quant=placement.quant))
+        mode, ram = offload_mode(model, placement, device)
+        offload = OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory)
+        return torch_bytes(model, TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
+                                              offload=offload))
 
 
 def device_of(model: Path, placement: Placement = Placement()) -> str:

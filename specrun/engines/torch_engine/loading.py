@@ -57,7 +57,7 @@ def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload
 
     info = read_gguf(path)
     tensors = GgufTensors(path, info)
-    args = _gguf_args(path, info, tensors)
+    args = gguf_args(path, info, tensors)
     stream, source, embed = open_streamed(path, info, tensors, args, device, dtype, offload)
     norm = tensors.dense("output_norm.weight", torch.float32).to(device)
     factors = tensors.dense("rope_freqs.weight", torch.float32).to(device) if "rope_freqs.weight" in tensors else None
@@ -79,7 +79,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
 
     info = read_gguf(path)
     tensors = GgufTensors(path, info)
-    args = _gguf_args(path, info, tensors)
+    args = gguf_args(path, info, tensors)
     # On a CPU, matrices are dequantized once at load: per pass it would cost more than the pass.
     weights = load_gguf(tensors, args, device, dtype, convert=device.type == "cpu")
     vocab_file = VocabOnly(path)
@@ -87,7 +87,7 @@ def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedMo
     return LoadedModel(args, weights, vocab_file.vocab, storage, vocab_file.close)
 
 
-def _gguf_args(path: Path, info: GGUFInfo, tensors: GgufTensors) -> ModelArgs:
+def gguf_args(path: Path, info: GGUFInfo, tensors: GgufTensors) -> ModelArgs:
     if "token_embd.weight" not in tensors:
         raise ModelFileError(f"{path.name} has no token_embd.weight tensor")
     return ModelArgs.from_gguf(info.metadata, tensors.names(), tensors.shape("token_embd.weight")[0])

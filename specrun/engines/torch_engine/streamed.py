@@ -145,18 +145,35 @@ def open_streamed(path: Path, info: GGUFInfo, tensors: GgufTensors, args: ModelA
     embd = tensors.info["token_embd.weight"]
     embed = FileRowEmbedding(path, embd.offset, embd.type, embd.shape, device)
     if offload.mode == "disk":
-        biggest = max(u.n_bytes for u in units)
-        wanted = offload.slots or max(3, min(len(units) - 1, -(-READ_AHEAD // biggest)))
-        if offload.ram is None:  # no budget given: stream every unit, through the read-ahead slots
-            resident, slots = set(), min(wanted, len(units))
-        else:
-            resident, slots = plan_residency(units, offload.ram, wanted, "--ram")
+        resident, slots = disk_plan(units, offload)
         stream: Stream = DiskStream(path, units, resident, slots, offload.readers)
     elif offload.mode == "ram":
         stream = _ram_stream(path, units, device, offload, copier)
     else:
         raise ValueError(f"not a streamed placement: {offload.mode}")
     return stream, StreamedSource(stream, args, dtype, device), embed
+
+
+def disk_plan(units: list[Unit], offload: OffloadConfig) -> tuple[set[int], int]:
+    """(resident units, slots) of the disk placement: without --ram every unit streams through
+    READ_AHEAD bytes of slots; with it, the slots come first and resident units fill the rest."""
+    biggest = max(u.n_bytes for u in units)
+    wanted = offload.slots or max(3, min(len(units) - 1, -(-READ_AHEAD // biggest)))
+    if offload.ram is None:
+        return set(), min(wanted, len(units))
+    return plan_residency(units, offload.ram, wanted, "--ram")
+
+
+def disk_buffer_bytes(path: Path, offload: OffloadConfig) -> int:
+    """Memory the disk placement's buffers take for this file (from its header; nothing is read)."""
+    from specrun.engines.torch_engine.loading import gguf_args
+    from specrun.gguf_file import read_gguf
+
+    info = read_gguf(path)
+    units = plan_units(info, gguf_args(path, info, GgufTensors(path, info)))
+    resident, slots = disk_plan(units, offload)
+    streamed = [u.n_bytes for u in units if u.index not in resident]
+    return sum(u.n_bytes for u in units if u.index in resident) + slots * max(streamed, default=0)
 
 
 def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: OffloadConfig,
