@@ -2,7 +2,9 @@
 
 The planner needs c(n): seconds for one target pass over n tokens (a draft tree
 of n nodes). It depends on the model, the build, the threads and the GPU
-layers, so it is measured once per such combination, on first use, and kept
+layers, so it is measured once per such combination, on first use (from 1
+token up to the engine's limit, stopping where passes grow too costly to ever
+pay: see SIZES), and kept
 under the store root with what was learnt while generating: acceptance
 statistics and each draft model's speed. The file is versioned JSON; files of
 the first, unversioned format are still read.
@@ -24,8 +26,28 @@ from specrun.speculate.planner import AcceptanceStats, CostCurve
 from specrun.store import write_atomic
 
 VERSION = 2
-SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32)  # about 4 s for a 1.5B model on 2 CPU cores
+# Tokens per pass, measured upward: all of them up to ALWAYS, beyond it while a pass costs at
+# most MAX_RATIO plain passes, and never more than the engine verifies in one pass.
+SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
+ALWAYS = 32  # about 1.5 s for a 1.5B model on 2 CPU cores with llama.cpp
+# A pass costing more than this many plain passes must accept more tokens than that to pay,
+# and trees of the draft model get about 6-11 accepted (HumanEval, depth 16): beyond, the
+# curve is steep (llama.cpp on a CPU: 9.6x at 32 tokens) and measuring it only takes time.
+# A flat curve (an offloaded target, a GPU) is measured up to the engine's limit.
+MAX_RATIO = 8.0
 PREFIX = 64  # tokens in the cache while measuring, as after a short prompt
+
+
+def sizes_up_to(max_nodes: int) -> tuple[int, ...]:
+    """The sizes an engine verifying at most `max_nodes` tokens a pass can be measured at:
+    SIZES below it, and `max_nodes` itself."""
+    return tuple(n for n in SIZES if n < max_nodes) + (max(max_nodes, 1),)
+
+
+def stops_short(curve: CostCurve, sizes: tuple[int, ...]) -> bool:
+    """Whether a stored curve ends before the largest of `sizes` at a cost that would have
+    measured on (it was measured with fewer sizes, or for smaller trees): measure again."""
+    return curve.max_size < max(sizes) and curve.seconds[-1] <= MAX_RATIO * curve.seconds[0]
 
 
 def context_needed(sizes: tuple[int, ...] = SIZES) -> int:
@@ -34,8 +56,11 @@ def context_needed(sizes: tuple[int, ...] = SIZES) -> int:
 
 
 def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int = 1,
-                       on_size: Callable[[int], None] | None = None) -> CostCurve:
-    """Time chains of n nodes after a 64-token prefix (median of `reps`, after one warm-up).
+                       on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
+                       clock: Callable[[], float] = time.perf_counter) -> CostCurve:
+    """Time chains of n nodes after a 64-token prefix (median of `reps`, after one warm-up;
+    one token, which is cheap, at least 3 times). With `max_ratio`, sizes above ALWAYS are
+    measured only while the last one cost at most `max_ratio` times one token.
 
     The cache is left empty. Noise is smoothed so that cost never decreases with size."""
     engine.rewind(0)
@@ -45,26 +70,29 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
     if warm > 1:  # warm-up: first-use allocations
         engine.eval_tree(prefix[:warm], [-1] + list(range(warm - 1)), list(range(warm)))
         engine.commit_path([])
-    times = []
+    measured, times = [], []
     for n in sizes:
+        if max_ratio is not None and n > ALWAYS and times and times[-1] > max_ratio * times[0]:
+            break
         runs = []
-        for rep in range(reps):
-            t = time.perf_counter()
+        for rep in range(max(reps, 3) if n == 1 else reps):
+            t = clock()
             if n == 1:
-                engine.eval([prefix[rep]])
+                engine.eval([prefix[rep % PREFIX]])
                 engine.rewind(len(prefix))
             else:
                 chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
                 engine.eval_tree(chain, [-1] + list(range(n - 1)), list(range(n)))
                 engine.commit_path([])
-            runs.append(time.perf_counter() - t)
+            runs.append(clock() - t)
+        measured.append(n)
         times.append(statistics.median(runs))
         if on_size:
             on_size(n)
     engine.rewind(0)
     for i in range(len(times) - 2, -1, -1):  # monotone: a later, cheaper size bounds earlier ones
         times[i] = min(times[i], times[i + 1])
-    return CostCurve(tuple(sizes), tuple(times))
+    return CostCurve(tuple(measured), tuple(times))
 
 
 @dataclass

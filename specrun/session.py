@@ -3,8 +3,9 @@
 `run`, `chat` and `bench` all need the same assembly: open the engines, check
 that the draft tokenizes like the target, open KV caches, find (or measure) the
 target's cost curve, and build speculators for a `SpecConfig`. It lives here
-once, so what `bench` measures is what `run` and `chat` do. No backend is
-named here: `open_engine` picks it from the model and the placement.
+once, so what `bench` measures is what `run` and `chat` do. `open_engine` picks
+the backend from the model and the placement; only `tree_limit` asks which it
+picked, for the most tokens it verifies in one pass.
 """
 
 from __future__ import annotations
@@ -14,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from specrun import calibrate
-from specrun.engines import Engine, Placement, open_engine
+from specrun.engines import Engine, Placement, engine_for, open_engine
 from specrun.errors import UsageError
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
@@ -34,10 +35,30 @@ class SessionConfig:
 
     @property
     def max_tree_nodes(self) -> int:
-        """The largest tree any of the modes verifies, or the calibration measures; 0: none."""
+        """The largest tree the target is opened for: what any of the modes verifies, or the
+        calibration may measure (up to what its engine verifies in one pass); 0: none."""
         nodes = [s.max_nodes for s in self.specs]
-        nodes += [max(calibrate.SIZES) for s in self.specs if s.needs_costs]
+        planned = min(max(calibrate.SIZES), tree_limit(self.target, self.target_placement))
+        nodes += [planned for s in self.specs if s.needs_costs]
         return max(nodes) if max(nodes) > 1 else 0
+
+    @property
+    def draft_tree_nodes(self) -> int:
+        """The draft engine's: as the target's, up to its own limit (a tree bigger than that is
+        grown with leaves the draft never evaluates)."""
+        assert self.draft is not None
+        return min(self.max_tree_nodes, tree_limit(self.draft, self.draft_placement))
+
+
+def tree_limit(model: Path, placement: Placement) -> int:
+    """The most tokens the engine that runs `model` verifies in one pass: llama.cpp gives each
+    tree node a sequence id of its own and has 256 (the cache takes one); the torch engine's
+    trees are bounded by cache room only, and the largest calibration size stands for it."""
+    if engine_for(model, placement) == "llama.cpp":
+        from specrun.engines.llamacpp import MAX_SEQ
+
+        return MAX_SEQ - 1
+    return max(calibrate.SIZES)
 
 
 def default_ctx(n_ctx_train: int, needed: int) -> int:
@@ -64,7 +85,7 @@ class Session:
     def _draft_engine(self) -> Engine | None:
         """The draft engine, loaded and vocabulary-checked on first use, opened like the target."""
         if self.draft is None and self.config.draft is not None:
-            draft = open_engine(self.config.draft, self.config.draft_placement, self.config.max_tree_nodes)
+            draft = open_engine(self.config.draft, self.config.draft_placement, self.config.draft_tree_nodes)
             try:
                 check_vocab_compatible(self.target.vocab, draft.vocab)
             except VocabMismatch as e:
@@ -95,24 +116,27 @@ class Session:
 
     def calibrated(self, force: bool = False) -> calibrate.Calibration:
         """The stored cost curve for this model and these settings, measured now if missing
-        (or if `force`). Leaves the target's cache empty; a cache too small to measure in is
-        replaced by a big enough one for the measurement, then reopened at its own size."""
+        (or if `force`, or if it stops short of sizes measured now). Leaves the target's cache
+        empty; a cache too small to measure in is replaced by a big enough one for the
+        measurement, then reopened at its own size."""
         if self.calibration is not None and not force:
             return self.calibration
         if not self.target.n_ctx:
             raise RuntimeError("calibrated() before open()")
         file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
                                           self.target.settings_key())
+        sizes = calibrate.sizes_up_to(self.target.max_tree_nodes)
         found = None if force else calibrate.load(file)
+        if found is not None and calibrate.stops_short(found.cost, sizes):
+            found = None  # measured when fewer sizes were (up to 32), on a curve flat enough for more
         if found is None:
             once = "" if force else " (once)"
             self.notice(f"measuring this machine's cost curve for {self.config.target.name}{once}…")
-            sizes = tuple(n for n in calibrate.SIZES if n <= max(self.target.max_tree_nodes, 1))
             n_ctx = self.target.n_ctx
             if n_ctx < calibrate.context_needed(sizes):
                 self.target.open(calibrate.context_needed(sizes))
             try:
-                curve = calibrate.measure_cost_curve(self.target, sizes)
+                curve = calibrate.measure_cost_curve(self.target, sizes, max_ratio=calibrate.MAX_RATIO)
             finally:
                 if self.target.n_ctx != n_ctx:
                     self.target.open(n_ctx)

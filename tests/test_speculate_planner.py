@@ -244,7 +244,7 @@ def test_a_small_context_still_calibrates_the_whole_curve(tiny_model: Path, tmp_
     with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
         s.open(16)
         n_ctx = s.target.n_ctx
-        assert s.calibrated().cost.max_size == 32
+        assert 32 <= s.calibrated().cost.max_size <= 255  # the rest of the way while passes stay cheap
         assert s.target.n_ctx == n_ctx and s.target.kv_len == 0
 
 
@@ -260,7 +260,7 @@ def test_a_cache_too_small_to_measure_in_is_widened_then_restored(tiny_model: Pa
         monkeypatch.setattr(calibrate, "context_needed", lambda sizes=calibrate.SIZES: 1024)
         real_open = s.target.open
         monkeypatch.setattr(s.target, "open", lambda n: (opened.append(n), real_open(n))[1])
-        assert s.calibrated().cost.max_size == 32
+        assert s.calibrated().cost.max_size >= 32
         assert opened == [1024, n_ctx] and s.target.n_ctx == n_ctx and s.target.kv_len == 0
 
 

@@ -15,7 +15,7 @@ from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpecula
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
 MODEL_MODES = ("chain", "tree")  # need a draft model
 DEFAULT_DEPTH = 16
-DEFAULT_NODES = 32  # the planner's cap when no --budget is given
+DEFAULT_NODES = 32  # what a mode without --budget asks the engines for at least (calibration asks for more)
 
 
 @dataclass(frozen=True)
@@ -49,9 +49,12 @@ def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, A
         raise ValueError("planned speculation needs a cost curve")
     plan = cost if spec.needs_costs else None
 
+    # Without --budget the planner sizes trees up to what the calibration measured: hundreds of
+    # nodes where a pass costs about what one token does (an offloaded target), a few on a CPU.
+    cap = spec.budget or (cost.max_size if cost is not None and spec.needs_costs else spec.max_nodes)
+
     def planned(name: str, drafter: Drafter, stats_key: str) -> PlannedSpeculator:
-        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()),
-                                 spec.max_nodes, depth)
+        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()), cap, depth)
 
     lookup = planned("ngram", NgramDrafter(), "ngram")
     if spec.mode == "ngram":

@@ -1,0 +1,119 @@
+"""How far calibration measures: fake engines with known costs and a fake clock, and what the
+session opens engines for."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from types import SimpleNamespace
+from typing import Callable, Sequence
+
+import pytest
+
+from specrun import calibrate
+from specrun.calibrate import ALWAYS, MAX_RATIO, SIZES, context_needed, measure_cost_curve, sizes_up_to
+from specrun.engines import Placement
+from specrun.session import SessionConfig, tree_limit
+from specrun.speculate.factory import DEFAULT_NODES, SpecConfig, make_speculator
+from specrun.speculate.planner import CostCurve
+
+
+class FakeEngine:
+    """A pass over n tokens advances the clock by cost(n)."""
+
+    def __init__(self, cost: Callable[[int], float], max_tree_nodes: int) -> None:
+        self.cost, self.max_tree_nodes, self.now = cost, max_tree_nodes, 0.0
+        self.vocab = SimpleNamespace(n_vocab=100)
+        self.tokens: list[int] = []
+        self.trees: list[int] = []
+
+    def clock(self) -> float:
+        return self.now
+
+    def rewind(self, n: int) -> None:
+        del self.tokens[n:]
+
+    def eval(self, tokens: Sequence[int]) -> None:
+        self.now += self.cost(len(tokens))
+        self.tokens += tokens
+
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int], start: int = 0) -> None:
+        assert len(tokens) <= self.max_tree_nodes
+        self.now += self.cost(len(tokens))
+        self.trees.append(len(tokens))
+
+    def commit_path(self, path: Sequence[int]) -> None:
+        pass
+
+
+def measure(cost: Callable[[int], float], limit: int) -> CostCurve:
+    engine = FakeEngine(cost, limit)
+    return measure_cost_curve(engine, sizes_up_to(limit), max_ratio=MAX_RATIO, clock=engine.clock)  # type: ignore[arg-type]
+
+
+def test_sizes_stop_at_what_the_engine_verifies() -> None:
+    assert sizes_up_to(1024) == SIZES
+    assert sizes_up_to(255)[-3:] == (128, 192, 255)  # llama.cpp: 255, measured too
+    assert sizes_up_to(32)[-2:] == (24, 32) and sizes_up_to(0) == sizes_up_to(1) == (1,)
+    assert context_needed(sizes_up_to(255)) == calibrate.PREFIX + 256
+
+
+def test_a_steep_curve_is_measured_as_far_as_before() -> None:
+    """llama.cpp on a 2-core CPU: a pass over 32 tokens costs 9.6 plain ones, so nothing bigger
+    is measured (it would take seconds, and never pay)."""
+    curve = measure(lambda n: 0.025 * n ** 0.65, 255)
+    assert curve.sizes == tuple(n for n in SIZES if n <= ALWAYS)
+
+
+def test_a_flat_curve_is_measured_up_to_the_engine_limit() -> None:
+    assert measure(lambda n: 1.0 + n / 4000, 1024).sizes == SIZES  # an offloaded target
+    assert measure(lambda n: 0.005 + n / 1e5, 255).sizes[-1] == 255  # llama.cpp on a GPU
+
+
+def test_measuring_stops_after_the_first_size_costing_more_than_max_ratio_plain_passes() -> None:
+    curve = measure(lambda n: 1.0 + n / 16, 1024)  # 7x at 96 tokens, 9x at 128
+    assert curve.sizes[-2:] == (96, 128)
+    assert curve.seconds[-1] == pytest.approx(9.0)
+    everything = FakeEngine(lambda n: 1.0 + n / 16, 1024)  # without max_ratio (scripts): every size
+    assert measure_cost_curve(everything, SIZES, clock=everything.clock).sizes == SIZES  # type: ignore[arg-type]
+
+
+def test_engines_are_opened_for_what_their_backend_verifies(tiny_model: Path, tmp_path: Path) -> None:
+    directory = tmp_path / "model"  # a safetensors directory: the torch engine, opened by name only
+    directory.mkdir()
+    assert tree_limit(tiny_model, Placement()) == 255 and tree_limit(directory, Placement()) == max(SIZES)
+    planned = SessionConfig(tiny_model, tiny_model, tmp_path)  # auto: calibrated
+    assert planned.max_tree_nodes == planned.draft_tree_nodes == 255
+    offloaded = SessionConfig(directory, tiny_model, tmp_path, (SpecConfig("tree"),))
+    assert offloaded.max_tree_nodes == 1024 and offloaded.draft_tree_nodes == 255
+    fixed = SessionConfig(tiny_model, None, tmp_path, (SpecConfig("ngram", budget=8), SpecConfig("none")))
+    assert fixed.max_tree_nodes == 8
+    assert SessionConfig(tiny_model, None, tmp_path, (SpecConfig("none"),)).max_tree_nodes == 0
+
+
+def test_the_planner_plans_up_to_what_was_measured() -> None:
+    flat = CostCurve((1, 512), (1.0, 1.2))
+    planned = make_speculator(SpecConfig("ngram"), flat, {})
+    assert planned is not None and planned.max_nodes == 512 > DEFAULT_NODES  # type: ignore[union-attr]
+    budget = make_speculator(SpecConfig("ngram", budget=24), flat, {})
+    assert budget is not None and budget.max_nodes == 24  # type: ignore[union-attr]
+
+
+def test_a_stored_curve_that_stopped_short_is_measured_again(tiny_model: Path, tmp_path: Path) -> None:
+    """Files from when calibration stopped at 32 tokens: a flat curve is measured again (its
+    acceptance statistics kept), a steep one is as far as it would go today."""
+    from specrun.calibrate import Calibration, calibration_path, load
+    from specrun.session import Session
+    from specrun.speculate.planner import AcceptanceStats
+
+    sizes = tuple(n for n in SIZES if n <= 32)
+    for seconds, again in (([0.01] * len(sizes), True), ([0.01 * n for n in sizes], False)):
+        with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
+            s.open(256)
+            file = calibration_path(tmp_path, tiny_model, s.target.settings_key())
+            stats = AcceptanceStats(counts={("ngram", 1, 1): [3, 4]})
+            Calibration(file, CostCurve(sizes, tuple(seconds)), {"ngram": stats}).save()
+            assert calibrate.stops_short(CostCurve(sizes, tuple(seconds)), sizes_up_to(255)) == again
+            cal = s.calibrated()
+            assert (cal.cost.seconds != tuple(seconds)) == again
+            assert cal.stats["ngram"].counts == {("ngram", 1, 1): [3, 4]}
+            assert load(file) is not None and load(file).cost == cal.cost  # type: ignore[union-attr]
