@@ -42,8 +42,10 @@ def fixed(drafter: ModelDrafter, nodes: int, depth: int) -> PlannedSpeculator:
     return PlannedSpeculator("model", drafter, None, AcceptanceStats(), nodes, depth)
 
 
-@pytest.mark.parametrize("config, nodes", [(ModelDraftConfig.chain(4), 5), (ModelDraftConfig(), 16),
-                                           (ModelDraftConfig(top_k=2, nodes_per_pass=8, max_passes=3), 40)])
+# The tiny model gives its likeliest token about 2%: min_prob 0 lets trees grow all the same.
+@pytest.mark.parametrize("config, nodes", [(ModelDraftConfig.chain(4), 5), (ModelDraftConfig(min_prob=0.0), 16),
+                                           (ModelDraftConfig(top_k=2, nodes_per_pass=8, max_passes=3, min_prob=0.0), 40),
+                                           (ModelDraftConfig(min_prob=0.0), 200)])
 def test_draft_equal_to_target_is_accepted_along_the_greedy_path(pair, config, nodes) -> None:
     target, same, _ = pair
     plain = generate(target, "def fib(n):", GREEDY)
@@ -87,3 +89,57 @@ def test_vocab_compatibility(pair, tmp_path: Path) -> None:
     with LlamaCppEngine(renamed, LlamaCppConfig(n_threads=1)) as r:
         with pytest.raises(VocabMismatch, match="token 259"):
             check_vocab_compatible(target.vocab, r.vocab)
+
+
+def test_trees_are_sized_from_the_nodes_asked_for() -> None:
+    small, large = ModelDraftConfig().sized(16, 16), ModelDraftConfig().sized(256, 16)
+    assert small == ModelDraftConfig(top_k=4, nodes_per_pass=1, max_passes=15, min_prob=0.25)
+    assert large == ModelDraftConfig(top_k=32, nodes_per_pass=31, max_passes=15, min_prob=1 / 64)
+    assert ModelDraftConfig().sized(1024, 16).nodes_per_pass == 64  # a call over more costs about its nodes
+    assert ModelDraftConfig.chain(4).sized(256, 16) == ModelDraftConfig.chain(4)  # a chain stays one
+    assert ModelDraftConfig(top_k=2).sized(256, 3) == ModelDraftConfig(2, 31, 2, 1 / 64)  # a level a call
+
+
+def test_a_tree_bigger_than_the_draft_engine_takes_grows_over_several_calls(pair, tiny_model: Path) -> None:
+    """The draft engine evaluates 15 nodes at most; leaves need no evaluation, so it still
+    drafts 60-node trees, and the target accepts along them as from a tree it drafted itself."""
+    target, _, _ = pair
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=15)) as small:
+        small.open(1024)
+        drafter = ModelDrafter(small, ModelDraftConfig(min_prob=0.0))
+        tree, keys = drafter.draft(target.vocab.tokenize("def fib(n):"), 60, 8)
+        step = drafter.last
+        assert len(tree) == len(keys) == 60 and step is not None and drafter.drafts == 1
+        assert step.budget == 60 and step.nodes == 60 and 1 <= step.evaluated <= 15
+        assert step.calls >= 3 and step.per_pass <= 7 and step.depth == max(tree.depths) >= 3
+        assert all(tree.depths[i] == tree.depths[tree.parents[i]] + 1 for i in range(1, len(tree)))
+        drafter.accepted([])
+        plain = generate(target, "def fib(n):", GREEDY)
+        spec = generate(target, "def fib(n):", GREEDY, fixed(ModelDrafter(small, ModelDraftConfig(min_prob=0.0)), 60, 8))
+    assert spec.tokens == plain.tokens
+    assert spec.stats.tokens_per_call > 2.5
+
+
+def test_a_chain_stays_a_chain_and_ends_in_an_unevaluated_leaf(pair) -> None:
+    _, same, _ = pair
+    drafter = ModelDrafter(same, ModelDraftConfig.chain(4))
+    tree, _ = drafter.draft(same.vocab.tokenize("the a the"), 20, 8)
+    assert tree.parents == [-1, 0, 1, 2, 3, 4]
+    assert drafter.last is not None and (drafter.last.evaluated, drafter.last.calls, drafter.last.depth) == (4, 5, 5)
+    drafter.accepted([])
+
+
+def test_unlikely_candidates_are_not_evaluated(pair) -> None:
+    """The tiny model is near uniform (its likeliest token about 2%): a 16-node tree expands only
+    candidates of 25% and more, so it drafts the root's continuations in the context's call."""
+    _, same, _ = pair
+    drafter = ModelDrafter(same)
+    tree, _ = drafter.draft(same.vocab.tokenize("the a the"), 16, 8)
+    assert drafter.last is not None and (drafter.last.calls, drafter.last.evaluated) == (1, 0)
+    assert len(tree) == 5 and set(tree.parents[1:]) == {0}
+    drafter.accepted([])
+    looser = ModelDrafter(same, ModelDraftConfig(min_prob=0.01))
+    tree, _ = looser.draft(same.vocab.tokenize("the a the"), 16, 8)
+    assert looser.last is not None and looser.last.evaluated >= 1  # continuations of 1% and more are...
+    assert max(tree.depths) == 2  # ...and theirs, of about 0.02%, are leaves
+    looser.accepted([])
