@@ -210,6 +210,42 @@ def test_a_costly_drafter_rests_while_nothing_it_drafts_pays() -> None:
     assert len(spec.propose([1, 2, 3], 4, 32)) == 2  # back to drafting and verifying within MAX_REST steps
 
 
+class _FixedDrafter:
+    """Proposes the same chain of `n` nodes under one planner key every time."""
+
+    def __init__(self, n: int, key: str, costly: bool) -> None:
+        self.n, self.key, self.costly, self.calls = n, key, costly, 0
+
+    def draft(self, context, max_nodes, max_depth):
+        self.calls += 1
+        tree = DraftTree.rooted(context[-1])
+        for i in range(min(self.n, max_nodes - 1)):
+            tree.add(100 + i, i)
+        return tree, [("root",)] + [self.key] * (len(tree) - 1)
+
+    def accepted(self, tokens) -> None:
+        pass
+
+
+@pytest.mark.parametrize("model_rate, lookup_wins", [(50.0, False), (4.0, True)])
+def test_auto_prefers_lookup_only_where_its_expected_rate_beats_the_models(model_rate: float,
+                                                                          lookup_wins: bool) -> None:
+    """On a flat cost curve (an offloaded target) a lookup tree of 3 likely nodes pays, but a
+    draft model measured at 50 tok/s pays more: auto must not settle for lookup there."""
+    flat = CostCurve((1, 64), (0.3, 0.3))
+    stats = AcceptanceStats()
+    stats.counts["lookup"] = [90, 100]
+    stats.counts["model"] = [90, 100]
+    lookup_drafter, model_drafter = _FixedDrafter(3, "lookup", False), _FixedDrafter(20, "model", True)
+    lookup = PlannedSpeculator("ngram", lookup_drafter, flat, stats)
+    model = PlannedSpeculator("tree", model_drafter, flat, stats)
+    speed = DraftSpeed(rate=model_rate, steps=10)
+    spec = AutoSpeculator(lookup, model, flat, speed)
+    tree = spec.propose([1, 2, 3], 32, 64)
+    assert (len(tree) == 4) == lookup_wins  # lookup's chain: ~3.4 tokens per 0.3 s pass = 11 tok/s
+    assert model_drafter.calls == (0 if lookup_wins else 1)
+
+
 def test_auto_stops_loading_a_draft_model_that_does_not_pay_and_looks_again_later() -> None:
     plain = 1 / THIS_CPU.cost(1)  # 18 tok/s
     assert DraftSpeed().should_load(plain)  # never measured: try it

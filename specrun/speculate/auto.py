@@ -91,11 +91,21 @@ class AutoSpeculator:
     def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
         tree = self.lookup.propose(context, max_depth, max_nodes)
         self._used = self.lookup
-        if len(tree) == 1 and self.model is not None and self._model_pays():
+        if self.model is not None and self._model_pays() and not self._lookup_beats_model(tree):
             tree = self.model.propose(context, max_depth, max_nodes)
             self._used = None if self.model.skipped else self.model  # a resting step says nothing of its rate
         self._since_model += 1
         return tree
+
+    def _lookup_beats_model(self, tree: DraftTree) -> bool:
+        """Whether the lookup tree's expected tokens per second (it costs nothing to draft) beat
+        the draft model's measured rate. Where a pass over many tokens costs what one does (an
+        offloaded target), a lookup tree of a few likely nodes always pays, but a draft model's
+        tree of dozens pays more; on a CPU the model rarely pays and lookup wins when it has any."""
+        if len(tree) == 1:
+            return False
+        rate = self.speed.rate
+        return rate is not None and self.speed.known and self.lookup.expected_tokens(tree) / self.cost.cost(len(tree)) >= rate
 
     def _model_pays(self) -> bool:
         plain = 1.0 / self.cost.cost(1)

@@ -154,6 +154,10 @@ class PlannedSpeculator:
             self._rest = 1
         return candidates.subtree(keep)
 
+    def expected_tokens(self, tree: DraftTree) -> float:
+        """Tokens the last proposal (`tree`) is expected to yield, its root's included."""
+        return sum(node_chances(tree, self._keys, self.stats))
+
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not."""
         accepted = set(path)
