@@ -184,6 +184,14 @@ class DiskStream:
                 self._next += 1
                 self._fill()
 
+    def snapshot(self) -> StreamCounters:
+        """The counters now, the reads in flight counted up to this moment."""
+        with self._lock:
+            now = replace(self.counters)
+            if self._in_flight:
+                now.busy_s += time.perf_counter() - self._busy_since
+        return now
+
     @property
     def bytes_per_pass(self) -> int:
         """Bytes read per pass: the streamed units' aligned ranges, cut at the end of the file."""

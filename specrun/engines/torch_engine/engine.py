@@ -93,7 +93,7 @@ class TorchEngine(CacheMixin):
     def transfer(self) -> Transfer | None:
         if self.stream is None:
             return None
-        c = self.stream.counters
+        c = self.stream.snapshot()
         return Transfer(c.passes, c.bytes_read, c.wait_s, c.busy_s, self.stream.bytes_per_pass, self._link_bps)
 
     def measure_link(self) -> float | None:

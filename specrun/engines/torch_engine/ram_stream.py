@@ -18,7 +18,7 @@ in use, a recording fake in the tests (the same logic, checked on a CPU).
 from __future__ import annotations
 
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Iterator, Protocol
 
 import torch
@@ -118,6 +118,9 @@ class RamStream:
                 self._free[slot] = self.copier.record()
                 self._next += 1
                 self._fill()
+
+    def snapshot(self) -> StreamCounters:
+        return replace(self.counters)  # copies are not timed on the host (that would sync)
 
     @property
     def bytes_per_pass(self) -> int:
