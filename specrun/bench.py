@@ -347,7 +347,8 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
     cal = session.calibrated()
     cost = cal.cost
     lines = ["a target pass over n tokens costs " + ", ".join(
-        f"{n}: {cost.cost(n) / cost.cost(1):.2f}x" for n in (2, 4, 8, 16, 32) if n <= cost.max_size)
+        f"{n}: {cost.cost(n) / cost.cost(1):.2f}x" for n in (2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
+        if n <= cost.max_size)
         + f" the time of 1 token ({cost.cost(1) * 1000:.0f} ms) on this machine"]
     rates = []
     for name, stats in sorted(cal.stats.items()):
@@ -379,8 +380,7 @@ def streaming_explanation(session: Session, summaries: list[ModeSummary]) -> lis
     plain = next((s for s in summaries if s.mode == "plain"), None)
     if plain is None or not plain.bytes_per_pass:
         return []
-    measure = getattr(session.target, "measure_link", None)
-    link = measure() if measure is not None else None
+    link = session.target.measure_link()
     lines = [f"streamed {plain.bytes_per_pass / 1e6:.0f} MB of weights per pass; reads in flight "
              f"{plain.read_s_per_pass:.3f} s per plain pass"]
     if link and plain.pass_s:

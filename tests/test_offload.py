@@ -208,6 +208,32 @@ def test_a_read_error_is_one_error_and_the_next_pass_recovers(models: dict[str, 
             assert torch.equal(a, b)
 
 
+def test_a_failed_read_of_a_passs_first_layer_read_ahead_is_one_error_too(models: dict[str, Path],
+                                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """The ring reads the next pass's first layers during this pass: an error there surfaces at
+    the start of the next pass, and the one after starts from a clean ring."""
+    path = models["q4_k_m"]
+    with engine(path, "disk", ram=10 * sum(unit_bytes(path))) as resident, engine(path, "disk") as e:
+        want = passes(resident)
+        first = e.stream.streamed[0].start
+        real, failed = os.preadv, []
+
+        def fail_once(fd: int, buffers: list, offset: int) -> int:
+            if offset == first and not failed:
+                failed.append(offset)
+                raise OSError(5, "Input/output error")
+            return real(fd, buffers, offset)
+
+        monkeypatch.setattr(disk_stream.os, "preadv", fail_once)
+        e.eval(PROMPT)  # its own first layer was read before the failure was armed
+        with pytest.raises(ModelFileError, match="Input/output error"):
+            e.eval([7])
+        assert failed
+        e.rewind(0)
+        for a, b in zip(want, passes(e), strict=True):
+            assert torch.equal(a, b)
+
+
 def test_a_pass_cut_short_leaves_the_stream_in_order(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from specrun.engines.torch_engine import streamed
 

@@ -95,10 +95,10 @@ def stream_line(s: GenerationStats) -> str | None:
     if not s.streamed_passes:
         return None
     calls = max(s.target_calls - 1, 1)  # decode passes (the prefill's are longer)
-    return (f"streamed {human(s.bytes_per_pass)} per pass over {s.streamed_passes} passes at "
-            f"{human(s.link_bps)}/s; a verify pass took {s.verify_s / calls:.3f} s, reads in flight "
-            f"{s.stream_busy_s / s.streamed_passes:.3f} s per pass, waiting for them "
-            f"{s.stream_wait_s / s.streamed_passes:.3f} s; {s.tokens_per_call:.2f} tokens per pass")
+    reads = (f" at {human(s.link_bps)}/s; reads in flight {s.stream_busy_s / s.streamed_passes:.3f} s per pass, "
+             f"waiting for them {s.stream_wait_s / s.streamed_passes:.3f} s") if s.stream_busy_s > 0 else ""
+    return (f"streamed {human(s.bytes_per_pass)} per pass over {s.streamed_passes} passes{reads}; a verify pass "
+            f"took {s.verify_s / calls:.3f} s; {s.tokens_per_call:.2f} tokens per pass")
 
 
 def stream_json(s: GenerationStats) -> dict[str, Any] | None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from typing import Optional
 
 import typer
@@ -72,8 +73,8 @@ def parse_size(text: Optional[str], flag: str) -> Optional[int]:
         value = float(number) * units[unit]
     except ValueError:
         raise UsageError(f"{flag} takes a size such as 8G or 512M, not '{text}'") from None
-    if value <= 0:
-        raise UsageError(f"{flag} must be more than 0")
+    if not math.isfinite(value) or value <= 0:
+        raise UsageError(f"{flag} must be a size more than 0, not '{text}'")
     return int(value)
 
 

@@ -94,6 +94,8 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
             from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
 
             mode, ram = offload_mode(model, placement, device)
+            if mode == "disk":
+                device = "cpu"  # disk streaming computes on the CPU (offload_mode refused --device cuda)
             config = TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
                                  max_tree_nodes=max_tree_nodes,
                                  offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
@@ -148,6 +150,12 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
     if mode == "none" and (placement.ram is not None or placement.gpu_memory is not None):
         raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
                          hint="add --offload disk (or ram, on a GPU)")
+    if mode == "ram" and not device.startswith("cuda"):
+        raise UsageError("--offload ram streams weights from RAM to a GPU, and torch sees none here",
+                         hint="use --offload disk to read them from the file each pass")
+    if mode == "disk" and placement.device == "cuda":
+        raise UsageError("--offload disk computes on the CPU for now; on a GPU, stream from RAM",
+                         hint="use --offload ram with --device cuda, or --device cpu")
     return mode, ram
 
 

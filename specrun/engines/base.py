@@ -148,6 +148,11 @@ class Engine(Protocol):
         """What streaming the weights has cost so far; None where they stay where they compute."""
         ...
 
+    def measure_link(self) -> float | None:
+        """Bytes per second of the disk (or link) the weights stream over, measured now by one
+        pass of transfers with no compute; None where they do not stream."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -252,6 +257,9 @@ class CacheMixin:
         return self._pending
 
     def transfer(self) -> Transfer | None:
+        return None
+
+    def measure_link(self) -> float | None:
         return None
 
     def settle(self) -> None:

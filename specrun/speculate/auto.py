@@ -92,8 +92,11 @@ class AutoSpeculator:
         tree = self.lookup.propose(context, max_depth, max_nodes)
         self._used = self.lookup
         if self.model is not None and self._model_pays() and not self._lookup_beats_model(tree):
-            tree = self.model.propose(context, max_depth, max_nodes)
-            self._used = None if self.model.skipped else self.model  # a resting step says nothing of its rate
+            drafted = self.model.propose(context, max_depth, max_nodes)
+            if not self.model.skipped:
+                tree, self._used = drafted, self.model
+            elif len(tree) == 1:
+                self._used = None  # a resting step says nothing of the model's rate
         self._since_model += 1
         return tree
 

@@ -30,13 +30,6 @@ class OffloadConfig:
     # works); ram: 3 (copies are fast, and GPU memory is better spent on resident layers)
     readers: int = 4  # threads reading the disk (disk mode)
 
-    def describe(self) -> str:
-        if self.mode == "none":
-            return "resident"
-        budgets = [f"{name} {value}" for name, value in (("ram", self.ram), ("gpu", self.gpu_memory)) if value]
-        slots = f", {self.slots} slots" if self.slots else ""
-        return f"offload {self.mode}{slots}" + "".join(f", {b}" for b in budgets)
-
 
 @dataclass(frozen=True)
 class TorchConfig:

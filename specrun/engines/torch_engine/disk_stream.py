@@ -107,10 +107,10 @@ class DiskStream:
             view, done = buf.numpy(), 0
             while done < len(view):
                 n = os.preadv(self._fd, [view[done:]], offset + done)
-                if n == 0:
-                    break  # end of file: the caller checks what it needed
                 done += n
-            if not self.direct:
+                if n == 0 or (self.direct and done < len(view)):
+                    break  # end of file (a direct read continued from there would be unaligned)
+            if not self.direct and hasattr(os, "posix_fadvise"):
                 os.posix_fadvise(self._fd, offset, len(view), os.POSIX_FADV_DONTNEED)
             return done
         finally:
@@ -129,8 +129,8 @@ class DiskStream:
         try:
             for f in futures:
                 got += f.result()
-        except OSError as e:
-            raise ModelFileError(f"reading {self.path.name} failed: {e.strerror or e}",
+        except (OSError, ValueError) as e:
+            raise ModelFileError(f"reading {self.path.name} failed: {getattr(e, 'strerror', None) or e}",
                                  hint="check the disk (dmesg) and the file (specrun pull again)") from None
         end = max(s.offset + s.n_bytes for s in unit.spans)
         if got < end:
@@ -175,14 +175,25 @@ class DiskStream:
                 yield unit, self._resident[unit.index]
                 continue
             k = self._next
+            assert self.streamed[k % len(self.streamed)] is unit, "the read ring lost its place"
             t = time.perf_counter()
-            self.counters.bytes_read += self._collect(unit, self._reads.pop(k))
+            try:
+                self.counters.bytes_read += self._collect(unit, self._reads.pop(k))
+            except BaseException:
+                self._drop()  # start the next pass from a clean ring
+                self._fill()
+                raise
             self.counters.wait_s += time.perf_counter() - t
             try:
                 yield unit, self._slots[k % len(self._slots)][:unit.n_bytes]
             finally:  # the slot is free once its unit is done with: refill it
                 self._next += 1
                 self._fill()
+
+    def describe(self) -> str:
+        """The placement as resolved (part of the calibration key: what a pass costs depends on it)."""
+        return (f"offload disk, {'direct' if self.direct else 'buffered'} reads, {len(self._slots)} slots, "
+                f"{len(self._resident)} of {len(self.units)} units resident")
 
     def snapshot(self) -> StreamCounters:
         """The counters now, the reads in flight counted up to this moment."""

@@ -65,11 +65,12 @@ def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload
     vocab_file = VocabOnly(path)
 
     def close() -> None:
+        source.close()
         stream.close()
         embed.close()
         vocab_file.close()
 
-    return LoadedModel(args, weights, vocab_file.vocab, f"gguf blocks, {offload.describe()}", close, source, stream)
+    return LoadedModel(args, weights, vocab_file.vocab, f"gguf blocks, {stream.describe()}", close, source, stream)
 
 
 

@@ -46,6 +46,7 @@ class CudaCopyEngine:
     def __init__(self, device: torch.device) -> None:
         self.device = device
         self.stream = torch.cuda.Stream(device)
+        self.stream.wait_stream(torch.cuda.current_stream(device))  # the slots' allocation comes first
 
     def copy(self, dst: torch.Tensor, src: torch.Tensor, after: Any | None) -> Any:
         with torch.cuda.stream(self.stream):
@@ -58,6 +59,9 @@ class CudaCopyEngine:
 
     def wait(self, event: Any) -> None:
         torch.cuda.current_stream(self.device).wait_event(event)
+
+    def synchronize(self) -> None:
+        self.stream.synchronize()
 
     def record(self) -> Any:
         event = torch.cuda.Event()
@@ -119,6 +123,9 @@ class RamStream:
                 self._next += 1
                 self._fill()
 
+    def describe(self) -> str:
+        return f"offload ram, {len(self.slots)} slots, {len(self.resident)} of {len(self.units)} units resident"
+
     def snapshot(self) -> StreamCounters:
         return replace(self.counters)  # copies are not timed on the host (that would sync)
 
@@ -131,4 +138,9 @@ class RamStream:
         return sum(s.numel() for s in self.slots) + sum(b.numel() for b in self.resident.values())
 
     def close(self) -> None:
+        """Wait for copies in flight: their slots are freed next, and memory still being written
+        must not go back to the allocator."""
+        sync = getattr(self.copier, "synchronize", None)
+        if sync is not None:
+            sync()
         self._ready.clear()

@@ -17,8 +17,8 @@ from typing import Iterator
 
 import torch
 
-from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines import available_memory
+from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream, StreamCounters
 from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units
@@ -44,6 +44,8 @@ class Stream:
     def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]: ...
 
     def snapshot(self) -> StreamCounters: ...
+
+    def describe(self) -> str: ...
 
     def close(self) -> None: ...
 
@@ -105,6 +107,12 @@ class StreamedSource:
                 y[:, r0:r1] = linear(buf, unit.spans[0], None, torch.float32)(x)
         self._pass = None
         return y
+
+    def close(self) -> None:
+        """End a pass cut short, before the stream under it closes."""
+        if self._pass is not None:
+            self._pass.close()
+            self._pass = None
 
 
 @dataclass
@@ -199,8 +207,12 @@ def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: Of
     with open(path, "rb", buffering=0) as f:
         def read(u: Unit) -> torch.Tensor:
             buf = torch.empty(min(u.n_bytes, size - u.start), dtype=torch.uint8, pin_memory=pin)
-            f.seek(u.start)
-            got = f.readinto(buf.numpy())
+            view, got = buf.numpy(), 0
+            while got < len(view):  # one read() returns at most about 2 GB
+                n = os.preadv(f.fileno(), [view[got:]], u.start + got)
+                if n == 0:
+                    break
+                got += n
             if got < max(s.offset + s.n_bytes for s in u.spans):
                 from specrun.errors import ModelFileError
 
