@@ -378,20 +378,16 @@ def streaming_explanation(session: Session, summaries: list[ModeSummary]) -> lis
     """For an offloaded target: bytes per pass, and a pass's time against what reading those
     bytes alone takes at the disk's (or link's) throughput, measured now with no compute."""
     plain = next((s for s in summaries if s.mode == "plain"), None)
-    if plain is None or not plain.bytes_per_pass:
+    if plain is None or not plain.bytes_per_pass or not plain.pass_s:
         return []
-    link = session.target.measure_link()
     lines = [f"streamed {plain.bytes_per_pass / 1e6:.0f} MB of weights per pass; reads in flight "
              f"{plain.read_s_per_pass:.3f} s per plain pass"]
-    if link and plain.pass_s:
+    if link := session.target.measure_link():
         limit = plain.bytes_per_pass / link
         lines.append(f"reading them alone takes {limit:.3f} s ({link / 1e9:.2f} GB/s, measured now with no compute); "
                      f"a plain pass took {plain.pass_s:.3f} s, {plain.pass_s / limit:.2f}x that limit")
-    for s in summaries:
-        if s.mode != "plain" and s.pass_s and s.mean_tree:
-            lines.append(f"{s.mode}: a pass over {s.mean_tree:.0f} nodes took {s.pass_s:.3f} s "
-                         f"({s.pass_s / plain.pass_s:.2f}x a plain pass)" if plain.pass_s else "")
-    return [line for line in lines if line]
+    return lines + [f"{s.mode}: a pass over {s.mean_tree:.0f} nodes took {s.pass_s:.3f} s ({s.pass_s / plain.pass_s:.2f}x "
+                    "a plain pass)" for s in summaries if s.mode != "plain" and s.pass_s and s.mean_tree]
 
 
 def to_json(config: BenchConfig, workload: str, model: str, draft: str | None, threads: int | None,

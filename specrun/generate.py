@@ -54,6 +54,7 @@ class GenerationStats:
     generated_tokens: int = 0
     target_calls: int = 0  # target forward passes, the prefill included
     drafted_tokens: int = 0
+    depth_sum: int = 0  # verified trees' depths, summed over decode passes
     accepted_tokens: int = 0
     prefill_s: float = 0.0
     decode_s: float = 0.0
@@ -75,6 +76,14 @@ class GenerationStats:
     @property
     def tokens_per_s(self) -> float:
         return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def tree_shape(self) -> tuple[float, float]:
+        """(nodes, depth) of the trees verified per decode pass, on average (1, 0: plain decoding)."""
+        calls = self.target_calls - 1  # the prefill's pass verified no tree
+        if calls <= 0:
+            return 1.0, 0.0
+        return 1 + self.drafted_tokens / calls, self.depth_sum / calls
 
     @property
     def bytes_per_pass(self) -> float:
@@ -175,6 +184,7 @@ class Generation:
             committed += more
             stats.target_calls += 1
             stats.drafted_tokens += len(tree) - 1
+            stats.depth_sum += max(tree.depths)
             stats.accepted_tokens += len(accepted)
             stats.draft_s += t_draft - t_step
             stats.verify_s += t_end - t_draft

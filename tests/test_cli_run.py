@@ -146,7 +146,8 @@ def test_every_spec_mode_prints_the_plain_greedy_text(tiny_model: Path) -> None:
         assert result.exit_code == 0, (extra, result.output)
         data = json.loads(result.stdout)
         assert data["text"] == plain["text"], extra
-        assert set(data["speculation"]) == {"mode", "target_calls", "drafted", "accepted", "tokens_per_call"}
+        assert set(data["speculation"]) == {"mode", "target_calls", "drafted", "accepted", "tokens_per_call",
+                                            "nodes_per_pass", "depth_per_pass"}
         assert data["timings"]["draft_s"] >= 0 and data["timings"]["verify_s"] > 0
 
 
@@ -155,6 +156,7 @@ def test_draft_equal_to_target_speeds_up_the_count_of_calls(tiny_model: Path) ->
                     "--budget", "5", "--draft", str(tiny_model))
     spec = json.loads(result.stdout)["speculation"]
     assert spec["accepted"] == spec["drafted"] > 0 and spec["tokens_per_call"] > 3
+    assert 1 < spec["nodes_per_pass"] <= 5 and 0 < spec["depth_per_pass"] <= 4  # --budget 5: a chain of 4
 
 
 def test_bad_speculation_flags(tiny_model: Path) -> None:

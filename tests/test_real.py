@@ -116,3 +116,36 @@ def test_the_torch_engine_decodes_the_default_target_as_llama_cpp_does(real_pair
     finally:
         ref.close()
         ours.close()
+
+
+def test_the_default_target_streamed_from_disk_decodes_as_llama_cpp_and_reads_the_file(real_pair: dict[str, Path]) -> None:
+    """The default target read from its file on every pass (16 tokens): streamed layers go
+    through llama.cpp's own quantized kernels, so greedy decoding follows llama.cpp's, up to a
+    near-tie; every pass reads the layers and the output matrix, about 980 MB."""
+    import numpy as np
+
+    from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+    from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
+
+    path = real_pair[DEFAULT_TARGET]
+    ref = LlamaCppEngine(path, LlamaCppConfig(n_gpu_layers=0))
+    ours = TorchEngine(path, TorchConfig(offload=OffloadConfig(mode="disk")))
+    try:
+        ref.open(256)
+        ours.open(256)
+        prompt = ref.vocab.tokenize("def fibonacci(n):\n", add_special=False)
+        a, b = ref.eval(prompt), ours.eval(prompt)
+        for _ in range(16):
+            row_a, row_b = a.row(0), b.row(0)
+            x, y = int(np.argmax(row_a)), int(np.argmax(row_b))
+            if x != y:
+                top = np.sort(row_a)[-2:]
+                assert top[1] - top[0] < 0.5, (x, y, top)
+                break
+            a, b = ref.eval([x]), ours.eval([x])
+        done = ours.transfer()
+        assert done is not None and done.passes >= 2
+        assert done.bytes == done.passes * done.bytes_per_pass and done.bytes_per_pass > 0.8 * path.stat().st_size
+    finally:
+        ref.close()
+        ours.close()

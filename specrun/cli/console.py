@@ -85,8 +85,10 @@ def print_stdout(renderable: Any) -> None:
 
 def stats_line(s: GenerationStats, mode: str) -> str:
     """What a generation did, in the words every command uses."""
+    nodes, depth = s.tree_shape
+    trees = f", trees of {nodes:.1f} nodes {depth:.1f} deep" if s.drafted_tokens else ""
     return (f"{s.generated_tokens} tokens, {s.tokens_per_s:.1f} tok/s, {s.tokens_per_call:.2f} tokens per target "
-            f"call, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted ({mode})")
+            f"call, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted{trees} ({mode})")
 
 
 def stream_line(s: GenerationStats) -> str | None:
@@ -110,8 +112,10 @@ def stream_json(s: GenerationStats) -> dict[str, Any] | None:
 
 
 def spec_json(mode: str, stats: GenerationStats) -> dict[str, Any]:
+    nodes, depth = stats.tree_shape
     return {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
-            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3)}
+            "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3),
+            "nodes_per_pass": round(nodes, 2), "depth_per_pass": round(depth, 2)}
 
 
 def timings_json(stats: GenerationStats) -> dict[str, float]:
