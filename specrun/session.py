@@ -3,9 +3,9 @@
 `run`, `chat` and `bench` all need the same assembly: open the engines, check
 that the draft tokenizes like the target, open KV caches, find (or measure) the
 target's cost curve, and build speculators for a `SpecConfig`. It lives here
-once, so what `bench` measures is what `run` and `chat` do. `open_engine` picks
-the backend from the model and the placement; only `tree_limit` asks which it
-picked, for the most tokens it verifies in one pass.
+once, so what `bench` measures is what `run` and `chat` do. No backend is named
+here: `open_engine` picks it from the model and the placement, and
+`tree_limit` says how big a tree it verifies in one pass.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Callable
 
 from specrun import calibrate
-from specrun.engines import Engine, Placement, engine_for, open_engine
+from specrun.engines import Engine, Placement, open_engine, tree_limit as backend_tree_limit
 from specrun.errors import UsageError
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
@@ -51,14 +51,9 @@ class SessionConfig:
 
 
 def tree_limit(model: Path, placement: Placement) -> int:
-    """The most tokens the engine that runs `model` verifies in one pass: llama.cpp gives each
-    tree node a sequence id of its own and has 256 (the cache takes one); the torch engine's
-    trees are bounded by cache room only, and the largest calibration size stands for it."""
-    if engine_for(model, placement) == "llama.cpp":
-        from specrun.engines.llamacpp import MAX_SEQ
-
-        return MAX_SEQ - 1
-    return max(calibrate.SIZES)
+    """The most tokens the engine that runs `model` verifies in one pass, where the backend
+    bounds it; else (trees bounded by cache room only) the largest calibration size."""
+    return min(backend_tree_limit(model, placement) or max(calibrate.SIZES), max(calibrate.SIZES))
 
 
 def default_ctx(n_ctx_train: int, needed: int) -> int:

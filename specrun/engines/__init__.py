@@ -159,6 +159,17 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
     return mode, ram
 
 
+def tree_limit(model: Path, placement: Placement = Placement()) -> int | None:
+    """The most tree nodes the engine for `model` verifies in one pass, where its backend bounds
+    them: llama.cpp gives each node a sequence id of its own and has 256 (the cache takes one).
+    None: bounded by cache room only (the torch engine)."""
+    if engine_for(model, placement) == "llama.cpp":
+        from specrun.engines.llamacpp import MAX_SEQ
+
+        return MAX_SEQ - 1
+    return None
+
+
 def llama_gpu_layers(placement: Placement) -> int | None:
     """llama.cpp's GPU layers for a placement: --device cpu means none, --device cuda needs a
     build with GPU offload; otherwise --gpu-layers (None: all on a GPU build)."""
@@ -250,4 +261,4 @@ def _torch_needed() -> Iterator[None]:
 
 
 __all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
-           "engine_for", "open_engine", "planned_weight_bytes"]
+           "engine_for", "open_engine", "planned_weight_bytes", "tree_limit"]

@@ -168,7 +168,7 @@ class DiskStream:
             raise ModelFileError(f"{self.path.name} changed on disk while specrun ran", hint="run again")
         if self.streamed and self._next % len(self.streamed):
             self._drop()  # a pass was abandoned part-way
-            self._fill()
+        self._fill()  # (after an error the ring was left empty: reads start again only now)
         self.counters.passes += 1
         for unit in self.units:
             if unit.index in self._resident:
@@ -180,8 +180,7 @@ class DiskStream:
             try:
                 self.counters.bytes_read += self._collect(unit, self._reads.pop(k))
             except BaseException:
-                self._drop()  # start the next pass from a clean ring
-                self._fill()
+                self._drop()  # the next pass starts from a clean ring, its reads issued then
                 raise
             self.counters.wait_s += time.perf_counter() - t
             try:

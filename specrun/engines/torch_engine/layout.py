@@ -20,6 +20,7 @@ import torch
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.weights import (DENSE_TYPES, DenseLinear, GgmlLinear, GgufLinear, LayerWeights,
                                                   Linear)
+from specrun.errors import ModelFileError
 from specrun.gguf_file import GGUFInfo, TensorInfo
 
 ALIGN = 4096  # direct I/O: file offsets, lengths and buffer addresses are multiples of this
@@ -72,7 +73,12 @@ def plan_units(info: GGUFInfo, args: ModelArgs) -> list[Unit]:
     units: list[Unit] = []
     for i in range(args.n_layer):
         tensors = [t for t in info.tensors if t.name.startswith(f"blk.{i}.")]
+        if not tensors:
+            raise ModelFileError(f"the model file has no tensors for layer {i} of {args.n_layer}")
         start, end = _down(min(t.offset for t in tensors)), _up(max(t.offset + t.n_bytes for t in tensors))
+        if end - start > sum(t.n_bytes for t in tensors) + TENSOR_ALIGN * len(tensors) + 2 * ALIGN:
+            raise ModelFileError(f"layer {i}'s tensors are scattered through the file: it cannot stream "
+                                 "layer by layer", hint="use --offload none, or a GGUF written layer by layer")
         spans = tuple(Span(t.name, t.type, t.shape, t.offset - start, t.n_bytes) for t in tensors)
         units.append(Unit(i, "layer", i, start, end - start, spans))
     out = by_name["token_embd.weight" if args.tied_embeddings else "output.weight"]
