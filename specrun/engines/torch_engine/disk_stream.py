@@ -125,14 +125,15 @@ class DiskStream:
 
     def _collect(self, unit: Unit, futures: list[Future]) -> int:
         """Wait for a unit's reads (returns the bytes read); errors become one line."""
-        got = 0
+        got, end = 0, max(s.offset + s.n_bytes for s in unit.spans)  # got: bytes read without a hole
         try:
-            for f in futures:
-                got += f.result()
+            for i, f in enumerate(futures):  # chunk i covers [i * READ_CHUNK, ...) of the unit
+                n = f.result()
+                if got == i * READ_CHUNK:  # every earlier chunk came back whole
+                    got += n
         except (OSError, ValueError) as e:
             raise ModelFileError(f"reading {self.path.name} failed: {getattr(e, 'strerror', None) or e}",
                                  hint="check the disk (dmesg) and the file (specrun pull again)") from None
-        end = max(s.offset + s.n_bytes for s in unit.spans)
         if got < end:
             raise ModelFileError(f"{self.path.name} ended early (read {got} of {end} bytes of a layer): "
                                  "it changed on disk while specrun ran", hint="specrun pull it again")
