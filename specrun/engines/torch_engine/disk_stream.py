@@ -66,12 +66,18 @@ class DiskStream:
         self._lock = threading.Lock()
         self._in_flight, self._busy_since = 0, 0.0
         self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="specrun-read")
-        self._resident = {u.index: self._read_now(u) for u in units if u.index in resident}
-        size = max((u.n_bytes for u in self.streamed), default=0)
-        self._slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
         self._reads: dict[int, list[Future]] = {}
         self._issued = self._next = 0
-        self._fill()
+        self._resident: dict[int, torch.Tensor] = {}
+        self._slots: list[torch.Tensor] = []
+        try:
+            self._resident = {u.index: self._read_now(u) for u in units if u.index in resident}
+            size = max((u.n_bytes for u in self.streamed), default=0)
+            self._slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
+            self._fill()
+        except BaseException:
+            self.close()  # no reader thread or open file outlives a failed start
+            raise
 
     # --- reading ---------------------------------------------------------------------
 
@@ -141,7 +147,11 @@ class DiskStream:
 
     def _read_now(self, unit: Unit) -> torch.Tensor:
         buf = aligned_empty(unit.n_bytes, ALIGN)
-        self._collect(unit, self._submit(unit, buf))
+        futures = self._submit(unit, buf)
+        try:
+            self._collect(unit, futures)
+        finally:
+            wait(futures)
         return buf
 
     # --- the ring --------------------------------------------------------------------

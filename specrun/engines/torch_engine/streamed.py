@@ -152,8 +152,6 @@ def open_streamed(path: Path, info: GGUFInfo, tensors: GgufTensors, args: ModelA
                   dtype: torch.dtype, offload: OffloadConfig,
                   copier: CopyEngine | None = None) -> tuple[Stream, StreamedSource, FileRowEmbedding]:
     units = plan_units(info, args)
-    embd = tensors.info["token_embd.weight"]
-    embed = FileRowEmbedding(path, embd.offset, embd.type, embd.shape, device)
     if offload.mode == "disk":
         resident, slots = disk_plan(units, offload)
         stream: Stream = DiskStream(path, units, resident, slots, offload.readers)
@@ -161,6 +159,8 @@ def open_streamed(path: Path, info: GGUFInfo, tensors: GgufTensors, args: ModelA
         stream = _ram_stream(path, units, device, offload, copier)
     else:
         raise ValueError(f"not a streamed placement: {offload.mode}")
+    embd = tensors.info["token_embd.weight"]  # opened last: nothing is left open when the stream fails
+    embed = FileRowEmbedding(path, embd.offset, embd.type, embd.shape, device)
     return stream, StreamedSource(stream, args, dtype, device), embed
 
 
