@@ -1,11 +1,9 @@
 """Weights read from disk on every pass, into a ring of a few aligned buffers.
 
-A pass walks the units (layers, output slices) in order. Units kept resident
-were read once at start; the others stream: the k-th streamed read of the
-run goes to slot k mod S, and is issued as soon as the slot's previous unit
-is done with, so the reader threads run up to S units ahead of the compute
-and wrap around into the next pass (its first layers load while the draft
-model works). Reads use O_DIRECT (no page cache: the mode really reads the
+Units kept resident are read once at start; the others stream through the
+slots of a `ring.SlotRing`, so the reader threads run up to S units ahead of
+the compute and wrap around into the next pass (its first layers load while
+the draft model works). Reads use O_DIRECT (no page cache: the mode really reads the
 disk every pass and its memory stays the buffers', whatever the model's size)
 with several threads, each reading a chunk of the unit; where a filesystem
 refuses O_DIRECT, buffered reads with posix_fadvise(DONTNEED) stand in, and a
@@ -19,27 +17,17 @@ import os
 import threading
 import time
 from concurrent.futures import Future, ThreadPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import replace
 from pathlib import Path
-from typing import Iterator
 
 import torch
 
 from specrun.engines.torch_engine.layout import ALIGN, Unit
+from specrun.engines.torch_engine.ring import SlotRing, StreamCounters
 from specrun.errors import ModelFileError
 from specrun.kernels.ggml_matmul import aligned_empty
 
 READ_CHUNK = 8 << 20  # bytes per read call: several per unit, spread over the readers
-
-
-@dataclass
-class StreamCounters:
-    """What streaming cost so far (all passes)."""
-
-    passes: int = 0
-    bytes_read: int = 0  # bytes read from the file by the ring (resident units not counted)
-    wait_s: float = 0.0  # time the forward pass waited for a unit's bytes
-    busy_s: float = 0.0  # wall time with at least one read in flight
 
 
 def file_identity(path: Path) -> tuple[int, int, int]:
@@ -51,7 +39,7 @@ def file_identity(path: Path) -> tuple[int, int, int]:
     return st.st_ino, st.st_size, st.st_mtime_ns
 
 
-class DiskStream:
+class DiskStream(SlotRing):
     def __init__(self, path: Path, units: list[Unit], resident: set[int], slots: int, readers: int = 4,
                  direct: bool = True) -> None:
         self.path, self.units = path, units
@@ -66,15 +54,14 @@ class DiskStream:
         self._lock = threading.Lock()
         self._in_flight, self._busy_since = 0, 0.0
         self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="specrun-read")
-        self._reads: dict[int, list[Future]] = {}
-        self._issued = self._next = 0
+        self._reads: dict[int, list[Future]] = {}  # transfer number -> its chunks' reads
         self._resident: dict[int, torch.Tensor] = {}
         self._slots: list[torch.Tensor] = []
         try:
             self._resident = {u.index: self._read_now(u) for u in units if u.index in resident}
             size = max((u.n_bytes for u in self.streamed), default=0)
             self._slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
-            self._fill()
+            self._start_ring(len(self._slots))
         except BaseException:
             self.close()  # no reader thread or open file outlives a failed start
             raise
@@ -154,51 +141,31 @@ class DiskStream:
             wait(futures)
         return buf
 
-    # --- the ring --------------------------------------------------------------------
+    # --- the ring's transfers -------------------------------------------------------------
 
-    def _fill(self) -> None:
-        """Issue reads until every slot holds or awaits a unit not yet consumed."""
-        n = len(self.streamed)
-        while n and self._issued < self._next + len(self._slots):
-            k = self._issued
-            self._reads[k] = self._submit(self.streamed[k % n], self._slots[k % len(self._slots)])
-            self._issued += 1
+    def _resident_bytes(self, unit: Unit) -> torch.Tensor | None:
+        return self._resident.get(unit.index)
 
-    def _drop(self) -> None:
-        """Forget the reads ahead (waiting for those already running) and go back to the first unit."""
+    def _slot_bytes(self, slot: int) -> torch.Tensor:
+        return self._slots[slot]
+
+    def _issue(self, k: int, unit: Unit, slot: int) -> None:
+        self._reads[k] = self._submit(unit, self._slots[slot])
+
+    def _arrive(self, k: int, unit: Unit) -> int:
+        return self._collect(unit, self._reads.pop(k))
+
+    def _forget(self) -> None:
+        """Cancel the reads ahead, waiting for those already running (they write into the slots)."""
         for futures in self._reads.values():
             for f in futures:
                 f.cancel()
         wait([f for fs in self._reads.values() for f in fs])
         self._reads.clear()
-        self._issued = self._next = 0
 
-    def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]:
-        """One pass: each unit with its bytes (uint8 [unit.n_bytes]), valid until the next is asked for."""
+    def _check(self) -> None:
         if file_identity(self.path) != self.identity:
             raise ModelFileError(f"{self.path.name} changed on disk while specrun ran", hint="run again")
-        if self.streamed and self._next % len(self.streamed):
-            self._drop()  # a pass was abandoned part-way
-        self._fill()  # (after an error the ring was left empty: reads start again only now)
-        self.counters.passes += 1
-        for unit in self.units:
-            if unit.index in self._resident:
-                yield unit, self._resident[unit.index]
-                continue
-            k = self._next
-            assert self.streamed[k % len(self.streamed)] is unit, "the read ring lost its place"
-            t = time.perf_counter()
-            try:
-                self.counters.bytes_read += self._collect(unit, self._reads.pop(k))
-            except BaseException:
-                self._drop()  # the next pass starts from a clean ring, its reads issued then
-                raise
-            self.counters.wait_s += time.perf_counter() - t
-            try:
-                yield unit, self._slots[k % len(self._slots)][:unit.n_bytes]
-            finally:  # the slot is free once its unit is done with: refill it
-                self._next += 1
-                self._fill()
 
     def describe(self) -> str:
         """The placement as resolved (part of the calibration key: what a pass costs depends on it)."""
@@ -226,19 +193,18 @@ class DiskStream:
     def measure_throughput(self) -> float:
         """Bytes per second of a pass read with no compute (the disk's limit for this placement)."""
         saved = replace(self.counters)
-        self._drop()
+        self._restart()
         t = time.perf_counter()
-        self._fill()
         for _ in self.pass_units():
             pass
         seconds = time.perf_counter() - t
         self.counters = saved
-        self._drop()
+        self._restart()
         self._fill()
         return self.bytes_per_pass / seconds if seconds > 0 else 0.0
 
     def close(self) -> None:
-        self._drop()
+        self._forget()
         self._pool.shutdown(wait=True)
         if self._fd >= 0:
             os.close(self._fd)

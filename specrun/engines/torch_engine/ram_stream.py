@@ -1,30 +1,29 @@
 """Weights streamed from pinned host memory to a few GPU slots on every pass.
 
 Each streamed unit (a layer, an output slice) is packed once into its own
-pinned host buffer, in its quantized form. A dedicated copy stream fills K
-device slots ahead of the compute: the k-th copy of the run goes to slot
-k mod K once the compute has finished with that slot's previous unit, and
-the compute stream waits for the copy's event before using it. Nothing
+pinned host buffer, in its quantized form. A dedicated copy stream fills the
+K device slots of a `ring.SlotRing` ahead of the compute: a copy into a slot
+waits for the event marking the compute's last use of it, and the compute
+stream waits for the copy's event before using it. Nothing
 synchronizes the host per layer (Sequoia and UMbreLLa call
 `torch.cuda.synchronize()` after every layer, which serializes copy and
 compute); the ring wraps around, so the next pass's first layers are copied
 while this pass ends and while the draft model works. Units that fit the GPU
 budget stay resident and are never copied.
 
-The ordering lives here once, over a `CopyEngine`: CUDA streams and events
-in use, a recording fake in the tests (the same logic, checked on a CPU).
+The events go through a `CopyEngine`: CUDA streams and events in use, a
+recording fake in the tests (the same logic, checked on a CPU).
 """
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field, replace
-from typing import Any, Iterator, Protocol
+from typing import Any, Protocol
 
 import torch
 
-from specrun.engines.torch_engine.disk_stream import StreamCounters
 from specrun.engines.torch_engine.layout import Unit
+from specrun.engines.torch_engine.ring import SlotRing, StreamCounters
 
 
 class CopyEngine(Protocol):
@@ -70,7 +69,7 @@ class CudaCopyEngine:
 
 
 @dataclass
-class RamStream:
+class RamStream(SlotRing):
     """units: every unit of a pass, in order; host: pinned bytes of each streamed unit (by index);
     resident: device bytes of each resident unit; slots: device buffers of the largest streamed unit."""
 
@@ -86,42 +85,29 @@ class RamStream:
         self.streamed = [u for u in self.units if u.index in self.host]
         self._ready: dict[int, Any] = {}  # copy number -> event marking its copy done
         self._free: list[Any | None] = [None] * len(self.slots)  # slot -> event marking its last use
-        self._issued = self._next = 0
         if self.streamed and not self.slots:
             raise ValueError("streamed units need at least one slot")
-        self._fill()
+        self._start_ring(len(self.slots))
 
-    def _fill(self) -> None:
-        n = len(self.streamed)
-        while n and self._issued < self._next + len(self.slots):
-            k = self._issued
-            unit, slot = self.streamed[k % n], k % len(self.slots)
-            src = self.host[unit.index]
-            self._ready[k] = self.copier.copy(self.slots[slot][:src.numel()], src, self._free[slot])
-            self._issued += 1
+    def _resident_bytes(self, unit: Unit) -> torch.Tensor | None:
+        return self.resident.get(unit.index)
 
-    def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]:
-        if self.streamed and self._next % len(self.streamed):
-            self._issued = self._next = 0  # a pass was abandoned part-way: copies in flight are
-            self._ready.clear()  # ordered before the re-issued ones on the same copy stream
-            self._fill()
-        self.counters.passes += 1
-        for unit in self.units:
-            if unit.index in self.resident:
-                yield unit, self.resident[unit.index]
-                continue
-            k = self._next
-            t = time.perf_counter()
-            self.copier.wait(self._ready.pop(k))
-            self.counters.wait_s += time.perf_counter() - t
-            self.counters.bytes_read += self.host[unit.index].numel()
-            slot = k % len(self.slots)
-            try:
-                yield unit, self.slots[slot][:unit.n_bytes]
-            finally:
-                self._free[slot] = self.copier.record()
-                self._next += 1
-                self._fill()
+    def _slot_bytes(self, slot: int) -> torch.Tensor:
+        return self.slots[slot]
+
+    def _issue(self, k: int, unit: Unit, slot: int) -> None:
+        src = self.host[unit.index]
+        self._ready[k] = self.copier.copy(self.slots[slot][:src.numel()], src, self._free[slot])
+
+    def _arrive(self, k: int, unit: Unit) -> int:
+        self.copier.wait(self._ready.pop(k))
+        return self.host[unit.index].numel()
+
+    def _release(self, slot: int) -> None:
+        self._free[slot] = self.copier.record()
+
+    def _forget(self) -> None:
+        self._ready.clear()  # copies in flight are ordered before re-issued ones on the same copy stream
 
     def describe(self) -> str:
         return f"offload ram, {len(self.slots)} slots, {len(self.resident)} of {len(self.units)} units resident"

@@ -20,9 +20,10 @@ import torch
 from specrun.engines import available_memory
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.config import OffloadConfig
-from specrun.engines.torch_engine.disk_stream import DiskStream, StreamCounters
+from specrun.engines.torch_engine.disk_stream import DiskStream
 from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units
 from specrun.engines.torch_engine.ram_stream import CopyEngine, CudaCopyEngine, RamStream
+from specrun.engines.torch_engine.ring import StreamCounters
 from specrun.engines.torch_engine.weights import GgufTensors, LayerWeights
 from specrun.errors import UsageError
 from specrun.gguf_file import GGUFInfo
