@@ -87,25 +87,23 @@ def test_speculative_modes_on_the_real_pair(real_pair: dict[str, Path]) -> None:
             assert data["speculation"]["accepted"] > 0
 
 
-def test_the_torch_engine_decodes_the_default_target_as_llama_cpp_does(real_pair: dict[str, Path]) -> None:
-    """Greedy, 24 tokens: the same tokens as the llama.cpp engine up to a near-tie. llama.cpp's
-    8-bit activations move its top-2 margins by up to about 0.25 logits (measured against the
-    torch engine in float32), so a parting where llama.cpp's margin exceeds 0.5 is a bug."""
+def decode_alongside_llama_cpp(path: Path, ours, tokens: int) -> None:
+    """Greedy decoding of `path` by `ours` beside the llama.cpp engine, `tokens` steps: the same
+    tokens up to a near-tie. llama.cpp's 8-bit activations move its top-2 margins by up to
+    about 0.25 logits (measured against the torch engine in float32), so a parting where
+    llama.cpp's margin exceeds 0.5 is a bug. Closes both engines."""
     import numpy as np
 
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
-    from specrun.engines.torch_engine import TorchConfig, TorchEngine
 
-    path = real_pair[DEFAULT_TARGET]
     ref = LlamaCppEngine(path, LlamaCppConfig(n_gpu_layers=0))
-    ours = TorchEngine(path, TorchConfig(dtype="float32"))
     try:
         ref.open(256)
         ours.open(256)
         prompt = ref.vocab.tokenize("def fibonacci(n):\n", add_special=False)
         assert ours.vocab.tokenize("def fibonacci(n):\n", add_special=False) == prompt
         a, b = ref.eval(prompt), ours.eval(prompt)
-        for _ in range(24):
+        for _ in range(tokens):
             row_a, row_b = a.row(0), b.row(0)
             x, y = int(np.argmax(row_a)), int(np.argmax(row_b))
             if x != y:
@@ -115,37 +113,26 @@ def test_the_torch_engine_decodes_the_default_target_as_llama_cpp_does(real_pair
             a, b = ref.eval([x]), ours.eval([x])
     finally:
         ref.close()
-        ours.close()
+
+
+def test_the_torch_engine_decodes_the_default_target_as_llama_cpp_does(real_pair: dict[str, Path]) -> None:
+    """Greedy, 24 tokens, weights resident in float32."""
+    from specrun.engines.torch_engine import TorchConfig, TorchEngine
+
+    path = real_pair[DEFAULT_TARGET]
+    with TorchEngine(path, TorchConfig(dtype="float32")) as ours:
+        decode_alongside_llama_cpp(path, ours, 24)
 
 
 def test_the_default_target_streamed_from_disk_decodes_as_llama_cpp_and_reads_the_file(real_pair: dict[str, Path]) -> None:
     """The default target read from its file on every pass (16 tokens): streamed layers go
     through llama.cpp's own quantized kernels, so greedy decoding follows llama.cpp's, up to a
     near-tie; every pass reads the layers and the output matrix, about 980 MB."""
-    import numpy as np
-
-    from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
     from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
 
     path = real_pair[DEFAULT_TARGET]
-    ref = LlamaCppEngine(path, LlamaCppConfig(n_gpu_layers=0))
-    ours = TorchEngine(path, TorchConfig(offload=OffloadConfig(mode="disk")))
-    try:
-        ref.open(256)
-        ours.open(256)
-        prompt = ref.vocab.tokenize("def fibonacci(n):\n", add_special=False)
-        a, b = ref.eval(prompt), ours.eval(prompt)
-        for _ in range(16):
-            row_a, row_b = a.row(0), b.row(0)
-            x, y = int(np.argmax(row_a)), int(np.argmax(row_b))
-            if x != y:
-                top = np.sort(row_a)[-2:]
-                assert top[1] - top[0] < 0.5, (x, y, top)
-                break
-            a, b = ref.eval([x]), ours.eval([x])
+    with TorchEngine(path, TorchConfig(offload=OffloadConfig(mode="disk"))) as ours:
+        decode_alongside_llama_cpp(path, ours, 16)
         done = ours.transfer()
         assert done is not None and done.passes >= 2
         assert done.bytes == done.passes * done.bytes_per_pass and done.bytes_per_pass > 0.8 * path.stat().st_size
-    finally:
-        ref.close()
-        ours.close()
