@@ -20,6 +20,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable
 
+from specrun.engines import model_bytes
 from specrun.engines.base import Engine
 from specrun.speculate.auto import DraftSpeed
 from specrun.speculate.planner import AcceptanceStats, CostCurve
@@ -122,8 +123,7 @@ class Calibration:
 
 def calibration_path(root: Path, model: Path, settings: str) -> Path:
     """One file per model (by name and size: a directory's size is its files') and engine settings."""
-    size = sum(f.stat().st_size for f in model.iterdir() if f.is_file()) if model.is_dir() else model.stat().st_size
-    digest = hashlib.sha256(f"{model.name}|{size}|{settings}".encode()).hexdigest()[:16]
+    digest = hashlib.sha256(f"{model.name}|{model_bytes(model)}|{settings}".encode()).hexdigest()[:16]
     return root / "calibration" / f"{model.stem}-{digest}.json"
 
 

@@ -118,14 +118,15 @@ def available_memory() -> int | None:
     return None
 
 
-def _model_bytes(model: Path) -> int:
+def model_bytes(model: Path) -> int:
+    """A model's size on disk: a GGUF file's, or the sum of a directory's files."""
     return sum(f.stat().st_size for f in model.iterdir() if f.is_file()) if model.is_dir() else model.stat().st_size
 
 
 def fits_ram(model: Path) -> bool:
     """Whether the model's files fit the memory available now (unknown: assume they do)."""
     free = available_memory()
-    return free is None or _model_bytes(model) <= free
+    return free is None or model_bytes(model) <= free
 
 
 def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, int | None]:
@@ -138,7 +139,7 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
         if on_gpu:
             import torch
 
-            fits_gpu = _model_bytes(model) <= torch.cuda.mem_get_info(torch.device(device))[0] * 0.9
+            fits_gpu = model_bytes(model) <= torch.cuda.mem_get_info(torch.device(device))[0] * 0.9
         if on_gpu and fits_gpu:
             mode = "none"
         elif fits_ram(model):
@@ -261,4 +262,4 @@ def _torch_needed() -> Iterator[None]:
 
 
 __all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
-           "engine_for", "open_engine", "planned_weight_bytes", "tree_limit"]
+           "engine_for", "model_bytes", "open_engine", "planned_weight_bytes", "tree_limit"]
