@@ -208,6 +208,29 @@ def test_a_tree_grown_over_several_calls_equals_one_call(engine: Engine) -> None
     assert engine.kv_len == len(prefix) + 4
 
 
+def test_a_commit_can_keep_the_subtree_below_the_path(factory: EngineFactory, engine: Engine,
+                                                     tiny_model: Path) -> None:
+    """A drafter whose guess came true keeps what it evaluated below it: the kept nodes stay
+    a tree beside the longer cache, a later call grows it, and its logits are what a fresh
+    engine gives along every path."""
+    prefix = engine.vocab.tokenize("def fib(n): return")
+    engine.eval(prefix)
+    engine.eval_tree(TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
+    with pytest.raises(ValueError, match="keep"):
+        engine.commit_path([0, 2], [7])  # 7's parent, 5, is neither the path's end nor kept
+    engine.commit_path([0, 2], [5, 7, 8])  # 0 -> 2 joins the cache; 2's subtree 5 -> 7 -> 8 stays
+    committed = prefix + [TREE_TOKENS[0], TREE_TOKENS[2]]
+    assert list(engine.tokens) == committed
+    tokens, parents = [45, 47, 48, 60, 61], [-1, 0, 1, 1, 0]  # kept 0..2, new 3 and 4
+    grown = engine.eval_tree(tokens, parents, _depths(parents), start=3)
+    for row, node in enumerate((3, 4)):
+        path = [tokens[i] for i in _path(parents, node)]
+        np.testing.assert_allclose(grown.row(row), fresh_logits(factory, tiny_model, committed + path), **TOL)
+    engine.commit_path([0, 1, 3])
+    after = engine.eval([62]).row(0)
+    np.testing.assert_allclose(after, fresh_logits(factory, tiny_model, committed + [45, 47, 60, 62]), **TOL)
+
+
 def test_submit_tree_gives_the_logits_of_eval_tree(engine: Engine) -> None:
     prefix = engine.vocab.tokenize("hello world hello")
     engine.eval(prefix)

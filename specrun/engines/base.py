@@ -139,9 +139,12 @@ class Engine(Protocol):
         """`eval_tree`, started and returned at once."""
         ...
 
-    def commit_path(self, path: Sequence[int]) -> None:
+    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         """Keep the tree nodes `path` (root first, each the parent of the next) in the cache
-        after the last `eval_tree`, and drop every other node."""
+        after the last `eval_tree`, and drop every other node but those in `keep`: increasing
+        descendants of path[-1], closed under parents below it. They stay evaluated beside the
+        longer cache as the nodes 0.. of a tree a later `eval_tree` continues (their depths
+        less len(path)): a drafter whose guess came true keeps the work it did below it."""
         ...
 
     def transfer(self) -> "Transfer | None":
@@ -183,6 +186,24 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
             break
         n += 1
     return n
+
+
+def check_keep(parents: Sequence[int], path: Sequence[int], keep: Sequence[int]) -> None:
+    """ValueError unless `keep` (for `commit_path`) is increasing and each kept node's parent is
+    the path's last node (the prefix where the path is empty) or a kept node before it."""
+    top = path[-1] if path else -1
+    seen = {top}
+    for i, node in enumerate(keep):
+        if not 0 <= node < len(parents) or (i and node <= keep[i - 1]) or parents[node] not in seen:
+            raise ValueError(f"cannot keep node {node}: kept nodes must increase and descend from "
+                             f"node {top} through kept nodes")
+        seen.add(node)
+
+
+def reindexed_parents(parents: Sequence[int], keep: Sequence[int]) -> list[int]:
+    """The kept nodes' parents as indices into `keep` (-1: the new end of the cache)."""
+    index = {old: new for new, old in enumerate(keep)}
+    return [index.get(parents[old], -1) for old in keep]
 
 
 def ancestor_mask(parents: Sequence[int]) -> np.ndarray:

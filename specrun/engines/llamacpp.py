@@ -18,7 +18,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import CacheMixin, top_k_of
+from specrun.engines.base import CacheMixin, check_keep, reindexed_parents, top_k_of
 from specrun.errors import EngineError, UsageError
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a tree node needs a sequence id of its own, so trees hold <= 255
@@ -150,6 +150,7 @@ class LlamaCppEngine(CacheMixin):
         self._n_ctx = self._n_batch = 0
         self._tokens: list[int] = []  # what the cache holds
         self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
+        self._tree_parents: list[int] = []  # and their parents
         self._epoch = 0  # passes so far: a Logits handle is valid only within its own
         self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
 
@@ -283,18 +284,29 @@ class LlamaCppEngine(CacheMixin):
                 batch.seq_id[b][k] = s
             batch.logits[b] = True
         self._decode(n - start, f"a {n - start}-node tree")
-        self._tree = list(tokens)
+        self._tree, self._tree_parents = list(tokens), list(parents)
         return _Logits(self, C.llama_get_logits(self._ctx), n - start)
 
-    def commit_path(self, path: Sequence[int]) -> None:
+    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         self.settle()
+        check_keep(self._tree_parents, path, keep)
         mem = C.llama_get_memory(self._ctx)
         if path:
             C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self.kv_len, -1)  # the path's cells join seq 0
+        kept = set(keep)
         for s in range(1, len(self._tree) + 1):
-            C.llama_memory_seq_rm(mem, s, -1, -1)
+            if s - 1 not in kept:
+                C.llama_memory_seq_rm(mem, s, -1, -1)
+        # A kept node's sequence (the cells it sees: the prefix, the path, its kept ancestors)
+        # moves to its new index's id. In increasing order every target id is free by then:
+        # it belonged to a dropped node or to a kept one already moved down.
+        for new, old in enumerate(keep):
+            if new != old:
+                C.llama_memory_seq_cp(mem, old + 1, new + 1, -1, -1)
+                C.llama_memory_seq_rm(mem, old + 1, -1, -1)
         self._tokens += [self._tree[i] for i in path]
-        self._tree = []
+        self._tree = [self._tree[i] for i in keep]
+        self._tree_parents = reindexed_parents(self._tree_parents, keep)
 
     def _drop_tree(self) -> None:
         """A tree left uncommitted (a step stopped by Ctrl-C or an error) leaves the cache as it was."""

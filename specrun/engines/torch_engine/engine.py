@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, top_k_of
+from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, check_keep, reindexed_parents, top_k_of
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
@@ -78,6 +78,7 @@ class TorchEngine(CacheMixin):
         self._cache: KVCache | None = None
         self._tokens: list[int] = []
         self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
+        self._tree_parents: list[int] = []  # and their parents
         self._epoch = 0
 
     def settings_key(self) -> str:
@@ -191,17 +192,19 @@ class TorchEngine(CacheMixin):
         batch = Batch(ids=self._tensor(tokens[start:]), positions=self._tensor(base + np.asarray(depths[start:])),
                       slots=self._tensor(base + new), end=base + n, mask=mask.to(self.device_obj))
         logits = self._forward(batch)
-        self._tree = list(tokens)
+        self._tree, self._tree_parents = list(tokens), list(parents)
         return logits
 
-    def commit_path(self, path: Sequence[int]) -> None:
+    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         self.settle()
         assert self._cache is not None
-        base = self.kv_len
-        if list(path) != list(range(len(path))):  # a prefix of the slots is already in place
-            self._cache.move(self._tensor(base + np.asarray(path)), self._tensor(base + np.arange(len(path))))
+        check_keep(self._tree_parents, path, keep)
+        base, rows = self.kv_len, list(path) + list(keep)  # the path joins the cache, kept nodes follow
+        if rows != list(range(len(rows))):  # a prefix of the slots is already in place
+            self._cache.move(self._tensor(base + np.asarray(rows)), self._tensor(base + np.arange(len(rows))))
         self._tokens += [self._tree[i] for i in path]
-        self._tree = []
+        self._tree = [self._tree[i] for i in keep]
+        self._tree_parents = reindexed_parents(self._tree_parents, keep)
 
     def _drop_tree(self) -> None:
         self._tree = []  # its rows sit after kv_len, where the next pass overwrites them
