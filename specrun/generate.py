@@ -30,6 +30,7 @@ from specrun.speculate.verify import Draw, walk
 class GenerationConfig:
     max_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
+    overlap: bool = False  # the speculator prepares the next tree while the target verifies this one
 
 
 @dataclass(frozen=True)
@@ -45,6 +46,8 @@ class Step:
     verify_s: float  # time in the target's forward pass and the walk
     wall_s: float  # the whole step, as a clock on the wall sees it (drafting may overlap verifying)
     depth: int = 0  # the verified tree's depth (0: plain decoding)
+    parallel_s: float = 0.0  # drafting done while the target verified (inside verify_s)
+    reused: bool | None = None  # the tree grew from work prepared during the last pass (None: none was)
 
 
 @dataclass
@@ -60,6 +63,9 @@ class GenerationStats:
     decode_s: float = 0.0
     draft_s: float = 0.0
     verify_s: float = 0.0
+    parallel_s: float = 0.0  # drafting done during target passes (overlap)
+    prepared_used: int = 0  # trees grown from what was prepared during the previous pass
+    prepared_dropped: int = 0  # prepared trees the target's outcome missed
     eos_tokens: int = 0  # end-of-generation tokens drawn (produced by a call, not output)
     streamed_passes: int = 0  # offloaded targets: passes that streamed weights, the prefill's included
     streamed_bytes: int = 0  # weight bytes read (or copied) in them
@@ -84,6 +90,12 @@ class GenerationStats:
         if calls <= 0:
             return 1.0, 0.0
         return 1 + self.drafted_tokens / calls, self.depth_sum / calls
+
+    @property
+    def prepared_share(self) -> float | None:
+        """The share of prepared trees that were used (None: nothing was prepared)."""
+        total = self.prepared_used + self.prepared_dropped
+        return self.prepared_used / total if total else None
 
     @property
     def bytes_per_pass(self) -> float:
@@ -167,10 +179,19 @@ class Generation:
             proposed = self.speculator is not None and max_depth > 0 and max_nodes > 1
             if proposed:
                 tree = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
+                if tree.tokens[0] != pending:  # verifying another root would change the output
+                    raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
+                                       f"not at the pending token {pending}")
+            reused = self.speculator.reused if proposed and self.speculator is not None else None
             t_draft = time.perf_counter()
             logits: Logits
+            parallel = 0.0
             if len(tree) == 1:
                 logits = engine.eval([pending])  # [1, vocab]
+            elif cfg.overlap and self.speculator is not None:
+                job = engine.submit_tree(tree.tokens, tree.parents, tree.depths)
+                parallel = self.speculator.prepare(job.done)  # the draft works while the target does
+                logits = job.result()  # [n, vocab]
             else:
                 logits = engine.eval_tree(tree.tokens, tree.parents, tree.depths)  # [n, vocab]
             path, pending = walk(tree, logits, draw)
@@ -188,11 +209,14 @@ class Generation:
             stats.accepted_tokens += len(accepted)
             stats.draft_s += t_draft - t_step
             stats.verify_s += t_end - t_draft
+            stats.parallel_s += parallel
+            stats.prepared_used += reused is True
+            stats.prepared_dropped += reused is False
             wall = time.perf_counter() - t_step
             stats.decode_s += wall
             self._count_transfer(transfer_start)
             yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft, wall,
-                             max(tree.depths))
+                             max(tree.depths), parallel, reused)
             if done is not None:
                 stats.stop_reason = done
                 break
@@ -226,7 +250,8 @@ class Generation:
         return out, None
 
     def _step(self, tokens: list[int], calls: int, drafted: int, accepted: int,
-              draft_s: float, verify_s: float, wall_s: float, depth: int = 0) -> Step:
+              draft_s: float, verify_s: float, wall_s: float, depth: int = 0, parallel_s: float = 0.0,
+              reused: bool | None = None) -> Step:
         text = self._decoder.decode(b"".join(self.engine.vocab.piece(t) for t in tokens))
         self._text.append(text)
-        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s, wall_s, depth)
+        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s, wall_s, depth, parallel_s, reused)

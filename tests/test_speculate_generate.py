@@ -50,6 +50,7 @@ class RandomSpeculator:
     """Proposes random trees: wrong almost always, so it tests rejection paths."""
 
     name = "random"
+    reused = None
 
     def __init__(self, nodes: int, seed: int = 0, max_depth: int = 6) -> None:
         self.nodes, self.rng, self.max_depth = nodes, np.random.default_rng(seed), max_depth
@@ -70,6 +71,7 @@ class OracleSpeculator:
     """Knows the plain output, so every drafted token is right: a chain along it."""
 
     name = "oracle"
+    reused = None
 
     def __init__(self, prompt: list[int], output: list[int], max_depth: int) -> None:
         self.full, self.max_depth = prompt + output, max_depth
@@ -172,9 +174,17 @@ def test_next_tokens_follow_the_target_distribution(sharp_model: Path, kind: str
                 key = tuple(gen.tokens)
                 counts[kind][key] = counts[kind].get(key, 0) + 1
     assert accepted > 500  # the speculative runs really did accept drafts
-    keys = sorted(set(counts["plain"]) | set(counts["spec"]))
-    a = np.array([counts["plain"].get(k, 0) for k in keys], dtype=float)
-    b = np.array([counts["spec"].get(k, 0) for k in keys], dtype=float)
+    chi2, dof, critical = two_sample_chi_square(counts["plain"], counts["spec"])
+    assert dof >= 5
+    assert chi2 < critical, (chi2, dof, critical)
+
+
+def two_sample_chi_square(first: dict, second: dict) -> tuple[float, int, float]:
+    """(chi-square, degrees of freedom, critical value at p = 0.001) for two samples of outcome
+    counts; outcomes seen fewer than 20 times in both are pooled into one cell."""
+    keys = sorted(set(first) | set(second))
+    a = np.array([first.get(k, 0) for k in keys], dtype=float)
+    b = np.array([second.get(k, 0) for k in keys], dtype=float)
     big = (a + b) >= 20  # pool rare outcomes into one cell
     a = np.append(a[big], a[~big].sum())
     b = np.append(b[big], b[~big].sum())
@@ -184,8 +194,7 @@ def test_next_tokens_follow_the_target_distribution(sharp_model: Path, kind: str
     chi2 = float((((a - ea) ** 2 / ea) + ((b - eb) ** 2 / eb))[ok].sum())
     dof = int(ok.sum()) - 1
     critical = dof * (1 - 2 / (9 * dof) + 3.09 * np.sqrt(2 / (9 * dof))) ** 3  # Wilson-Hilferty, p = 0.001
-    assert dof >= 5
-    assert chi2 < critical, (chi2, dof, critical)
+    return chi2, dof, critical
 
 
 def _reference_match(ctx: list[int], end: int, cap: int) -> int:

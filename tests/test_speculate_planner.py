@@ -181,7 +181,7 @@ def test_first_format_calibration_files_are_still_read(tmp_path: Path) -> None:
 class _CountingDrafter:
     """A costly drafter whose one candidate is never accepted."""
 
-    costly = True
+    costly, reused = True, None
 
     def __init__(self) -> None:
         self.calls = 0
@@ -215,6 +215,7 @@ class _FixedDrafter:
 
     def __init__(self, n: int, key: str, costly: bool) -> None:
         self.n, self.key, self.costly, self.calls = n, key, costly, 0
+        self.reused = None
 
     def draft(self, context, max_nodes, max_depth):
         self.calls += 1

@@ -11,7 +11,7 @@ model that does not pay on this machine.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 from specrun.speculate.planner import CostCurve, PlannedSpeculator
 from specrun.speculate.tree import DraftTree
@@ -87,6 +87,7 @@ class AutoSpeculator:
         self.max_depth = max(lookup.max_depth, model.max_depth if model else 0)
         self._used: PlannedSpeculator | None = None
         self._since_model = 0
+        self.reused: bool | None = None
 
     def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
         tree = self.lookup.propose(context, max_depth, max_nodes)
@@ -98,7 +99,11 @@ class AutoSpeculator:
             elif len(tree) == 1:
                 self._used = None  # a resting step says nothing of the model's rate
         self._since_model += 1
+        self.reused = self._used.reused if self._used is not None else None
         return tree
+
+    def prepare(self, until: Callable[[], bool]) -> float:
+        return self._used.prepare(until) if self._used is not None else 0.0
 
     def _lookup_beats_model(self, tree: DraftTree) -> bool:
         """Whether the lookup tree's expected tokens per second (it costs nothing to draft) beat

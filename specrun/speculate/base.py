@@ -8,7 +8,7 @@ generation loop talks to speculators only.
 
 from __future__ import annotations
 
-from typing import Hashable, Protocol, Sequence
+from typing import Callable, Hashable, Protocol, Sequence
 
 from specrun.speculate.tree import DraftTree
 
@@ -18,11 +18,17 @@ class Speculator(Protocol):
 
     name: str
     max_depth: int  # the deepest draft node it proposes
+    reused: bool | None  # the last proposal grew from work done during the previous pass (None: none was)
 
     def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
         """A tree rooted at context[-1] (the pending token) within the caller's room: depth at
         most `max_depth` (tokens left to generate, cache room), nodes at most `max_nodes`
         (the root included; cache room and what the target verifies in one pass)."""
+        ...
+
+    def prepare(self, until: Callable[[], bool]) -> float:
+        """Work towards the next proposal while the target verifies the last one, until
+        `until()` says the pass is back; the seconds spent (0.0: nothing worth doing)."""
         ...
 
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
@@ -33,9 +39,14 @@ class Speculator(Protocol):
 
 class Drafter(Protocol):
     costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
+    reused: bool | None  # as Speculator.reused, for the last draft
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A candidate tree rooted at context[-1] and a planner key per node."""
+        ...
+
+    def prepare(self, until: Callable[[], bool]) -> float:
+        """As Speculator.prepare, for the last draft."""
         ...
 
     def accepted(self, tokens: Sequence[int]) -> None:

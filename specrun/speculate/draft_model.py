@@ -27,7 +27,7 @@ import heapq
 import itertools
 import time
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -75,98 +75,233 @@ class DraftStep:
     calls: int  # draft model calls: bringing its cache to the context, then one per level
     per_pass: int  # frontier nodes evaluated per call at most
     depth: int  # the deepest node
-    seconds: float  # wall time of the draft
+    seconds: float  # wall time of the draft (what the step waited for; `prepare` comes on top)
+    reused: bool | None = None  # grown below a guess that came true; False: a guess dropped; None: none
 
 
 def _key(prob: float, depth: int) -> Hashable:
     return ("model", sum(prob >= edge for edge in _BUCKETS), min(depth, 4))
 
 
+Candidate = tuple[float, int, int, int, float]  # (-cumulative logp, tie, parent node, token, prob)
+
+
+class _Search:
+    """A best-first draft tree in the making, rooted at context[-1]: `tree` holds the nodes
+    the draft engine evaluated, in its order (tree node i is engine tree node i - 1), and
+    `heap` the candidates they offered. It outlives a draft when the caller lets it grow
+    while the target verifies (`ModelDrafter.prepare`)."""
+
+    def __init__(self, engine: Engine, context: Sequence[int], cfg: ModelDraftConfig, max_depth: int) -> None:
+        self.engine, self.context, self.cfg, self.max_depth = engine, list(context), cfg, max_depth
+        self.tree = DraftTree.rooted(context[-1])
+        self.logp, self.probs = [0.0], [1.0]  # per node: cumulative log probability, own probability
+        self.heap: list[Candidate] = []
+        self.leaves: list[Candidate] = []  # popped: too deep to evaluate
+        self.tie = itertools.count()
+        self.min_logp = float(np.log(cfg.min_prob)) if cfg.min_prob > 0 else -np.inf
+        # Evaluated nodes take cells and sequence ids of the draft engine; leaves take none.
+        self.evaluable = min(engine.max_tree_nodes, engine.n_ctx - len(context))
+        self.calls = self.widest = 0
+        self.started = False  # the root was evaluated: the tree can grow
+        self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
+
+    def offer(self, node: int, logits: Logits, row: int) -> None:
+        if self.tree.depths[node] < self.max_depth:
+            for tok, p in zip(*logits.top_k(row, self.cfg.top_k)):
+                cum = self.logp[node] + float(np.log(max(p, 1e-30)))
+                heapq.heappush(self.heap, (-cum, next(self.tie), node, int(tok), float(p)))
+
+    def start(self) -> None:
+        self.offer(0, self.engine.sync(self.context), 0)  # the root is always evaluated
+        self.calls, self.started = 1, True
+
+    def limit(self, depth: int, min_prob: float) -> None:
+        """Grow down to `depth` and expand candidates at least `min_prob` likely from here on
+        (popped leaves go back to the candidates: the new depth may let them grow)."""
+        self.max_depth = depth
+        self.min_logp = float(np.log(min_prob)) if min_prob > 0 else -np.inf
+        for item in self.leaves:
+            heapq.heappush(self.heap, item)
+        self.leaves = []
+
+    def grow(self, room: int | None) -> int:
+        """One draft call over the likeliest candidates (at most `room` nodes counting room for
+        their children; None: no bound but the engine's); how many it evaluated."""
+        batch: list[Candidate] = []
+        cap = min(self.cfg.nodes_per_pass, self.evaluable - (len(self.tree) - 1))
+        while self.heap and len(batch) < cap and (room is None or 2 * (len(batch) + 1) <= room - len(self.leaves)):
+            if -self.heap[0][0] < self.min_logp:
+                break  # the best candidate is too unlikely to be worth a draft call
+            item = heapq.heappop(self.heap)
+            if self.tree.depths[item[2]] + 1 >= self.max_depth:
+                self.leaves.append(item)  # its children would be too deep: a leaf
+            else:
+                batch.append(item)
+        if not batch:
+            return 0
+        tree, first = self.tree, len(self.tree)
+        self.busy = True
+        for neg, _, parent, tok, p in batch:
+            tree.add(tok, parent)
+            self.logp.append(-neg)
+            self.probs.append(p)
+        logits = self.engine.eval_tree(tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
+                                       [d - 1 for d in tree.depths[1:]], start=first - 1)
+        for row, node in enumerate(range(first, len(tree))):
+            self.offer(node, logits, row)
+        self.busy = False
+        self.calls, self.widest = self.calls + 1, max(self.widest, len(batch))
+        return len(batch)
+
+    def proposal(self, max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+        """The `max_nodes` likeliest nodes at most `max_depth` deep, evaluated or candidates (as
+        leaves): evaluated first, in their order, so the drafter finds them again by token."""
+        tree = DraftTree(list(self.tree.tokens), list(self.tree.parents), list(self.tree.depths))
+        keys: list[Hashable] = [("root",)] + [_key(p, d) for p, d in zip(self.probs[1:], tree.depths[1:])]
+        if len(tree) > max_nodes or max(tree.depths) > max_depth:  # grown past the tree asked for
+            fits = [i for i in range(len(tree)) if tree.depths[i] <= max_depth]
+            keep = sorted(sorted(fits, key=lambda i: (-self.logp[i], tree.depths[i]))[:max_nodes])  # parents first
+            tree, keys = tree.subtree(keep), [keys[i] for i in keep]
+        candidates = [c for c in self.heap + self.leaves if self.tree.depths[c[2]] < max_depth]
+        for _, _, parent, tok, p in heapq.nsmallest(max_nodes - len(tree), candidates) if len(tree) == len(self.tree) else ():
+            node = tree.add(tok, parent)  # the best candidates left, evaluated or not, as leaves
+            keys.append(_key(p, tree.depths[node]))
+        return tree, keys
+
+    def path(self, tokens: Sequence[int]) -> list[int]:
+        """The evaluated nodes spelling `tokens` below the root, as far as they go."""
+        path, node = [], 0
+        for tok in tokens:
+            child = self.tree.child(node, tok)
+            if child is None:
+                break
+            path.append(child)
+            node = child
+        return path
+
+    def reroot(self, path: list[int], context: Sequence[int]) -> None:
+        """Make path[-1] the root (the context grew by the path's tokens): the engine commits
+        the path and keeps its subtree; depths, probabilities and candidates follow."""
+        tree, top = self.tree, path[-1]
+        below = [i for i in range(top + 1, len(tree)) if self._descends(i, top)]
+        self.engine.commit_path([i - 1 for i in path], [i - 1 for i in below])
+        index = {old: new for new, old in enumerate([top] + below)}
+        base = self.logp[top]
+        self.tree = tree.subtree([top] + below)
+        self.logp = [self.logp[i] - base for i in index]
+        self.probs = [1.0] + [self.probs[i] for i in below]
+        self.heap = [(neg + base, t, index[parent], tok, p) for neg, t, parent, tok, p in self.heap + self.leaves
+                     if parent in index]
+        heapq.heapify(self.heap)
+        self.leaves, self.context = [], list(context)
+        self.evaluable = min(self.engine.max_tree_nodes, self.engine.n_ctx - len(context))
+
+    def _descends(self, node: int, top: int) -> bool:
+        while node > top:
+            node = self.tree.parents[node]
+        return node == top
+
+
 class ModelDrafter:
     """The draft model's cache holds the committed text (`engine.tokens`); each draft brings
-    it up to the context, then grows the tree beside it."""
+    it up to the context, then grows the tree beside it.
+
+    While the target verifies, `prepare` grows the same tree further: below the likeliest
+    leaves, and beside the nodes most likely to be rejected. When the target's outcome (the
+    accepted tokens, then its own next token) is a node that was evaluated, the next draft
+    starts from that node's subtree, evaluated already (a prepared tree used); otherwise it
+    starts afresh from the committed text (a prepared tree dropped)."""
 
     costly = True  # a draft model pass per tree level
 
     def __init__(self, engine: Engine, config: ModelDraftConfig = ModelDraftConfig()) -> None:
         self.engine, self.config = engine, config
-        self._tree: DraftTree | None = None
-        self._evaluated = 0  # tree nodes (root excluded) evaluated by the draft model: 1.._evaluated
+        self._search: _Search | None = None
+        self._prepared = False  # `prepare` ran since the last draft: its outcome is worth keeping
+        self._accepted: list[int] | None = None  # what the target accepted of a prepared search
         self.last: DraftStep | None = None  # the latest draft's figures
+        self.reused: bool | None = None  # the latest draft came from a prepared tree (see DraftStep)
         self.drafts = 0  # drafts so far (a planner resting between drafts leaves `last` as it was)
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         t0 = time.perf_counter()
-        engine = self.engine
-        tree, keys, logp = DraftTree.rooted(context[-1]), [("root",)], [0.0]
-        self._tree, self._evaluated = tree, 0
-        room = engine.n_ctx - len(context)  # cache cells beside the context: one per evaluated node
-        max_depth = min(max_depth, room)
-        cfg = self.config.sized(max_nodes, max_depth)
-        calls, widest = 0, 0
-        if max_nodes > 1 and max_depth > 0:
-            # Evaluated nodes take cells and sequence ids of the draft engine; leaves take none.
-            evaluable = min(engine.max_tree_nodes, room)
-            tie = itertools.count()
-            heap: list[tuple[float, int, int, int, float]] = []  # (-cum logp, tie, parent, token, prob)
-            leaves: list[tuple[float, int, int, int, float]] = []  # popped, never to be evaluated
-
-            def offer(node: int, logits: Logits, row: int) -> None:
-                if tree.depths[node] < max_depth:
-                    for tok, p in zip(*logits.top_k(row, cfg.top_k)):
-                        cum = logp[node] + float(np.log(max(p, 1e-30)))
-                        heapq.heappush(heap, (-cum, next(tie), node, int(tok), float(p)))
-
-            def place(item: tuple[float, int, int, int, float]) -> None:
-                neg, _, parent, tok, p = item
-                node = tree.add(tok, parent)
-                logp.append(-neg)
-                keys.append(_key(p, tree.depths[node]))
-
-            min_logp = float(np.log(cfg.min_prob)) if cfg.min_prob > 0 else -np.inf
-            offer(0, engine.sync(context), 0)  # the root is always evaluated: its logits start the tree
-            calls = 1
-            for _ in range(cfg.max_passes):
-                # Evaluate the best candidates, leaving room in the tree for their children.
-                batch: list[tuple[float, int, int, int, float]] = []
-                while (heap and len(batch) < min(cfg.nodes_per_pass, evaluable - (len(tree) - 1))
-                       and 2 * (len(batch) + 1) <= max_nodes - len(tree) - len(leaves)):
-                    if -heap[0][0] < min_logp:
-                        break  # the best candidate is too unlikely to be worth a draft call
-                    item = heapq.heappop(heap)
-                    if tree.depths[item[2]] + 1 >= max_depth:
-                        leaves.append(item)  # its children would be too deep: a leaf
-                    else:
-                        batch.append(item)
-                if not batch:
+        reused = self._resume(context)
+        search = self._search if reused else None  # else stale: a step cut short left it
+        levels = 0  # levels already grown (below a guess that came true)
+        if search is None:
+            room = self.engine.n_ctx - len(context)  # cache cells beside the context
+            depth = min(max_depth, room)
+            search = self._search = _Search(self.engine, context, self.config.sized(max_nodes, depth), depth)
+            if max_nodes > 1 and depth > 0:
+                search.start()
+        else:  # grown below the target's outcome already: on with a fresh draft's limits
+            levels = max(search.tree.depths)
+            search.limit(min(max_depth, self.engine.n_ctx - len(context)), search.cfg.min_prob)
+        if search.started:
+            # As deep as a fresh draft would grow (a level a call), less what was prepared.
+            for _ in range(search.cfg.max_passes - levels):
+                if not search.grow(max_nodes - len(search.tree)):
                     break
-                first_new = len(tree)
-                for item in batch:
-                    place(item)
-                logits = engine.eval_tree(tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
-                                          [d - 1 for d in tree.depths[1:]], start=first_new - 1)
-                self._evaluated, calls, widest = len(tree) - 1, calls + 1, max(widest, len(batch))
-                for row, node in enumerate(range(first_new, len(tree))):
-                    offer(node, logits, row)
-            for item in heapq.nsmallest(max_nodes - len(tree), heap + leaves):
-                place(item)  # the best candidates left, evaluated or not, as leaves
+        if max_nodes > 1 and search.started and max_depth > 0:
+            tree, keys = search.proposal(max_nodes, max_depth)
+        else:
+            tree, keys = DraftTree.rooted(context[-1]), [("root",)]
+        self._prepared, self.reused = False, reused
         self.drafts += 1
-        self.last = DraftStep(max_nodes, len(tree), self._evaluated, calls, widest, max(tree.depths),
-                              time.perf_counter() - t0)
+        self.last = DraftStep(max_nodes, len(tree), len(search.tree) - 1, search.calls,
+                              search.widest, max(tree.depths), time.perf_counter() - t0, reused)
         return tree, keys
 
+    def prepare(self, until: Callable[[], bool]) -> float:
+        """Grow the last draft's tree until `until()` (the target's pass is back) or nothing
+        likely enough is left; the seconds it drafted."""
+        search, t0 = self._search, time.perf_counter()
+        if search is None or search.busy or not search.started or self._accepted is not None:
+            return 0.0
+        self._prepared = True
+        # Below the leaves of the tree under verification (where the next one starts when all
+        # of it is accepted), and less likely nodes than a draft would wait for: this is free.
+        search.limit(min(2 * search.max_depth, self.engine.n_ctx - len(search.context)), search.cfg.min_prob / 4)
+        while not until() and search.grow(None):
+            pass
+        return time.perf_counter() - t0
+
     def accepted(self, tokens: Sequence[int]) -> None:
-        """The target accepted `tokens` after the root: keep their draft KV where it exists."""
-        tree, path, node = self._tree, [], 0
-        if tree is not None:
-            for tok in tokens:
-                child = tree.child(node, tok)
-                if child is None or child - 1 >= self._evaluated:
-                    break
-                path.append(child - 1)  # draft-side index: the root lives in the committed cache
-                node = child
-        self.engine.commit_path(path)
-        self._tree, self._evaluated = None, 0
+        """The target accepted `tokens` after the root: keep their draft KV where it exists.
+        After `prepare`, wait for the next draft to learn the target's next token too."""
+        self._resume(None)  # an outcome no draft came for (a planner resting): settle it
+        search, self._search = self._search, None
+        if search is None or search.busy:
+            self.engine.commit_path([])
+        elif self._prepared:
+            self._search, self._accepted = search, list(tokens)
+        else:
+            self.engine.commit_path([i - 1 for i in search.path(tokens)])
+        self._prepared = False
+
+    def _resume(self, context: Sequence[int] | None) -> bool | None:
+        """Re-root a prepared search at the target's outcome, the last token of `context`, when
+        the draft evaluated it (True); else commit what it can of the accepted tokens and drop
+        it (False); None: nothing prepared."""
+        search, accepted, self._accepted = self._search, self._accepted, None
+        if accepted is None or search is None:
+            return None
+        self._search = None
+        if search.busy:
+            self.engine.commit_path([])
+            return False
+        if context is not None:
+            path = search.path(accepted + [context[-1]])
+            if (len(path) == len(accepted) + 1 and len(context) == len(search.context) + len(path)
+                    and list(context[:len(search.context)]) == search.context
+                    and list(context[len(search.context):-1]) == accepted):
+                search.reroot(path, context)
+                search.calls = search.widest = 0
+                self._search = search
+                return True
+        self.engine.commit_path([i - 1 for i in search.path(accepted)])
+        return False
 
 
 class VocabMismatch(ValueError):

@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from collections import defaultdict
 from dataclasses import dataclass
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 from specrun.speculate.tree import DraftTree
 
@@ -44,6 +44,7 @@ class NgramDrafter:
     """Keeps an index of every n-gram's end positions, extended as the context grows."""
 
     costly = False  # a dictionary lookup per step
+    reused = None  # nothing to prepare while the target verifies: a lookup is instant
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config
@@ -64,6 +65,9 @@ class NgramDrafter:
 
     def accepted(self, tokens: Sequence[int]) -> None:
         pass  # the index grows from the context itself
+
+    def prepare(self, until: Callable[[], bool]) -> float:
+        return 0.0
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A tree rooted at context[-1] (the pending token) with at most `max_nodes` nodes in

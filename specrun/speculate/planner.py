@@ -18,7 +18,7 @@ target c(n) is flat for hundreds of tokens and large trees win.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Hashable, Sequence
+from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
@@ -129,14 +129,16 @@ class PlannedSpeculator:
         # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
         self._rest, self._resting = 1, 0
         self.skipped = False  # the last proposal drafted nothing (resting)
+        self.reused: bool | None = None  # the last proposal grew from a prepared tree (Speculator.reused)
 
     MAX_REST = 32
 
     def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
-        self.skipped = False
+        self.skipped, self.reused = False, None
         max_depth, max_nodes = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes)
         if self.cost is None:
             tree, self._keys = self.drafter.draft(context, max_nodes, max_depth)
+            self.reused = self.drafter.reused
             return tree
         if self._resting > 0:
             self._resting -= 1
@@ -145,6 +147,7 @@ class PlannedSpeculator:
             return DraftTree.rooted(context[-1])
         limit = min(self._candidates, max_nodes, self.cost.max_size)
         candidates, keys = self.drafter.draft(context, limit, max_depth)
+        self.reused = self.drafter.reused
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.cost)
         self._keys = [keys[i] for i in keep]
         self._candidates = max(2 * len(keep) + 1, 3)
@@ -153,6 +156,10 @@ class PlannedSpeculator:
         else:
             self._rest = 1
         return candidates.subtree(keep)
+
+    def prepare(self, until: Callable[[], bool]) -> float:
+        """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
+        return 0.0 if self.skipped or not self.drafter.costly else self.drafter.prepare(until)
 
     def expected_tokens(self, tree: DraftTree) -> float:
         """Tokens the last proposal (`tree`) is expected to yield, its root's included."""

@@ -1,0 +1,217 @@
+"""Drafting while the target verifies (`GenerationConfig.overlap`): output, reuse, timing, faults.
+
+The tiny f32 pair checks that overlap changes nothing in the output (greedy and seeded
+sampling, against sequential speculation and plain decoding); fake engines with
+controlled latencies check what overlap is for: a step costs about the longer of
+drafting and verifying, not their sum.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+import pytest
+
+from specrun.engines.base import CacheMixin
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from specrun.errors import EngineError
+from specrun.generate import Generation, GenerationConfig
+from specrun.sampling import SamplingConfig
+from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.factory import SpecConfig, make_speculator
+from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
+from tests.test_speculate_generate import two_sample_chi_square
+from tests.tiny_model import TinySpec, build_tiny_model
+
+GREEDY = SamplingConfig(temperature=0)
+FLAT = CostCurve((1, 64), (1.0, 1.05))  # an offloaded target: a pass over 64 costs what one does
+
+
+@pytest.fixture(scope="module")
+def pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """The tiny target; drafts: the same model (its guesses come true) and other weights."""
+    other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
+    cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=63)
+    with LlamaCppEngine(tiny_model, cfg) as target, LlamaCppEngine(tiny_model, cfg) as same, \
+            LlamaCppEngine(other, cfg) as different:
+        for e in (target, same, different):
+            e.open(1024)
+        yield target, same, different
+
+
+class Slow(CacheMixin):
+    """An engine with controlled latencies: each pass sleeps `per_call` plus `per_token` per
+    token evaluated (a sleep releases the GIL, as llama.cpp's and torch's calls do), then
+    runs the wrapped engine; `fail_at` raises `fail` from the n-th tree pass."""
+
+    def __init__(self, inner: LlamaCppEngine, per_call: float = 0.0, per_token: float = 0.0,
+                 fail_at: int | None = None, fail: BaseException | None = None) -> None:
+        self.inner, self.per_call, self.per_token = inner, per_call, per_token
+        self.fail_at, self.fail, self.trees = fail_at, fail, 0
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def eval(self, tokens: Sequence[int]):
+        self.settle()
+        time.sleep(self.per_call + self.per_token * len(tokens))
+        return self.inner.eval(tokens)
+
+    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int], start: int = 0):
+        self.settle()
+        self.trees += 1
+        time.sleep(self.per_call + self.per_token * (len(tokens) - start))
+        logits = self.inner.eval_tree(tokens, parents, depths, start)
+        if self.trees == self.fail_at:
+            raise self.fail  # after the pass: the engine holds an uncommitted tree, as a real fault leaves it
+        return logits
+
+    def rewind(self, n_tokens: int) -> None:
+        self.settle()
+        self.inner.rewind(n_tokens)
+
+    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
+        self.settle()
+        self.inner.commit_path(path, keep)
+
+    def close(self) -> None:
+        self.close_worker()
+
+
+def generate(target, prompt: str, sampling: SamplingConfig, speculator=None, overlap: bool = False,
+             max_tokens: int = 60) -> Generation:
+    target.rewind(0)
+    gen = Generation(target, target.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling, overlap), speculator)
+    for _ in gen:
+        pass
+    return gen
+
+
+def tree_speculator(draft, nodes: int = 24, depth: int = 6) -> PlannedSpeculator:
+    return PlannedSpeculator("tree", ModelDrafter(draft, ModelDraftConfig(min_prob=0.0)), None, AcceptanceStats(),
+                             nodes, depth)
+
+
+@pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=0.8, top_p=0.9, seed=5),
+                                      SamplingConfig(temperature=1.0, top_p=1.0, seed=11)])
+@pytest.mark.parametrize("which", ["same", "different"])
+def test_overlap_gives_the_plain_output(pair, sampling, which) -> None:
+    target, same, different = pair
+    draft = same if which == "same" else different
+    plain = generate(target, "def fib(n):", sampling)
+    sequential = generate(target, "def fib(n):", sampling, tree_speculator(draft))
+    slow = Slow(target, per_call=0.005)  # a pass long enough for the draft to prepare something
+    try:
+        overlapped = generate(slow, "def fib(n):", sampling, tree_speculator(draft), overlap=True)
+    finally:
+        slow.close()
+    assert overlapped.tokens == sequential.tokens == plain.tokens
+    s = overlapped.stats
+    assert s.drafted_tokens > 0 and s.prepared_used + s.prepared_dropped > 0
+    if which == "same" and sampling.greedy:
+        assert s.prepared_used > 0  # the draft is the target: its guesses come true
+
+
+@pytest.mark.parametrize("mode", ["tree", "auto"])
+def test_planned_modes_with_overlap_give_the_plain_output(pair, mode) -> None:
+    target, same, different = pair
+    for draft in (same, different):
+        for sampling in (GREEDY, SamplingConfig(temperature=0.7, top_p=0.95, seed=3)):
+            plain = generate(target, "hello world", sampling)
+            spec = generate(target, "hello world", sampling, make_speculator(SpecConfig(mode), FLAT, {}, draft),
+                            overlap=True)
+            assert spec.tokens == plain.tokens
+
+
+def chain_speculator(draft, depth: int = 4) -> PlannedSpeculator:
+    return PlannedSpeculator("chain", ModelDrafter(draft, ModelDraftConfig.chain(depth)), None, AcceptanceStats(),
+                             depth + 2, depth + 2)
+
+
+def test_a_step_costs_the_longer_of_drafting_and_verifying(pair) -> None:
+    """An 80 ms target pass and 10 ms draft calls, with a draft that is the target (its guesses
+    come true): sequentially a step drafts 5 calls, then verifies; overlapped, the calls for
+    the next tree happen during the pass, so a step costs about the pass."""
+    target, same, _ = pair
+    slow_target, slow_draft = Slow(target, per_call=0.08), Slow(same, per_call=0.01)
+    try:
+        sequential = generate(slow_target, "def fib(n):", GREEDY, chain_speculator(slow_draft), max_tokens=40)
+        overlapped = generate(slow_target, "def fib(n):", GREEDY, chain_speculator(slow_draft), overlap=True,
+                              max_tokens=40)
+    finally:
+        slow_target.close()
+    assert overlapped.tokens == sequential.tokens
+    seq, ovl = sequential.stats, overlapped.stats
+    steps = ovl.target_calls - 1
+    assert ovl.prepared_used >= steps - 2  # all but the first draft (and maybe one more) came prepared
+    assert seq.decode_s / (seq.target_calls - 1) > 0.08 + 4 * 0.01  # the sum: draft calls, then the pass
+    assert ovl.decode_s / steps < 0.08 + 2.5 * 0.01  # about the pass, plus a draft call it overran
+    assert ovl.parallel_s > 0.5 * steps * 0.08  # the draft worked through most of every pass
+
+
+def test_prepared_trees_are_dropped_when_the_outcome_differs(pair) -> None:
+    target, _, different = pair
+    slow_target = Slow(target, per_call=0.02)
+    try:
+        gen = generate(slow_target, "hello world", GREEDY, tree_speculator(different), overlap=True, max_tokens=30)
+    finally:
+        slow_target.close()
+    assert gen.tokens == generate(target, "hello world", GREEDY, max_tokens=30).tokens
+    assert gen.stats.prepared_dropped > 0  # other weights guess wrong...
+    assert gen.stats.prepared_share is not None and gen.stats.prepared_share < 1
+
+
+@pytest.mark.parametrize("where", ["target", "draft"])
+@pytest.mark.parametrize("fault", [KeyboardInterrupt(), EngineError("disk gone")])
+def test_a_fault_mid_pass_leaves_both_caches_consistent(pair, where, fault) -> None:
+    """Ctrl-C or an error in the target's pass, or in a draft call made during it: the next
+    generation with the same engines and speculator (a chat's next turn) answers as a fresh one."""
+    target, same, _ = pair
+    slow_target, slow_draft = Slow(target, per_call=0.01), Slow(same, per_call=0.002)
+    faulty = slow_target if where == "target" else slow_draft
+    faulty.fail_at, faulty.fail = 3, fault
+    speculator = tree_speculator(slow_draft)
+    before = set(threading.enumerate())
+    try:
+        with pytest.raises(type(fault)):
+            generate(slow_target, "def fib(n):", GREEDY, speculator, overlap=True)
+        faulty.fail_at = None
+        again = generate(slow_target, "def fib(n): return", GREEDY, speculator, overlap=True)
+    finally:
+        slow_target.close()
+    fresh = generate(target, "def fib(n): return", GREEDY)
+    assert again.tokens == fresh.tokens
+    assert list(same.tokens) == (again.prompt + again.tokens)[:same.kv_len]  # the draft's cache: committed text
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("specrun-engine")]
+
+
+def test_sampled_tokens_follow_the_target_distribution_with_overlap(sharp_model: Path) -> None:
+    """As the sequential test in test_speculate_generate: the first tokens over 1500 seeds,
+    plain against overlapped speculation with a draft model (the target itself: prepared trees
+    are used), compared with a two-sample chi-square test (p = 0.001)."""
+    cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=31)
+    counts: dict[str, dict[tuple[int, ...], int]] = {"plain": {}, "spec": {}}
+    used = 0
+    with LlamaCppEngine(sharp_model, cfg) as e, LlamaCppEngine(sharp_model, cfg) as d:
+        e.open(128)
+        d.open(128)
+        slow = Slow(e, per_call=0.0005)
+        prompt = e.vocab.tokenize("hello")
+        speculator = tree_speculator(d, nodes=12, depth=3)
+        for kind in counts:
+            for seed in range(1500):
+                sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed + (10_000 if kind == "spec" else 0))
+                gen = Generation(slow, prompt, GenerationConfig(4, sampling, overlap=True),
+                                 speculator if kind == "spec" else None)
+                for _ in gen:
+                    pass
+                used += gen.stats.prepared_used
+                counts[kind][tuple(gen.tokens)] = counts[kind].get(tuple(gen.tokens), 0) + 1
+        slow.close()
+    assert used > 100  # prepared trees really were verified
+    chi2, dof, critical = two_sample_chi_square(counts["plain"], counts["spec"])
+    assert dof >= 5 and chi2 < critical, (chi2, dof, critical)
