@@ -13,7 +13,6 @@ to callbacks, and the CLI draws the table.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import statistics
 import time
@@ -28,6 +27,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session
 from specrun.speculate.factory import SpecConfig
+from specrun.peers import LlamaCppPythonPeer
 from specrun.workloads import Prompt
 
 # --- modes -------------------------------------------------------------------------
@@ -46,6 +46,8 @@ MODES = {m.key: m for m in (
     Mode("ngram", "specrun ngram", SpecConfig("ngram")),
     Mode("chain", "specrun chain", SpecConfig("chain"), needs_draft=True),
     Mode("tree", "specrun tree", SpecConfig("tree"), needs_draft=True),
+    Mode("auto-seq", "specrun auto, no overlap", SpecConfig("auto", overlap="off")),
+    Mode("tree-seq", "specrun tree, no overlap", SpecConfig("tree", overlap="off"), needs_draft=True),
     Mode("lcp-lookup", "llama-cpp-python lookup", None),
     Mode("lcp-plain", "llama-cpp-python plain", None),
 )}
@@ -68,64 +70,6 @@ def parse_modes(text: str, have_draft: bool, notice: Callable[[str], None]) -> l
             notice(f"no draft model: skipping {', '.join(missing)}")
         modes = [m for m in modes if not m.needs_draft]
     return modes
-
-
-class LlamaCppPythonPeer:
-    """llama-cpp-python's high-level Llama, plain or with its prompt-lookup drafting, on the
-    same file and threads: the peer users compare against."""
-
-    def __init__(self, path: Path, n_ctx: int, threads: int | None, gpu_layers: int | None, lookup: bool) -> None:
-        import llama_cpp
-        from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
-
-        # Tokens drafted per step as llama-cpp-python's README recommends: 10 with a GPU,
-        # 2 on a CPU alone (its default of 10 runs far slower there).
-        on_gpu = llama_cpp.llama_supports_gpu_offload() and gpu_layers != 0
-        self.num_pred_tokens = 10 if on_gpu else 2
-        with _quiet_stderr():
-            # With a draft model, Llama keeps logits for every position but sizes that buffer
-            # by n_batch unless logits_all is set (0.3.36), so long prompts overflow it; hence
-            # logits_all, and a context no larger than the benchmark needs (n_ctx x vocab floats).
-            self.llm = llama_cpp.Llama(
-                str(path), n_ctx=n_ctx, n_threads=threads, n_threads_batch=threads,
-                n_gpu_layers=-1 if gpu_layers is None else gpu_layers, verbose=False, logits_all=lookup,
-                draft_model=LlamaPromptLookupDecoding(num_pred_tokens=self.num_pred_tokens) if lookup else None)
-
-    def generate(self, prompt: list[int], max_tokens: int, sampling: SamplingConfig,
-                 is_eog: Callable[[int], bool]) -> Iterator[int]:
-        """Token ids as Llama.generate samples them (its speculative loop included), up to an
-        end-of-generation token or `max_tokens`."""
-        if sampling.seed is not None:
-            self.llm.set_seed(sampling.seed)
-        greedy = sampling.greedy
-        n = 0
-        with _quiet_stderr():
-            for token in self.llm.generate(list(prompt), temp=0.0 if greedy else sampling.temperature,
-                                           top_k=1 if greedy else 0, top_p=1.0 if greedy else sampling.top_p,
-                                           min_p=0.0, repeat_penalty=1.0):
-                if is_eog(token):
-                    return
-                yield token
-                n += 1
-                if n >= max_tokens:
-                    return
-
-    def close(self) -> None:
-        with _quiet_stderr():
-            self.llm.close()
-
-
-@contextlib.contextmanager
-def _quiet_stderr() -> Iterator[None]:
-    """llama-cpp-python's Llama writes llama.cpp's logs to stderr; keep the report readable."""
-    fd = os.dup(2)
-    with open(os.devnull, "w") as devnull:
-        os.dup2(devnull.fileno(), 2)
-        try:
-            yield
-        finally:
-            os.dup2(fd, 2)
-            os.close(fd)
 
 
 # --- results -----------------------------------------------------------------------
@@ -152,6 +96,10 @@ class RunResult:
     depths: list[int] = field(default_factory=list)  # verified tree depth per call
     bytes_per_pass: float = 0.0  # offloaded targets: weight bytes streamed per pass
     read_s_per_pass: float = 0.0  # ... and the time reads were in flight per pass
+    overlap: bool = False  # drafted while the target verified
+    parallel_s: float = 0.0  # drafting done during target passes
+    prepared_used: int = 0  # trees grown from what was prepared during the previous pass
+    prepared_dropped: int = 0
     speedup: float = 0.0  # over plain in the same round
     differs_at: int | None = None  # first token that differs from plain, None if identical
     top2_margin: float | None = None  # target's top-2 logit margin there (greedy)
@@ -227,8 +175,10 @@ class Bench:
             rate, n, _ = _timed(peer_steps())
             return RunResult(prompt_id, rnd, mode.key, rate, n, _detok(self.session, tokens_out), tokens_out)
         self.session.forget()  # every mode pays the same prefill
-        gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling),
-                         self.session.speculator(mode.spec))
+        speculator = self.session.speculator(mode.spec)
+        overlap = speculator is not None and self.session.overlaps(mode.spec)
+        gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling, overlap),
+                         speculator)
         accepted_lengths, tree_sizes, depths = [], [], []
 
         def steps() -> Iterator[tuple[int, str]]:
@@ -245,7 +195,8 @@ class Bench:
         return RunResult(prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
                          s.target_calls, s.drafted_tokens, s.accepted_tokens, s.draft_s, s.verify_s,
                          accepted_lengths, tree_sizes, s.tokens_per_call, depths, s.bytes_per_pass,
-                         s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0)
+                         s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0,
+                         overlap, s.parallel_s, s.prepared_used, s.prepared_dropped)
 
     def _compare(self, done: dict[str, RunResult], prompt: list[int]) -> None:
         """Speed-up over plain, and where the output differs from plain's, the first differing
@@ -300,6 +251,8 @@ class ModeSummary:
     pass_s: float | None  # a verify pass (and its walk), mean over calls
     bytes_per_pass: float  # offloaded targets: weight bytes streamed per pass (0: resident)
     read_s_per_pass: float  # time reads were in flight per pass
+    parallel_s_per_pass: float | None  # overlap: drafting done during a target pass (None: no overlap)
+    prepared_share: float | None  # overlap: prepared trees the target's outcome matched
     identical: int  # runs whose output equals plain's
     differences: list[dict[str, Any]]  # prompt, round, token index, margin
     accepted_histogram: dict[int, int]  # accepted drafted tokens per call -> calls
@@ -333,12 +286,18 @@ def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
             verify / passes if passes and mode.spec is not None else None,
             statistics.mean(r.bytes_per_pass for r in rs),
             statistics.mean(r.read_s_per_pass for r in rs),
+            sum(r.parallel_s for r in rs) / passes if passes and any(r.overlap for r in rs) else None,
+            _share(sum(r.prepared_used for r in rs), sum(r.prepared_dropped for r in rs)),
             sum(r.differs_at is None for r in rs),
             [{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at, "top2_margin": r.top2_margin}
              for r in rs if r.differs_at is not None],
             dict(sorted(hist.items())),
         ))
     return out
+
+
+def _share(used: int, dropped: int) -> float | None:
+    return used / (used + dropped) if used + dropped else None
 
 
 def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[str]:
@@ -370,6 +329,9 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
         if s.mean_tree is not None and s.mode != "plain":
             lines.append(f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average (at most "
                          f"{s.max_tree}), trees {s.mean_depth:.1f} deep, {s.tokens_per_call or 0:.2f} tokens per call")
+    lines += [f"{s.mode}: the draft worked {s.parallel_s_per_pass:.3f} s during each target pass; "
+              + (f"{s.prepared_share:.0%} of the trees it prepared were used" if s.prepared_share is not None
+                 else "no prepared tree was verified") for s in summaries if s.parallel_s_per_pass is not None]
     lines += streaming_explanation(session, summaries)
     return lines
 

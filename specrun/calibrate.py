@@ -96,6 +96,54 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
     return CostCurve(tuple(measured), tuple(times))
 
 
+OVERLAP_PAYS = 1.15  # overlap on where the same work takes this much less wall time overlapped
+
+
+def measure_overlap(target: Engine, draft: Engine, nodes: int = 32, draft_nodes: int = 8,
+                    clock: Callable[[], float] = time.perf_counter) -> float:
+    """How much faster drafting and verifying go overlapped than one after the other, on this
+    machine: (a target pass over `nodes` tokens alone + the draft calls over `draft_nodes`
+    made during an overlapped pass, each timed alone) / that overlapped pass. About 1 where
+    both compute on the same saturated cores; up to 2 where the target leaves the CPU idle
+    (a GPU). Leaves both caches empty."""
+    tokens = [target.vocab.tokenize("def f(x):\n    return x\n" * 16)[0]] * PREFIX
+    nodes, draft_nodes = min(nodes, target.max_tree_nodes), min(draft_nodes, draft.max_tree_nodes)
+    parents, depths = [-1] + list(range(nodes - 1)), list(range(nodes))
+
+    def tree_pass() -> float:
+        t0 = clock()
+        target.eval_tree(tokens[:nodes], parents, depths)
+        target.commit_path([])
+        return clock() - t0
+
+    def draft_call() -> float:
+        t0 = clock()
+        draft.eval_tree(tokens[:draft_nodes], [-1] * draft_nodes, [0] * draft_nodes)
+        draft.commit_path([])
+        return clock() - t0
+
+    try:
+        target.sync(tokens)
+        draft.sync(tokens)
+        alone = min(tree_pass() for _ in range(2))
+        call = min(draft_call() for _ in range(3))
+        gains = []
+        for _ in range(2):
+            t0, calls = clock(), 0
+            pending = target.submit_tree(tokens[:nodes], parents, depths)
+            while not pending.done():
+                draft_call()
+                calls += 1
+            pending.result()
+            together = clock() - t0
+            target.commit_path([])
+            gains.append((alone + calls * call) / together)
+        return max(gains)
+    finally:
+        target.rewind(0)
+        draft.rewind(0)
+
+
 @dataclass
 class Calibration:
     """A cost curve and what was learnt with it, stored as JSON."""
@@ -105,6 +153,7 @@ class Calibration:
     stats: dict[str, AcceptanceStats]  # by drafter: "ngram", "model"
     speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
     settings: str = ""  # the engine settings it was measured with (for `specrun info`)
+    overlap: dict[str, float] = field(default_factory=dict)  # by draft model file name: measure_overlap's gain
 
     def speed_of(self, draft: Path) -> DraftSpeed:
         return self.speeds.setdefault(draft.name, DraftSpeed())
@@ -116,6 +165,7 @@ class Calibration:
             "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
                            for name, s in self.stats.items()},
             "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
+            "overlap": self.overlap,
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(data, indent=1))
@@ -146,7 +196,8 @@ def load(path: Path) -> Calibration | None:
         stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
                  for name, pairs in data["acceptance"].items()}
         speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
-        return Calibration(path, cost, stats, speeds, str(data["settings"]))
+        overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}
+        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

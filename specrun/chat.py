@@ -11,7 +11,7 @@ fits the context, the oldest turns go first; the system message stays.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -99,6 +99,8 @@ class Chat:
         self.last: GenerationStats | None = None  # the latest reply's stats
         self.speculator = session.speculator(config.spec)
         self.mode = self.speculator.name if self.speculator else "none"
+        overlap = self.speculator is not None and session.overlaps(config.spec)
+        self.generation = replace(config.generation, overlap=overlap)  # as the session decided
 
     def messages(self, user: str | None = None) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -131,7 +133,7 @@ class Chat:
         """Generate the assistant's reply to `user`, step by step. Stopping early (closing the
         iterator) keeps the partial reply in the history, as a chat app does after Stop."""
         tokens = self._prompt(user)
-        gen = Generation(self.session.target, tokens, self.config.generation, self.speculator)
+        gen = Generation(self.session.target, tokens, self.generation, self.speculator)
         self.history.append({"role": "user", "content": user})
         try:
             yield from gen

@@ -158,6 +158,26 @@ class Session:
                 draft = self._draft_engine()
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed)
 
+    def overlaps(self, spec: SpecConfig) -> bool:
+        """Whether to draft while the target verifies. `--overlap on` and `off` say so; auto
+        overlaps where a draft model drafts (prompt lookup has nothing to prepare) and the
+        target leaves the CPU to it (it computes on a GPU), and where both compute on the CPU
+        only if overlapping was measured to pay on this machine (measured once, then kept)."""
+        if spec.overlap != "auto":
+            return spec.overlap == "on"
+        if spec.mode not in MODEL_MODES + ("auto",) or self.draft is None:
+            return False
+        if not self.target.on_cpu:
+            return True
+        cal = self.calibrated()
+        assert self.config.draft is not None
+        gain = cal.overlap.get(self.config.draft.name)
+        if gain is None:
+            self.notice("measuring whether drafting during target passes pays here (once)…")
+            gain = cal.overlap[self.config.draft.name] = calibrate.measure_overlap(self.target, self.draft)
+            cal.save()
+        return gain >= calibrate.OVERLAP_PAYS
+
     def save(self) -> None:
         """Keep what was learnt about acceptance (also after Ctrl-C)."""
         if self.calibration is not None:

@@ -22,7 +22,7 @@ SPECRUN = [sys.executable, "-m", "specrun"]
 MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "speedup",
                 "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "max_tree",
                 "mean_depth", "pass_s", "bytes_per_pass", "read_s_per_pass", "identical", "differences",
-                "accepted_histogram"}
+                "accepted_histogram", "parallel_s_per_pass", "prepared_share"}
 
 
 def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -70,15 +70,17 @@ def test_modes() -> None:
 def test_bench_reports_every_mode_and_figure(tiny_model: Path, tmp_path: Path) -> None:
     out = tmp_path / "bench.json"
     done = specrun("bench", str(tiny_model), "--draft", str(tiny_model), "--n-prompts", "2", "-n", "16",
-                   "--modes", ",".join(MODES), "--json", str(out))
+                   "--modes", ",".join(MODES), "--overlap", "on", "--json", str(out))
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert [m["mode"] for m in data["modes"]] == list(MODES)
     for m in data["modes"]:
         assert set(m) == MODE_FIGURES and m["runs"] == 2 and m["tokens_per_s"] > 0
-        if m["mode"] in ("auto", "ngram", "chain", "tree"):
+        if m["mode"] in ("auto", "ngram", "chain", "tree", "auto-seq", "tree-seq"):
             assert m["tokens_per_call"] >= 1 and 0 <= m["draft_share"] <= 1 and m["mean_tree"] >= 1
             assert m["identical"] == 2  # tiny f32 models: speculation never changes greedy output
+        # --overlap on: every speculative row overlapped but the -seq ones
+        assert (m["parallel_s_per_pass"] is not None) == (m["mode"] in ("auto", "ngram", "chain", "tree")), m
     assert len(data["runs"]) == 2 * len(MODES)
     assert {r["prompt_id"] for r in data["runs"]} == {"HumanEval/0", "HumanEval/1"}
     assert data["planner"] and data["max_tokens"] == 16

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 from pathlib import Path
 from typing import Any, Optional
 
@@ -35,8 +36,10 @@ def bench(
     temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
     top_p: float = O.TOP_P,
     seed: Optional[int] = typer.Option(0, "--seed", help="Sampling seed."),
-    modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, "
-                              "lcp-lookup, lcp-plain (llama-cpp-python). Default: all but lcp-plain."),
+    modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, auto-seq, "
+                              "tree-seq (the same without overlap), lcp-lookup, lcp-plain (llama-cpp-python). "
+                              "Default: plain, auto, ngram, chain, tree, lcp-lookup."),
+    overlap: str = O.OVERLAP,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
     threads: Optional[int] = O.THREADS,
@@ -67,6 +70,9 @@ def bench(
     models = resolve(model, draft, "auto", no_draft)
     engine_for(models.target, places[0])  # a placement no engine serves stops here, before any notice
     chosen = _peers_need_gguf(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes))
+    O.check_overlap(overlap)
+    chosen = [replace(m, spec=replace(m.spec, overlap=overlap)) if m.spec is not None and m.spec.overlap == "auto"
+              else m for m in chosen]  # the -seq rows keep overlap off
     specs = [m.spec for m in chosen if m.spec is not None]
     config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
     peers: dict[str, Any] = {}
@@ -138,7 +144,7 @@ def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summari
                         f"tokens · {sampling}", title_justify="left", box=None, pad_edge=False)
     for col, justify in (("mode", "left"), ("tok/s", "right"), ("min-max", "right"), ("speed-up", "right"),
                          ("min-max ", "right"), ("tokens/call", "right"), ("drafting", "right"),
-                         ("output vs plain", "left")):
+                         ("prepared used", "right"), ("output vs plain", "left")):
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
         if s.mode == "plain":
@@ -151,7 +157,8 @@ def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summari
         table.add_row(s.label, f"{s.tokens_per_s:.1f}", f"{s.tokens_per_s_min:.1f}-{s.tokens_per_s_max:.1f}",
                       f"{s.speedup:.2f}x", f"{s.speedup_min:.2f}-{s.speedup_max:.2f}x",
                       "" if s.tokens_per_call is None else f"{s.tokens_per_call:.2f}",
-                      "" if s.draft_share is None else f"{s.draft_share:.0%}", check)
+                      "" if s.draft_share is None else f"{s.draft_share:.0%}",
+                      "" if s.prepared_share is None else f"{s.prepared_share:.0%}", check)
     print_stdout(table)
     print("\n".join(f"planner: {line}" for line in planner))
 

@@ -50,9 +50,10 @@ def chat(
     no_draft: bool = O.NO_DRAFT,
     budget: str = O.BUDGET,
     depth: Optional[int] = O.DEPTH,
+    overlap: str = O.OVERLAP,
 ) -> None:
     """Talk with a model. Piped stdin: each line is one turn, and only replies reach stdout."""
-    spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
+    spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)

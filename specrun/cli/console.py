@@ -103,6 +103,25 @@ def stream_line(s: GenerationStats) -> str | None:
             f"took {s.verify_s / calls:.3f} s; {s.tokens_per_call:.2f} tokens per pass")
 
 
+def overlap_line(s: GenerationStats) -> str | None:
+    """What drafting during the target's passes did (overlap), or None where it was off."""
+    share = s.prepared_share
+    if share is None and s.parallel_s <= 0:
+        return None
+    used = f"{s.prepared_used}/{s.prepared_used + s.prepared_dropped} prepared trees used" if share is not None else \
+        "no prepared tree verified"
+    per_token = s.decode_s / s.generated_tokens if s.generated_tokens else 0.0
+    return (f"overlap: the draft worked {s.parallel_s:.2f} s during target passes ({s.draft_s:.2f} s before "
+            f"them); {used}; {per_token * 1000:.0f} ms wall time per token")
+
+
+def overlap_json(s: GenerationStats) -> dict[str, Any]:
+    share = s.prepared_share
+    return {"parallel_draft_s": round(s.parallel_s, 4), "prepared_used": s.prepared_used,
+            "prepared_dropped": s.prepared_dropped, "prepared_share": None if share is None else round(share, 3),
+            "wall_s_per_token": round(s.decode_s / s.generated_tokens, 5) if s.generated_tokens else None}
+
+
 def stream_json(s: GenerationStats) -> dict[str, Any] | None:
     if not s.streamed_passes:
         return None

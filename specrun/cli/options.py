@@ -9,7 +9,7 @@ import typer
 
 from specrun.engines import DEVICES, ENGINES, OFFLOADS, QUANTS, Placement
 from specrun.errors import UsageError
-from specrun.speculate.factory import MODEL_MODES, SPEC_MODES, SpecConfig
+from specrun.speculate.factory import MODEL_MODES, OVERLAPS, SPEC_MODES, SpecConfig
 
 TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
 SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
@@ -36,20 +36,30 @@ SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prom
 DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
 NO_DRAFT = typer.Option(False, "--no-draft", help="Never use a draft model.")
 BUDGET = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto.")
+OVERLAP = typer.Option("auto", "--overlap", help="Draft while the target verifies: on, off, or auto (on where "
+                       "the target leaves the CPU to the draft, e.g. on a GPU; where both share the CPU, only "
+                       "if measured to pay).")
 DEPTH = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16).")
 
 
-def spec_config(spec: str, budget: str, depth: int | None, draft: str | None, no_draft: bool) -> SpecConfig:
+def spec_config(spec: str, budget: str, depth: int | None, draft: str | None, no_draft: bool,
+                overlap: str = "auto") -> SpecConfig:
     """The speculation options of run/chat, checked: a one-line error for each bad combination.
     How big a tree the engine can verify is the engine's to say, not checked here."""
     if spec not in SPEC_MODES:
         raise UsageError(f"unknown --spec '{spec}'", hint=f"use one of: {', '.join(SPEC_MODES)}")
+    check_overlap(overlap)
     if budget != "auto" and not (budget.isdigit() and int(budget) >= 1):
         raise UsageError(f"--budget must be auto or a number of nodes (1 or more), not '{budget}'")
     check_draft_flags(draft, no_draft)
     if no_draft and spec in MODEL_MODES:
         raise UsageError(f"--spec {spec} needs a draft model, and --no-draft says not to use one")
-    return SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth)
+    return SpecConfig(mode=spec, budget=None if budget == "auto" else int(budget), depth=depth, overlap=overlap)
+
+
+def check_overlap(overlap: str) -> None:
+    if overlap not in OVERLAPS:
+        raise UsageError(f"unknown --overlap '{overlap}'", hint=f"use one of: {', '.join(OVERLAPS)}")
 
 
 def check_draft_flags(draft: str | None, no_draft: bool) -> None:

@@ -11,8 +11,8 @@ import typer
 
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import (clean_text, err, friendly, notice, spec_json, stats_line, stream, stream_json,
-                                 stream_line, timings_json, warn)
+from specrun.cli.console import (clean_text, err, friendly, notice, overlap_json, overlap_line, spec_json, stats_line,
+                                 stream, stream_json, stream_line, timings_json, warn)
 from specrun.cli.models import resolve
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
@@ -60,11 +60,12 @@ def run(
     no_draft: bool = O.NO_DRAFT,
     budget: str = O.BUDGET,
     depth: Optional[int] = O.DEPTH,
+    overlap: str = O.OVERLAP,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
-    spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft)
+    spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
@@ -76,9 +77,10 @@ def run(
         session.open(session.context_size(ctx, len(tokens) + max_tokens))
         check_prompt(tokens, session.target.n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
-        load_s = time.perf_counter() - t0
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-        gen = Generation(session.target, tokens, GenerationConfig(max_tokens, sampling), speculator)
+        config = GenerationConfig(max_tokens, sampling, overlap=speculator is not None and session.overlaps(spec_cfg))
+        load_s = time.perf_counter() - t0
+        gen = Generation(session.target, tokens, config, speculator)
         try:
             if as_json:
                 for _ in gen:
@@ -99,6 +101,7 @@ def run(
             "stop_reason": stats.stop_reason,
             "speculation": spec_json(mode, stats),
             "streaming": stream_json(stats),
+            "overlap": overlap_json(stats) if config.overlap else None,
             "timings": {"load_s": round(load_s, 4), **timings_json(stats)},
         }))
     if verbose:
@@ -106,4 +109,6 @@ def run(
                   f"target calls; stopped by {stats.stop_reason}; load {load_s:.2f} s, prefill {stats.prefill_s:.2f} "
                   f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")
         if (line := stream_line(stats)) is not None:
+            notice(line)
+        if (line := overlap_line(stats)) is not None:
             notice(line)

@@ -88,6 +88,7 @@ class Engine(Protocol):
     vocab: Vocab
     n_ctx_train: int
     notices: Sequence[str]  # one-line notes from loading (a fallback taken), for the user
+    on_cpu: bool  # its passes compute on this machine's CPU cores (a draft working beside it shares them)
 
     def settings_key(self) -> str:
         """What a measured cost depends on besides the model file: backend, build, placement."""

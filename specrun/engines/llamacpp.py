@@ -154,6 +154,10 @@ class LlamaCppEngine(CacheMixin):
         self._epoch = 0  # passes so far: a Logits handle is valid only within its own
         self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
 
+    @property
+    def on_cpu(self) -> bool:
+        return _gpu_layers(self.config.n_gpu_layers) == 0 or not C.llama_supports_gpu_offload()
+
     def settings_key(self) -> str:
         threads = self.config.n_threads or os.cpu_count()
         return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "

@@ -13,6 +13,7 @@ from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
 
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
+OVERLAPS = ("auto", "on", "off")
 MODEL_MODES = ("chain", "tree")  # need a draft model
 DEFAULT_DEPTH = 16
 DEFAULT_NODES = 32  # what a mode without --budget asks the engines for at least (calibration asks for more)
@@ -26,6 +27,7 @@ class SpecConfig:
     mode: str = "auto"  # auto | none | ngram | chain | tree
     budget: int | None = None  # nodes per verified tree, root included
     depth: int | None = None  # deepest draft node; None: DEFAULT_DEPTH
+    overlap: str = "auto"  # draft while the target verifies: on, off, or auto (where measured to pay)
 
     @property
     def needs_costs(self) -> bool:

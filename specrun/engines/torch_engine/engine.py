@@ -81,6 +81,10 @@ class TorchEngine(CacheMixin):
         self._tree_parents: list[int] = []  # and their parents
         self._epoch = 0
 
+    @property
+    def on_cpu(self) -> bool:
+        return self.device_obj.type == "cpu"
+
     def settings_key(self) -> str:
         where = self.device
         if self.device_obj.type == "cuda":
