@@ -37,6 +37,20 @@ def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return build_tiny_model(tmp_path_factory.mktemp("models") / "sharp.gguf", TinySpec(scale=4.0, seed=1))
 
 
+@pytest.fixture(scope="module")
+def pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
+    """Target = the tiny model; drafts: the same model (its guesses come true), and other weights."""
+    from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+
+    other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
+    cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=63)
+    with LlamaCppEngine(tiny_model, cfg) as target, LlamaCppEngine(tiny_model, cfg) as same, \
+            LlamaCppEngine(other, cfg) as different:
+        for e in (target, same, different):
+            e.open(1024)
+        yield target, same, different
+
+
 @pytest.fixture
 def hub(monkeypatch: pytest.MonkeyPatch, tmp_path: Path):
     """A stand-in Hugging Face Hub on loopback, with huggingface-hub pointed at it."""

@@ -18,18 +18,6 @@ GREEDY = SamplingConfig(temperature=0)
 FLAT = CostCurve((1, 64), (1.0, 1.2))
 
 
-@pytest.fixture(scope="module")
-def pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Target = the tiny model; drafts: the same model, and a different one (other weights)."""
-    other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
-    cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=63)
-    with LlamaCppEngine(tiny_model, cfg) as target, LlamaCppEngine(tiny_model, cfg) as same, \
-            LlamaCppEngine(other, cfg) as different:
-        for e in (target, same, different):
-            e.open(1024)
-        yield target, same, different
-
-
 def generate(target, prompt, sampling, speculator=None, max_tokens=60) -> Generation:
     target.rewind(0)  # every run evaluates its whole prompt
     gen = Generation(target, target.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling), speculator)

@@ -13,7 +13,6 @@ import time
 from pathlib import Path
 from typing import Any, Sequence
 
-import numpy as np
 import pytest
 
 from specrun.engines.base import CacheMixin
@@ -25,22 +24,9 @@ from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
 from specrun.speculate.factory import SpecConfig, make_speculator
 from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
 from tests.test_speculate_generate import two_sample_chi_square
-from tests.tiny_model import TinySpec, build_tiny_model
 
 GREEDY = SamplingConfig(temperature=0)
 FLAT = CostCurve((1, 64), (1.0, 1.05))  # an offloaded target: a pass over 64 costs what one does
-
-
-@pytest.fixture(scope="module")
-def pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """The tiny target; drafts: the same model (its guesses come true) and other weights."""
-    other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
-    cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=63)
-    with LlamaCppEngine(tiny_model, cfg) as target, LlamaCppEngine(tiny_model, cfg) as same, \
-            LlamaCppEngine(other, cfg) as different:
-        for e in (target, same, different):
-            e.open(1024)
-        yield target, same, different
 
 
 class Slow(CacheMixin):
