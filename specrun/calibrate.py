@@ -23,7 +23,7 @@ from typing import Callable
 from specrun.engines import model_bytes
 from specrun.engines.base import Engine
 from specrun.speculate.auto import DraftSpeed
-from specrun.speculate.planner import AcceptanceStats, CostCurve
+from specrun.speculate.planner import AcceptanceStats, CostCurve, StepCost
 from specrun.store import write_atomic
 
 VERSION = 2
@@ -154,6 +154,7 @@ class Calibration:
     speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
     settings: str = ""  # the engine settings it was measured with (for `specrun info`)
     overlap: dict[str, float] = field(default_factory=dict)  # by draft model file name: measure_overlap's gain
+    steps: dict[str, StepCost] = field(default_factory=dict)  # by speculator: what a step costs in wall time
 
     def speed_of(self, draft: Path) -> DraftSpeed:
         return self.speeds.setdefault(draft.name, DraftSpeed())
@@ -166,6 +167,7 @@ class Calibration:
                            for name, s in self.stats.items()},
             "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
             "overlap": self.overlap,
+            "step_costs": {name: step.to_json() for name, step in self.steps.items()},
         }
         self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, json.dumps(data, indent=1))
@@ -197,7 +199,8 @@ def load(path: Path) -> Calibration | None:
                  for name, pairs in data["acceptance"].items()}
         speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
         overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}
-        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap)
+        steps = {str(name): StepCost.from_json(cost, v) for name, v in data.get("step_costs", {}).items()}
+        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap, steps)
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 

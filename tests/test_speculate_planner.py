@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from pathlib import Path
 
 import pytest
@@ -16,8 +17,8 @@ from specrun.speculate import auto
 from specrun.speculate.auto import AutoSpeculator, DraftSpeed
 from specrun.speculate.factory import SpecConfig
 from specrun.speculate.ngram import NgramDrafter
-from specrun.speculate.planner import (AcceptanceStats, CostCurve, PlannedSpeculator, best_subtree, expected_speedup,
-                                       node_chances)
+from specrun.speculate.planner import (AcceptanceStats, CostCurve, PlannedSpeculator, StepCost, best_subtree,
+                                       expected_speedup, node_chances)
 from specrun.speculate.tree import DraftTree
 
 SIZES = (1, 2, 4, 8, 16, 32, 64, 128, 255)
@@ -151,9 +152,11 @@ def test_calibration_measures_saves_and_loads(tiny_model: Path, tmp_path: Path) 
     stats = AcceptanceStats()
     stats.update(("ngram", 3, 1), True)
     stats.update(("model", 2, 4), False)
-    Calibration(path, curve, {"ngram": stats}, {"draft.gguf": DraftSpeed(12.5, 4, 1)}, "threads=1").save()
+    steps = {"tree": StepCost(curve, per_node=0.02, hidden=0.15, steps=7, kept=12.5)}
+    Calibration(path, curve, {"ngram": stats}, {"draft.gguf": DraftSpeed(12.5, 4, 1)}, "threads=1", {}, steps).save()
     loaded = load(path)
     assert loaded is not None and loaded.cost == curve and loaded.settings == "threads=1"
+    assert loaded.steps == steps
     assert loaded.stats["ngram"].counts == {("ngram", 3, 1): [1, 1], ("model", 2, 4): [0, 1]}
     assert loaded.speeds == {"draft.gguf": DraftSpeed(12.5, 4, 1)}
     assert load(tmp_path / "missing.json") is None
@@ -308,3 +311,60 @@ def test_a_directory_calibration_changes_with_its_weights(tmp_path: Path) -> Non
     before = calibration_path(tmp_path, d, "torch")
     (d / "model.safetensors").write_bytes(b"x" * 200)
     assert calibration_path(tmp_path, d, "torch") != before
+
+
+def test_a_step_costs_its_pass_plus_the_drafting_that_does_not_hide_behind_it() -> None:
+    flat = CostCurve((1, 64), (0.3, 0.3))
+    step = StepCost(flat)
+    assert step.cost(1) == step.cost(40) == 0.3  # nothing measured yet: the pass alone
+    step.observe(20, drafting_s=0.4, wall_s=0.6)  # 0.1 s of the 0.4 hid behind the pass
+    assert step.per_node == pytest.approx(0.02) and step.hidden == pytest.approx(0.1)
+    assert step.cost(1) == 0.3  # plain decoding drafts nothing
+    assert step.cost(4) == pytest.approx(0.3)  # 0.08 s of drafting: hidden, free
+    assert step.cost(20) == pytest.approx(0.6) and step.cost(40) == pytest.approx(1.0)
+    step.observe(20, drafting_s=0.4, wall_s=0.8)  # the draft slowed the pass (shared cores)
+    assert step.hidden == pytest.approx(0.1 + 0.3 * (-0.1 - 0.1))
+    step.observe(1, drafting_s=0.0, wall_s=0.3)  # plain steps say nothing about drafting
+    assert step.steps == 2
+
+
+def test_trees_shrink_to_what_their_drafting_pays_for() -> None:
+    """On an offloaded target a pass costs the same for 1 or 255 nodes; the planner used to
+    keep hundreds of nodes however long the draft model took to grow them. With drafting in
+    the step's cost, trees stop where a node's drafting costs more than it is expected to
+    yield; drafting that hides behind the pass is free (and a cheaper step raises the rate
+    every further node must beat)."""
+    _, chances = wide_tree(depth=6, width=3)
+    free = best_subtree(chances, StepCost(OFFLOADED))
+    costly = best_subtree(chances, StepCost(OFFLOADED, per_node=0.03))
+    hidden = best_subtree(chances, StepCost(OFFLOADED, per_node=0.03, hidden=0.6))
+    assert len(free) >= 100
+    assert 4 <= len(costly) < len(free) / 2 and 4 <= len(hidden) < len(free) / 2
+    likeliest = sorted(chances[1:], reverse=True)
+    for keep, hide in ((costly, 0.0), (hidden, 0.6)):  # the best k by brute force, slowly and obviously
+        step = StepCost(OFFLOADED, per_node=0.03, hidden=hide)
+        rates = [(1 + sum(likeliest[:k])) / step.cost(k + 1) for k in range(len(likeliest) + 1)]
+        assert len(keep) - 1 == max(range(len(rates)), key=lambda k: (rates[k], -k))
+
+
+class _SlowDrafter(_FixedDrafter):
+    def draft(self, context, max_nodes, max_depth):
+        time.sleep(0.05)
+        return super().draft(context, max_nodes, max_depth)
+
+
+def test_a_planned_speculator_learns_its_step_cost_and_the_next_run_starts_from_it() -> None:
+    flat = CostCurve((1, 64), (0.3, 0.3))
+    stats = AcceptanceStats()
+    stats.counts["model"] = [95, 100]
+    drafter = _SlowDrafter(40, "model", True)
+    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=64)
+    assert spec.step_cost is not None and spec.step_cost.steps == 0
+    tree = spec.propose([1, 2, 3], 64, 64)
+    spec.observe(tree, list(range(len(tree))), wall_s=0.3 + 0.5)  # the 0.05 s draft, and more, cost wall time
+    step = spec.step_cost
+    assert step.steps == 1 and step.kept == len(tree)
+    assert 0.05 <= step.per_node * len(tree) < 0.5 and step.hidden < 0
+    again = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=64, step_cost=step)
+    drafter.n = 64
+    assert len(again.propose([1, 2, 3], 64, 64)) - 1 == len(tree) + len(tree) // 4  # not 63: sized from the last run

@@ -10,7 +10,7 @@ from specrun.speculate.auto import AutoSpeculator, DraftSpeed
 from specrun.speculate.base import Drafter, Speculator
 from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
 from specrun.speculate.ngram import NgramDrafter
-from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
+from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator, StepCost
 
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
 OVERLAPS = ("auto", "on", "off")
@@ -40,10 +40,12 @@ class SpecConfig:
 
 
 def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, AcceptanceStats],
-                    draft: Engine | None = None, speed: DraftSpeed | None = None) -> Speculator | None:
+                    draft: Engine | None = None, speed: DraftSpeed | None = None,
+                    steps: dict[str, StepCost] | None = None) -> Speculator | None:
     """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance
     statistics it learns, keyed by drafter ("ngram", "model"); `speed` is what auto learns
-    about the draft model's speed. Both persist with the calibration."""
+    about the draft model's speed; `steps` what steps cost in wall time, keyed by speculator
+    ("ngram", "chain", "tree"). All persist with the calibration."""
     depth = spec.depth or DEFAULT_DEPTH
     if spec.max_nodes == 1:
         return None
@@ -56,7 +58,8 @@ def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, A
     cap = spec.budget or (cost.max_size if cost is not None and spec.needs_costs else spec.max_nodes)
 
     def planned(name: str, drafter: Drafter, stats_key: str) -> PlannedSpeculator:
-        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()), cap, depth)
+        step = steps.setdefault(name, StepCost(plan)) if plan is not None and steps is not None else None
+        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()), cap, depth, step)
 
     lookup = planned("ngram", NgramDrafter(), "ngram")
     if spec.mode == "ngram":
