@@ -131,3 +131,17 @@ def test_unlikely_candidates_are_not_evaluated(pair) -> None:
     assert looser.last is not None and looser.last.evaluated >= 1  # continuations of 1% and more are...
     assert max(tree.depths) == 2  # ...and theirs, of about 0.02%, are leaves
     looser.accepted([])
+
+
+def test_only_a_new_prompts_prefill_counts_as_the_drafts_catch_up(pair) -> None:
+    """The planner leaves a draft's prefill out of what drafting a tree costs; the one or two
+    tokens a step accepted are part of the step."""
+    _, same, _ = pair
+    same.rewind(0)
+    drafter = ModelDrafter(same, ModelDraftConfig(min_prob=0.0))
+    context = same.vocab.tokenize("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
+    tree, _ = drafter.draft(context, 8, 4)
+    assert drafter.catch_up_s > 0  # the whole prompt
+    drafter.accepted([tree.tokens[1]])
+    drafter.draft(context + [tree.tokens[1], 7], 8, 4)
+    assert drafter.catch_up_s == 0.0

@@ -184,7 +184,7 @@ def test_first_format_calibration_files_are_still_read(tmp_path: Path) -> None:
 class _CountingDrafter:
     """A costly drafter whose one candidate is never accepted."""
 
-    costly, reused = True, None
+    costly, reused, catch_up_s = True, None, 0.0
 
     def __init__(self) -> None:
         self.calls = 0
@@ -218,7 +218,7 @@ class _FixedDrafter:
 
     def __init__(self, n: int, key: str, costly: bool) -> None:
         self.n, self.key, self.costly, self.calls = n, key, costly, 0
-        self.reused = None
+        self.reused, self.catch_up_s = None, 0.0
 
     def draft(self, context, max_nodes, max_depth):
         self.calls += 1
@@ -368,3 +368,26 @@ def test_a_planned_speculator_learns_its_step_cost_and_the_next_run_starts_from_
     again = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=64, step_cost=step)
     drafter.n = 64
     assert len(again.propose([1, 2, 3], 64, 64)) - 1 == len(tree) + len(tree) // 4  # not 63: sized from the last run
+
+
+class _PrefillingDrafter(_SlowDrafter):
+    """Spends its 0.05 s prefilling its cache with a new prompt, and reports it."""
+
+    def draft(self, context, max_nodes, max_depth):
+        t0 = time.perf_counter()
+        tree = super().draft(context, max_nodes, max_depth)
+        self.catch_up_s = time.perf_counter() - t0
+        return tree
+
+
+def test_a_draft_models_prefill_of_a_new_prompt_is_not_counted_as_drafting_the_tree() -> None:
+    """The first draft of a run evaluates the whole prompt: counted per tree node, it once made
+    drafting look 66 ms a node on a CPU, and the planner stopped verifying draft trees."""
+    flat = CostCurve((1, 64), (0.3, 0.3))
+    stats = AcceptanceStats()
+    stats.counts["model"] = [95, 100]
+    spec = PlannedSpeculator("tree", _PrefillingDrafter(8, "model", True), flat, stats, max_nodes=16)
+    tree = spec.propose([1, 2, 3], 16, 16)
+    spec.observe(tree, [0], wall_s=0.3 + spec.drafter.catch_up_s)
+    assert spec.step_cost is not None and spec.step_cost.steps == 1
+    assert spec.step_cost.per_node * len(tree) < 0.025 and abs(spec.step_cost.hidden) < 0.025

@@ -31,7 +31,7 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Engine, Logits, Vocab
+from specrun.engines.base import Engine, Logits, Vocab, common_prefix
 from specrun.speculate.tree import DraftTree
 
 _BUCKETS = (0.1, 0.3, 0.6, 0.9)  # draft probability bucket edges for planner keys
@@ -222,10 +222,11 @@ class ModelDrafter:
         self._accepted: list[int] | None = None  # what the target accepted of a prepared search
         self.last: DraftStep | None = None  # the latest draft's figures
         self.reused: bool | None = None  # the latest draft came from a prepared tree (see DraftStep)
+        self.catch_up_s = 0.0  # the latest draft's time prefilling a new prompt (not a step's few tokens)
         self.drafts = 0  # drafts so far (a planner resting between drafts leaves `last` as it was)
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
-        t0 = time.perf_counter()
+        t0, self.catch_up_s = time.perf_counter(), 0.0
         reused = self._resume(context)
         search = self._search if reused else None  # else stale: a step cut short left it
         levels = 0  # levels already grown (below a guess that came true)
@@ -234,7 +235,11 @@ class ModelDrafter:
             depth = min(max_depth, room)
             search = self._search = _Search(self.engine, context, self.config.sized(max_nodes, depth), depth)
             if max_nodes > 1 and depth > 0:
+                behind = len(context) - common_prefix(self.engine.tokens, context)
+                t_start = time.perf_counter()
                 search.start()
+                if behind > max_depth + 1:  # more than a step accepts: a new prompt's prefill
+                    self.catch_up_s = time.perf_counter() - t_start
         else:  # grown below the target's outcome already: on with a fresh draft's limits
             levels = max(search.tree.depths)
             search.limit(min(max_depth, self.engine.n_ctx - len(context)), search.cfg.min_prob)

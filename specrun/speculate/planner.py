@@ -176,6 +176,7 @@ class PlannedSpeculator:
         self.step_cost = step_cost if step_cost is not None else StepCost(cost) if cost is not None else None
         self._drafting_s = 0.0  # drafting work for the tree being verified (its preparation included)
         self._next_drafting_s = 0.0  # ... and for the next one, done during this pass
+        self._catch_up_s = 0.0  # the draft's own prefill in this step: neither the tree's cost nor hidden
         self._keys: list[Hashable] = []
         # Candidates to draft next step when planning: a little more than the last plan kept,
         # so a costly drafter (a draft model) does not grow nodes that will not be verified.
@@ -204,7 +205,8 @@ class PlannedSpeculator:
         limit = min(self._candidates, max_nodes, self.cost.max_size)
         t0 = time.perf_counter()
         candidates, keys = self.drafter.draft(context, limit, max_depth)
-        self._drafting_s += time.perf_counter() - t0
+        self._drafting_s += time.perf_counter() - t0 - self.drafter.catch_up_s
+        self._catch_up_s = self.drafter.catch_up_s
         self.reused = self.drafter.reused
         assert self.step_cost is not None
         keep = best_subtree(node_chances(candidates, keys, self.stats), self.step_cost)
@@ -238,8 +240,8 @@ class PlannedSpeculator:
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not."""
         if self.step_cost is not None and not self.skipped:
-            self.step_cost.observe(len(tree), self._drafting_s, wall_s)
-        self._drafting_s, self._next_drafting_s = self._next_drafting_s, 0.0
+            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s)
+        self._drafting_s, self._next_drafting_s, self._catch_up_s = self._next_drafting_s, 0.0, 0.0
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
