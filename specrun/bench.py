@@ -320,8 +320,8 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
         lines.append("drafted nodes accepted so far: " + ", ".join(rates))
     for name, step in sorted(cal.steps.items()):
         if step.steps:
-            lines.append(f"{name} drafting costs {step.per_node * 1000:.1f} ms a verified node, of which "
-                         f"{step.hidden * 1000:.0f} ms a step hide behind the target (learnt over {step.steps} steps)")
+            lines.append(f"{name}: drafting costs {step.per_node * 1000:.1f} ms a verified node, less "
+                         f"{step.hidden * 1000:.0f} ms a step hidden behind the target (learnt over {step.steps} steps)")
     draft = session.config.draft
     model_rate = cal.speeds[draft.name].rate if draft and draft.name in cal.speeds else None
     if model_rate:
