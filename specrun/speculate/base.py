@@ -46,8 +46,10 @@ class Drafter(Protocol):
         """A candidate tree rooted at context[-1] and a planner key per node."""
         ...
 
-    def prepare(self, until: Callable[[], bool]) -> float:
-        """As Speculator.prepare, for the last draft."""
+    def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
+        """As Speculator.prepare, for the last draft; `deadline` (time.perf_counter()) is when
+        the pass is expected back: a draft call that would end later is not started, since
+        the step would wait for it."""
         ...
 
     def accepted(self, tokens: Sequence[int]) -> None:

@@ -125,11 +125,12 @@ class _Search:
             heapq.heappush(self.heap, item)
         self.leaves = []
 
-    def grow(self, room: int | None) -> int:
+    def grow(self, room: int | None, width: int | None = None) -> int:
         """One draft call over the likeliest candidates (at most `room` nodes counting room for
-        their children; None: no bound but the engine's); how many it evaluated."""
+        their children; None: no bound but the engine's), `width` of them at most (None: the
+        config's); how many it evaluated."""
         batch: list[Candidate] = []
-        cap = min(self.cfg.nodes_per_pass, self.evaluable - (len(self.tree) - 1))
+        cap = min(width or self.cfg.nodes_per_pass, self.cfg.nodes_per_pass, self.evaluable - (len(self.tree) - 1))
         while self.heap and len(batch) < cap and (room is None or 2 * (len(batch) + 1) <= room - len(self.leaves)):
             if -self.heap[0][0] < self.min_logp:
                 break  # the best candidate is too unlikely to be worth a draft call
@@ -224,6 +225,7 @@ class ModelDrafter:
         self.reused: bool | None = None  # the latest draft came from a prepared tree (see DraftStep)
         self.catch_up_s = 0.0  # the latest draft's time prefilling a new prompt (not a step's few tokens)
         self.drafts = 0  # drafts so far (a planner resting between drafts leaves `last` as it was)
+        self._call_s: dict[int, float] = {}  # frontier width -> seconds of a draft call while the target works
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         t0, self.catch_up_s = time.perf_counter(), 0.0
@@ -258,9 +260,9 @@ class ModelDrafter:
                               search.widest, max(tree.depths), time.perf_counter() - t0, reused)
         return tree, keys
 
-    def prepare(self, until: Callable[[], bool]) -> float:
-        """Grow the last draft's tree until `until()` (the target's pass is back) or nothing
-        likely enough is left; the seconds it drafted."""
+    def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
+        """Grow the last draft's tree until `until()` (the target's pass is back), nothing
+        likely enough is left, or no call fits before `deadline`; the seconds it drafted."""
         search, t0 = self._search, time.perf_counter()
         if search is None or search.busy or not search.started or self._accepted is not None:
             return 0.0
@@ -268,9 +270,29 @@ class ModelDrafter:
         # Below the leaves of the tree under verification (where the next one starts when all
         # of it is accepted), and less likely nodes than a draft would wait for: this is free.
         search.limit(min(2 * search.max_depth, self.engine.n_ctx - len(search.context)), search.cfg.min_prob / 4)
-        while not until() and search.grow(None):
-            pass
+        while not until():
+            width = search.cfg.nodes_per_pass
+            if deadline is not None:
+                left = deadline - time.perf_counter()
+                while width > 1 and self._call_seconds(width) > left:
+                    width //= 2  # a narrower call that ends in time
+                if self._call_seconds(width) > left:
+                    break  # the step would wait for it: what the outcome needs is drafted after
+            t_call = time.perf_counter()
+            grown = search.grow(None, width)
+            if not grown:
+                break
+            seconds, before = time.perf_counter() - t_call, self._call_s.get(grown)
+            self._call_s[grown] = seconds if before is None else before + 0.3 * (seconds - before)
         return time.perf_counter() - t0
+
+    def _call_seconds(self, width: int) -> float:
+        """A draft call's expected seconds over `width` nodes while the target works, as
+        measured; for a width not measured yet, the dearest narrower call (calls cost more the
+        wider they are), 0.0 if none: optimistic, so the width is tried once and measured."""
+        if width in self._call_s:
+            return self._call_s[width]
+        return max((s for w, s in self._call_s.items() if w < width), default=0.0)
 
     def accepted(self, tokens: Sequence[int]) -> None:
         """The target accepted `tokens` after the root: keep their draft KV where it exists.

@@ -67,7 +67,7 @@ class NgramDrafter:
     def accepted(self, tokens: Sequence[int]) -> None:
         pass  # the index grows from the context itself
 
-    def prepare(self, until: Callable[[], bool]) -> float:
+    def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return 0.0
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
