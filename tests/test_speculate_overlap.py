@@ -8,6 +8,7 @@ drafting and verifying, not their sum.
 
 from __future__ import annotations
 
+import itertools
 import threading
 import time
 from pathlib import Path
@@ -137,6 +138,27 @@ def test_a_step_costs_the_longer_of_drafting_and_verifying(pair) -> None:
     assert seq.decode_s / (seq.target_calls - 1) > 0.08 + 4 * 0.01  # the sum: draft calls, then the pass
     assert ovl.decode_s / steps < 0.08 + 2.5 * 0.01  # about the pass, plus a draft call it overran
     assert ovl.parallel_s > 0.5 * steps * 0.08  # the draft worked through most of every pass
+
+
+def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
+    """A 100 ms pass and 70 ms draft calls: a second call during the pass would end 40 ms
+    after it, and the step would wait for it. Knowing the pass's cost (its calibrated curve)
+    and its calls' (measured), the draft stops after one."""
+    target, same, _ = pair
+    slow_target, slow_draft = Slow(target, per_call=0.1), Slow(same, per_call=0.07)
+    stats = AcceptanceStats()
+    stats.counts.update({k: [99, 100] for k in itertools.product(["model"], range(5), range(5))})
+    spec = PlannedSpeculator("tree", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0)), CostCurve((1, 64), (0.1, 0.1)),
+                             stats, 8, 4)
+    target.rewind(0)
+    gen = Generation(slow_target, target.vocab.tokenize("def fib(n):"), GenerationConfig(40, GREEDY, True), spec)
+    try:
+        overlapped = [step.verify_s for step in gen if step.parallel_s > 0]
+    finally:
+        slow_target.close()
+    assert len(overlapped) >= 5
+    # Each waited for its pass, and for the first calls of a width (not measured yet) their overrun.
+    assert sorted(overlapped)[len(overlapped) // 2] < 0.1 + 0.02  # the median: not the pass and 40 ms
 
 
 def test_prepared_trees_are_dropped_when_the_outcome_differs(pair) -> None:

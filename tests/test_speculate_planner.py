@@ -326,6 +326,11 @@ def test_a_step_costs_its_pass_plus_the_drafting_that_does_not_hide_behind_it() 
     assert step.hidden == pytest.approx(0.1 + 0.3 * (-0.1 - 0.1))
     step.observe(1, drafting_s=0.0, wall_s=0.3)  # plain steps say nothing about drafting
     assert step.steps == 2
+    first = StepCost(flat)  # a first draft grew twice the candidates its plan kept
+    first.observe(20, drafting_s=0.8, wall_s=1.0, needed=0.5)
+    assert first.per_node == pytest.approx(0.02) and first.hidden == pytest.approx(0.3 + 0.8 - 1.0)
+    first.observe(20, drafting_s=0.2, wall_s=0.3, afresh=True)  # measured afresh: replaces, not averages
+    assert first.per_node == pytest.approx(0.01) and first.hidden == pytest.approx(0.2)
 
 
 def test_trees_shrink_to_what_their_drafting_pays_for() -> None:
@@ -391,3 +396,50 @@ def test_a_draft_models_prefill_of_a_new_prompt_is_not_counted_as_drafting_the_t
     spec.observe(tree, [0], wall_s=0.3 + spec.drafter.catch_up_s)
     assert spec.step_cost is not None and spec.step_cost.steps == 1
     assert spec.step_cost.per_node * len(tree) < 0.025 and abs(spec.step_cost.hidden) < 0.025
+    # Nor in auto's measured speed of the draft model (it decides whether the model pays at all).
+    model = PlannedSpeculator("tree", _PrefillingDrafter(8, "model", True), flat, stats, max_nodes=16)
+    auto = AutoSpeculator(PlannedSpeculator("ngram", _FixedDrafter(0, "lookup", False), flat, stats), model, flat)
+    tree = auto.propose([1, 2, 3], 16, 16)
+    assert len(tree) > 1 and model.catch_up_s >= 0.05
+    auto.observe(tree, list(range(len(tree))), wall_s=0.3 + model.catch_up_s)
+    assert auto.speed.rate == pytest.approx(len(tree) / 0.3, rel=0.05)
+
+
+def test_a_drafting_cost_learnt_wrong_is_measured_afresh() -> None:
+    """A drafting cost learnt far too high (a run's first draft, a busy machine) used to rule
+    out every later tree, and only verified trees teach it. A tree the pass alone pays for
+    is now verified after EXPLORE_EVERY steps without one, and a cheap draft brings the
+    plans back."""
+    flat = CostCurve((1, 64), (0.3, 0.3))
+    stats = AcceptanceStats()
+    stats.counts["model"] = [95, 100]
+    step = StepCost(flat, per_node=1.0, hidden=0.0, steps=5, kept=8)  # a second a node: nothing pays
+    drafter = _FixedDrafter(8, "model", True)
+    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=16, step_cost=step)
+    sizes, explored = [], []
+    for _ in range(120):
+        tree = spec.propose([1, 2, 3], 16, 16)
+        sizes.append(len(tree))
+        explored.append(spec.explored)
+        spec.observe(tree, list(range(len(tree))), wall_s=0.3)  # drafting really is free
+    first = next(i for i, n in enumerate(sizes) if n > 1)
+    every, rest = PlannedSpeculator.EXPLORE_EVERY, PlannedSpeculator.MAX_REST
+    assert every - 1 <= first < every + rest and explored[first] and sum(explored) == 1
+    assert drafter.calls < 30 + (120 - first)  # it rested meanwhile: log-many drafts before `first`
+    assert step.per_node < 0.01 and sizes[-20:] == [9] * 20  # back to verifying every draft
+
+
+def test_a_run_that_learnt_nothing_drafts_a_modest_tree_first_and_grows_it() -> None:
+    """A first draft of the calibration's 256 nodes took a second on 2 cores. It starts at
+    FIRST_DRAFT candidates; while plans keep all of them, each step drafts a quarter more."""
+    flat = CostCurve((1, 256), (0.3, 0.3))
+    stats = AcceptanceStats()
+    stats.counts["model"] = [99, 100]
+    spec = PlannedSpeculator("tree", _FixedDrafter(255, "model", True), flat, stats, max_nodes=256, max_depth=256)
+    sizes = []
+    for _ in range(8):
+        tree = spec.propose([1, 2, 3], 256, 256)
+        sizes.append(len(tree))
+        spec.observe(tree, list(range(len(tree))), wall_s=0.3)
+    assert sizes[0] == PlannedSpeculator.FIRST_DRAFT == 32 and sizes[-1] > 100
+    assert all(b <= a + a // 4 + 1 for a, b in zip(sizes, sizes[1:]))

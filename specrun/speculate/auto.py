@@ -124,8 +124,8 @@ class AutoSpeculator:
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         if self._used is None:
             return
-        self._used.observe(tree, path, wall_s)
-        if self._used is self.model:
-            self.speed.record(len(path) / wall_s)
+        if self._used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
+            self.speed.record(len(path) / max(wall_s - self.model.catch_up_s, 1e-9))
             self._since_model = 0
+        self._used.observe(tree, path, wall_s)
         self._used = None

@@ -85,13 +85,17 @@ class StepCost:
     def max_size(self) -> int:
         return self.passes.max_size
 
-    def observe(self, n: int, drafting_s: float, wall_s: float) -> None:
+    def observe(self, n: int, drafting_s: float, wall_s: float, needed: float = 1.0, afresh: bool = False) -> None:
         """A step verified n nodes after `drafting_s` seconds of drafting work (during the
-        previous pass included) and took `wall_s` seconds."""
+        previous pass included) and took `wall_s` seconds. `needed`: the share of that drafting
+        a step verifying n nodes needs; the rest grew candidates the plan dropped (a run's
+        first draft, sized before anything was learnt), which would make drafting look dearer
+        a node than it is and shrink every later plan. `afresh`: the step was verified because
+        the figures were stale; it replaces them instead of averaging in."""
         if n <= 1:
             return  # plain steps say nothing about drafting
-        a = 1.0 if self.steps == 0 else self.SMOOTHING
-        self.per_node += a * (drafting_s / n - self.per_node)
+        a = 1.0 if self.steps == 0 or afresh else self.SMOOTHING
+        self.per_node += a * (needed * drafting_s / n - self.per_node)
         self.hidden += a * (self.passes.cost(n) + drafting_s - wall_s - self.hidden)
         self.kept += a * (n - self.kept)
         self.steps += 1
@@ -180,18 +184,29 @@ class PlannedSpeculator:
         self._keys: list[Hashable] = []
         # Candidates to draft next step when planning: a little more than the last plan kept,
         # so a costly drafter (a draft model) does not grow nodes that will not be verified.
+        # With nothing learnt, FIRST_DRAFT: trees grow a quarter a step from there while plans
+        # keep them whole (a first draft of 256 nodes took a second on 2 cores, and what it
+        # taught about drafting costs misled the plans after it).
         step = self.step_cost
-        self._candidates = self._drafts_for(round(step.kept)) if step is not None and step.steps else max_nodes
+        self._candidates = (self._drafts_for(round(step.kept)) if step is not None and step.steps
+                            else min(max_nodes, self.FIRST_DRAFT))
         # After a plan that kept nothing, a costly drafter rests for `_rest` steps, doubling
         # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
         self._rest, self._resting = 1, 0
+        self._verifying = 1  # nodes in the tree last proposed (what the target verifies)
+        self._unverified = 0  # proposals since a draft tree was last verified
+        self._needed = 1.0  # the share of this step's drafting a plan of its size needs (StepCost.observe)
         self.skipped = False  # the last proposal drafted nothing (resting)
+        self.explored = False  # the last proposal was verified to re-measure drafting, not because it paid
         self.reused: bool | None = None  # the last proposal grew from a prepared tree (Speculator.reused)
 
     MAX_REST = 32
+    FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
+    EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
 
     def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
-        self.skipped, self.reused = False, None
+        self.skipped, self.reused, self.explored = False, None, False
+        self._unverified += 1
         max_depth, max_nodes = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes)
         if self.cost is None:
             tree, self._keys = self.drafter.draft(context, max_nodes, max_depth)
@@ -209,13 +224,22 @@ class PlannedSpeculator:
         self._catch_up_s = self.drafter.catch_up_s
         self.reused = self.drafter.reused
         assert self.step_cost is not None
-        keep = best_subtree(node_chances(candidates, keys, self.stats), self.step_cost)
-        self._keys = [keys[i] for i in keep]
-        self._candidates = self._drafts_for(len(keep))
+        chances = node_chances(candidates, keys, self.stats)
+        keep = best_subtree(chances, self.step_cost)
+        if len(keep) == 1 and self.drafter.costly and self._unverified >= self.EXPLORE_EVERY:
+            # Only the learnt drafting cost can rule out what the pass alone would pay for, and
+            # it is learnt from verified trees only: verify one now and then to learn it afresh
+            # (the text, the machine's load, a run's first draft may have set it wrong).
+            keep = best_subtree(chances, self.cost)
+            self.explored = len(keep) > 1
         if len(keep) == 1 and self.drafter.costly:
             self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
         else:
-            self._rest = 1
+            self._rest, self._unverified = 1, 0
+        self._needed = min(1.0, self._drafts_for(len(keep)) / len(candidates))
+        self._keys = [keys[i] for i in keep]
+        self._candidates = self._drafts_for(len(keep))
+        self._verifying = len(keep)
         return candidates.subtree(keep)
 
     @staticmethod
@@ -229,9 +253,17 @@ class PlannedSpeculator:
         """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
         if self.skipped or not self.drafter.costly:
             return 0.0
-        seconds = self.drafter.prepare(until)
+        # The calibrated pass: a GPU's or a disk's is what it was measured to be with the CPU
+        # drafting beside it.
+        deadline = time.perf_counter() + self.cost.cost(self._verifying) if self.cost is not None else None
+        seconds = self.drafter.prepare(until, deadline)
         self._next_drafting_s += seconds  # work for the next tree, done during this pass
         return seconds
+
+    @property
+    def catch_up_s(self) -> float:
+        """Of the step under way, the seconds the drafter spent prefilling a new prompt."""
+        return self._catch_up_s
 
     def expected_tokens(self, tree: DraftTree) -> float:
         """Tokens the last proposal (`tree`) is expected to yield, its root's included."""
@@ -240,7 +272,7 @@ class PlannedSpeculator:
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not."""
         if self.step_cost is not None and not self.skipped:
-            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s)
+            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored)
         self._drafting_s, self._next_drafting_s, self._catch_up_s = self._next_drafting_s, 0.0, 0.0
         accepted = set(path)
         for i in range(1, len(tree)):
