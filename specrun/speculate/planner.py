@@ -253,8 +253,8 @@ class PlannedSpeculator:
         """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
         if self.skipped or not self.drafter.costly:
             return 0.0
-        # The calibrated pass: a GPU's or a disk's is what it was measured to be with the CPU
-        # drafting beside it.
+        # When the pass is expected back: its calibrated cost, measured with no draft beside it
+        # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
         deadline = time.perf_counter() + self.cost.cost(self._verifying) if self.cost is not None else None
         seconds = self.drafter.prepare(until, deadline)
         self._next_drafting_s += seconds  # work for the next tree, done during this pass
