@@ -161,6 +161,32 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     assert sorted(overlapped)[len(overlapped) // 2] < 0.1 + 0.02  # the median: not the pass and 40 ms
 
 
+def test_a_draft_says_which_of_its_nodes_were_found_during_the_pass(pair) -> None:
+    """The planner charges drafting only to the nodes drafted after the pass returned
+    (`prepared_nodes`): a tree grown entirely during the pass is marked whole, a fresh one not at all."""
+    target, same, _ = pair
+    slow_target = Slow(target, per_call=0.02)
+    drafter = ModelDrafter(same, ModelDraftConfig.chain(4))  # the target's own guesses: they come true
+    drafts: list[tuple[bool | None, list[bool], int]] = []
+    draft = drafter.draft
+
+    def recording(context, max_nodes, max_depth):
+        tree, keys = draft(context, max_nodes, max_depth)
+        assert drafter.last is not None and len(drafter.prepared_nodes) == len(tree)
+        drafts.append((drafter.reused, list(drafter.prepared_nodes), drafter.last.calls))
+        return tree, keys
+
+    drafter.draft = recording  # type: ignore[method-assign]
+    spec = PlannedSpeculator("chain", drafter, None, AcceptanceStats(), 6, 6)
+    try:
+        generate(slow_target, "def fib(n):", GREEDY, spec, overlap=True, max_tokens=40)
+    finally:
+        slow_target.close()
+    assert all(not any(marks) for reused, marks, _ in drafts if not reused)
+    whole = [marks for reused, marks, calls in drafts if reused and calls == 0]  # nothing drafted after the pass
+    assert whole and all(not marks[0] and all(marks[1:]) for marks in whole)
+
+
 def test_prepared_trees_are_dropped_when_the_outcome_differs(pair) -> None:
     target, _, different = pair
     slow_target = Slow(target, per_call=0.02)

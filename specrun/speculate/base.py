@@ -41,6 +41,7 @@ class Drafter(Protocol):
     costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
     reused: bool | None  # as Speculator.reused, for the last draft
     catch_up_s: float  # of the last draft's time, what prefilling its own cache with a new prompt took
+    prepared_nodes: Sequence[bool]  # per node of the last draft: found during the previous pass (empty: none)
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A candidate tree rooted at context[-1] and a planner key per node."""

@@ -103,6 +103,7 @@ class _Search:
         # Evaluated nodes take cells and sequence ids of the draft engine; leaves take none.
         self.evaluable = min(engine.max_tree_nodes, engine.n_ctx - len(context))
         self.calls = self.widest = 0
+        self.mark = 0  # nodes evaluated before the pass that verified their tree returned (prepared)
         self.started = False  # the root was evaluated: the tree can grow
         self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
 
@@ -155,20 +156,24 @@ class _Search:
         self.calls, self.widest = self.calls + 1, max(self.widest, len(batch))
         return len(batch)
 
-    def proposal(self, max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+    def proposal(self, max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable], list[bool]]:
         """The `max_nodes` likeliest nodes at most `max_depth` deep, evaluated or candidates (as
-        leaves): evaluated first, in their order, so the drafter finds them again by token."""
+        leaves): evaluated first, in their order, so the drafter finds them again by token. Per
+        node, whether it was found before `mark` (offered by a node evaluated by then)."""
         tree = DraftTree(list(self.tree.tokens), list(self.tree.parents), list(self.tree.depths))
         keys: list[Hashable] = [("root",)] + [_key(p, d) for p, d in zip(self.probs[1:], tree.depths[1:])]
+        origin = list(range(len(tree)))  # per node of `tree`: its index in self.tree
         if len(tree) > max_nodes or max(tree.depths) > max_depth:  # grown past the tree asked for
             fits = [i for i in range(len(tree)) if tree.depths[i] <= max_depth]
-            keep = sorted(sorted(fits, key=lambda i: (-self.logp[i], tree.depths[i]))[:max_nodes])  # parents first
-            tree, keys = tree.subtree(keep), [keys[i] for i in keep]
+            origin = sorted(sorted(fits, key=lambda i: (-self.logp[i], tree.depths[i]))[:max_nodes])  # parents first
+            tree, keys = tree.subtree(origin), [keys[i] for i in origin]
+        found = [False] + [self.tree.parents[i] < self.mark for i in origin[1:]]
         candidates = [c for c in self.heap + self.leaves if self.tree.depths[c[2]] < max_depth]
         for _, _, parent, tok, p in heapq.nsmallest(max_nodes - len(tree), candidates) if len(tree) == len(self.tree) else ():
             node = tree.add(tok, parent)  # the best candidates left, evaluated or not, as leaves
             keys.append(_key(p, tree.depths[node]))
-        return tree, keys
+            found.append(parent < self.mark)
+        return tree, keys, found
 
     def path(self, tokens: Sequence[int]) -> list[int]:
         """The evaluated nodes spelling `tokens` below the root, as far as they go."""
@@ -223,6 +228,7 @@ class ModelDrafter:
         self._accepted: list[int] | None = None  # what the target accepted of a prepared search
         self.last: DraftStep | None = None  # the latest draft's figures
         self.reused: bool | None = None  # the latest draft came from a prepared tree (see DraftStep)
+        self.prepared_nodes: list[bool] = []  # per node of the latest draft: found during the previous pass
         self.catch_up_s = 0.0  # the latest draft's time prefilling a new prompt (not a step's few tokens)
         self.drafts = 0  # drafts so far (a planner resting between drafts leaves `last` as it was)
         self._call_s: dict[int, float] = {}  # frontier width -> seconds of a draft call while the target works
@@ -244,16 +250,18 @@ class ModelDrafter:
                     self.catch_up_s = time.perf_counter() - t_start
         else:  # grown below the target's outcome already: on with a fresh draft's limits
             levels = max(search.tree.depths)
-            search.limit(min(max_depth, self.engine.n_ctx - len(context)), search.cfg.min_prob)
+            depth = min(max_depth, self.engine.n_ctx - len(context))
+            search.cfg = self.config.sized(max_nodes, depth)  # the tree asked for may have changed
+            search.limit(depth, search.cfg.min_prob)
         if search.started:
             # As deep as a fresh draft would grow (a level a call), less what was prepared.
             for _ in range(search.cfg.max_passes - levels):
                 if not search.grow(max_nodes - len(search.tree)):
                     break
         if max_nodes > 1 and search.started and max_depth > 0:
-            tree, keys = search.proposal(max_nodes, max_depth)
+            tree, keys, self.prepared_nodes = search.proposal(max_nodes, max_depth)
         else:
-            tree, keys = DraftTree.rooted(context[-1]), [("root",)]
+            tree, keys, self.prepared_nodes = DraftTree.rooted(context[-1]), [("root",)], [False]
         self._prepared, self.reused = False, reused
         self.drafts += 1
         self.last = DraftStep(max_nodes, len(tree), len(search.tree) - 1, search.calls,
@@ -325,6 +333,7 @@ class ModelDrafter:
                     and list(context[len(search.context):-1]) == accepted):
                 search.reroot(path, context)
                 search.calls = search.widest = 0
+                search.mark = len(search.tree)  # all of it was grown before the pass returned
                 self._search = search
                 return True
         self.engine.commit_path([i - 1 for i in search.path(accepted)])

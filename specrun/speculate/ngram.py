@@ -46,6 +46,7 @@ class NgramDrafter:
     costly = False  # a dictionary lookup per step
     reused = None  # nothing to prepare while the target verifies: a lookup is instant
     catch_up_s = 0.0  # no cache
+    prepared_nodes: tuple[bool, ...] = ()
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config
