@@ -319,7 +319,8 @@ def planner_explanation(session: Session, summaries: list[ModeSummary]) -> list[
         lines.append("drafted nodes accepted so far: " + ", ".join(rates))
     for name, step in sorted(cal.steps.items()):
         if step.steps:
-            lines.append(f"{name}: drafting costs {step.per_node * 1000:.1f} ms a verified node, less "
+            free = f" beyond the {step.free:.1f} found during the previous pass" if step.free >= 0.05 else ""
+            lines.append(f"{name}: drafting costs {step.per_node * 1000:.1f} ms a verified node{free}, less "
                          f"{step.hidden * 1000:.0f} ms a step hidden behind the target (learnt over {step.steps} steps)")
     draft = session.config.draft
     model_rate = cal.speeds[draft.name].rate if draft and draft.name in cal.speeds else None

@@ -184,7 +184,7 @@ def test_first_format_calibration_files_are_still_read(tmp_path: Path) -> None:
 class _CountingDrafter:
     """A costly drafter whose one candidate is never accepted."""
 
-    costly, reused, catch_up_s = True, None, 0.0
+    costly, reused, catch_up_s, prepared_nodes = True, None, 0.0, ()
 
     def __init__(self) -> None:
         self.calls = 0
@@ -219,6 +219,7 @@ class _FixedDrafter:
     def __init__(self, n: int, key: str, costly: bool) -> None:
         self.n, self.key, self.costly, self.calls = n, key, costly, 0
         self.reused, self.catch_up_s = None, 0.0
+        self.prepared_nodes: list[bool] = []  # as ModelDrafter's: found during the previous pass
 
     def draft(self, context, max_nodes, max_depth):
         self.calls += 1
@@ -333,6 +334,22 @@ def test_a_step_costs_its_pass_plus_the_drafting_that_does_not_hide_behind_it() 
     assert first.per_node == pytest.approx(0.01) and first.hidden == pytest.approx(0.2)
 
 
+def test_nodes_found_during_the_previous_pass_cost_no_drafting() -> None:
+    """With overlap, drafting during the previous pass costs no wall time. Charged to every
+    verified node, it made drafting look 25 ms a node (a 100 ms pass of it over 4 nodes),
+    and overlapped plans kept 5 nodes where sequential ones kept 8."""
+    flat = CostCurve((1, 64), (0.1, 0.1))
+    step = StepCost(flat)
+    step.observe(12, drafting_s=0.04, wall_s=0.14, free=8)  # 8 prepared; 4 grown after the pass, in 40 ms
+    assert step.per_node == pytest.approx(0.01) and step.free == 8 and step.hidden == pytest.approx(0.0)
+    assert step.cost(8) == pytest.approx(0.1)  # what the previous pass found costs its verification only
+    assert step.cost(12) == pytest.approx(0.14) and step.cost(20) == pytest.approx(0.22)
+    step.observe(12, drafting_s=0.12, wall_s=0.22, free=0)  # a miss: the whole tree drafted after the pass
+    assert step.free == pytest.approx(0.7 * 8) and step.per_node == pytest.approx(0.01)
+    assert StepCost.from_json(flat, step.to_json()) == step
+    assert StepCost.from_json(flat, {"per_node": 0.01, "hidden": 0, "steps": 3, "kept": 9}).free == 0  # older files
+
+
 def test_trees_shrink_to_what_their_drafting_pays_for() -> None:
     """On an offloaded target a pass costs the same for 1 or 255 nodes; the planner used to
     keep hundreds of nodes however long the draft model took to grow them. With drafting in
@@ -356,6 +373,20 @@ class _SlowDrafter(_FixedDrafter):
     def draft(self, context, max_nodes, max_depth):
         time.sleep(0.05)
         return super().draft(context, max_nodes, max_depth)
+
+
+def test_a_planned_speculator_charges_drafting_to_the_nodes_not_found_during_the_pass() -> None:
+    flat = CostCurve((1, 64), (0.1, 0.1))
+    stats = AcceptanceStats()
+    stats.counts["model"] = [95, 100]
+    drafter = _SlowDrafter(6, "model", True)  # 0.05 s a draft
+    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=8)
+    drafter.prepared_nodes = [False, True, True, True, False, False, False]  # the root, then a chain
+    tree = spec.propose([1, 2, 3], 8, 8)
+    assert len(tree) == 7
+    spec.observe(tree, list(range(len(tree))), wall_s=0.15)
+    assert spec.step_cost is not None and spec.step_cost.free == 3
+    assert spec.step_cost.per_node == pytest.approx(0.05 / 4, rel=0.3)  # the draft's time over 4 nodes, not 7
 
 
 def test_a_planned_speculator_learns_its_step_cost_and_the_next_run_starts_from_it() -> None:

@@ -66,8 +66,9 @@ class CostCurve:
 @dataclass
 class StepCost:
     """Wall seconds of a step verifying n nodes (the root included): the target's pass, plus
-    drafting at `per_node` seconds a node beyond the `hidden` seconds a step hides behind the
-    target. Both are learnt from the steps taken (exponential averages); until then a step
+    drafting at `per_node` seconds a node for the nodes beyond the `free` ones (found while
+    the target verified the previous tree), less the `hidden` seconds a step hides behind the
+    target. All are learnt from the steps taken (exponential averages); until then a step
     costs its pass. `hidden` goes negative where drafting slows the pass (shared cores)."""
 
     passes: CostCurve
@@ -75,37 +76,44 @@ class StepCost:
     hidden: float = 0.0
     steps: int = 0
     kept: float = 0.0  # nodes per verified tree (average): where the next run's first draft starts
+    free: float = 0.0  # of them, found during the previous pass (average; 0 without overlap)
     SMOOTHING = 0.3  # weight of the newest step
 
     def cost(self, n: int) -> float:
         c = self.passes.cost(n)
-        return c if n <= 1 else c + max(0.0, self.per_node * n - self.hidden)
+        return c if n <= 1 else c + max(0.0, self.per_node * max(0.0, n - self.free) - self.hidden)
 
     @property
     def max_size(self) -> int:
         return self.passes.max_size
 
-    def observe(self, n: int, drafting_s: float, wall_s: float, needed: float = 1.0, afresh: bool = False) -> None:
-        """A step verified n nodes after `drafting_s` seconds of drafting work (during the
-        previous pass included) and took `wall_s` seconds. `needed`: the share of that drafting
-        a step verifying n nodes needs; the rest grew candidates the plan dropped (a run's
-        first draft, sized before anything was learnt), which would make drafting look dearer
-        a node than it is and shrink every later plan. `afresh`: the step was verified because
-        the figures were stale; it replaces them instead of averaging in."""
+    def observe(self, n: int, drafting_s: float, wall_s: float, needed: float = 1.0, afresh: bool = False,
+                free: int = 0) -> None:
+        """A step verified n nodes, `free` of them found during the previous pass, after
+        `drafting_s` seconds of drafting it waited for, and took `wall_s` seconds. Drafting
+        during the previous pass is not counted: it was free but for how it slowed that pass,
+        which shows in `hidden`. `needed`: the share of the drafting a step verifying n nodes
+        needs; the rest grew candidates the plan dropped (a run's first draft, sized before
+        anything was learnt), which would make drafting look dearer a node than it is and
+        shrink every later plan. `afresh`: the step was verified because the figures were
+        stale; it replaces them instead of averaging in."""
         if n <= 1:
             return  # plain steps say nothing about drafting
         a = 1.0 if self.steps == 0 or afresh else self.SMOOTHING
-        self.per_node += a * (needed * drafting_s / n - self.per_node)
+        self.per_node += a * (needed * drafting_s / max(n - free, 1) - self.per_node)
         self.hidden += a * (self.passes.cost(n) + drafting_s - wall_s - self.hidden)
         self.kept += a * (n - self.kept)
+        self.free += a * (free - self.free)
         self.steps += 1
 
     def to_json(self) -> dict[str, float]:
-        return {"per_node": self.per_node, "hidden": self.hidden, "steps": self.steps, "kept": self.kept}
+        return {"per_node": self.per_node, "hidden": self.hidden, "steps": self.steps, "kept": self.kept,
+                "free": self.free}
 
     @classmethod
     def from_json(cls, passes: CostCurve, data: dict[str, Any]) -> "StepCost":
-        return cls(passes, float(data["per_node"]), float(data["hidden"]), int(data["steps"]), float(data["kept"]))
+        return cls(passes, float(data["per_node"]), float(data["hidden"]), int(data["steps"]), float(data["kept"]),
+                   float(data.get("free", 0.0)))
 
 
 @dataclass
@@ -178,8 +186,8 @@ class PlannedSpeculator:
         self.max_nodes, self.max_depth = max_nodes, max_depth
         # What the plan maximises over: `step_cost` (shared, kept with the calibration), else learnt here.
         self.step_cost = step_cost if step_cost is not None else StepCost(cost) if cost is not None else None
-        self._drafting_s = 0.0  # drafting work for the tree being verified (its preparation included)
-        self._next_drafting_s = 0.0  # ... and for the next one, done during this pass
+        self._drafting_s = 0.0  # drafting the step under way waited for (not what was prepared during a pass)
+        self._free = 0  # nodes of the tree being verified found during the previous pass
         self._catch_up_s = 0.0  # the draft's own prefill in this step: neither the tree's cost nor hidden
         self._keys: list[Hashable] = []
         # Candidates to draft next step when planning: a little more than the last plan kept,
@@ -237,6 +245,8 @@ class PlannedSpeculator:
         else:
             self._rest, self._unverified = 1, 0
         self._needed = min(1.0, self._drafts_for(len(keep)) / len(candidates))
+        prepared = self.drafter.prepared_nodes
+        self._free = sum(1 for i in keep[1:] if i < len(prepared) and prepared[i])
         self._keys = [keys[i] for i in keep]
         self._candidates = self._drafts_for(len(keep))
         self._verifying = len(keep)
@@ -256,9 +266,7 @@ class PlannedSpeculator:
         # When the pass is expected back: its calibrated cost, measured with no draft beside it
         # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
         deadline = time.perf_counter() + self.cost.cost(self._verifying) if self.cost is not None else None
-        seconds = self.drafter.prepare(until, deadline)
-        self._next_drafting_s += seconds  # work for the next tree, done during this pass
-        return seconds
+        return self.drafter.prepare(until, deadline)
 
     @property
     def catch_up_s(self) -> float:
@@ -272,8 +280,9 @@ class PlannedSpeculator:
     def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not."""
         if self.step_cost is not None and not self.skipped:
-            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored)
-        self._drafting_s, self._next_drafting_s, self._catch_up_s = self._next_drafting_s, 0.0, 0.0
+            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored,
+                                   self._free)
+        self._drafting_s, self._free, self._catch_up_s = 0.0, 0, 0.0
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
