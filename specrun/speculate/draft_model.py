@@ -67,7 +67,7 @@ class ModelDraftConfig:
 
 @dataclass(frozen=True)
 class DraftStep:
-    """What one draft cost and grew (`ModelDrafter.last`), for bench and --verbose."""
+    """What one draft cost and grew (`ModelDrafter.last`): what tests and traces read of a draft."""
 
     budget: int  # nodes asked for, root included
     nodes: int  # nodes drafted, root included

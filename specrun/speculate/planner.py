@@ -201,7 +201,6 @@ class PlannedSpeculator:
         # After a plan that kept nothing, a costly drafter rests for `_rest` steps, doubling
         # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
         self._rest, self._resting = 1, 0
-        self._verifying = 1  # nodes in the tree last proposed (what the target verifies)
         self._unverified = 0  # proposals since a draft tree was last verified
         self._needed = 1.0  # the share of this step's drafting a plan of its size needs (StepCost.observe)
         self.skipped = False  # the last proposal drafted nothing (resting)
@@ -228,7 +227,7 @@ class PlannedSpeculator:
         limit = min(self._candidates, max_nodes, self.cost.max_size)
         t0 = time.perf_counter()
         candidates, keys = self.drafter.draft(context, limit, max_depth)
-        self._drafting_s += time.perf_counter() - t0 - self.drafter.catch_up_s
+        self._drafting_s = time.perf_counter() - t0 - self.drafter.catch_up_s
         self._catch_up_s = self.drafter.catch_up_s
         self.reused = self.drafter.reused
         assert self.step_cost is not None
@@ -249,7 +248,6 @@ class PlannedSpeculator:
         self._free = sum(1 for i in keep[1:] if i < len(prepared) and prepared[i])
         self._keys = [keys[i] for i in keep]
         self._candidates = self._drafts_for(len(keep))
-        self._verifying = len(keep)
         return candidates.subtree(keep)
 
     @staticmethod
@@ -265,7 +263,7 @@ class PlannedSpeculator:
             return 0.0
         # When the pass is expected back: its calibrated cost, measured with no draft beside it
         # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
-        deadline = time.perf_counter() + self.cost.cost(self._verifying) if self.cost is not None else None
+        deadline = time.perf_counter() + self.cost.cost(len(self._keys)) if self.cost is not None else None
         return self.drafter.prepare(until, deadline)
 
     @property
