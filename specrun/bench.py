@@ -175,7 +175,7 @@ class Bench:
             return RunResult(prompt_id, rnd, mode.key, rate, n, _detok(self.session, tokens_out), tokens_out)
         self.session.forget()  # every mode pays the same prefill
         speculator = self.session.speculator(mode.spec)
-        overlap = speculator is not None and self.session.overlaps(mode.spec)
+        overlap = self.session.overlaps(mode.spec)
         gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling, overlap),
                          speculator)
         accepted_lengths, tree_sizes, depths = [], [], []

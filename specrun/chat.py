@@ -99,7 +99,7 @@ class Chat:
         self.last: GenerationStats | None = None  # the latest reply's stats
         self.speculator = session.speculator(config.spec)
         self.mode = self.speculator.name if self.speculator else "none"
-        overlap = self.speculator is not None and session.overlaps(config.spec)
+        overlap = session.overlaps(config.spec)
         self.generation = replace(config.generation, overlap=overlap)  # as the session decided
 
     def messages(self, user: str | None = None) -> list[Message]:

@@ -121,7 +121,8 @@ class Session:
         file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
                                           self.target.settings_key())
         sizes = calibrate.sizes_up_to(self.target.max_tree_nodes)
-        found = None if force else calibrate.load(file)
+        stored = calibrate.load(file)
+        found = None if force else stored
         if found is not None and calibrate.stops_short(found.cost, sizes):
             found = None  # measured when fewer sizes were (up to 32), on a curve flat enough for more
         if found is None:
@@ -135,7 +136,7 @@ class Session:
             finally:
                 if self.target.n_ctx != n_ctx:
                     self.target.open(n_ctx)
-            old = calibrate.load(file)  # keep what was learnt about acceptance
+            old = stored  # keep what was learnt about acceptance
             # Acceptance is about text and is kept; what auto learnt about draft speed was
             # relative to the old curve and is measured again.
             found = calibrate.Calibration(file, curve, old.stats if old else {}, {}, self.target.settings_key())
@@ -163,7 +164,10 @@ class Session:
         """Whether to draft while the target verifies. `--overlap on` and `off` say so; auto
         overlaps where a draft model drafts (prompt lookup has nothing to prepare) and the
         target leaves the CPU to it (it computes on a GPU), and where both compute on the CPU
-        only if overlapping was measured to pay on this machine (measured once, then kept)."""
+        only if overlapping was measured to pay on this machine (measured once, then kept).
+        Never for plain decoding: there is no speculator to draft."""
+        if spec.max_nodes == 1:
+            return False
         if spec.overlap != "auto":
             return spec.overlap == "on"
         if spec.mode not in MODEL_MODES + ("auto",) or self.draft is None:

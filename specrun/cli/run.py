@@ -78,7 +78,7 @@ def run(
         check_prompt(tokens, session.target.n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
-        config = GenerationConfig(max_tokens, sampling, overlap=speculator is not None and session.overlaps(spec_cfg))
+        config = GenerationConfig(max_tokens, sampling, overlap=session.overlaps(spec_cfg))
         load_s = time.perf_counter() - t0
         gen = Generation(session.target, tokens, config, speculator)
         try:
