@@ -449,6 +449,7 @@ def test_run_streams_from_disk_and_reports_what_it_read(models: dict[str, Path])
     (("--offload", "ram", "--device", "cpu"), "from RAM to a GPU"),
     (("--offload", "tape"), "unknown --offload 'tape'"),
     (("--offload", "disk", "--ram", "lots"), "--ram takes a size"),
+    (("--offload", "disk", "--ram", "0.5"), "--ram must be a size of at least 1 byte"),  # was 0 bytes
     (("--ram", "1G", "--engine", "torch", "--offload", "none"), "budgets for streamed weights"),
 ])
 def test_offload_flags_that_cannot_work_are_one_line_errors(models: dict[str, Path], flags: tuple[str, ...],

@@ -59,6 +59,7 @@ def bench(
     """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
     O.check_sampling(top_p)
     O.check_draft_flags(draft, no_draft)
+    O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     if plot_path is not None:
@@ -70,7 +71,6 @@ def bench(
     models = resolve(model, draft, "auto", no_draft)
     engine_for(models.target, places[0])  # a placement no engine serves stops here, before any notice
     chosen = _peers_need_gguf(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes))
-    O.check_overlap(overlap)
     chosen = [replace(m, spec=replace(m.spec, overlap=overlap)) if m.spec is not None and m.spec.overlap == "auto"
               else m for m in chosen]  # the -seq rows keep overlap off
     specs = [m.spec for m in chosen if m.spec is not None]

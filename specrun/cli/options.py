@@ -83,8 +83,8 @@ def parse_size(text: Optional[str], flag: str) -> Optional[int]:
         value = float(number) * units[unit]
     except ValueError:
         raise UsageError(f"{flag} takes a size such as 8G or 512M, not '{text}'") from None
-    if not math.isfinite(value) or value <= 0:
-        raise UsageError(f"{flag} must be a size more than 0, not '{text}'")
+    if not math.isfinite(value) or value < 1:
+        raise UsageError(f"{flag} must be a size of at least 1 byte, not '{text}'")
     return int(value)
 
 
@@ -96,10 +96,8 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
     """(target, draft) placements, checked. The draft follows the target's threads and GPU layers
     where not told otherwise, but not its engine, device, quantization or offloading: a small
     draft stays on llama.cpp in memory unless told."""
-    check_engine_flags(engine, device, quant)
+    check_engine_flags(engine, device, quant, offload)
     check_engine_flags(draft_engine, draft_device, None)
-    if offload not in OFFLOADS:
-        raise UsageError(f"unknown --offload '{offload}'", hint=f"use one of: {', '.join(OFFLOADS)}")
     target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant,
                        offload=offload, ram=parse_size(ram, "--ram"), gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
@@ -108,9 +106,10 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
     return target, draft
 
 
-def check_engine_flags(engine: str, device: Optional[str], quant: Optional[str]) -> None:
+def check_engine_flags(engine: str, device: Optional[str], quant: Optional[str],
+                       offload: Optional[str] = None) -> None:
     """One-line errors for values no engine knows (before any model is read)."""
     for flag, value, known in (("--engine", engine, ENGINES), ("--device", device, DEVICES),
-                               ("--quant", quant, QUANTS)):
+                               ("--quant", quant, QUANTS), ("--offload", offload, OFFLOADS)):
         if value is not None and value not in known:
             raise UsageError(f"unknown {flag} '{value}'", hint=f"use one of: {', '.join(known)}")

@@ -190,15 +190,16 @@ def disk_buffer_bytes(path: Path, offload: OffloadConfig) -> int:
 def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: OffloadConfig,
                 copier: CopyEngine | None) -> RamStream:
     """Resident units on the device within --gpu-memory; the rest in pinned RAM, within --ram."""
+    n_slots = offload.slots or RAM_SLOTS
     if device.type == "cuda":
         free, _ = torch.cuda.mem_get_info(device)
         budget = offload.gpu_memory if offload.gpu_memory is not None else int(free * 0.8)
         if budget > free:
             raise UsageError(f"--gpu-memory {_gb(budget)} is more than the GPU has free ({_gb(free)})")
     else:  # the slot logic on a CPU, for tests (with a fake copy engine)
-        default = (offload.slots or RAM_SLOTS) * max(u.n_bytes for u in units)
+        default = n_slots * max(u.n_bytes for u in units)
         budget = offload.gpu_memory if offload.gpu_memory is not None else default
-    resident, slots = plan_residency(units, budget, offload.slots or RAM_SLOTS, "--gpu-memory")
+    resident, slots = plan_residency(units, budget, n_slots, "--gpu-memory")
     host_bytes = sum(u.n_bytes for u in units if u.index not in resident)
     ram = offload.ram if offload.ram is not None else (available_memory() or host_bytes) * 8 // 10
     if host_bytes > ram:
