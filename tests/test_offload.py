@@ -13,11 +13,13 @@ from __future__ import annotations
 import os
 import shutil
 from pathlib import Path
+from typing import Callable
 
 import llama_cpp
 import pytest
 import torch
 
+import specrun.engines as engines
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.engines.torch_engine import TorchConfig, TorchEngine
 from specrun.engines.torch_engine import disk_stream, layout
@@ -234,6 +236,24 @@ def test_a_failed_read_of_a_passs_first_layer_read_ahead_is_one_error_too(models
             assert torch.equal(a, b)
 
 
+def test_read_errors_at_load_and_in_embedding_rows_are_one_error_too(models: dict[str, Path],
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """The RAM placement reads the whole file as it loads, and every placement reads its tokens'
+    embedding rows: a failing disk there is the same one-line error as in a pass."""
+    path = models["q4_k_m"]
+
+    def failing(*args: object) -> int:
+        raise OSError(5, "Input/output error")
+
+    with engine(path, "disk") as e:
+        monkeypatch.setattr(os, "pread", failing)
+        with pytest.raises(ModelFileError, match="Input/output error"):
+            e.eval(PROMPT)
+    monkeypatch.setattr(os, "preadv", failing)
+    with pytest.raises(ModelFileError, match="Input/output error"):
+        ram_engine(path, None, RecordingCopier()).close()
+
+
 def test_a_pass_cut_short_leaves_the_stream_in_order(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from specrun.engines.torch_engine import streamed
 
@@ -256,23 +276,46 @@ def test_a_pass_cut_short_leaves_the_stream_in_order(models: dict[str, Path], mo
             assert torch.equal(a, b)
 
 
-def test_direct_io_refused_falls_back_to_buffered_reads_with_a_notice(models: dict[str, Path],
-                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
-    real = os.open
-
+def refusing_direct_io(real: Callable[..., int]) -> Callable[..., int]:
+    """os.open as on a filesystem that refuses O_DIRECT (tmpfs)."""
     def no_direct(path, flags, *args):
         if flags & getattr(os, "O_DIRECT", 0):
             raise OSError(22, "Invalid argument")
         return real(path, flags, *args)
+    return no_direct
 
+
+def test_direct_io_refused_falls_back_to_buffered_reads_with_a_notice(models: dict[str, Path],
+                                                                       monkeypatch: pytest.MonkeyPatch) -> None:
     with engine(models["f32"], "disk") as want:
         expected = passes(want)
-    monkeypatch.setattr(disk_stream.os, "open", no_direct)
+    monkeypatch.setattr(disk_stream.os, "open", refusing_direct_io(os.open))
     with engine(models["f32"], "disk") as e:
         assert not e.stream.direct
         assert len(e.notices) == 1 and "direct reads refused" in e.notices[0]
         for a, b in zip(expected, passes(e), strict=True):
             assert torch.equal(a, b)
+
+
+def test_both_engines_notices_reach_the_user(models: dict[str, Path], tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch) -> None:
+    """A fallback taken while loading the draft is said as well as the target's (the draft
+    loads later, when a speculator first needs it)."""
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    draft = Path(shutil.copy(models["q4_k_m"], tmp_path / "draft.gguf"))
+    monkeypatch.setattr(disk_stream.os, "open", refusing_direct_io(os.open))
+    disk = engines.Placement(engine="torch", device="cpu", offload="disk")
+    notices: list[str] = []
+    config = SessionConfig(models["q4_k_m"], draft, tmp_path, (SpecConfig("chain", budget=3),), disk, disk)
+    session = Session(config, notices.append)
+    try:
+        assert len(notices) == 1 and models["q4_k_m"].name in notices[0]
+        session.speculator(SpecConfig("chain", budget=3))
+        assert len(notices) == 2 and "draft.gguf" in notices[1] and "direct reads refused" in notices[1]
+    finally:
+        session.close()
 
 
 def test_a_budget_below_two_layers_is_refused_before_loading(models: dict[str, Path]) -> None:
@@ -456,3 +499,19 @@ def test_offload_flags_that_cannot_work_are_one_line_errors(models: dict[str, Pa
                                                              message: str) -> None:
     done = specrun("run", str(models["f32"]), "hi", "-n", "2", *flags)
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
+
+
+def test_placement_facts_agree_with_the_engine_that_opens(models: dict[str, Path], tmp_path: Path,
+                                                          monkeypatch: pytest.MonkeyPatch) -> None:
+    """`specrun info`'s device and `open_engine` come from one configuration: a disk placement
+    computes on the CPU even where torch sees a GPU, and auto never streams a safetensors
+    directory (loading refuses that) however little RAM there is."""
+    monkeypatch.setattr(engines, "torch_device", lambda placement: "cuda")  # a GPU machine
+    disk = engines.Placement(offload="disk")
+    assert engines.device_of(models["q4_k_m"], disk) == "cpu" == engines.torch_config(models["q4_k_m"], disk).device
+    monkeypatch.setattr(engines, "torch_device", lambda placement: "cpu")
+    monkeypatch.setattr(engines, "fits_ram", lambda model: False)
+    assert engines.offload_mode(models["q4_k_m"], engines.Placement(), "cpu")[0] == "disk"
+    directory = tmp_path / "st"
+    directory.mkdir()
+    assert engines.offload_mode(directory, engines.Placement(), "cpu") == ("none", None)

@@ -13,10 +13,13 @@ from __future__ import annotations
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 from specrun.engines.base import Engine, Logits, Pending, Vocab
 from specrun.errors import UsageError
+
+if TYPE_CHECKING:  # torch is imported only when the torch engine is picked
+    from specrun.engines.torch_engine import TorchConfig
 
 ENGINES = ("auto", "llama.cpp", "torch")
 OFFLOADS = ("auto", "none", "ram", "disk")
@@ -89,16 +92,10 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
     """A loaded engine for `model` (no cache yet: `open` it) that verifies trees of up to
     `max_tree_nodes` nodes in one pass."""
     if engine_for(model, placement) == "torch":
-        device = torch_device(placement)  # its errors first: they need no model loaded
+        config = torch_config(model, placement, max_tree_nodes)
         with _torch_needed():
-            from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
+            from specrun.engines.torch_engine import TorchEngine
 
-            mode, ram = offload_mode(model, placement, device)
-            if mode == "disk":
-                device = "cpu"  # disk streaming computes on the CPU (offload_mode refused --device cuda)
-            config = TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
-                                 max_tree_nodes=max_tree_nodes,
-                                 offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
             return TorchEngine(model, config)
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
@@ -134,7 +131,9 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
     device (the GPU's free memory, or RAM), else streamed from RAM to the GPU when RAM holds
     it, else read from disk each pass, keeping half the free RAM for resident layers."""
     mode, ram = placement.offload, placement.ram
-    if mode == "auto":
+    if mode == "auto" and model.is_dir():
+        mode = "none"  # streaming reads GGUF blocks; a safetensors directory loads whole
+    elif mode == "auto":
         on_gpu = device.startswith("cuda")
         if on_gpu:
             import torch
@@ -158,6 +157,22 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
         raise UsageError("--offload disk computes on the CPU for now; on a GPU, stream from RAM",
                          hint="use --offload ram with --device cuda, or --device cpu")
     return mode, ram
+
+
+def torch_config(model: Path, placement: Placement, max_tree_nodes: int = 0) -> TorchConfig:
+    """The torch engine's configuration for a placement: its device and where its weights stream
+    from. The one place that builds it, so `open_engine`, `specrun info` and the planned memory
+    agree (a disk placement computes on the CPU even where a GPU is there)."""
+    device = torch_device(placement)  # its errors first: they need no model loaded
+    with _torch_needed():
+        from specrun.engines.torch_engine import OffloadConfig, TorchConfig
+
+        mode, ram = offload_mode(model, placement, device)
+        if mode == "disk":
+            device = "cpu"  # offload_mode refused --device cuda with disk
+        return TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
+                           max_tree_nodes=max_tree_nodes,
+                           offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
 
 
 def tree_limit(model: Path, placement: Placement = Placement()) -> int | None:
@@ -216,20 +231,17 @@ def planned_weight_bytes(model: Path, placement: Placement = Placement()) -> int
         from specrun.gguf_file import read_gguf
 
         return sum(t.n_bytes for t in read_gguf(model).tensors)
-    device = torch_device(placement)
+    config = torch_config(model, placement)
     with _torch_needed():
-        from specrun.engines.torch_engine import OffloadConfig, TorchConfig, planned_weight_bytes as torch_bytes
+        from specrun.engines.torch_engine import planned_weight_bytes as torch_bytes
 
-        mode, ram = offload_mode(model, placement, device)
-        offload = OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory)
-        return torch_bytes(model, TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
-                                              offload=offload))
+        return torch_bytes(model, config)
 
 
 def device_of(model: Path, placement: Placement = Placement()) -> str:
     """Where the model's weights would live: "cpu", "cuda", or "gpu" (llama.cpp's GPU backend)."""
     if engine_for(model, placement) == "torch":
-        return torch_device(placement)
+        return torch_config(model, placement).device
     layers = llama_gpu_layers(placement)
     return "cpu" if layers == 0 or not _llama_gpu() else "gpu"
 

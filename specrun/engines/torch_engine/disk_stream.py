@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from specrun.engines.torch_engine.layout import ALIGN, Unit
+from specrun.engines.torch_engine.layout import ALIGN, Unit, read_at, read_error
 from specrun.engines.torch_engine.ring import SlotRing, StreamCounters
 from specrun.errors import ModelFileError
 from specrun.kernels.ggml_matmul import aligned_empty
@@ -55,13 +55,13 @@ class DiskStream(SlotRing):
         self._in_flight, self._busy_since = 0, 0.0
         self._pool = ThreadPoolExecutor(max(1, readers), thread_name_prefix="specrun-read")
         self._reads: dict[int, list[Future]] = {}  # transfer number -> its chunks' reads
-        self._resident: dict[int, torch.Tensor] = {}
-        self._slots: list[torch.Tensor] = []
+        self.resident: dict[int, torch.Tensor] = {}
+        self.slots: list[torch.Tensor] = []
         try:
-            self._resident = {u.index: self._read_now(u) for u in units if u.index in resident}
+            self.resident = {u.index: self._read_now(u) for u in units if u.index in resident}
             size = max((u.n_bytes for u in self.streamed), default=0)
-            self._slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
-            self._start_ring(len(self._slots))
+            self.slots = [aligned_empty(size, ALIGN) for _ in range(min(max(slots, 1), len(self.streamed)))]
+            self._start_ring(len(self.slots))
         except BaseException:
             self.close()  # no reader thread or open file outlives a failed start
             raise
@@ -97,14 +97,9 @@ class DiskStream(SlotRing):
                 self._busy_since = time.perf_counter()
             self._in_flight += 1
         try:
-            view, done = buf.numpy(), 0
-            while done < len(view):
-                n = os.preadv(self._fd, [view[done:]], offset + done)
-                done += n
-                if n == 0 or (self.direct and done < len(view)):
-                    break  # end of file (a direct read continued from there would be unaligned)
+            done = read_at(self._fd, buf.numpy(), offset, self.direct)
             if not self.direct and hasattr(os, "posix_fadvise"):
-                os.posix_fadvise(self._fd, offset, len(view), os.POSIX_FADV_DONTNEED)
+                os.posix_fadvise(self._fd, offset, len(buf), os.POSIX_FADV_DONTNEED)
             return done
         finally:
             with self._lock:
@@ -125,8 +120,7 @@ class DiskStream(SlotRing):
                 if got == i * READ_CHUNK:  # every earlier chunk came back whole
                     got += n
         except (OSError, ValueError) as e:
-            raise ModelFileError(f"reading {self.path.name} failed: {getattr(e, 'strerror', None) or e}",
-                                 hint="check the disk (dmesg) and the file (specrun pull again)") from None
+            raise read_error(self.path, e) from None
         if got < end:
             raise ModelFileError(f"{self.path.name} ended early (read {got} of {end} bytes of a layer): "
                                  "it changed on disk while specrun ran", hint="specrun pull it again")
@@ -143,14 +137,8 @@ class DiskStream(SlotRing):
 
     # --- the ring's transfers -------------------------------------------------------------
 
-    def _resident_bytes(self, unit: Unit) -> torch.Tensor | None:
-        return self._resident.get(unit.index)
-
-    def _slot_bytes(self, slot: int) -> torch.Tensor:
-        return self._slots[slot]
-
     def _issue(self, k: int, unit: Unit, slot: int) -> None:
-        self._reads[k] = self._submit(unit, self._slots[slot])
+        self._reads[k] = self._submit(unit, self.slots[slot])
 
     def _arrive(self, k: int, unit: Unit) -> int:
         return self._collect(unit, self._reads.pop(k))
@@ -169,8 +157,8 @@ class DiskStream(SlotRing):
 
     def describe(self) -> str:
         """The placement as resolved (part of the calibration key: what a pass costs depends on it)."""
-        return (f"offload disk, {'direct' if self.direct else 'buffered'} reads, {len(self._slots)} slots, "
-                f"{len(self._resident)} of {len(self.units)} units resident")
+        return (f"offload disk, {'direct' if self.direct else 'buffered'} reads, {len(self.slots)} slots, "
+                f"{len(self.resident)} of {len(self.units)} units resident")
 
     def snapshot(self) -> StreamCounters:
         """The counters now, the reads in flight counted up to this moment."""
@@ -184,11 +172,6 @@ class DiskStream(SlotRing):
     def bytes_per_pass(self) -> int:
         """Bytes read per pass: the streamed units' aligned ranges, cut at the end of the file."""
         return sum(min(u.n_bytes, self.identity[1] - u.start) for u in self.streamed)
-
-    @property
-    def buffer_bytes(self) -> int:
-        """Memory the stream holds: its slots and the resident units."""
-        return sum(s.numel() for s in self._slots) + sum(b.numel() for b in self._resident.values())
 
     def measure_throughput(self) -> float:
         """Bytes per second of a pass read with no compute (the disk's limit for this placement)."""

@@ -13,8 +13,11 @@ tokens' rows, read one by one.
 from __future__ import annotations
 
 import math
+import os
 from dataclasses import dataclass
+from pathlib import Path
 
+import numpy as np
 import torch
 
 from specrun.engines.torch_engine.arch import ModelArgs
@@ -145,3 +148,22 @@ def layer_weights(unit: Unit, buf: torch.Tensor, args: ModelArgs, dtype: torch.d
         q_norm=vector(buf, span("attn_q_norm.weight")) if args.qk_norm else None,
         k_norm=vector(buf, span("attn_k_norm.weight")) if args.qk_norm else None,
     )
+
+
+def read_at(fd: int, view: np.ndarray, offset: int, direct: bool = False) -> int:
+    """Fill `view` (uint8) from the file at `offset`; the bytes read, fewer at the end of the file.
+    OSError for a failed read: `read_error` makes it one line. A direct read stops at its first
+    short read (continuing from there would be unaligned)."""
+    done = 0
+    while done < len(view):  # one read() returns at most about 2 GB
+        n = os.preadv(fd, [view[done:]], offset + done)
+        done += n
+        if n == 0 or (direct and done < len(view)):
+            break
+    return done
+
+
+def read_error(path: Path, e: OSError | ValueError) -> ModelFileError:
+    """A failed read of a model file, as one line (the disk or the file is at fault, not specrun)."""
+    return ModelFileError(f"reading {path.name} failed: {getattr(e, 'strerror', None) or e}",
+                          hint="check the disk (dmesg) and the file (specrun pull again)")

@@ -89,12 +89,6 @@ class RamStream(SlotRing):
             raise ValueError("streamed units need at least one slot")
         self._start_ring(len(self.slots))
 
-    def _resident_bytes(self, unit: Unit) -> torch.Tensor | None:
-        return self.resident.get(unit.index)
-
-    def _slot_bytes(self, slot: int) -> torch.Tensor:
-        return self.slots[slot]
-
     def _issue(self, k: int, unit: Unit, slot: int) -> None:
         src = self.host[unit.index]
         self._ready[k] = self.copier.copy(self.slots[slot][:src.numel()], src, self._free[slot])
@@ -118,10 +112,6 @@ class RamStream(SlotRing):
     @property
     def bytes_per_pass(self) -> int:
         return sum(self.host[u.index].numel() for u in self.streamed)
-
-    @property
-    def buffer_bytes(self) -> int:
-        return sum(s.numel() for s in self.slots) + sum(b.numel() for b in self.resident.values())
 
     def close(self) -> None:
         """Wait for copies in flight: their slots are freed next, and memory still being written

@@ -35,6 +35,8 @@ class SlotRing:
 
     units: list[Unit]  # a pass, in order
     streamed: list[Unit]  # the units that are not resident, in order
+    resident: dict[int, torch.Tensor]  # unit index -> its bytes, kept where the compute reads them
+    slots: list[torch.Tensor]  # buffers of the largest streamed unit, which transfers fill in turn
     counters: StreamCounters
 
     def _start_ring(self, n_slots: int) -> None:
@@ -42,13 +44,12 @@ class SlotRing:
         self._issued = self._next = 0  # transfers issued; transfers consumed (and released)
         self._fill()
 
+    @property
+    def buffer_bytes(self) -> int:
+        """Memory the stream holds: its slots and the resident units."""
+        return sum(s.numel() for s in self.slots) + sum(b.numel() for b in self.resident.values())
+
     # --- what a stream supplies ---------------------------------------------------------
-
-    def _resident_bytes(self, unit: Unit) -> torch.Tensor | None:
-        raise NotImplementedError
-
-    def _slot_bytes(self, slot: int) -> torch.Tensor:
-        raise NotImplementedError
 
     def _issue(self, k: int, unit: Unit, slot: int) -> None:
         """Start transfer k: `unit` into `slot` (after the slot's previous use)."""
@@ -90,7 +91,7 @@ class SlotRing:
         self._fill()  # (after a failed transfer the ring was left empty: transfers start again only now)
         self.counters.passes += 1
         for unit in self.units:
-            resident = self._resident_bytes(unit)
+            resident = self.resident.get(unit.index)
             if resident is not None:
                 yield unit, resident
                 continue
@@ -105,7 +106,7 @@ class SlotRing:
             self.counters.wait_s += time.perf_counter() - t
             slot = k % self._n_slots
             try:
-                yield unit, self._slot_bytes(slot)[:unit.n_bytes]
+                yield unit, self.slots[slot][:unit.n_bytes]
             finally:  # the slot is free once its unit is done with: refill it
                 self._release(slot)
                 self._next += 1

@@ -21,11 +21,11 @@ from specrun.engines import available_memory
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream
-from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units
+from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units, read_at, read_error
 from specrun.engines.torch_engine.ram_stream import CopyEngine, CudaCopyEngine, RamStream
 from specrun.engines.torch_engine.ring import StreamCounters
 from specrun.engines.torch_engine.weights import GgufTensors, LayerWeights
-from specrun.errors import UsageError
+from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import GGUFInfo
 from specrun.kernels import dequant
 
@@ -37,7 +37,6 @@ RAM_SLOTS = 3  # ram: device slots (host-to-device copies keep up with a layer's
 class Stream:
     """What the source needs of a stream (DiskStream and RamStream both are one)."""
 
-    counters: StreamCounters
     notices: list[str]
     bytes_per_pass: int
     buffer_bytes: int
@@ -57,17 +56,19 @@ class FileRowEmbedding:
     nbytes = 0
 
     def __init__(self, path: Path, offset: int, qtype: int, shape: tuple[int, ...], device: torch.device) -> None:
-        self._fd = os.open(path, os.O_RDONLY)
+        self._fd, self.path = os.open(path, os.O_RDONLY), path
         self.offset, self.qtype, self.device = offset, qtype, device
         self.n_embd = shape[1]
         self.row_bytes = dequant.row_bytes(qtype, shape[1])
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
-        rows = [os.pread(self._fd, self.row_bytes, self.offset + int(i) * self.row_bytes) for i in ids.tolist()]
+        try:
+            rows = [os.pread(self._fd, self.row_bytes, self.offset + int(i) * self.row_bytes) for i in ids.tolist()]
+        except OSError as e:
+            raise read_error(self.path, e) from None
         if any(len(r) != self.row_bytes for r in rows):
-            from specrun.errors import ModelFileError
-
-            raise ModelFileError("the model file ended early while reading an embedding row: it changed on disk")
+            raise ModelFileError("the model file ended early while reading an embedding row: it changed on disk",
+                                 hint="specrun pull it again")
         raw = torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).view(len(rows), self.row_bytes)
         return dequant.dequantize(raw, self.qtype, (len(rows), self.n_embd), torch.float32).to(self.device)
 
@@ -209,16 +210,12 @@ def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: Of
     with open(path, "rb", buffering=0) as f:
         def read(u: Unit) -> torch.Tensor:
             buf = torch.empty(min(u.n_bytes, size - u.start), dtype=torch.uint8, pin_memory=pin)
-            view, got = buf.numpy(), 0
-            while got < len(view):  # one read() returns at most about 2 GB
-                n = os.preadv(f.fileno(), [view[got:]], u.start + got)
-                if n == 0:
-                    break
-                got += n
+            try:
+                got = read_at(f.fileno(), buf.numpy(), u.start)
+            except OSError as e:
+                raise read_error(path, e) from None
             if got < max(s.offset + s.n_bytes for s in u.spans):
-                from specrun.errors import ModelFileError
-
-                raise ModelFileError(f"{path.name} ended early: it changed on disk")
+                raise ModelFileError(f"{path.name} ended early: it changed on disk", hint="specrun pull it again")
             return buf
         host = {u.index: read(u) for u in units if u.index not in resident}
         resident_bufs = {u.index: read(u).to(device) for u in units if u.index in resident}
