@@ -71,9 +71,12 @@ class Session:
     prefilling it."""
 
     def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None) -> None:
-        """Load the target (no cache yet). `notice` receives one-line progress messages."""
+        """Load the target (no cache yet). `notice` receives one-line progress messages, and what
+        each engine noticed as it loaded (a fallback taken: direct I/O refused, ...)."""
         self.config, self.notice = config, notice
         self.target: Engine = open_engine(config.target, config.target_placement, config.max_tree_nodes)
+        for line in self.target.notices:
+            notice(line)
         self.draft: Engine | None = None
         self.calibration: calibrate.Calibration | None = None
 
@@ -87,6 +90,8 @@ class Session:
                 draft.close()
                 raise UsageError(f"{self.config.draft.name} cannot draft for {self.config.target.name}: {e}",
                                  hint="pick a draft of the same model family, or --no-draft") from None
+            for line in draft.notices:
+                self.notice(line)
             if self.target.n_ctx:
                 draft.open(self.target.n_ctx)
             self.draft = draft

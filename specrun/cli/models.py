@@ -37,13 +37,9 @@ class Resolved:
 
     def session(self, specs: list[SpecConfig], target: Placement = Placement(),
                 draft: Placement = Placement(), notice: Callable[[str], None] = notice) -> Session:
-        """A session on these files, its trees sized for `specs` (the modes it will serve); what
-        the target's engine noticed while loading (direct I/O refused, ...) goes to `notice`."""
-        session = Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft),
-                          notice)
-        for line in session.target.notices:
-            notice(line)
-        return session
+        """A session on these files, its trees sized for `specs` (the modes it will serve); its
+        notices (what the engines noticed while loading, measurements started) go to `notice`."""
+        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft), notice)
 
 
 def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:
