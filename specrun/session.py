@@ -163,7 +163,7 @@ class Session:
             if speed.should_load(1.0 / cal.cost.cost(1)):
                 draft = self._draft_engine()
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
-                               cal.steps if cal else None)
+                               cal.steps if cal else None, self.overlaps(spec))
 
     def overlaps(self, spec: SpecConfig) -> bool:
         """Whether to draft while the target verifies. `--overlap on` and `off` say so; auto

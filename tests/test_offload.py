@@ -308,11 +308,11 @@ def test_both_engines_notices_reach_the_user(models: dict[str, Path], tmp_path: 
     monkeypatch.setattr(disk_stream.os, "open", refusing_direct_io(os.open))
     disk = engines.Placement(engine="torch", device="cpu", offload="disk")
     notices: list[str] = []
-    config = SessionConfig(models["q4_k_m"], draft, tmp_path, (SpecConfig("chain", budget=3),), disk, disk)
-    session = Session(config, notices.append)
+    chain = SpecConfig("chain", budget=3, overlap="off")
+    session = Session(SessionConfig(models["q4_k_m"], draft, tmp_path, (chain,), disk, disk), notices.append)
     try:
         assert len(notices) == 1 and models["q4_k_m"].name in notices[0]
-        session.speculator(SpecConfig("chain", budget=3))
+        session.speculator(chain)
         assert len(notices) == 2 and "draft.gguf" in notices[1] and "direct reads refused" in notices[1]
     finally:
         session.close()
@@ -515,3 +515,4 @@ def test_placement_facts_agree_with_the_engine_that_opens(models: dict[str, Path
     directory = tmp_path / "st"
     directory.mkdir()
     assert engines.offload_mode(directory, engines.Placement(), "cpu") == ("none", None)
+

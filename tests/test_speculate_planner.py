@@ -281,6 +281,19 @@ def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, 
         assert isinstance(spec, AutoSpeculator) and spec.model is not None
 
 
+def test_overlapped_and_sequential_runs_learn_their_step_costs_apart(tiny_model: Path, tmp_path: Path) -> None:
+    """A step that drafted during the previous pass costs differently from one that did not:
+    bench's side-by-side rows (and a user switching --overlap) must not average the two."""
+    specs = (SpecConfig("tree", overlap="on"), SpecConfig("tree", overlap="off"))
+    with Session(SessionConfig(tiny_model, tiny_model, tmp_path, specs)) as s:
+        s.open(256)
+        on, off = (s.speculator(spec) for spec in specs)
+        assert isinstance(on, PlannedSpeculator) and isinstance(off, PlannedSpeculator)
+        assert on.step_cost is not off.step_cost
+        assert set(s.calibrated().steps) == {"ngram", "tree", "tree, overlapped"}  # lookup prepares nothing
+        assert s.speculator(specs[0]).step_cost is on.step_cost  # learnt across runs of a mode
+
+
 def test_a_small_context_still_calibrates_the_whole_curve(tiny_model: Path, tmp_path: Path) -> None:
     with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
         s.open(16)

@@ -41,11 +41,13 @@ class SpecConfig:
 
 def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, AcceptanceStats],
                     draft: Engine | None = None, speed: DraftSpeed | None = None,
-                    steps: dict[str, StepCost] | None = None) -> Speculator | None:
+                    steps: dict[str, StepCost] | None = None, overlap: bool = False) -> Speculator | None:
     """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance
     statistics it learns, keyed by drafter ("ngram", "model"); `speed` is what auto learns
     about the draft model's speed; `steps` what steps cost in wall time, keyed by speculator
-    ("ngram", "chain", "tree"). All persist with the calibration."""
+    ("ngram", "chain", "tree") and, for a run that drafts while the target verifies
+    (`overlap`), apart from runs that do not ("tree, overlapped"): their steps cost differently.
+    All persist with the calibration."""
     depth = spec.depth or DEFAULT_DEPTH
     if spec.max_nodes == 1:
         return None
@@ -58,7 +60,8 @@ def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, A
     cap = spec.budget or (cost.max_size if cost is not None and spec.needs_costs else spec.max_nodes)
 
     def planned(name: str, drafter: Drafter, stats_key: str) -> PlannedSpeculator:
-        step = steps.setdefault(name, StepCost(plan)) if plan is not None and steps is not None else None
+        key = f"{name}, overlapped" if overlap and drafter.costly else name  # prompt lookup prepares nothing
+        step = steps.setdefault(key, StepCost(plan)) if plan is not None and steps is not None else None
         return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()), cap, depth, step)
 
     lookup = planned("ngram", NgramDrafter(), "ngram")
