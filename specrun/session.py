@@ -10,12 +10,12 @@ here: `open_engine` picks it from the model and the placement, and
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
 from specrun import calibrate
-from specrun.engines import Engine, Placement, open_engine, tree_limit as backend_tree_limit
+from specrun.engines import Engine, Placement, open_engine, resolve_placement, tree_limit as backend_tree_limit
 from specrun.errors import UsageError
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
@@ -73,6 +73,7 @@ class Session:
     def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None) -> None:
         """Load the target (no cache yet). `notice` receives one-line progress messages, and what
         each engine noticed as it loaded (a fallback taken: direct I/O refused, ...)."""
+        config = replace(config, target_placement=resolve_placement(config.target, config.target_placement))
         self.config, self.notice = config, notice
         self.target: Engine = open_engine(config.target, config.target_placement, config.max_tree_nodes)
         for line in self.target.notices:
@@ -83,6 +84,9 @@ class Session:
     def _draft_engine(self) -> Engine | None:
         """The draft engine, loaded and vocabulary-checked on first use, opened like the target."""
         if self.draft is None and self.config.draft is not None:
+            # Decided now, not at start: the target took its memory first.
+            self.config = replace(self.config, draft_placement=resolve_placement(self.config.draft,
+                                                                                 self.config.draft_placement))
             draft = open_engine(self.config.draft, self.config.draft_placement, self.config.draft_tree_nodes)
             try:
                 check_vocab_compatible(self.target.vocab, draft.vocab)

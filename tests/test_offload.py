@@ -516,3 +516,22 @@ def test_placement_facts_agree_with_the_engine_that_opens(models: dict[str, Path
     directory.mkdir()
     assert engines.offload_mode(directory, engines.Placement(), "cpu") == ("none", None)
 
+
+def test_what_auto_picks_is_picked_once(models: dict[str, Path], tmp_path: Path,
+                                        monkeypatch: pytest.MonkeyPatch) -> None:
+    """Free memory changes as models load: a session decides its target's engine and offload
+    once, so the tree limit it sized and the engine it opens agree (here RAM looks short only
+    the first time it is asked: before, the limit was sized for torch and llama.cpp opened)."""
+    from specrun.session import Session, SessionConfig
+
+    asked: list[int] = []
+
+    def short_once(model: Path) -> bool:
+        asked.append(1)
+        return len(asked) > 1
+
+    monkeypatch.setattr(engines, "fits_ram", short_once)
+    monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
+    with Session(SessionConfig(models["f32"], None, tmp_path)) as session:
+        assert isinstance(session.target, TorchEngine) and session.target.stream is not None
+        assert session.config.target_placement.offload == "disk"

@@ -16,7 +16,7 @@ from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import err, friendly, human, print_stdout
 from specrun.cli.models import resolve
-from specrun.engines import device_of, engine_for, planned_weight_bytes
+from specrun.engines import device_of, engine_for, planned_weight_bytes, resolve_placement
 from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.speculate.factory import SpecConfig
@@ -87,6 +87,7 @@ def info(
     expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
     data: dict[str, Any] = {"name": label, "path": str(path)}
     data |= _directory_facts(path) if path.is_dir() else _gguf_facts(path)
+    placement = resolve_placement(path, placement)  # what auto picks, picked once for all three facts
     data |= {
         "engine": engine_for(path, placement), "device": device_of(path, placement),
         "weight_bytes": planned_weight_bytes(path, placement),

@@ -11,7 +11,7 @@ a second or more, which a llama.cpp run must not pay.
 from __future__ import annotations
 
 from contextlib import contextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Iterator
 
@@ -43,11 +43,12 @@ class Placement:
     gpu_memory: int | None = None  # bytes of GPU memory for weights (offload ram)
 
 
-def engine_for(model: Path, placement: Placement = Placement()) -> str:
+def engine_for(model: Path, placement: Placement = Placement(), fits: bool | None = None) -> str:
     """The engine `open_engine` runs `model` on: "llama.cpp" or "torch". Auto picks torch only
     where llama.cpp cannot serve the placement (a safetensors directory, --quant, or --device
-    cuda on a llama.cpp build without GPU offload). UsageError for a placement none can serve;
-    whether torch and a CUDA device are there is `torch_device`'s to say (it imports torch)."""
+    cuda on a llama.cpp build without GPU offload), or where the model does not fit RAM (`fits`:
+    as the caller found, None: look now). UsageError for a placement none can serve; whether
+    torch and a CUDA device are there is `torch_device`'s to say (it imports torch)."""
     p = placement
     if p.engine not in ENGINES:
         raise UsageError(f"unknown engine '{p.engine}'", hint=f"use one of: {', '.join(ENGINES)}")
@@ -76,7 +77,7 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
         engine = p.engine
     elif directory or p.quant is not None or streamed or (p.device == "cuda" and not _llama_gpu()):
         engine = "torch"
-    elif p.offload == "auto" and p.device != "cuda" and not _llama_gpu() and not fits_ram(model):
+    elif p.offload == "auto" and p.device != "cuda" and not _llama_gpu() and not _fits(model, fits):
         engine = "torch"  # llama.cpp would page the file in and out: stream it from disk instead
     else:
         engine = "llama.cpp"
@@ -126,10 +127,15 @@ def fits_ram(model: Path) -> bool:
     return free is None or model_bytes(model) <= free
 
 
-def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, int | None]:
+def _fits(model: Path, fits: bool | None) -> bool:
+    return fits_ram(model) if fits is None else fits
+
+
+def offload_mode(model: Path, placement: Placement, device: str, fits: bool | None = None) -> tuple[str, int | None]:
     """(offload mode, RAM budget) for the torch engine. Auto: resident when the model fits the
-    device (the GPU's free memory, or RAM), else streamed from RAM to the GPU when RAM holds
-    it, else read from disk each pass, keeping half the free RAM for resident layers."""
+    device (the GPU's free memory, or RAM: `fits`, None: look now), else streamed from RAM to
+    the GPU when RAM holds it, else read from disk each pass, keeping half the free RAM for
+    resident layers."""
     mode, ram = placement.offload, placement.ram
     if mode == "auto" and model.is_dir():
         mode = "none"  # streaming reads GGUF blocks; a safetensors directory loads whole
@@ -141,7 +147,7 @@ def offload_mode(model: Path, placement: Placement, device: str) -> tuple[str, i
             fits_gpu = model_bytes(model) <= torch.cuda.mem_get_info(torch.device(device))[0] * 0.9
         if on_gpu and fits_gpu:
             mode = "none"
-        elif fits_ram(model):
+        elif _fits(model, fits):
             mode = "ram" if on_gpu else "none"
         else:
             mode, free = "disk", available_memory()
@@ -173,6 +179,19 @@ def torch_config(model: Path, placement: Placement, max_tree_nodes: int = 0) -> 
         return TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
                            max_tree_nodes=max_tree_nodes,
                            offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
+
+
+def resolve_placement(model: Path, placement: Placement) -> Placement:
+    """`placement` with what auto decides from the machine decided once: the engine and, for the
+    torch engine, the offload mode and its RAM budget. Free memory changes as models load, so
+    deciding again later could answer differently (a tree limit sized for one engine, another
+    engine opened)."""
+    fits = fits_ram(model)  # asked once: engine and offload are picked on the same answer
+    engine = engine_for(model, placement, fits)
+    if engine == "llama.cpp":
+        return replace(placement, engine=engine)
+    mode, ram = offload_mode(model, placement, torch_device(placement), fits)
+    return replace(placement, engine=engine, offload=mode, ram=ram)
 
 
 def tree_limit(model: Path, placement: Placement = Placement()) -> int | None:
@@ -274,4 +293,4 @@ def _torch_needed() -> Iterator[None]:
 
 
 __all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
-           "engine_for", "model_bytes", "open_engine", "planned_weight_bytes", "tree_limit"]
+           "engine_for", "model_bytes", "open_engine", "planned_weight_bytes", "resolve_placement", "tree_limit"]
