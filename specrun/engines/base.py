@@ -258,6 +258,9 @@ class CacheMixin:
     instead of racing it, and `close_worker()` in close()."""
 
     notices: Sequence[str] = ()
+    _tokens: list[int]  # committed to the cache
+    _tree: list[int]  # tokens of the tree evaluated since the last commit
+    _tree_parents: list[int]  # and their parents
     _worker: ThreadPoolExecutor | None = None
     _pending: Future | None = None
     _worker_lock = threading.Lock()
@@ -277,6 +280,13 @@ class CacheMixin:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
         self._pending = self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
         return self._pending
+
+    def _committed(self, path: Sequence[int], keep: Sequence[int]) -> None:
+        """`commit_path`'s bookkeeping, once the engine's cache is rearranged: the path's tokens
+        join the committed ones and the kept nodes are the tree now."""
+        self._tokens += [self._tree[i] for i in path]
+        self._tree = [self._tree[i] for i in keep]
+        self._tree_parents = reindexed_parents(self._tree_parents, keep)
 
     def transfer(self) -> Transfer | None:
         return None

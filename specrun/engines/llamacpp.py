@@ -18,7 +18,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import CacheMixin, check_keep, reindexed_parents, top_k_of
+from specrun.engines.base import CacheMixin, check_keep, top_k_of
 from specrun.errors import EngineError, UsageError
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a tree node needs a sequence id of its own, so trees hold <= 255
@@ -149,8 +149,7 @@ class LlamaCppEngine(CacheMixin):
         self._batch: C.llama_batch | None = None
         self._n_ctx = self._n_batch = 0
         self._tokens: list[int] = []  # what the cache holds
-        self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
-        self._tree_parents: list[int] = []  # and their parents
+        self._tree, self._tree_parents = [], []
         self._epoch = 0  # passes so far: a Logits handle is valid only within its own
         self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
 
@@ -190,7 +189,7 @@ class LlamaCppEngine(CacheMixin):
             )
         self._n_ctx, self._n_batch = C.llama_n_ctx(self._ctx), min(C.llama_n_batch(self._ctx), batch)
         self._batch = C.llama_batch_init(params.n_batch, 0, n_seq)
-        self._tokens, self._tree = [], []
+        self._tokens, self._tree, self._tree_parents = [], [], []
 
     @property
     def n_ctx(self) -> int:
@@ -308,9 +307,7 @@ class LlamaCppEngine(CacheMixin):
             if new != old:
                 C.llama_memory_seq_cp(mem, old + 1, new + 1, -1, -1)
                 C.llama_memory_seq_rm(mem, old + 1, -1, -1)
-        self._tokens += [self._tree[i] for i in path]
-        self._tree = [self._tree[i] for i in keep]
-        self._tree_parents = reindexed_parents(self._tree_parents, keep)
+        self._committed(path, keep)
 
     def _drop_tree(self) -> None:
         """A tree left uncommitted (a step stopped by Ctrl-C or an error) leaves the cache as it was."""

@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, check_keep, reindexed_parents, top_k_of
+from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, check_keep, top_k_of
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
@@ -77,8 +77,7 @@ class TorchEngine(CacheMixin):
         self._link_bps: float | None = None
         self._cache: KVCache | None = None
         self._tokens: list[int] = []
-        self._tree: list[int] = []  # tokens of the tree evaluated since the last commit
-        self._tree_parents: list[int] = []  # and their parents
+        self._tree, self._tree_parents = [], []
         self._epoch = 0
 
     @property
@@ -118,7 +117,7 @@ class TorchEngine(CacheMixin):
         self._cache = None  # free the old one first
         a = self.args
         self._cache = KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, kv_dtype(self.device_obj), self.device_obj)
-        self._tokens, self._tree = [], []
+        self._tokens, self._tree, self._tree_parents = [], [], []
 
     @property
     def n_ctx(self) -> int:
@@ -206,9 +205,7 @@ class TorchEngine(CacheMixin):
         base, rows = self.kv_len, list(path) + list(keep)  # the path joins the cache, kept nodes follow
         if rows != list(range(len(rows))):  # a prefix of the slots is already in place
             self._cache.move(self._tensor(base + np.asarray(rows)), self._tensor(base + np.arange(len(rows))))
-        self._tokens += [self._tree[i] for i in path]
-        self._tree = [self._tree[i] for i in keep]
-        self._tree_parents = reindexed_parents(self._tree_parents, keep)
+        self._committed(path, keep)
 
     def _drop_tree(self) -> None:
         self._tree = []  # its rows sit after kv_len, where the next pass overwrites them
