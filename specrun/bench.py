@@ -191,11 +191,14 @@ class Bench:
         rate, _, _ = _timed(steps())
         s = gen.stats
         self.session.save()
-        return RunResult(prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
-                         s.target_calls, s.drafted_tokens, s.accepted_tokens, s.draft_s, s.verify_s,
-                         accepted_lengths, tree_sizes, s.tokens_per_call, depths, s.bytes_per_pass,
-                         s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0,
-                         overlap, s.parallel_s, s.prepared_used, s.prepared_dropped)
+        return RunResult(
+            prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
+            target_calls=s.target_calls, drafted=s.drafted_tokens, accepted=s.accepted_tokens, draft_s=s.draft_s,
+            verify_s=s.verify_s, accepted_lengths=accepted_lengths, tree_sizes=tree_sizes,
+            tokens_per_call=s.tokens_per_call, depths=depths, bytes_per_pass=s.bytes_per_pass,
+            read_s_per_pass=s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0,
+            overlap=overlap, parallel_s=s.parallel_s, prepared_used=s.prepared_used,
+            prepared_dropped=s.prepared_dropped)
 
     def _compare(self, done: dict[str, RunResult], prompt: list[int]) -> None:
         """Speed-up over plain, and where the output differs from plain's, the first differing
@@ -275,22 +278,24 @@ def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
             for a in r.accepted_lengths:
                 hist[a] = hist.get(a, 0) + 1
         out.append(ModeSummary(
-            mode.key, mode.label, len(rs), statistics.median(tps), min(tps), max(tps),
-            statistics.median(sp), min(sp), max(sp),
-            statistics.mean(calls) if calls else None,
-            draft / (draft + verify) if spec and draft + verify > 0 else None,
-            statistics.mean(trees) if trees else None,
-            max(trees) if trees else None,
-            statistics.mean(depths) if depths else None,
-            verify / passes if passes and mode.spec is not None else None,
-            statistics.mean(r.bytes_per_pass for r in rs),
-            statistics.mean(r.read_s_per_pass for r in rs),
-            sum(r.parallel_s for r in rs) / passes if passes and any(r.overlap for r in rs) else None,
-            _share(sum(r.prepared_used for r in rs), sum(r.prepared_dropped for r in rs)),
-            sum(r.differs_at is None for r in rs),
-            [{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at, "top2_margin": r.top2_margin}
-             for r in rs if r.differs_at is not None],
-            dict(sorted(hist.items())),
+            mode.key, mode.label, len(rs),
+            tokens_per_s=statistics.median(tps), tokens_per_s_min=min(tps), tokens_per_s_max=max(tps),
+            speedup=statistics.median(sp), speedup_min=min(sp), speedup_max=max(sp),
+            tokens_per_call=statistics.mean(calls) if calls else None,
+            draft_share=draft / (draft + verify) if spec and draft + verify > 0 else None,
+            mean_tree=statistics.mean(trees) if trees else None,
+            max_tree=max(trees) if trees else None,
+            mean_depth=statistics.mean(depths) if depths else None,
+            pass_s=verify / passes if passes and mode.spec is not None else None,
+            bytes_per_pass=statistics.mean(r.bytes_per_pass for r in rs),
+            read_s_per_pass=statistics.mean(r.read_s_per_pass for r in rs),
+            parallel_s_per_pass=(sum(r.parallel_s for r in rs) / passes if passes and any(r.overlap for r in rs)
+                                 else None),
+            prepared_share=_share(sum(r.prepared_used for r in rs), sum(r.prepared_dropped for r in rs)),
+            identical=sum(r.differs_at is None for r in rs),
+            differences=[{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at,
+                          "top2_margin": r.top2_margin} for r in rs if r.differs_at is not None],
+            accepted_histogram=dict(sorted(hist.items())),
         ))
     return out
 
