@@ -56,6 +56,12 @@ def context_needed(sizes: tuple[int, ...] = SIZES) -> int:
     return PREFIX + max(sizes) + 1
 
 
+def measurement_tokens(n_vocab: int) -> list[int]:
+    """The PREFIX tokens measurements evaluate: varied (what a pass costs must not depend on
+    a repeated token) and within the vocabulary."""
+    return [(7 * i + 11) % max(n_vocab - 1, 2) + 1 for i in range(PREFIX)]
+
+
 def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int = 1,
                        on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
                        clock: Callable[[], float] = time.perf_counter) -> CostCurve:
@@ -65,7 +71,7 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
 
     The cache is left empty. Noise is smoothed so that cost never decreases with size."""
     engine.rewind(0)
-    prefix = [(7 * i + 11) % max(engine.vocab.n_vocab - 1, 2) + 1 for i in range(PREFIX)]
+    prefix = measurement_tokens(engine.vocab.n_vocab)
     engine.eval(prefix)
     warm = min(4, max(sizes))
     if warm > 1:  # warm-up: first-use allocations
@@ -106,7 +112,7 @@ def measure_overlap(target: Engine, draft: Engine, nodes: int = 32, draft_nodes:
     made during an overlapped pass, each timed alone) / that overlapped pass. About 1 where
     both compute on the same saturated cores; up to 2 where the target leaves the CPU idle
     (a GPU). Leaves both caches empty."""
-    tokens = [target.vocab.tokenize("def f(x):\n    return x\n" * 16)[0]] * PREFIX
+    tokens = measurement_tokens(min(target.vocab.n_vocab, draft.vocab.n_vocab))
     nodes, draft_nodes = min(nodes, target.max_tree_nodes), min(draft_nodes, draft.max_tree_nodes)
     parents, depths = [-1] + list(range(nodes - 1)), list(range(nodes))
 
