@@ -111,21 +111,18 @@ class BenchConfig:
     sampling: SamplingConfig = field(default_factory=lambda: SamplingConfig(temperature=0.0))
 
 
-def _timed(pieces: Iterator[tuple[int, str]]) -> tuple[float, int, str]:
-    """(tokens per second from the first piece to the last, tokens, text) for a stream of
-    (token count, text) pieces."""
+def _timed(tokens: Iterator[int]) -> tuple[float, int]:
+    """(tokens per second from the first token to the last, tokens) for a peer's token stream:
+    the prefill's time (to the first token) is left out, as it is of specrun's modes."""
     first = last = None
-    n_first = n = 0
-    text = []
-    for count, piece in pieces:
-        now = time.perf_counter()
+    n = 0
+    for _ in tokens:
+        last = time.perf_counter()
         if first is None:
-            first, n_first = now, count
-        last = now
-        n += count
-        text.append(piece)
-    rate = (n - n_first) / (last - first) if first is not None and last is not None and last > first else 0.0
-    return rate, n, "".join(text)
+            first = last
+        n += 1
+    rate = (n - 1) / (last - first) if first is not None and last is not None and last > first else 0.0
+    return rate, n
 
 
 class Bench:
@@ -166,12 +163,12 @@ class Bench:
             peer, target = self.peers[mode.key], self.session.target
             tokens_out: list[int] = []
 
-            def peer_steps() -> Iterator[tuple[int, str]]:
+            def peer_tokens() -> Iterator[int]:
                 for tok in peer.generate(tokens, cfg.max_tokens, cfg.sampling, target.vocab.is_eog):
                     tokens_out.append(tok)
-                    yield 1, ""
+                    yield tok
 
-            rate, n, _ = _timed(peer_steps())
+            rate, n = _timed(peer_tokens())
             return RunResult(prompt_id, rnd, mode.key, rate, n, _detok(self.session, tokens_out), tokens_out)
         self.session.forget()  # every mode pays the same prefill
         speculator = self.session.speculator(mode.spec)
@@ -179,18 +176,17 @@ class Bench:
         gen = Generation(self.session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling, overlap),
                          speculator)
         accepted_lengths, tree_sizes, depths = [], [], []
-
-        def steps() -> Iterator[tuple[int, str]]:
-            for step in gen:
-                if step.target_calls:
-                    accepted_lengths.append(step.accepted)
-                    tree_sizes.append(step.drafted + 1)
-                    depths.append(step.depth)
-                yield len(step.tokens), step.text
-
-        rate, _, _ = _timed(steps())
+        for step in gen:
+            if step.target_calls:
+                accepted_lengths.append(step.accepted)
+                tree_sizes.append(step.drafted + 1)
+                depths.append(step.depth)
         s = gen.stats
         self.session.save()
+        # As the peers' rate, from the first token (the prefill's) to the last. Not from the first
+        # piece: a speculative first step comes out with the prefill's token, so a short answer
+        # drafted whole in one step would be timed over its last few tokens alone.
+        rate = (s.generated_tokens - 1) / s.decode_s if s.generated_tokens > 1 and s.decode_s > 0 else 0.0
         return RunResult(
             prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
             target_calls=s.target_calls, drafted=s.drafted_tokens, accepted=s.accepted_tokens, draft_s=s.draft_s,

@@ -167,3 +167,34 @@ def test_real_bench_and_info(real_pair: dict[str, Path], tmp_path: Path) -> None
     info = json.loads(specrun("info", "qwen2.5-coder-1.5b-instruct", "--json", env=env).stdout)
     assert info["architecture"] == "qwen2" and info["checksum"] == "verified when pulled"
     assert info["chat_template"] is True and info["calibrations"]
+
+
+def test_a_short_answer_drafted_in_one_step_is_timed_over_all_of_it(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every mode is timed from the prefill's token to the last. A speculative first step comes
+    out with the prefill's token: timing from the first piece timed a 13-token answer drafted
+    whole in one step over its last token alone (0.96x plain where it was 3x faster)."""
+    import specrun.bench as B
+    from specrun.generate import GenerationStats, Step
+
+    class OneStepAnswer:  # the prefill's token and 11 accepted in one 0.3 s step, then 1 more
+        def __init__(self, *args: object) -> None:
+            self.stats, self.text, self.tokens = GenerationStats(), "", list(range(13))
+
+        def __iter__(self):
+            yield Step(self.tokens[:12], "", 1, 18, 11, 0.1, 0.2, 0.3, depth=11)
+            yield Step(self.tokens[12:], "", 1, 16, 0, 0.1, 0.2, 0.3, depth=9)
+            self.stats = GenerationStats(generated_tokens=13, target_calls=3, decode_s=0.6)
+
+    class FakeSession:
+        target = None
+
+        def forget(self) -> None: ...
+        def speculator(self, spec: object) -> None: ...
+        def overlaps(self, spec: object) -> bool: return False
+        def save(self) -> None: ...
+
+    monkeypatch.setattr(B, "Generation", OneStepAnswer)
+    bench = B.Bench(FakeSession(), [MODES["auto"]], B.BenchConfig(max_tokens=64), {})  # type: ignore[arg-type]
+    result = bench._run_one(MODES["auto"], "p", 0, [1, 2, 3])
+    assert result.tokens_per_s == pytest.approx(12 / 0.6)
+    assert result.tree_sizes == [19, 17] and result.accepted_lengths == [11, 0]
