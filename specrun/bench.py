@@ -184,11 +184,10 @@ class Bench:
         s = gen.stats
         self.session.save()
         # As the peers' rate, from the first token (the prefill's) to the last. Not from the first
-        # piece: a speculative first step comes out with the prefill's token, so a short answer
-        # drafted whole in one step would be timed over its last few tokens alone.
-        rate = (s.generated_tokens - 1) / s.decode_s if s.generated_tokens > 1 and s.decode_s > 0 else 0.0
+        # piece printed: a speculative first step comes out with the prefill's token, so a short
+        # answer drafted whole in one step would be timed over its last few tokens alone.
         return RunResult(
-            prompt_id, rnd, mode.key, rate, s.generated_tokens, gen.text, list(gen.tokens),
+            prompt_id, rnd, mode.key, s.tokens_per_s, s.generated_tokens, gen.text, list(gen.tokens),
             target_calls=s.target_calls, drafted=s.drafted_tokens, accepted=s.accepted_tokens, draft_s=s.draft_s,
             verify_s=s.verify_s, accepted_lengths=accepted_lengths, tree_sizes=tree_sizes,
             tokens_per_call=s.tokens_per_call, depths=depths, bytes_per_pass=s.bytes_per_pass,

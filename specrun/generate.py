@@ -72,6 +72,7 @@ class GenerationStats:
     stream_wait_s: float = 0.0  # time they waited for weights
     stream_busy_s: float = 0.0  # wall time with a read or copy in flight
     stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
+    generations: int = 0  # generations counted here: 1, or a chat's replies summed
 
     def add(self, other: "GenerationStats") -> None:
         """Accumulate another generation's counts and times (a chat session's totals)."""
@@ -80,8 +81,20 @@ class GenerationStats:
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
 
     @property
+    def decoded_tokens(self) -> int:
+        """Tokens the passes after each prefill produced (an end-of-generation token counts): the
+        prefill draws the first token, and its time is the prefill's, not decoding's."""
+        return max(self.generated_tokens + self.eos_tokens - self.generations, 0)
+
+    @property
     def tokens_per_s(self) -> float:
-        return self.generated_tokens / self.decode_s if self.decode_s > 0 else 0.0
+        """Decoding's rate, as llama.cpp gives its eval rate: the tokens after the first over the
+        time from the first to the last (bench times the peers so as well)."""
+        return self.decoded_tokens / self.decode_s if self.decode_s > 0 else 0.0
+
+    @property
+    def wall_s_per_token(self) -> float | None:
+        return self.decode_s / self.decoded_tokens if self.decoded_tokens else None
 
     @property
     def tree_shape(self) -> tuple[float, float]:
@@ -142,7 +155,7 @@ class Generation:
                  speculator: Speculator | None = None) -> None:
         check_prompt(prompt, engine.n_ctx)
         self.engine, self.prompt, self.config, self.speculator = engine, prompt, config, speculator
-        self.stats = GenerationStats(prompt_tokens=len(prompt))
+        self.stats = GenerationStats(prompt_tokens=len(prompt), generations=1)
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []

@@ -183,7 +183,7 @@ def test_a_short_answer_drafted_in_one_step_is_timed_over_all_of_it(monkeypatch:
         def __iter__(self):
             yield Step(self.tokens[:12], "", 1, 18, 11, 0.1, 0.2, 0.3, depth=11)
             yield Step(self.tokens[12:], "", 1, 16, 0, 0.1, 0.2, 0.3, depth=9)
-            self.stats = GenerationStats(generated_tokens=13, target_calls=3, decode_s=0.6)
+            self.stats = GenerationStats(generated_tokens=13, target_calls=3, decode_s=0.6, generations=1)
 
     class FakeSession:
         target = None

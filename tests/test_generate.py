@@ -94,6 +94,23 @@ def test_max_tokens_stops_without_an_extra_forward_pass() -> None:
     assert gen.stats.target_calls == 5
 
 
+def test_the_rate_counts_what_decoding_passes_produced_over_their_time() -> None:
+    """As llama.cpp's eval rate: the prefill draws the first token (its time is the prefill's),
+    each later pass one more, the end-of-generation token included; a chat's totals likewise."""
+    from specrun.generate import GenerationStats
+
+    with_eos, at_length = run(ScriptedEngine([0, 1, 2, 3, 4, 5, 7])), run(ScriptedEngine([0] * 50), max_tokens=5)
+    assert with_eos.stats.target_calls == 7 and with_eos.stats.decoded_tokens == 6  # 6 tokens + EOS, less the first
+    assert at_length.stats.target_calls == 5 and at_length.stats.decoded_tokens == 4
+    for gen in (with_eos, at_length):
+        s = gen.stats
+        assert s.tokens_per_s == pytest.approx((s.target_calls - 1) / s.decode_s)  # a token a decoding pass
+    totals = GenerationStats()
+    totals.add(with_eos.stats)
+    totals.add(at_length.stats)
+    assert totals.generations == 2 and totals.decoded_tokens == 10
+
+
 def test_full_context_stops_with_its_own_reason() -> None:
     gen = run(ScriptedEngine([0] * 50, n_ctx=10))
     assert gen.stats.stop_reason == "context" and len(gen.tokens) == 9  # 2 + 8 cached, the 9th never fed

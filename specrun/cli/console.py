@@ -110,7 +110,7 @@ def overlap_line(s: GenerationStats) -> str | None:
         return None
     used = f"{s.prepared_used}/{s.prepared_used + s.prepared_dropped} prepared trees used" if share is not None else \
         "no prepared tree verified"
-    per_token = s.decode_s / s.generated_tokens if s.generated_tokens else 0.0
+    per_token = s.wall_s_per_token or 0.0
     return (f"overlap: the draft worked {s.parallel_s:.2f} s during target passes ({s.draft_s:.2f} s before "
             f"them); {used}; {per_token * 1000:.0f} ms wall time per token")
 
@@ -119,7 +119,7 @@ def overlap_json(s: GenerationStats) -> dict[str, Any]:
     share = s.prepared_share
     return {"parallel_draft_s": round(s.parallel_s, 4), "prepared_used": s.prepared_used,
             "prepared_dropped": s.prepared_dropped, "prepared_share": None if share is None else round(share, 3),
-            "wall_s_per_token": round(s.decode_s / s.generated_tokens, 5) if s.generated_tokens else None}
+            "wall_s_per_token": None if s.wall_s_per_token is None else round(s.wall_s_per_token, 5)}
 
 
 def stream_json(s: GenerationStats) -> dict[str, Any] | None:
