@@ -141,7 +141,8 @@ def test_calibrate_then_info(tiny_model: Path) -> None:
     cal = specrun("calibrate", str(tiny_model), "--threads", "2", "--json")
     assert cal.returncode == 0, cal.stderr
     costs = json.loads(cal.stdout)["costs"]
-    assert costs[0]["tokens"] == 1 and costs[-1]["tokens"] == 32
+    # Up to 32 always; beyond, while a pass costs at most 8 tokens' worth (the tiny model is near that)
+    assert costs[0]["tokens"] == 1 and costs[-1]["tokens"] >= 32
     assert [c["ms"] for c in costs] == sorted(c["ms"] for c in costs)  # never cheaper for more tokens
     after = json.loads(specrun("info", str(tiny_model), "--json", "--verify").stdout)
     assert after["checksum"] == "computed" and len(after["sha256"]) == 64
