@@ -171,7 +171,13 @@ class Generation:
         transfer_start = engine.transfer()
         t0 = time.perf_counter()
         stats.reused_tokens = min(common_prefix(engine.tokens, self.prompt), len(self.prompt) - 1)
-        pending = draw(engine.sync(self.prompt), 0)
+        if cfg.overlap and self.speculator is not None:  # the draft's prefill during the target's
+            job = engine.submit_sync(self.prompt)
+            stats.parallel_s += self.speculator.warm(self.prompt)
+            prefilled = job.result()
+        else:
+            prefilled = engine.sync(self.prompt)
+        pending = draw(prefilled, 0)
         stats.prefill_s = time.perf_counter() - t0
         stats.target_calls = 1  # the prefill drew the first token
         while True:

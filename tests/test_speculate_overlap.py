@@ -140,6 +140,33 @@ def test_a_step_costs_the_longer_of_drafting_and_verifying(pair) -> None:
     assert ovl.parallel_s > 0.5 * steps * 0.08  # the draft worked through most of every pass
 
 
+def test_the_draft_prefills_the_prompt_while_the_target_does(pair) -> None:
+    """The prefill is a target pass too: 30 ms a token for both models, so each prefills the
+    prompt in about the same time. Sequentially the first draft waits for the draft's own
+    prefill; overlapped, the draft prefilled during the target's and the first draft evaluates
+    its root alone."""
+    target, same, _ = pair
+    prompt = "def fib(n):"
+    slow_target, slow_draft = Slow(target, per_token=0.03), Slow(same, per_token=0.03)
+    n = len(target.vocab.tokenize(prompt))
+    try:
+        firsts = []
+        for overlap in (False, True):
+            same.rewind(0)
+            slow_target.rewind(0)
+            gen = Generation(slow_target, target.vocab.tokenize(prompt), GenerationConfig(8, GREEDY, overlap),
+                             chain_speculator(slow_draft))
+            firsts.append((next(iter(gen)), gen.stats))
+            assert list(same.tokens)[:n] == target.vocab.tokenize(prompt)
+    finally:
+        slow_target.close()
+    (seq_step, seq), (ovl_step, ovl) = firsts
+    assert seq_step.draft_s > 0.03 * n  # the draft's prefill, then its calls
+    assert ovl_step.draft_s < seq_step.draft_s - 0.03 * (n - 2)
+    assert ovl.prefill_s < 0.03 * n * 1.6  # the two prefills side by side, not one after the other
+    assert ovl.parallel_s > 0.03 * n * 0.8
+
+
 def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     """A 100 ms pass and 70 ms draft calls: a second call during the pass would end 40 ms
     after it, and the step would wait for it. Knowing the pass's cost (its calibrated curve)
@@ -220,6 +247,30 @@ def test_a_fault_mid_pass_leaves_both_caches_consistent(pair, where, fault) -> N
     fresh = generate(target, "def fib(n): return", GREEDY)
     assert again.tokens == fresh.tokens
     assert list(same.tokens) == (again.prompt + again.tokens)[:same.kv_len]  # the draft's cache: committed text
+    assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("specrun-engine")]
+
+
+def test_a_fault_in_the_drafts_prefill_leaves_both_caches_consistent(pair) -> None:
+    """Ctrl-C while the draft prefills beside the target's prefill: the target's pass finishes
+    on its worker before anything else touches its cache, and the next turn answers as fresh."""
+    target, same, _ = pair
+    slow_target, slow_draft = Slow(target, per_call=0.05), Slow(same)
+    speculator = tree_speculator(slow_draft)
+    before = set(threading.enumerate())
+
+    def interrupted(tokens: Sequence[int]):
+        raise KeyboardInterrupt
+
+    try:
+        slow_draft.eval = interrupted  # type: ignore[method-assign]
+        with pytest.raises(KeyboardInterrupt):
+            generate(slow_target, "def fib(n):", GREEDY, speculator, overlap=True)
+        del slow_draft.eval
+        again = generate(slow_target, "def fib(n): return", GREEDY, speculator, overlap=True)
+    finally:
+        slow_target.close()
+    assert again.tokens == generate(target, "def fib(n): return", GREEDY).tokens
+    assert list(same.tokens) == (again.prompt + again.tokens)[:same.kv_len]
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("specrun-engine")]
 
 

@@ -18,7 +18,7 @@ from __future__ import annotations
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from dataclasses import dataclass, replace
-from typing import Protocol, Sequence
+from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
@@ -138,6 +138,10 @@ class Engine(Protocol):
     def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Pending:
         """`eval_tree`, started and returned at once."""
+        ...
+
+    def submit_sync(self, tokens: Sequence[int]) -> Pending:
+        """`sync` (a prompt's prefill), started and returned at once."""
         ...
 
     def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
@@ -274,11 +278,17 @@ class CacheMixin:
 
     def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Future:
+        return self._submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+
+    def submit_sync(self, tokens: Sequence[int]) -> Future:
+        return self._submit(self.sync, list(tokens))
+
+    def _submit(self, call: Callable[..., Logits], *args: Any) -> Future:
         self.settle()
         with self._worker_lock:
             if self._worker is None:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
-        self._pending = self._worker.submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+        self._pending = self._worker.submit(call, *args)
         return self._pending
 
     def _committed(self, path: Sequence[int], keep: Sequence[int]) -> None:

@@ -102,6 +102,9 @@ class AutoSpeculator:
         self.reused = self._used.reused if self._used is not None else None
         return tree
 
+    def warm(self, context: Sequence[int]) -> float:
+        return self.model.warm(context) if self.model is not None else 0.0
+
     def prepare(self, until: Callable[[], bool]) -> float:
         return self._used.prepare(until) if self._used is not None else 0.0
 

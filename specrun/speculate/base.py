@@ -26,6 +26,11 @@ class Speculator(Protocol):
         (the root included; cache room and what the target verifies in one pass)."""
         ...
 
+    def warm(self, context: Sequence[int]) -> float:
+        """Bring a draft model's cache up to `context` (a new prompt) while the target prefills
+        it, so the first proposal does not wait for the draft's own prefill; the seconds spent."""
+        ...
+
     def prepare(self, until: Callable[[], bool]) -> float:
         """Work towards the next proposal while the target verifies the last one, until
         `until()` says the pass is back; the seconds spent (0.0: nothing worth doing)."""
@@ -45,6 +50,10 @@ class Drafter(Protocol):
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         """A candidate tree rooted at context[-1] and a planner key per node."""
+        ...
+
+    def warm(self, context: Sequence[int]) -> float:
+        """As Speculator.warm."""
         ...
 
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:

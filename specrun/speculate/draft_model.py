@@ -268,6 +268,16 @@ class ModelDrafter:
                               search.widest, max(tree.depths), time.perf_counter() - t0, reused)
         return tree, keys
 
+    def warm(self, context: Sequence[int]) -> float:
+        """Prefill the draft's cache with `context`, after settling what the last generation
+        left prepared (its tree would not survive the prefill): the first draft then
+        evaluates its root alone."""
+        t0 = time.perf_counter()
+        self._resume(None)
+        if context and common_prefix(self.engine.tokens, context) < len(context):
+            self.engine.sync(context)
+        return time.perf_counter() - t0
+
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         """Grow the last draft's tree until `until()` (the target's pass is back), nothing
         likely enough is left, or no call fits before `deadline`; the seconds it drafted."""

@@ -68,6 +68,9 @@ class NgramDrafter:
     def accepted(self, tokens: Sequence[int]) -> None:
         pass  # the index grows from the context itself
 
+    def warm(self, context: Sequence[int]) -> float:
+        return 0.0  # the index is built from the context when drafting
+
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return 0.0
 

@@ -257,6 +257,9 @@ class PlannedSpeculator:
         (a draft call costs about its level: 15 ms for one node on 2 cores, 39 for two)."""
         return max(kept + kept // 4 + 1, 3)
 
+    def warm(self, context: Sequence[int]) -> float:
+        return self.drafter.warm(context)
+
     def prepare(self, until: Callable[[], bool]) -> float:
         """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
         if self.skipped or not self.drafter.costly:
