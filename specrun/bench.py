@@ -248,7 +248,7 @@ class ModeSummary:
     pass_s: float | None  # a verify pass (and its walk), mean over calls
     bytes_per_pass: float  # offloaded targets: weight bytes streamed per pass (0: resident)
     read_s_per_pass: float  # time reads were in flight per pass
-    parallel_s_per_pass: float | None  # overlap: drafting done during a target pass (None: no overlap)
+    parallel_s_per_pass: float | None  # overlap: drafting during a target pass, prefills too (None: no overlap)
     prepared_share: float | None  # overlap: prepared trees the target's outcome matched
     identical: int  # runs whose output equals plain's
     differences: list[dict[str, Any]]  # prompt, round, token index, margin
@@ -284,8 +284,9 @@ def summarize(results: list[RunResult], modes: list[Mode]) -> list[ModeSummary]:
             pass_s=verify / passes if passes and mode.spec is not None else None,
             bytes_per_pass=statistics.mean(r.bytes_per_pass for r in rs),
             read_s_per_pass=statistics.mean(r.read_s_per_pass for r in rs),
-            parallel_s_per_pass=(sum(r.parallel_s for r in rs) / passes if passes and any(r.overlap for r in rs)
-                                 else None),
+            # every run's prefill is a pass the draft works during too (it prefills the prompt)
+            parallel_s_per_pass=(sum(r.parallel_s for r in rs) / (passes + len(rs))
+                                 if passes and any(r.overlap for r in rs) else None),
             prepared_share=_share(sum(r.prepared_used for r in rs), sum(r.prepared_dropped for r in rs)),
             identical=sum(r.differs_at is None for r in rs),
             differences=[{"prompt": r.prompt_id, "round": r.round, "token": r.differs_at,
