@@ -35,7 +35,8 @@ class GenerationConfig:
 
 @dataclass(frozen=True)
 class Step:
-    """What one target forward pass committed."""
+    """What one target forward pass committed: the tokens it accepted and drew. The first step
+    (target_calls 0) is the prefill's token, shown before any decoding pass."""
 
     tokens: list[int]
     text: str  # their text; '' while a UTF-8 character is still incomplete
@@ -180,16 +181,14 @@ class Generation:
         pending = draw(prefilled, 0)
         stats.prefill_s = time.perf_counter() - t0
         stats.target_calls = 1  # the prefill drew the first token
-        while True:
-            t_step = time.perf_counter()
-            committed, done = self._commit([pending])
-            if done is None and engine.kv_len + 1 > engine.n_ctx:
+        committed, done = self._commit([pending])
+        if committed:  # shown now, not after the next pass
+            yield self._step(committed, 0, 0, 0, 0.0, 0.0, 0.0)
+        while done is None:
+            if engine.kv_len + 1 > engine.n_ctx:
                 done = "context"  # no room left to evaluate the pending token
-            if done is not None:  # no forward pass needed, or none possible
-                stats.stop_reason = done
-                if committed:
-                    yield self._step(committed, 0, 0, 0, 0.0, 0.0, 0.0)
                 break
+            t_step = time.perf_counter()
             # Room below the root: in the cache (a node per cell) and in the token budget.
             cells = engine.n_ctx - engine.kv_len
             max_depth = min(cells - 1, cfg.max_tokens - stats.generated_tokens)
@@ -220,8 +219,7 @@ class Generation:
             if proposed:  # also for a root-only plan: a draft model must drop its draft
                 self.speculator.observe(tree, path, t_end - t_step)
             accepted = [tree.tokens[i] for i in path[1:]]
-            more, done = self._commit(accepted)
-            committed += more
+            committed, done = self._commit(accepted + [pending])  # the pass's own token too: shown now
             stats.target_calls += 1
             stats.drafted_tokens += len(tree) - 1
             stats.depth_sum += max(tree.depths)
@@ -236,9 +234,7 @@ class Generation:
             self._count_transfer(transfer_start)
             yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft, wall,
                              max(tree.depths), parallel, reused)
-            if done is not None:
-                stats.stop_reason = done
-                break
+        stats.stop_reason = done
         tail = self._decoder.decode(b"", final=True)
         if tail:
             self._text.append(tail)

@@ -94,6 +94,20 @@ def test_max_tokens_stops_without_an_extra_forward_pass() -> None:
     assert gen.stats.target_calls == 5
 
 
+def test_each_token_is_shown_as_soon_as_it_is_drawn() -> None:
+    """The prefill's token comes out before any decoding pass, and each pass's token with that
+    pass, not one pass later (a streamed 70B takes a second or more a pass)."""
+    engine = ScriptedEngine([0, 3, 0, 3, 7])
+    gen = Generation(engine, [0, 0], GenerationConfig(max_tokens=100, sampling=GREEDY))
+    seen = []
+    for step in gen:
+        seen.append((step.tokens, step.target_calls, len(engine.fed)))
+    assert seen[0] == ([0], 0, 2)  # only the prompt was evaluated
+    # every later step: the pass fed the previous token and drew the one it shows
+    assert seen[1:] == [([3], 1, 3), ([0], 1, 4), ([3], 1, 5), ([], 1, 6)]  # the last pass drew EOS
+    assert gen.tokens == [0, 3, 0, 3] and gen.stats.stop_reason == "eos"
+
+
 def test_the_rate_counts_what_decoding_passes_produced_over_their_time() -> None:
     """As llama.cpp's eval rate: the prefill draws the first token (its time is the prefill's),
     each later pass one more, the end-of-generation token included; a chat's totals likewise."""
