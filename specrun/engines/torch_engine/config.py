@@ -14,7 +14,6 @@ QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 
-
 @dataclass(frozen=True)
 class OffloadConfig:
     """Where the weights live between passes. `none`: on the device. `ram` (GPU): pinned host
