@@ -254,6 +254,21 @@ def test_read_errors_at_load_and_in_embedding_rows_are_one_error_too(models: dic
         ram_engine(path, None, RecordingCopier()).close()
 
 
+def test_a_file_shorter_than_its_header_is_one_error_wherever_it_is_read(models: dict[str, Path],
+                                                                         monkeypatch: pytest.MonkeyPatch) -> None:
+    """A pass's layer, an embedding row and the RAM placement's load: each short read says the
+    file changed on disk, naming it and what was being read."""
+    path = models["q4_k_m"]
+    real_pread = os.pread
+    with engine(path, "disk") as e:
+        monkeypatch.setattr(os, "pread", lambda fd, n, offset: real_pread(fd, n - 1, offset))
+        with pytest.raises(ModelFileError, match=f"{path.name} ended early while reading an embedding row"):
+            e.eval(PROMPT)
+    monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 0)
+    with pytest.raises(ModelFileError, match=f"{path.name} ended early while reading a layer"):
+        ram_engine(path, None, RecordingCopier()).close()
+
+
 def test_a_pass_cut_short_leaves_the_stream_in_order(models: dict[str, Path], monkeypatch: pytest.MonkeyPatch) -> None:
     from specrun.engines.torch_engine import streamed
 

@@ -22,7 +22,7 @@ from pathlib import Path
 
 import torch
 
-from specrun.engines.torch_engine.layout import ALIGN, Unit, read_at, read_error
+from specrun.engines.torch_engine.layout import ALIGN, Unit, ended_early, read_at, read_error
 from specrun.engines.torch_engine.ring import SlotRing, StreamCounters
 from specrun.errors import ModelFileError
 from specrun.kernels.ggml_matmul import aligned_empty
@@ -122,8 +122,7 @@ class DiskStream(SlotRing):
         except (OSError, ValueError) as e:
             raise read_error(self.path, e) from None
         if got < end:
-            raise ModelFileError(f"{self.path.name} ended early (read {got} of {end} bytes of a layer): "
-                                 "it changed on disk while specrun ran", hint="specrun pull it again")
+            raise ended_early(self.path, f"a layer (read {got} of {end} bytes)")
         return got
 
     def _read_now(self, unit: Unit) -> torch.Tensor:

@@ -167,3 +167,9 @@ def read_error(path: Path, e: OSError | ValueError) -> ModelFileError:
     """A failed read of a model file, as one line (the disk or the file is at fault, not specrun)."""
     return ModelFileError(f"reading {path.name} failed: {getattr(e, 'strerror', None) or e}",
                           hint="check the disk (dmesg) and the file (specrun pull again)")
+
+
+def ended_early(path: Path, what: str) -> ModelFileError:
+    """A model file shorter than its header says (`what` was being read): it changed on disk."""
+    return ModelFileError(f"{path.name} ended early while reading {what}: it changed on disk while specrun ran",
+                          hint="specrun pull it again")

@@ -21,11 +21,12 @@ from specrun.engines import available_memory
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream
-from specrun.engines.torch_engine.layout import ALIGN, Unit, layer_weights, linear, plan_units, read_at, read_error
+from specrun.engines.torch_engine.layout import (ALIGN, Unit, ended_early, layer_weights, linear, plan_units, read_at,
+                                                  read_error)
 from specrun.engines.torch_engine.ram_stream import CopyEngine, CudaCopyEngine, RamStream
 from specrun.engines.torch_engine.ring import StreamCounters
 from specrun.engines.torch_engine.weights import GgufTensors, LayerWeights
-from specrun.errors import ModelFileError, UsageError
+from specrun.errors import UsageError
 from specrun.gguf_file import GGUFInfo
 from specrun.kernels import dequant
 
@@ -67,8 +68,7 @@ class FileRowEmbedding:
         except OSError as e:
             raise read_error(self.path, e) from None
         if any(len(r) != self.row_bytes for r in rows):
-            raise ModelFileError("the model file ended early while reading an embedding row: it changed on disk",
-                                 hint="specrun pull it again")
+            raise ended_early(self.path, "an embedding row")
         raw = torch.frombuffer(bytearray(b"".join(rows)), dtype=torch.uint8).view(len(rows), self.row_bytes)
         return dequant.dequantize(raw, self.qtype, (len(rows), self.n_embd), torch.float32).to(self.device)
 
@@ -215,7 +215,7 @@ def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: Of
             except OSError as e:
                 raise read_error(path, e) from None
             if got < max(s.offset + s.n_bytes for s in u.spans):
-                raise ModelFileError(f"{path.name} ended early: it changed on disk", hint="specrun pull it again")
+                raise ended_early(path, "a layer")
             return buf
         host = {u.index: read(u) for u in units if u.index not in resident}
         resident_bufs = {u.index: read(u).to(device) for u in units if u.index in resident}
