@@ -325,6 +325,26 @@ def test_bnb_4bit_and_int8_linears_are_close_to_dense() -> None:
     assert rel(lin8(x)) < 0.02 and (x[..., 3] == 20.0).all()
 
 
+def test_bnb_4bit_without_the_fused_kernel_keeps_the_asked_dtype(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bitsandbytes has no fused CPU kernel (no AVX-512 BF16, or shapes it does not pack),
+    its dequantization may return float32 whatever was asked (0.50.2 on an AVX2 EPYC): a bf16
+    Linear with a bias (Qwen2's q/k/v) must still work and return bf16."""
+    pytest.importorskip("bitsandbytes")
+    import types
+
+    real = torch.ops.bitsandbytes.dequantize_4bit  # what both bitsandbytes' matmul and its dequantize call
+    monkeypatch.setattr(torch.ops.bitsandbytes, "dequantize_4bit",
+                        types.SimpleNamespace(default=lambda *a: real.default(*a).float()))
+    gen = torch.Generator().manual_seed(1)
+    w, b = torch.randn(40, 128, generator=gen) / 128 ** 0.5, torch.randn(40, generator=gen)  # 40 rows: never packed
+    x = torch.randn(3, 128, generator=gen)
+    ref = torch.nn.functional.linear(x, w, b)
+    lin = Bnb4bitLinear.quantize(w.bfloat16(), b.bfloat16(), "nf4")
+    assert not getattr(lin.state, "packing_format_for_cpu", False)
+    y = lin(x.bfloat16())
+    assert y.dtype == torch.bfloat16 and ((y.float() - ref).norm() / ref.norm()).item() < 0.1
+
+
 @pytest.mark.parametrize("quant", ["nf4", "int8"])
 def test_quantized_load(dirs: dict[str, Path], quant: str) -> None:
     pytest.importorskip("bitsandbytes")

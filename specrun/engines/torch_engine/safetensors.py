@@ -255,8 +255,20 @@ class Bnb4bitLinear:
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [n, n_in]
-        y = self._matmul(x2, self.codes.t(), self.state, bias=self.bias)  # [n, n_out]
+        if x2.device.type == "cpu" and not getattr(self.state, "packing_format_for_cpu", False):
+            y = self._dequantized(x2)
+        else:
+            y = self._matmul(x2, self.codes.t(), self.state, bias=self.bias)  # [n, n_out]
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
+
+    def _dequantized(self, x2: torch.Tensor) -> torch.Tensor:
+        """Without the fused CPU kernel: dequantize, cast, multiply. bitsandbytes' own CPU path
+        does the same but trusts the dtype its dequantization returns, and on CPUs without
+        AVX-512 BF16 (bitsandbytes 0.50.2, an AVX2 EPYC) that is float32 whatever was asked:
+        a bf16 model then fails with a dtype mismatch. The cast makes the dtype ours."""
+        weight = import_bitsandbytes().functional.dequantize_4bit(self.codes, self.state).to(x2.dtype)  # [n_out, n_in]
+        bias = None if self.bias is None else self.bias.to(x2.dtype)
+        return torch.nn.functional.linear(x2, weight, bias)
 
 
 @dataclass
