@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import os
 import platform
+import resource
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
@@ -102,8 +103,8 @@ def detect(paths: SystemPaths = SystemPaths()) -> MemoryLimit:
 
 def _cgroup_levels(paths: SystemPaths) -> list[Level]:
     """Limits of this process's cgroup and its ancestors, v2 and v1 (a hybrid system has both)."""
-    memberships = _read(paths.self_proc / "cgroup")
-    mounts = _cgroup_mounts(paths.self_proc / "mountinfo")
+    memberships = read_file(paths.self_proc / "cgroup")
+    mounts = cgroup_mounts(paths.self_proc / "mountinfo")
     if memberships is None:
         return []
     levels: list[Level] = []
@@ -119,11 +120,11 @@ def _cgroup_levels(paths: SystemPaths) -> list[Level]:
     return levels
 
 
-def _cgroup_mounts(mountinfo: Path) -> dict[str, tuple[Path, str]]:
+def cgroup_mounts(mountinfo: Path) -> dict[str, tuple[Path, str]]:
     """{"v2": (mount point, root), "v1": (the memory controller's mount point, root)}. The
     root is the part of the hierarchy the mount shows (a container sees its own cgroup as /)."""
     found: dict[str, tuple[Path, str]] = {}
-    for line in (_read(mountinfo) or "").splitlines():
+    for line in (read_file(mountinfo) or "").splitlines():
         left, _, right = line.partition(" - ")
         fields, after = left.split(), right.split()
         if len(fields) < 5 or len(after) < 3:
@@ -167,13 +168,13 @@ def _v2_level(directory: Path, name: str) -> Level | None:
         return None
     file, limit = min(limits, key=lambda fv: fv[1])
     used = _number(directory / "memory.current") or 0
-    cache = _stat(directory / "memory.stat").get("file", 0)
+    cache = read_stat(directory / "memory.stat").get("file", 0)
     return Level(f"cgroup v2 {file} of {name}", limit, limit - max(used - cache, 0))
 
 
 def _v1_level(directory: Path, name: str) -> Level | None:
     limit = _number(directory / "memory.limit_in_bytes")
-    stat = _stat(directory / "memory.stat")
+    stat = read_stat(directory / "memory.stat")
     file = "memory.limit_in_bytes"
     hierarchical = stat.get("hierarchical_memory_limit")
     if hierarchical is not None and hierarchical < UNLIMITED and (limit is None or hierarchical < limit):
@@ -187,7 +188,7 @@ def _v1_level(directory: Path, name: str) -> Level | None:
 
 def _number(path: Path) -> int | None:
     """A cgroup file holding one number; None for "max", an unlimited value, or no file."""
-    text = _read(path)
+    text = read_file(path)
     if text is None:
         return None
     text = text.strip()
@@ -197,16 +198,16 @@ def _number(path: Path) -> int | None:
     return value if value < UNLIMITED else None
 
 
-def _stat(path: Path) -> dict[str, int]:
+def read_stat(path: Path) -> dict[str, int]:
     out = {}
-    for line in (_read(path) or "").splitlines():
+    for line in (read_file(path) or "").splitlines():
         key, _, value = line.partition(" ")
         if value.strip().isdigit():
             out[key] = int(value)
     return out
 
 
-def _read(path: Path) -> str | None:
+def read_file(path: Path) -> str | None:
     try:
         return path.read_text()
     except (OSError, UnicodeDecodeError):
@@ -228,7 +229,7 @@ def _host_levels(paths: SystemPaths) -> list[Level]:
 
 def _meminfo(path: Path) -> dict[str, int]:
     out = {}
-    for line in (_read(path) or "").splitlines():
+    for line in (read_file(path) or "").splitlines():
         key, _, value = line.partition(":")
         parts = value.split()
         if parts and parts[0].isdigit():
@@ -282,11 +283,42 @@ def resident_bytes(self_proc: Path = Path("/proc/self")) -> int:
     return _meminfo(self_proc / "status").get("VmRSS", 0)
 
 
+def locked_bytes(self_proc: Path = Path("/proc/self")) -> int:
+    """Memory this process has locked (VmLck)."""
+    return _meminfo(self_proc / "status").get("VmLck", 0)
+
+
+def can_lock(n_bytes: int) -> bool:
+    """Whether this process may lock `n_bytes` in RAM (mlock): RLIMIT_MEMLOCK allows it, or can be
+    raised to, or CAP_IPC_LOCK lifts it (root usually has it)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_MEMLOCK)
+    if soft == resource.RLIM_INFINITY or soft >= n_bytes or _can_ipc_lock():
+        return True
+    if hard == resource.RLIM_INFINITY or hard >= n_bytes:
+        try:
+            resource.setrlimit(resource.RLIMIT_MEMLOCK, (hard, hard))
+            return True
+        except (ValueError, OSError):
+            pass
+    return False
+
+
+def _can_ipc_lock() -> bool:
+    """Whether this process has CAP_IPC_LOCK (root usually does), which lifts RLIMIT_MEMLOCK."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("CapEff:"):
+                return bool(int(line.split()[1], 16) >> 14 & 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    return False
+
+
 def swap_enabled(proc: Path = Path("/proc")) -> bool:
     return _meminfo(proc / "meminfo").get("SwapTotal", 0) > 0
 
 
-__all__ = ["Level", "MemoryLimit", "SystemPaths", "detect", "gib", "resident_bytes", "swap_enabled"]
+__all__ = ["Level", "cgroup_mounts", "read_file", "read_stat", "MemoryLimit", "SystemPaths", "detect", "gib", "can_lock", "locked_bytes", "resident_bytes", "swap_enabled"]
 
 
 if __name__ == "__main__":  # python -m specrun.memory_limit: what this process sees

@@ -1,11 +1,12 @@
 """A loaded target model, its optional draft model, and what was measured about them.
 
-`run`, `chat` and `bench` all need the same assembly: open the engines, check
-that the draft tokenizes like the target, open KV caches, find (or measure) the
-target's cost curve, and build speculators for a `SpecConfig`. It lives here
-once, so what `bench` measures is what `run` and `chat` do. No backend is named
-here: `open_engine` picks it from the model and the placement, and
-`tree_limit` says how big a tree it verifies in one pass.
+`run`, `chat` and `bench` all need the same assembly: plan the run's memory
+(where the target runs, whether the draft fits, how big a context and a tree),
+open the engines as planned, check that the draft tokenizes like the target,
+open KV caches, find (or measure) the target's cost curve, and build
+speculators for a `SpecConfig`. It lives here once, so what `bench` measures
+is what `run` and `chat` do. No backend is named here: the memory plan picks
+it from the model, the placement and the memory this process may use.
 """
 
 from __future__ import annotations
@@ -15,13 +16,13 @@ from pathlib import Path
 from typing import Callable
 
 from specrun import calibrate
-from specrun.engines import Engine, Placement, open_engine, resolve_placement, tree_limit as backend_tree_limit
+from specrun.engines import Engine, Placement, open_engine, tree_limit
+from specrun.engines.memory_plan import MemoryPlan, PlanRequest, plan_memory
 from specrun.errors import UsageError
+from specrun.memory_limit import MemoryLimit
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
-
-DEFAULT_CTX = 4096
 
 
 @dataclass(frozen=True)
@@ -32,34 +33,22 @@ class SessionConfig:
     specs: tuple[SpecConfig, ...] = (SpecConfig(),)  # the modes it will serve: they size the trees
     target_placement: Placement = Placement()
     draft_placement: Placement = Placement()
+    ctx: int | None = None  # --ctx; None: the memory plan's (at least what `needed_ctx` says, 4096 where it fits)
+    needed_ctx: int = 0  # tokens the requests may need at most (prompt plus tokens to generate)
 
     @property
     def max_tree_nodes(self) -> int:
-        """The largest tree the target is opened for: what any of the modes verifies, or the
-        calibration may measure (up to what its engine verifies in one pass); 0: none."""
+        """The largest tree the modes would verify in one pass, or the calibration measure (the
+        memory plan caps it at what the engine and the memory allow); 0: none."""
         nodes = [s.max_nodes for s in self.specs]
-        planned = min(max(calibrate.SIZES), tree_limit(self.target, self.target_placement))
-        nodes += [planned for s in self.specs if s.needs_costs]
+        nodes += [max(calibrate.SIZES) for s in self.specs if s.needs_costs]
         return max(nodes) if max(nodes) > 1 else 0
 
-    @property
-    def draft_tree_nodes(self) -> int:
-        """The draft engine's: as the target's, up to its own limit (a tree bigger than that is
-        grown with leaves the draft never evaluates)."""
-        assert self.draft is not None
-        return min(self.max_tree_nodes, tree_limit(self.draft, self.draft_placement))
-
-
-def tree_limit(model: Path, placement: Placement) -> int:
-    """The most tokens the engine that runs `model` verifies in one pass, where the backend
-    bounds it; else (trees bounded by cache room only) the largest calibration size."""
-    return min(backend_tree_limit(model, placement) or max(calibrate.SIZES), max(calibrate.SIZES))
-
-
-def default_ctx(n_ctx_train: int, needed: int) -> int:
-    """A KV cache big enough for `needed` tokens: at least DEFAULT_CTX, at most the training context."""
-    ctx = max(DEFAULT_CTX, needed)
-    return min(ctx, n_ctx_train) if n_ctx_train > 0 else ctx
+    def plan_request(self) -> PlanRequest:
+        return PlanRequest(self.target, self.draft, self.target_placement, self.draft_placement, self.ctx,
+                           self.needed_ctx, self.max_tree_nodes,
+                           draft_required=any(s.mode in MODEL_MODES for s in self.specs),
+                           fixed_nodes=max((s.budget or 0 for s in self.specs if s.mode != "none"), default=0))
 
 
 class Session:
@@ -70,24 +59,36 @@ class Session:
     so a run that will not draft with it does not spend a second loading, checking and
     prefilling it."""
 
-    def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None) -> None:
-        """Load the target (no cache yet). `notice` receives one-line progress messages, and what
-        each engine noticed as it loaded (a fallback taken: direct I/O refused, ...)."""
-        config = replace(config, target_placement=resolve_placement(config.target, config.target_placement))
+    def __init__(self, config: SessionConfig, notice: Callable[[str], None] = lambda _: None,
+                 limit: MemoryLimit | None = None) -> None:
+        """Plan the run's memory (under `limit`; None: the limit this process is under), then
+        load the target as planned (no cache yet). `notice` receives one-line progress
+        messages, what the plan gave up, and what each engine noticed as it loaded."""
+        self.plan: MemoryPlan = plan_memory(config.plan_request(), limit)
+        for line in self.plan.notices:
+            notice(line)
+        config = replace(config, target_placement=self.plan.target,
+                         draft=config.draft if self.plan.draft is not None else None,
+                         draft_placement=self.plan.draft or config.draft_placement)
         self.config, self.notice = config, notice
-        self.target: Engine = open_engine(config.target, config.target_placement, config.max_tree_nodes)
+        self.target: Engine = open_engine(config.target, config.target_placement, self.plan.tree_nodes)
         for line in self.target.notices:
             notice(line)
         self.draft: Engine | None = None
         self.calibration: calibrate.Calibration | None = None
 
+    @property
+    def draft_tree_nodes(self) -> int:
+        """The draft engine's largest tree: the target's, up to its own limit (a tree bigger than
+        that is grown with leaves the draft never evaluates)."""
+        assert self.config.draft is not None
+        return min(self.plan.tree_nodes, tree_limit(self.config.draft, self.config.draft_placement) or
+                   self.plan.tree_nodes)
+
     def _draft_engine(self) -> Engine | None:
         """The draft engine, loaded and vocabulary-checked on first use, opened like the target."""
         if self.draft is None and self.config.draft is not None:
-            # Decided now, not at start: the target took its memory first.
-            self.config = replace(self.config, draft_placement=resolve_placement(self.config.draft,
-                                                                                 self.config.draft_placement))
-            draft = open_engine(self.config.draft, self.config.draft_placement, self.config.draft_tree_nodes)
+            draft = open_engine(self.config.draft, self.config.draft_placement, self.draft_tree_nodes)
             try:
                 check_vocab_compatible(self.target.vocab, draft.vocab)
             except VocabMismatch as e:
@@ -101,9 +102,10 @@ class Session:
             self.draft = draft
         return self.draft
 
-    def context_size(self, requested: int | None, needed: int = 0) -> int:
-        """--ctx when given, else a cache that fits `needed` tokens (see default_ctx)."""
-        return requested or default_ctx(self.target.n_ctx_train, needed)
+    @property
+    def n_ctx(self) -> int:
+        """The context the memory plan made room for (--ctx when given)."""
+        return self.plan.n_ctx
 
     def open(self, n_ctx: int) -> None:
         """Allocate the KV caches (the draft's, once loaded, as long as the target's)."""

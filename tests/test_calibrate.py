@@ -3,6 +3,8 @@ session opens engines for."""
 
 from __future__ import annotations
 
+import importlib.util
+
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
@@ -12,7 +14,8 @@ import pytest
 from specrun import calibrate
 from specrun.calibrate import ALWAYS, MAX_RATIO, SIZES, context_needed, measure_cost_curve, sizes_up_to
 from specrun.engines import Placement
-from specrun.session import SessionConfig, tree_limit
+from specrun.engines import tree_limit
+from specrun.session import SessionConfig
 from specrun.speculate.factory import DEFAULT_NODES, SpecConfig, make_speculator
 from specrun.speculate.planner import CostCurve
 
@@ -78,13 +81,21 @@ def test_measuring_stops_after_the_first_size_costing_more_than_max_ratio_plain_
 
 
 def test_engines_are_opened_for_what_their_backend_verifies(tiny_model: Path, tmp_path: Path) -> None:
+    """Sessions ask for the trees their modes (and calibration) would verify; the memory plan
+    caps them at what the engine verifies in one pass: llama.cpp 255 nodes, torch any."""
+    from specrun.session import Session
+
     directory = tmp_path / "model"  # a safetensors directory: the torch engine, opened by name only
     directory.mkdir()
-    assert tree_limit(tiny_model, Placement()) == 255 and tree_limit(directory, Placement()) == max(SIZES)
+    assert tree_limit(tiny_model, Placement()) == 255 and tree_limit(directory, Placement()) is None
     planned = SessionConfig(tiny_model, tiny_model, tmp_path)  # auto: calibrated
-    assert planned.max_tree_nodes == planned.draft_tree_nodes == 255
-    offloaded = SessionConfig(directory, tiny_model, tmp_path, (SpecConfig("tree"),))
-    assert offloaded.max_tree_nodes == 1024 and offloaded.draft_tree_nodes == 255
+    assert planned.max_tree_nodes == max(SIZES)
+    with Session(planned) as s:
+        assert s.plan.tree_nodes == s.draft_tree_nodes == 255
+    if importlib.util.find_spec("torch") is not None:
+        torch = SessionConfig(tiny_model, tiny_model, tmp_path, (SpecConfig("tree"),), Placement(engine="torch"))
+        with Session(torch) as s:
+            assert s.plan.tree_nodes == max(SIZES) and s.draft_tree_nodes == 255
     fixed = SessionConfig(tiny_model, None, tmp_path, (SpecConfig("ngram", budget=8), SpecConfig("none")))
     assert fixed.max_tree_nodes == 8
     assert SessionConfig(tiny_model, None, tmp_path, (SpecConfig("none"),)).max_tree_nodes == 0

@@ -45,6 +45,7 @@ class FakeOffloadConfig:
     mode: str = "none"
     ram: int | None = None
     gpu_memory: int | None = None
+    slots: int | None = None
 
 
 @dataclass(frozen=True)
@@ -81,6 +82,7 @@ def fake_torch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     module.TorchConfig, module.TorchEngine = FakeTorchConfig, FakeTorchEngine  # type: ignore[attr-defined]
     module.OffloadConfig = FakeOffloadConfig  # type: ignore[attr-defined]
     module.planned_weight_bytes = planned_weight_bytes  # type: ignore[attr-defined]
+    module.cpu_dtype_for = lambda float32_bytes, budget: "float32"  # type: ignore[attr-defined]
     monkeypatch.setitem(sys.modules, "torch", torch)
     monkeypatch.setitem(sys.modules, "specrun.engines.torch_engine", module)
     return seen
@@ -247,7 +249,7 @@ def test_info_says_engine_device_and_weight_memory(tiny_model: Path) -> None:
 def test_info_with_the_torch_engine(tiny_model: Path, fake_torch: dict[str, Any]) -> None:
     data = json.loads(invoke("info", str(tiny_model), "--json", "--engine", "torch").stdout)
     assert (data["engine"], data["device"], data["weight_bytes"]) == ("torch", "cpu", 123_456)
-    assert fake_torch["planned"] == (tiny_model, FakeTorchConfig(device="cpu"))
+    assert fake_torch["planned"] == (tiny_model, FakeTorchConfig(device="cpu", dtype="float32"))
 
 
 def test_info_on_a_safetensors_directory(hf_dir: Path, fake_torch: dict[str, Any],

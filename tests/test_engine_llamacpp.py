@@ -9,7 +9,7 @@ import pytest
 
 from specrun.engines.llamacpp import MAX_SEQ, LlamaCppConfig, LlamaCppEngine, tree_seq_ids
 from specrun.errors import EngineError, UsageError
-from specrun.session import default_ctx
+from specrun.engines.memory_plan import default_ctx
 from specrun.engines.base import ancestor_mask
 
 

@@ -21,6 +21,7 @@ import torch
 
 import specrun.engines as engines
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from specrun.memory_limit import MemoryLimit
 from specrun.engines.torch_engine import TorchConfig, TorchEngine
 from specrun.engines.torch_engine import disk_stream, layout
 from specrun.engines.torch_engine.config import OffloadConfig
@@ -516,37 +517,66 @@ def test_offload_flags_that_cannot_work_are_one_line_errors(models: dict[str, Pa
     assert done.returncode != 0 and message in done.stderr and "Traceback" not in done.stderr
 
 
+def heavy(monkeypatch: pytest.MonkeyPatch, path: Path, weight_bytes: int = 2 << 30) -> None:
+    """Make the memory plan see `path`'s weights as `weight_bytes` (a tiny model standing in
+    for one bigger than the limit; its streamed units stay what they are)."""
+    from dataclasses import replace
+
+    from specrun.engines import memory_plan as mp
+
+    real = mp.ModelShape.of
+    monkeypatch.setattr(mp.ModelShape, "of", classmethod(
+        lambda cls, p: replace(real(p), weight_bytes=weight_bytes) if p == path else real(p)))
+
+
 def test_placement_facts_agree_with_the_engine_that_opens(models: dict[str, Path], tmp_path: Path,
                                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """`specrun info`'s device and `open_engine` come from one configuration: a disk placement
-    computes on the CPU even where torch sees a GPU, and auto never streams a safetensors
-    directory (loading refuses that) however little RAM there is."""
+    computes on the CPU even where torch sees a GPU; the memory plan streams a file that does
+    not fit, and never a safetensors directory (loading refuses that) however little there is."""
+    from specrun.engines import memory_plan as mp
+
     monkeypatch.setattr(engines, "torch_device", lambda placement: "cuda")  # a GPU machine
     disk = engines.Placement(offload="disk")
     assert engines.device_of(models["q4_k_m"], disk) == "cpu" == engines.torch_config(models["q4_k_m"], disk).device
     monkeypatch.setattr(engines, "torch_device", lambda placement: "cpu")
-    monkeypatch.setattr(engines, "fits_ram", lambda model: False)
-    assert engines.offload_mode(models["q4_k_m"], engines.Placement(), "cpu")[0] == "disk"
+    monkeypatch.setattr(mp, "torch_device", lambda placement: "cpu")
+    request = mp.PlanRequest(models["q4_k_m"], None, needed_ctx=64)
+    resident = mp.plan_memory(request, MemoryLimit(1 << 40, 0, "MemAvailable (a test's)", None), runtime=100 << 20)
+    assert (resident.target.engine, resident.target.offload) == ("llama.cpp", "none")
+    heavy(monkeypatch, models["q4_k_m"])  # its weights now "take" 2 GiB: resident no longer fits 1 GiB
+    small = MemoryLimit(available=1 << 30, held=0, source="cgroup v1 (a test's)", limit=1 << 30)
+    plan = mp.plan_memory(request, small, runtime=100 << 20)
+    assert (plan.target.engine, plan.target.offload) == ("torch", "disk") and plan.total <= 1 << 30
+    assert any("streaming it from disk" in n for n in plan.notices)
     directory = tmp_path / "st"
     directory.mkdir()
-    assert engines.offload_mode(directory, engines.Placement(), "cpu") == ("none", None)
+    assert mp._kinds(mp.PlanRequest(directory, None)) == ["torch"]
 
 
-def test_what_auto_picks_is_picked_once(models: dict[str, Path], tmp_path: Path,
-                                        monkeypatch: pytest.MonkeyPatch) -> None:
-    """Free memory changes as models load: a session decides its target's engine and offload
-    once, so the tree limit it sized and the engine it opens agree (here RAM looks short only
-    the first time it is asked: before, the limit was sized for torch and llama.cpp opened)."""
+def test_one_plan_per_session_and_no_layer_reads_memory_again(models: dict[str, Path], tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    """A session reads the memory limit once, before anything loads; the engine it opens, the
+    trees it sizes and its calibration follow that plan, and nothing reads memory again
+    (before, free memory was looked up three times per run and answers could disagree)."""
+    from specrun.engines import memory_plan as mp
     from specrun.session import Session, SessionConfig
 
-    asked: list[int] = []
+    reads: list[int] = []
 
-    def short_once(model: Path) -> bool:
-        asked.append(1)
-        return len(asked) > 1
+    def tight() -> MemoryLimit:
+        reads.append(1)
+        return MemoryLimit(available=1 << 30, held=0, source="cgroup v1 (a test's)", limit=1 << 30)
 
-    monkeypatch.setattr(engines, "fits_ram", short_once)
+    heavy(monkeypatch, models["f32"])
+
+    monkeypatch.setattr(mp, "detect", tight)
+    monkeypatch.setattr(mp, "measure_runtime", lambda with_torch: 50 << 20)  # not this test process's
     monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
-    with Session(SessionConfig(models["f32"], None, tmp_path)) as session:
+    with Session(SessionConfig(models["f32"], None, tmp_path, needed_ctx=64)) as session:
+        session.open(session.n_ctx)
         assert isinstance(session.target, TorchEngine) and session.target.stream is not None
-        assert session.config.target_placement.offload == "disk"
+        assert session.config.target_placement.offload == "disk" == session.plan.target.offload
+        assert session.target.max_tree_nodes == session.plan.tree_nodes
+        session.calibrated()
+    assert reads == [1]

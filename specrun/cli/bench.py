@@ -76,11 +76,11 @@ def bench(
     specs = [m.spec for m in chosen if m.spec is not None]
     config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
     peers: dict[str, Any] = {}
-    with models.session(specs, *places) as session:
+    needed = max(p.max_tokens for p in prompts) + max_tokens + 64
+    with models.session(specs, *places, needed_ctx=needed) as session:
         template = ChatTemplate.of_model(models.target, session) if any(p.messages for p in prompts) else None
         runner = B.Bench(session, chosen, config, peers, template)
-        needed = max(len(runner.prompt_tokens(p)) for p in prompts) + max_tokens + 64
-        session.open(session.context_size(None, needed))
+        session.open(session.n_ctx)
         session.calibrated()
         try:
             for m in chosen:

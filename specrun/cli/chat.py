@@ -58,9 +58,9 @@ def chat(
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
-    with models.session([spec_cfg], *places) as session:
+    with models.session([spec_cfg], *places, ctx=ctx) as session:
         template = ChatTemplate.of_model(models.target, session)
-        session.open(session.context_size(ctx))
+        session.open(session.n_ctx)
         config = ChatConfig(spec_cfg, GenerationConfig(max_tokens, SamplingConfig(temperature, top_p, seed)), system)
         conversation = Chat(session, template, config, notice=notice)
         interactive = sys.stdin.isatty()

@@ -16,7 +16,8 @@ from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import err, friendly, human, print_stdout
 from specrun.cli.models import resolve
-from specrun.engines import device_of, engine_for, planned_weight_bytes, resolve_placement
+from specrun.engines import device_of
+from specrun.engines.memory_plan import PlanRequest, describe_plan_json, plan_memory
 from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.speculate.factory import SpecConfig
@@ -42,7 +43,7 @@ def calibrate_cmd(
     models = resolve(model)
     label = models.label
     with models.session([SpecConfig()], placement) as session:
-        session.open(session.context_size(None))
+        session.open(session.n_ctx)
         cal = session.calibrated(force=True)
     cost = cal.cost
     rows = [{"tokens": n, "ms": round(t * 1000, 2), "per_token_ms": round(t * 1000 / n, 2),
@@ -87,10 +88,12 @@ def info(
     expected = (pulled.sha256 if pulled else None) or (entry.sha256 if entry else None)
     data: dict[str, Any] = {"name": label, "path": str(path)}
     data |= _directory_facts(path) if path.is_dir() else _gguf_facts(path)
-    placement = resolve_placement(path, placement)  # what auto picks, picked once for all three facts
+    draft_path = _pulled_draft(entry, catalog, store)
+    plan = plan_memory(PlanRequest(path, draft_path, placement, tree_nodes=max(calibrate.SIZES)))
     data |= {
-        "engine": engine_for(path, placement), "device": device_of(path, placement),
-        "weight_bytes": planned_weight_bytes(path, placement),
+        "engine": plan.target.engine, "device": device_of(path, plan.target), "offload": plan.target.offload,
+        "weight_bytes": sum(i.bytes for i in plan.items if i.part == "weights"),
+        "memory_limit": plan.limit.describe(), "memory_plan": describe_plan_json(plan),
         "draft": entry.draft if entry else None,
         "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
     }
@@ -111,12 +114,15 @@ def info(
         table.add_column(style="bold")
         table.add_column()
         for key in ("name", "path", "size", "architecture", "model_name", "quantization", "engine", "device",
-                    "weight_bytes", "layers", "embedding_length", "vocabulary", "context_length", "chat_template",
-                    "draft", "sha256", "checksum"):
+                    "offload", "weight_bytes", "memory_limit", "layers", "embedding_length", "vocabulary",
+                    "context_length", "chat_template", "draft", "sha256", "checksum"):
             value = data[key]
             text = human(value) if key in ("size", "weight_bytes") else (
                 "yes" if value is True else "no" if value is False else "" if value is None else str(value))
             table.add_row("weights" if key == "weight_bytes" else key.replace("_", " "), escape(text))
+        table.add_row("memory plan", escape("; ".join(plan.describe()[:-1])))
+        for line in plan.notices:
+            table.add_row("note", escape(line))
         if "shards" in data:  # a model directory
             table.add_row("dtypes", escape(", ".join(f"{k} {human(v)}" for k, v in data["dtypes"].items())))
             table.add_row("shards", escape(f"{len(data['shards'])}: {', '.join(data['shards'])}"))
@@ -131,6 +137,14 @@ def info(
     if data["checksum"] == "MISMATCH":
         raise ModelFileError(f"{path.name} does not match its sha256", hint=f"pull it again: specrun rm {model} "
                              f"&& specrun pull {model}")
+
+
+def _pulled_draft(entry: Any, catalog: Any, store: Store) -> Path | None:
+    """The catalog entry's recommended draft when it is pulled (the plan makes room for it)."""
+    if entry is None or entry.draft is None:
+        return None
+    pulled = store.pulled(catalog.get(entry.draft))
+    return Path(pulled.path) if pulled is not None else None
 
 
 def _gguf_facts(path: Path) -> dict[str, Any]:

@@ -36,10 +36,14 @@ class Resolved:
     draft: Path | None
 
     def session(self, specs: list[SpecConfig], target: Placement = Placement(),
-                draft: Placement = Placement(), notice: Callable[[str], None] = notice) -> Session:
-        """A session on these files, its trees sized for `specs` (the modes it will serve); its
-        notices (what the engines noticed while loading, measurements started) go to `notice`."""
-        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft), notice)
+                draft: Placement = Placement(), notice: Callable[[str], None] = notice, ctx: int | None = None,
+                needed_ctx: int = 0) -> Session:
+        """A session on these files, its trees sized for `specs` (the modes it will serve) and its
+        memory planned for a context of `ctx` tokens (None: at least `needed_ctx`, see
+        memory_plan); its notices (what the plan gave up, what the engines noticed while
+        loading, measurements started) go to `notice`."""
+        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft, ctx,
+                                     needed_ctx), notice)
 
 
 def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:

@@ -14,6 +14,7 @@ from specrun.cli.app import app
 from specrun.cli.console import (clean_text, err, friendly, notice, overlap_json, overlap_line, spec_json, stats_line,
                                  stream, stream_json, stream_line, timings_json, warn)
 from specrun.cli.models import resolve
+from specrun.engines.memory_plan import describe_plan_json
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
 from specrun.sampling import SamplingConfig
@@ -72,9 +73,11 @@ def run(
     models = resolve(model, draft, spec, no_draft)
     text = read_prompt(prompt)
     t0 = time.perf_counter()
-    with models.session([spec_cfg], *places) as session:
+    # Tokens are fewer than the prompt's UTF-8 bytes (plus a BOS): an upper bound, before any tokenizer loads.
+    needed = len(text.encode("utf-8", "replace")) + 2 + max_tokens
+    with models.session([spec_cfg], *places, ctx=ctx, needed_ctx=needed) as session:
         tokens = session.target.vocab.tokenize(text)
-        session.open(session.context_size(ctx, len(tokens) + max_tokens))
+        session.open(session.n_ctx)
         check_prompt(tokens, session.target.n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
@@ -89,7 +92,7 @@ def run(
                 stream(gen, end_line=sys.stdout.isatty())
         finally:
             session.save()
-        n_ctx = session.target.n_ctx
+        n_ctx, plan = session.target.n_ctx, session.plan
     stats = gen.stats
     mode = speculator.name if speculator else "none"
     if stats.stop_reason == "context":
@@ -103,11 +106,13 @@ def run(
             "streaming": stream_json(stats),
             "overlap": overlap_json(stats) if config.overlap else None,
             "timings": {"load_s": round(load_s, 4), **timings_json(stats)},
+            "memory": describe_plan_json(plan),
         }))
     if verbose:
         err.print(f"[dim]{stats.prompt_tokens} prompt tokens, {stats_line(stats, mode)}; {stats.target_calls} "
                   f"target calls; stopped by {stats.stop_reason}; load {load_s:.2f} s, prefill {stats.prefill_s:.2f} "
                   f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")
+        notice("memory: " + "; ".join(plan.describe()))
         if (line := stream_line(stats)) is not None:
             notice(line)
         if (line := overlap_line(stats)) is not None:

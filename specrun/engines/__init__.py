@@ -41,14 +41,20 @@ class Placement:
     offload: str = "auto"  # "auto" | "none" | "ram" (pinned RAM -> GPU each pass) | "disk" (read each pass)
     ram: int | None = None  # bytes of RAM for streamed weights' buffers and resident layers
     gpu_memory: int | None = None  # bytes of GPU memory for weights (offload ram)
+    # Decided by the memory plan (engines.memory_plan), not by flags:
+    slots: int | None = None  # streamed: read (or copy) slots; None: the stream's default
+    load: str = "mmap"  # llama.cpp: "mmap" (the page cache holds the file), "resident" (read into
+    # anonymous memory, which a streaming target's reads cannot evict), "locked" (and mlock'd)
+    repack: bool = True  # llama.cpp: let it repack weights for its CPU kernels (anonymous copies)
+    dtype: str | None = None  # torch: the compute dtype; None: chosen for the device
 
 
-def engine_for(model: Path, placement: Placement = Placement(), fits: bool | None = None) -> str:
-    """The engine `open_engine` runs `model` on: "llama.cpp" or "torch". Auto picks torch only
-    where llama.cpp cannot serve the placement (a safetensors directory, --quant, or --device
-    cuda on a llama.cpp build without GPU offload), or where the model does not fit RAM (`fits`:
-    as the caller found, None: look now). UsageError for a placement none can serve; whether
-    torch and a CUDA device are there is `torch_device`'s to say (it imports torch)."""
+def engine_for(model: Path, placement: Placement = Placement()) -> str:
+    """The engine that runs `model` resident: "llama.cpp" or "torch". Auto picks torch only where
+    llama.cpp cannot serve the placement (a safetensors directory, --quant, --offload ram/disk,
+    or --device cuda on a llama.cpp build without GPU offload); whether the model fits is the
+    memory plan's to weigh. UsageError for a placement none can serve; whether torch and a
+    CUDA device are there is `torch_device`'s to say (it imports torch)."""
     p = placement
     if p.engine not in ENGINES:
         raise UsageError(f"unknown engine '{p.engine}'", hint=f"use one of: {', '.join(ENGINES)}")
@@ -73,12 +79,16 @@ def engine_for(model: Path, placement: Placement = Placement(), fits: bool | Non
         where = "the llama.cpp engine" if p.engine == "llama.cpp" else f"{model.name}, a GGUF file"
         raise UsageError(f"--quant quantizes safetensors weights as they load, not {where} (already quantized)",
                          hint="leave out --quant, or give a safetensors directory (torch engine)")
+    if directory and streamed:
+        raise UsageError(f"--offload {p.offload} streams GGUF files; {model.name} is a safetensors directory",
+                         hint="use --offload none, or a GGUF file of the model")
+    if (p.ram is not None or p.gpu_memory is not None) and p.offload == "none":
+        raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
+                         hint="add --offload disk (or ram, on a GPU)")
     if p.engine != "auto":
         engine = p.engine
     elif directory or p.quant is not None or streamed or (p.device == "cuda" and not _llama_gpu()):
         engine = "torch"
-    elif p.offload == "auto" and p.device != "cuda" and not _llama_gpu() and not _fits(model, fits):
-        engine = "torch"  # llama.cpp would page the file in and out: stream it from disk instead
     else:
         engine = "llama.cpp"
     if engine == "llama.cpp":
@@ -91,7 +101,7 @@ def engine_for(model: Path, placement: Placement = Placement(), fits: bool | Non
 
 def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes: int = 0) -> Engine:
     """A loaded engine for `model` (no cache yet: `open` it) that verifies trees of up to
-    `max_tree_nodes` nodes in one pass."""
+    `max_tree_nodes` nodes in one pass, placed as the memory plan resolved `placement`."""
     if engine_for(model, placement) == "torch":
         config = torch_config(model, placement, max_tree_nodes)
         with _torch_needed():
@@ -101,19 +111,8 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
     config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=llama_gpu_layers(placement),
-                            max_tree_nodes=max_tree_nodes)
+                            max_tree_nodes=max_tree_nodes, load=placement.load, repack=placement.repack)
     return LlamaCppEngine(model, config)
-
-
-def available_memory() -> int | None:
-    """Bytes of RAM available now (Linux), or None where unknown."""
-    try:
-        for line in Path("/proc/meminfo").read_text().splitlines():
-            if line.startswith("MemAvailable:"):
-                return int(line.split()[1]) * 1024
-    except (OSError, ValueError, IndexError):
-        pass
-    return None
 
 
 def model_bytes(model: Path) -> int:
@@ -121,77 +120,28 @@ def model_bytes(model: Path) -> int:
     return sum(f.stat().st_size for f in model.iterdir() if f.is_file()) if model.is_dir() else model.stat().st_size
 
 
-def fits_ram(model: Path) -> bool:
-    """Whether the model's files fit the memory available now (unknown: assume they do)."""
-    free = available_memory()
-    return free is None or model_bytes(model) <= free
-
-
-def _fits(model: Path, fits: bool | None) -> bool:
-    return fits_ram(model) if fits is None else fits
-
-
-def offload_mode(model: Path, placement: Placement, device: str, fits: bool | None = None) -> tuple[str, int | None]:
-    """(offload mode, RAM budget) for the torch engine. Auto: resident when the model fits the
-    device (the GPU's free memory, or RAM: `fits`, None: look now), else streamed from RAM to
-    the GPU when RAM holds it, else read from disk each pass, keeping half the free RAM for
-    resident layers."""
-    mode, ram = placement.offload, placement.ram
-    if mode == "auto" and model.is_dir():
-        mode = "none"  # streaming reads GGUF blocks; a safetensors directory loads whole
-    elif mode == "auto":
-        on_gpu = device.startswith("cuda")
-        if on_gpu:
-            import torch
-
-            fits_gpu = model_bytes(model) <= torch.cuda.mem_get_info(torch.device(device))[0] * 0.9
-        if on_gpu and fits_gpu:
-            mode = "none"
-        elif _fits(model, fits):
-            mode = "ram" if on_gpu else "none"
-        else:
-            mode, free = "disk", available_memory()
-            if ram is None and free is not None:
-                ram = free // 2
-    if mode == "none" and (placement.ram is not None or placement.gpu_memory is not None):
-        raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
-                         hint="add --offload disk (or ram, on a GPU)")
+def torch_config(model: Path, placement: Placement, max_tree_nodes: int = 0) -> TorchConfig:
+    """The torch engine's configuration for a resolved placement (the memory plan chose its
+    offload mode, budgets and dtype): its device and where its weights stream from. The one
+    place that builds it, so `open_engine` and `specrun info` agree (a disk placement computes
+    on the CPU even where a GPU is there)."""
+    device = torch_device(placement)  # its errors first: they need no model loaded
+    mode = "none" if placement.offload == "auto" else placement.offload
     if mode == "ram" and not device.startswith("cuda"):
         raise UsageError("--offload ram streams weights from RAM to a GPU, and torch sees none here",
                          hint="use --offload disk to read them from the file each pass")
     if mode == "disk" and placement.device == "cuda":
         raise UsageError("--offload disk computes on the CPU for now; on a GPU, stream from RAM",
                          hint="use --offload ram with --device cuda, or --device cpu")
-    return mode, ram
-
-
-def torch_config(model: Path, placement: Placement, max_tree_nodes: int = 0) -> TorchConfig:
-    """The torch engine's configuration for a placement: its device and where its weights stream
-    from. The one place that builds it, so `open_engine`, `specrun info` and the planned memory
-    agree (a disk placement computes on the CPU even where a GPU is there)."""
-    device = torch_device(placement)  # its errors first: they need no model loaded
+    if mode == "disk":
+        device = "cpu"
     with _torch_needed():
         from specrun.engines.torch_engine import OffloadConfig, TorchConfig
 
-        mode, ram = offload_mode(model, placement, device)
-        if mode == "disk":
-            device = "cpu"  # offload_mode refused --device cuda with disk
-        return TorchConfig(device=device, threads=placement.threads, quant=placement.quant,
+        return TorchConfig(device=device, dtype=placement.dtype, threads=placement.threads, quant=placement.quant,
                            max_tree_nodes=max_tree_nodes,
-                           offload=OffloadConfig(mode=mode, ram=ram, gpu_memory=placement.gpu_memory))
-
-
-def resolve_placement(model: Path, placement: Placement) -> Placement:
-    """`placement` with what auto decides from the machine decided once: the engine and, for the
-    torch engine, the offload mode and its RAM budget. Free memory changes as models load, so
-    deciding again later could answer differently (a tree limit sized for one engine, another
-    engine opened)."""
-    fits = fits_ram(model)  # asked once: engine and offload are picked on the same answer
-    engine = engine_for(model, placement, fits)
-    if engine == "llama.cpp":
-        return replace(placement, engine=engine)
-    mode, ram = offload_mode(model, placement, torch_device(placement), fits)
-    return replace(placement, engine=engine, offload=mode, ram=ram)
+                           offload=OffloadConfig(mode=mode, ram=placement.ram, gpu_memory=placement.gpu_memory,
+                                                 slots=placement.slots))
 
 
 def tree_limit(model: Path, placement: Placement = Placement()) -> int | None:
@@ -243,20 +193,6 @@ def torch_device(placement: Placement) -> str:
     return "cpu"
 
 
-def planned_weight_bytes(model: Path, placement: Placement = Placement()) -> int:
-    """Memory the model's weights will take once loaded, without loading them (`specrun info`):
-    the GGUF file's tensor data for llama.cpp, the torch engine's own estimate otherwise."""
-    if engine_for(model, placement) == "llama.cpp":
-        from specrun.gguf_file import read_gguf
-
-        return sum(t.n_bytes for t in read_gguf(model).tensors)
-    config = torch_config(model, placement)
-    with _torch_needed():
-        from specrun.engines.torch_engine import planned_weight_bytes as torch_bytes
-
-        return torch_bytes(model, config)
-
-
 def device_of(model: Path, placement: Placement = Placement()) -> str:
     """Where the model's weights would live: "cpu", "cuda", or "gpu" (llama.cpp's GPU backend)."""
     if engine_for(model, placement) == "torch":
@@ -293,4 +229,4 @@ def _torch_needed() -> Iterator[None]:
 
 
 __all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
-           "engine_for", "model_bytes", "open_engine", "planned_weight_bytes", "resolve_placement", "tree_limit"]
+           "engine_for", "model_bytes", "open_engine", "torch_config", "tree_limit"]

@@ -20,8 +20,10 @@ import numpy as np
 
 from specrun.engines.base import CacheMixin, check_keep, top_k_of
 from specrun.errors import EngineError, UsageError
+from specrun.memory_limit import locked_bytes, swap_enabled
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a tree node needs a sequence id of its own, so trees hold <= 255
+LOAD_MODES = {"mmap": C.LLAMA_LOAD_MODE_MMAP, "resident": C.LLAMA_LOAD_MODE_NONE, "locked": C.LLAMA_LOAD_MODE_MLOCK}
 
 _log_lock = threading.Lock()
 _recent_log: list[str] = []
@@ -38,7 +40,7 @@ def _log_to_buffer(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
 _backend_ready = False
 
 
-def _init_backend() -> None:
+def init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
         C.llama_log_set(_log_to_buffer, ctypes.c_void_p(0))
@@ -61,6 +63,10 @@ class LlamaCppConfig:
     n_gpu_layers: int | None = None  # None: all layers if the build can offload, else 0; -1: all
     n_batch: int = 512  # tokens per llama_decode while prefilling
     max_tree_nodes: int = 0  # nodes per eval_tree call (0: no trees); each needs a KV sequence id
+    load: str = "mmap"  # "mmap": the page cache holds the file (shared, evictable); "resident": read into
+    # anonymous memory, which other reads cannot evict; "locked": that, and mlock'd (Placement.load)
+    repack: bool = True  # llama.cpp's repacked copies for its CPU kernels (anonymous memory): off when
+    # the file is paged from disk because it does not fit, where such copies would not fit either
 
 
 class LlamaCppVocab:
@@ -136,13 +142,19 @@ class LlamaCppEngine(CacheMixin):
         if not 0 <= config.max_tree_nodes < MAX_SEQ:
             raise UsageError(f"llama.cpp verifies trees of at most {MAX_SEQ - 1} nodes, not {config.max_tree_nodes}",
                              hint=f"use --budget {MAX_SEQ - 1} or less")
-        _init_backend()
+        init_backend()
         self.config, self.path = config, path
         params = C.llama_model_default_params()
         params.n_gpu_layers = _gpu_layers(config.n_gpu_layers)
+        params.load_mode = LOAD_MODES[config.load]
+        params.use_extra_bufts = config.repack
         self._model = C.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
             raise EngineError(f"llama.cpp could not load {path}: {_last_log_error() or 'unknown error'}")
+        self.notices: list[str] = []
+        if config.load == "locked" and locked_bytes() < path.stat().st_size // 2 and swap_enabled():
+            self.notices.append(f"{path.name} could not be locked in RAM (mlock refused): it is held in memory, "
+                                "but with swap on the system may page it out")
         self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self._ctx: ctypes.c_void_p | None = None
@@ -364,7 +376,7 @@ class VocabOnly:
     engine running the same file tokenizes exactly as the llama.cpp engine does."""
 
     def __init__(self, path: Path) -> None:
-        _init_backend()
+        init_backend()
         params = C.llama_model_default_params()
         params.vocab_only = True
         params.n_gpu_layers = 0

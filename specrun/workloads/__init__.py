@@ -18,6 +18,14 @@ class Prompt:
     text: str | None = None  # a raw completion prompt
     messages: list[dict[str, str]] | None = None  # or a conversation, rendered with the chat template
 
+    @property
+    def max_tokens(self) -> int:
+        """More tokens than it can take, known before a tokenizer loads: its UTF-8 bytes (a token
+        covers one at least), and for a conversation room for the template's markup."""
+        if self.text is not None:
+            return len(self.text.encode("utf-8", "replace")) + 2
+        return sum(len(m["content"].encode("utf-8", "replace")) + 32 for m in self.messages or []) + 64
+
 
 def load_workload(name: str, n: int | None = None) -> list[Prompt]:
     """The first `n` prompts of a built-in workload or of a JSONL file (one object per line

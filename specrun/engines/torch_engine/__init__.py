@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from specrun.engines.torch_engine.config import QUANTS, OffloadConfig, TorchConfig
+from specrun.engines.torch_engine.config import QUANTS, OffloadConfig, TorchConfig, cpu_dtype_for
 from specrun.engines.torch_engine.engine import TorchEngine
 
 
@@ -28,8 +28,7 @@ def planned_weight_bytes(path: Path, config: TorchConfig) -> int:
 
         return disk_buffer_bytes(path, config.offload)
     bytes_at = _weight_bytes(path, device, config.quant)
-    dtype = resolve_dtype(config.dtype, device, bytes_at(4))
-    return bytes_at(torch.finfo(dtype).bits // 8)
+    return bytes_at(torch.finfo(resolve_dtype(config.dtype, device)).bits // 8)
 
 
 def _weight_bytes(path: Path, device: "torch.device", quant: str | None) -> Callable[[int], int]:  # type: ignore[name-defined]  # noqa: F821
@@ -49,4 +48,4 @@ def _weight_bytes(path: Path, device: "torch.device", quant: str | None) -> Call
     return lambda size: kept + dense * size
 
 
-__all__ = ["QUANTS", "TorchConfig", "TorchEngine", "planned_weight_bytes"]
+__all__ = ["QUANTS", "OffloadConfig", "TorchConfig", "TorchEngine", "cpu_dtype_for", "planned_weight_bytes"]

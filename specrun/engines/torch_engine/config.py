@@ -7,7 +7,6 @@ from pathlib import Path
 
 import torch
 
-from specrun.engines import available_memory
 from specrun.errors import UsageError
 
 QUANTS = ("nf4", "fp4", "int8")
@@ -66,20 +65,23 @@ def cpu_has_bf16() -> bool:
     return " avx512_bf16" in flags or " amx_bf16" in flags
 
 
-def resolve_dtype(name: str | None, device: torch.device, float32_bytes: int | None = None) -> torch.dtype:
-    """The compute dtype: as asked, else bfloat16 on a GPU, and on a CPU float32 while the
-    weights in float32 (`float32_bytes`) take at most half the available memory. Measured on
-    the 1.5B default target: bf16 weights moved its top-2 logit margins 3-6x more than
-    llama.cpp's own rounding does (p95 0.5-1.4 against 0.2), so float32 is what keeps the
-    output llama.cpp's, and bf16 (about 1.7x faster where the CPU has AVX-512 BF16) is
-    for models float32 would not fit."""
+def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
+    """The compute dtype: as asked (the memory plan asks for bfloat16 on a CPU where float32
+    weights would take more than half the memory it may use: see `float32_fits`), else
+    bfloat16 on a GPU and float32 on a CPU. Measured on the 1.5B default target: bf16
+    weights moved its top-2 logit margins 3-6x more than llama.cpp's own rounding does
+    (p95 0.5-1.4 against 0.2), so float32 is what keeps the output llama.cpp's, and bf16
+    (about 1.7x faster where the CPU has AVX-512 BF16) is for models float32 would not fit."""
     if name is not None:
         if name not in DTYPES:
             raise UsageError(f"unknown dtype '{name}'", hint=f"use one of: {', '.join(DTYPES)}")
         return DTYPES[name]
-    if device.type == "cuda":
-        return torch.bfloat16
-    free = available_memory()
-    if float32_bytes is None or free is None or float32_bytes <= free // 2:
-        return torch.float32
-    return torch.bfloat16 if cpu_has_bf16() else torch.float32
+    return torch.bfloat16 if device.type == "cuda" else torch.float32
+
+
+def cpu_dtype_for(float32_bytes: int, budget: int) -> str:
+    """The CPU compute dtype for weights of `float32_bytes` in float32 under a memory budget:
+    float32 while they take at most half of it, else bfloat16 where the CPU multiplies it."""
+    if float32_bytes <= budget // 2 or not cpu_has_bf16():
+        return "float32"
+    return "bfloat16"

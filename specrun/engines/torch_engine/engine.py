@@ -63,7 +63,7 @@ class TorchEngine(CacheMixin):
         self.config, self.path = config, path
         self.device_obj = resolve_device(config.device)
         self.device = str(self.device_obj)
-        self.dtype = resolve_dtype(config.dtype, self.device_obj, _float32_bytes(path, config))
+        self.dtype = resolve_dtype(config.dtype, self.device_obj)
         if self.device_obj.type == "cpu":
             torch.set_num_threads(config.threads or os.cpu_count() or 1)
         self.loaded: LoadedModel = load_model(path, self.device_obj, self.dtype, config.quant, config.offload)
@@ -221,15 +221,6 @@ class TorchEngine(CacheMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
-
-
-def _float32_bytes(path: Path, config: TorchConfig) -> int | None:
-    """What the weights would take dequantized to float32 (for the CPU's dtype choice)."""
-    if config.dtype is not None or config.device != "cpu" or config.offload.mode != "none":
-        return None  # streamed weights keep their blocks: nothing is dequantized at load
-    from specrun.engines.torch_engine import planned_weight_bytes
-
-    return planned_weight_bytes(path, TorchConfig(device="cpu", dtype="float32", quant=config.quant))
 
 
 def kv_dtype(device: torch.device) -> torch.dtype:

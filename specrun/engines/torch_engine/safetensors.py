@@ -224,13 +224,12 @@ def import_bitsandbytes() -> Any:
 class Bnb4bitLinear:
     """A matrix quantized to 4 bits (nf4 or fp4, blocks of 64) by bitsandbytes at load.
 
-    On a CPU with AVX-512 BF16 the codes are repacked into bitsandbytes' CPU layout, whose
-    fused kernel reads 4-bit weights directly; elsewhere bitsandbytes' matmul_4bit (on a CPU:
-    dequantize, then a dense matmul; on CUDA its own kernels). Measured (bf16, medians): on the
-    2-core EPYC here the fused kernel took 0.06 ms against 0.44-0.54 for dequantize + F.linear
-    at 2048x2048 and 1 row, and 0.8 against 1.0 ms at 64 rows (8192x2048: 0.2 against 9.6 ms,
-    3.2 against 11.6); on an H100, matmul_4bit took 0.054 ms against 0.077-0.120 for
-    dequantize + F.linear at 1 row (4096x4096, 14336x4096) and the same at 64 rows."""
+    On a CPU with AVX-512 BF16 the codes are repacked into bitsandbytes' CPU layout, whose fused kernel
+    reads 4-bit weights directly; elsewhere on a CPU dequantize, then a dense matmul; on CUDA matmul_4bit.
+    Measured (bf16, medians): on the 2-core EPYC here the fused kernel took 0.06 ms against 0.44-0.54
+    for dequantize + F.linear at 2048x2048 and 1 row, and 0.8 against 1.0 ms at 64 rows (8192x2048: 0.2 against 9.6 ms, 3.2 against 11.6); on an H100,
+    matmul_4bit took 0.054 ms against 0.077-0.120 for dequantize + F.linear at 1 row (4096x4096,
+    14336x4096) and the same at 64 rows."""
 
     codes: torch.Tensor  # uint8 packed 4-bit codes
     state: Any  # bitsandbytes QuantState (absmax [n_out * n_in / 64], shape, dtype)
@@ -256,19 +255,12 @@ class Bnb4bitLinear:
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         x2 = x.reshape(-1, x.shape[-1])  # [n, n_in]
         if x2.device.type == "cpu" and not getattr(self.state, "packing_format_for_cpu", False):
-            y = self._dequantized(x2)
+            # bitsandbytes' own path trusts its dequantization's dtype: float32 whatever was asked on an AVX2 EPYC
+            w = import_bitsandbytes().functional.dequantize_4bit(self.codes, self.state)  # [n_out, n_in]
+            y = torch.nn.functional.linear(x2, w.to(x2.dtype), None if self.bias is None else self.bias.to(x2.dtype))
         else:
             y = self._matmul(x2, self.codes.t(), self.state, bias=self.bias)  # [n, n_out]
         return y.to(x.dtype).reshape(*x.shape[:-1], y.shape[-1])
-
-    def _dequantized(self, x2: torch.Tensor) -> torch.Tensor:
-        """Without the fused CPU kernel: dequantize, cast, multiply. bitsandbytes' own CPU path
-        does the same but trusts the dtype its dequantization returns, and on CPUs without
-        AVX-512 BF16 (bitsandbytes 0.50.2, an AVX2 EPYC) that is float32 whatever was asked:
-        a bf16 model then fails with a dtype mismatch. The cast makes the dtype ours."""
-        weight = import_bitsandbytes().functional.dequantize_4bit(self.codes, self.state).to(x2.dtype)  # [n_out, n_in]
-        bias = None if self.bias is None else self.bias.to(x2.dtype)
-        return torch.nn.functional.linear(x2, weight, bias)
 
 
 @dataclass

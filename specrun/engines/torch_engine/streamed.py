@@ -17,7 +17,6 @@ from typing import Iterator
 
 import torch
 
-from specrun.engines import available_memory
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream
@@ -176,13 +175,18 @@ def disk_plan(units: list[Unit], offload: OffloadConfig) -> tuple[set[int], int]
     return plan_residency(units, offload.ram, wanted, "--ram")
 
 
-def disk_buffer_bytes(path: Path, offload: OffloadConfig) -> int:
-    """Memory the disk placement's buffers take for this file (from its header; nothing is read)."""
+def file_units(path: Path) -> list[Unit]:
+    """The units a GGUF file streams in (from its header; nothing is read)."""
     from specrun.engines.torch_engine.loading import gguf_args
     from specrun.gguf_file import read_gguf
 
     info = read_gguf(path)
-    units = plan_units(info, gguf_args(path, info, GgufTensors(path, info)))
+    return plan_units(info, gguf_args(path, info, GgufTensors(path, info)))
+
+
+def disk_buffer_bytes(path: Path, offload: OffloadConfig) -> int:
+    """Memory the disk placement's buffers take for this file (from its header; nothing is read)."""
+    units = file_units(path)
     resident, slots = disk_plan(units, offload)
     streamed = [u.n_bytes for u in units if u.index not in resident]
     return sum(u.n_bytes for u in units if u.index in resident) + slots * max(streamed, default=0)
@@ -202,7 +206,7 @@ def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: Of
         budget = offload.gpu_memory if offload.gpu_memory is not None else default
     resident, slots = plan_residency(units, budget, n_slots, "--gpu-memory")
     host_bytes = sum(u.n_bytes for u in units if u.index not in resident)
-    ram = offload.ram if offload.ram is not None else (available_memory() or host_bytes) * 8 // 10
+    ram = offload.ram if offload.ram is not None else host_bytes  # the memory plan sets it; tests may not
     if host_bytes > ram:
         raise UsageError(f"the layers streamed from RAM need {_gb(host_bytes)}, and only {_gb(ram)} of RAM "
                          "is allowed or free", hint="use --offload disk, or raise --ram / --gpu-memory")
