@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import hashlib
 import json
-import statistics
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,7 +22,7 @@ from typing import Callable
 from specrun.engines import model_bytes
 from specrun.engines.base import Engine
 from specrun.speculate.auto import DraftSpeed
-from specrun.speculate.planner import AcceptanceStats, CostCurve, StepCost
+from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost
 from specrun.store import write_atomic
 
 VERSION = 2
@@ -62,14 +61,27 @@ def measurement_tokens(n_vocab: int) -> list[int]:
     return [(7 * i + 11) % max(n_vocab - 1, 2) + 1 for i in range(PREFIX)]
 
 
-def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int = 1,
+NOISY = 1.5  # repeats of one size further apart than this: something else was running
+DROP = 0.8  # a size costing less than this share of a smaller one: not a curve, noise
+JITTER = 0.005  # seconds: differences below this are a scheduler's, not a busy machine's
+
+
+def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
                        on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
                        clock: Callable[[], float] = time.perf_counter) -> CostCurve:
-    """Time chains of n nodes after a 64-token prefix (median of `reps`, after one warm-up;
-    one token, which is cheap, at least 3 times). With `max_ratio`, sizes above ALWAYS are
-    measured only while the last one cost at most `max_ratio` times one token.
+    """Time chains of n nodes after a 64-token prefix, the minimum of repeats (after one
+    warm-up): what the machine can do, not how busy it happened to be (see `measure_runs`).
+    The cache is left empty; cost never decreases with size."""
+    return curve_of(measure_runs(engine, sizes, reps, on_size, max_ratio, clock))
 
-    The cache is left empty. Noise is smoothed so that cost never decreases with size."""
+
+def measure_runs(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
+                 on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
+                 clock: Callable[[], float] = time.perf_counter) -> dict[int, list[float]]:
+    """Seconds of each repeat per size: `reps` each, or (None) 3 while a pass takes under a
+    quarter second and 2 beyond (the large sizes of a streamed target take seconds). With
+    `max_ratio`, sizes above ALWAYS are measured only while the last one cost at most
+    `max_ratio` times one token. The cache is left empty."""
     engine.rewind(0)
     prefix = measurement_tokens(engine.vocab.n_vocab)
     engine.eval(prefix)
@@ -77,29 +89,70 @@ def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int
     if warm > 1:  # warm-up: first-use allocations
         engine.eval_tree(prefix[:warm], [-1] + list(range(warm - 1)), list(range(warm)))
         engine.commit_path([])
-    measured, times = [], []
+    runs: dict[int, list[float]] = {}
+    one: float | None = None
     for n in sizes:
-        if max_ratio is not None and n > ALWAYS and times and times[-1] > max_ratio * times[0]:
+        if max_ratio is not None and n > ALWAYS and runs and one is not None and min(runs[max(runs)]) > max_ratio * one:
             break
-        runs = []
-        for rep in range(max(reps, 3) if n == 1 else reps):
+        times: list[float] = []
+        while len(times) < (reps or (3 if not times or min(times) < 0.25 else 2)):
             t = clock()
             if n == 1:
-                engine.eval([prefix[rep % PREFIX]])
+                engine.eval([prefix[len(times) % PREFIX]])
                 engine.rewind(len(prefix))
             else:
                 chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
                 engine.eval_tree(chain, [-1] + list(range(n - 1)), list(range(n)))
                 engine.commit_path([])
-            runs.append(clock() - t)
-        measured.append(n)
-        times.append(statistics.median(runs))
+            times.append(clock() - t)
+        runs[n] = times
+        one = min(runs[min(runs)])
         if on_size:
             on_size(n)
     engine.rewind(0)
-    for i in range(len(times) - 2, -1, -1):  # monotone: a later, cheaper size bounds earlier ones
+    return runs
+
+
+def curve_of(runs: dict[int, list[float]]) -> CostCurve:
+    """The curve of each size's fastest repeat, made monotone: a later, cheaper size bounds earlier ones."""
+    sizes = sorted(runs)
+    times = [min(runs[n]) for n in sizes]
+    for i in range(len(times) - 2, -1, -1):
         times[i] = min(times[i], times[i + 1])
-    return CostCurve(tuple(measured), tuple(times))
+    return CostCurve(tuple(sizes), tuple(times))
+
+
+def curve_problem(runs: dict[int, list[float]]) -> str | None:
+    """Why a measurement should not be kept: repeats of two or more sizes further apart than
+    NOISY, or a size much cheaper than a smaller one. None: it looks like the machine's."""
+    noisy = [n for n, times in runs.items()
+             if len(times) > 1 and max(times) > NOISY * min(times) and max(times) - min(times) > JITTER]
+    if len(noisy) >= 2:
+        return f"repeats of {len(noisy)} sizes differed by more than {NOISY:.1f}x"
+    fastest = {n: min(t) for n, t in sorted(runs.items())}
+    for small, big in zip(fastest, list(fastest)[1:]):
+        before = max(fastest[n] for n in fastest if n <= small)
+        if fastest[big] < DROP * before and before - fastest[big] > JITTER:
+            return f"a pass over {big} tokens measured faster than one over {small}"
+    return None
+
+
+def measure_checked(engine: Engine, sizes: tuple[int, ...], notice: Callable[[str], None],
+                    max_ratio: float | None = MAX_RATIO,
+                    clock: Callable[[], float] = time.perf_counter) -> tuple[CostCurve, bool]:
+    """(the cost curve, whether to keep it): measured, and measured again when noisy or not
+    monotonic (something else was running: such a curve, stored, steered every later run);
+    when the second measurement is no better, used for this run only, with a notice."""
+    runs = measure_runs(engine, sizes, max_ratio=max_ratio, clock=clock)
+    if (problem := curve_problem(runs)) is None:
+        return curve_of(runs), True
+    notice(f"the cost curve looked noisy ({problem}): measuring it again…")
+    runs = measure_runs(engine, sizes, max_ratio=max_ratio, clock=clock)
+    if (problem := curve_problem(runs)) is None:
+        return curve_of(runs), True
+    notice(f"the cost curve is too noisy to keep ({problem}; is something else running?): this run plans "
+           "from it, and the next one measures again")
+    return curve_of(runs), False
 
 
 OVERLAP_PAYS = 1.15  # overlap on where the same work takes this much less wall time overlapped
@@ -155,12 +208,17 @@ class Calibration:
     """A cost curve and what was learnt with it, stored as JSON."""
 
     path: Path
-    cost: CostCurve
+    cost: LearntCurve  # the measured curve, as runs' own passes correct it (a CostCurve is wrapped)
     stats: dict[str, AcceptanceStats]  # by drafter: "ngram", "model"
     speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
     settings: str = ""  # the engine settings it was measured with (for `specrun info`)
     overlap: dict[str, float] = field(default_factory=dict)  # by draft model file name: measure_overlap's gain
     steps: dict[str, StepCost] = field(default_factory=dict)  # by speculator: what a step costs in wall time
+    trusted: bool = True  # False: measured while something else ran; used, but measured again next run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cost, CostCurve):  # a curve as measured: runs correct it from here
+            self.cost = LearntCurve(self.cost)
 
     def speed_of(self, draft: Path) -> DraftSpeed:
         return self.speeds.setdefault(draft.name, DraftSpeed())
@@ -168,7 +226,8 @@ class Calibration:
     def save(self) -> None:
         data = {
             "version": VERSION, "settings": self.settings,
-            "cost": {"sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds)},
+            "cost": {"sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds),
+                     "trusted": self.trusted and not self.cost.stale},
             "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
                            for name, s in self.stats.items()},
             "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
@@ -200,13 +259,14 @@ def load(path: Path) -> Calibration | None:
             return _load_v1(path, data)
         if data["version"] != VERSION:
             return None
-        cost = CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"]))
+        cost = LearntCurve(CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"])))
         stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
                  for name, pairs in data["acceptance"].items()}
         speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
         overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}
         steps = {str(name): StepCost.from_json(cost, v) for name, v in data.get("step_costs", {}).items()}
-        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap, steps)
+        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap, steps,
+                           bool(data["cost"].get("trusted", True)))
     except (OSError, ValueError, KeyError, TypeError, AttributeError):
         return None
 
@@ -216,7 +276,7 @@ def _load_v1(path: Path, data: dict) -> Calibration:
     def parse(part: str) -> object:
         return int(part) if part.lstrip("-").isdigit() else part
 
-    cost = CostCurve(tuple(data["sizes"]), tuple(data["seconds"]))
+    cost = LearntCurve(CostCurve(tuple(data["sizes"]), tuple(data["seconds"])))
     stats = {name: AcceptanceStats(counts={tuple(parse(p) for p in key.split("|")): list(v)
                                            for key, v in counts.items()})
              for name, counts in data.get("acceptance", {}).items()}

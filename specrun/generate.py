@@ -217,7 +217,8 @@ class Generation:
                 engine.commit_path(path)
             t_end = time.perf_counter()
             if proposed:  # also for a root-only plan: a draft model must drop its draft
-                self.speculator.observe(tree, path, t_end - t_step)
+                alone = len(tree) == 1 or not cfg.overlap  # nothing drafted during this pass
+                self.speculator.observe(tree, path, t_end - t_step, t_end - t_draft if alone else None)
             accepted = [tree.tokens[i] for i in path[1:]]
             committed, done = self._commit(accepted + [pending])  # the pass's own token too: shown now
             stats.target_calls += 1

@@ -23,6 +23,7 @@ from specrun.memory_limit import MemoryLimit
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
+from specrun.speculate.planner import LearntCurve
 
 
 @dataclass(frozen=True)
@@ -134,8 +135,8 @@ class Session:
         sizes = calibrate.sizes_up_to(self.target.max_tree_nodes)
         stored = calibrate.load(file)
         found = None if force else stored
-        if found is not None and calibrate.stops_short(found.cost, sizes):
-            found = None  # measured when fewer sizes were (up to 32), on a curve flat enough for more
+        if found is not None and (calibrate.stops_short(found.cost, sizes) or not found.trusted):
+            found = None  # measured with fewer sizes (up to 32) on a curve flat enough for more, or while busy
         if found is None:
             once = "" if force else " (once)"
             self.notice(f"measuring this machine's cost curve for {self.config.target.name}{once}…")
@@ -143,14 +144,15 @@ class Session:
             if n_ctx < calibrate.context_needed(sizes):
                 self.target.open(calibrate.context_needed(sizes))
             try:
-                curve = calibrate.measure_cost_curve(self.target, sizes, max_ratio=calibrate.MAX_RATIO)
+                curve, trusted = calibrate.measure_checked(self.target, sizes, self.notice)
             finally:
                 if self.target.n_ctx != n_ctx:
                     self.target.open(n_ctx)
             old = stored  # keep what was learnt about acceptance
             # Acceptance is about text and is kept; what auto learnt about draft speed was
             # relative to the old curve and is measured again.
-            found = calibrate.Calibration(file, curve, old.stats if old else {}, {}, self.target.settings_key())
+            found = calibrate.Calibration(file, LearntCurve(curve), old.stats if old else {}, {},
+                                          self.target.settings_key(), trusted=trusted)
             found.save()
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found

@@ -63,7 +63,7 @@ class RandomSpeculator:
                 tree.add(int(self.rng.integers(3, 272)), parent)
         return tree
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         pass
 
 
@@ -81,7 +81,7 @@ class OracleSpeculator:
         tree.add_path(self.full[len(context):len(context) + min(max_depth, self.max_depth)])
         return tree
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         pass
 
 

@@ -93,6 +93,7 @@ def run(
         finally:
             session.save()
         n_ctx, plan = session.target.n_ctx, session.plan
+        replaced = session.calibration.cost.replaced if session.calibration is not None else []
     stats = gen.stats
     mode = speculator.name if speculator else "none"
     if stats.stop_reason == "context":
@@ -113,6 +114,8 @@ def run(
                   f"target calls; stopped by {stats.stop_reason}; load {load_s:.2f} s, prefill {stats.prefill_s:.2f} "
                   f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")
         notice("memory: " + "; ".join(plan.describe()))
+        for line in replaced:
+            notice(line)
         if (line := stream_line(stats)) is not None:
             notice(line)
         if (line := overlap_line(stats)) is not None:

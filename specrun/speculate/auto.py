@@ -13,12 +13,12 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from specrun.speculate.planner import CostCurve, PlannedSpeculator
+from specrun.speculate.planner import LearntCurve, PassCost, PlannedSpeculator
 from specrun.speculate.tree import DraftTree
 
 TRY_STEPS = 3  # steps with the draft model before its rate is trusted
 RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
-RETRY_RUNS = 20  # runs without loading it before its remembered rate is measured afresh
+RETRY_RUNS = 5  # runs without loading it before its remembered rate is measured afresh
 CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
 
 
@@ -31,22 +31,29 @@ class DraftSpeed:
     rate: float | None = None
     steps: int = 0
     runs_without: int = 0
+    plain: float | None = None  # plain decoding's rate by the cost curve when `rate` was measured
 
     @property
     def known(self) -> bool:
         return self.rate is not None and self.steps >= TRY_STEPS
 
-    def record(self, rate: float) -> None:
+    def record(self, rate: float, plain: float | None = None) -> None:
         self.rate = rate if self.rate is None else 0.7 * self.rate + 0.3 * rate
+        self.plain = plain if plain is not None else self.plain
         self.steps += 1
         self.runs_without = 0
 
+    def speedup(self, plain_rate: float) -> float:
+        """Its rate over plain decoding's, both as measured at the time: a period that slowed
+        the whole machine (a busy CPU) moves both, and leaves the verdict as it was."""
+        return (self.rate or 0.0) / (self.plain or plain_rate)
+
     def pays(self, plain_rate: float) -> bool:
-        return not self.known or (self.rate or 0.0) > plain_rate
+        return not self.known or self.speedup(plain_rate) > 1.0
 
     def close_to(self, plain_rate: float) -> bool:
         """Near enough plain decoding that a change of text may tip the verdict."""
-        return (self.rate or 0.0) > CLOSE * plain_rate
+        return self.speedup(plain_rate) > CLOSE
 
     def should_load(self, plain_rate: float) -> bool:
         """Whether a run should load the draft model at all (loading, checking and prefilling
@@ -65,12 +72,13 @@ class DraftSpeed:
         self.rate, self.steps, self.runs_without = None, 0, 0
 
     def to_json(self) -> dict[str, Any]:
-        return {"rate": self.rate, "steps": self.steps, "runs_without": self.runs_without}
+        return {"rate": self.rate, "steps": self.steps, "runs_without": self.runs_without, "plain": self.plain}
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> "DraftSpeed":
-        rate = data.get("rate")
-        return cls(None if rate is None else float(rate), int(data.get("steps", 0)), int(data.get("runs_without", 0)))
+        rate, plain = data.get("rate"), data.get("plain")
+        return cls(None if rate is None else float(rate), int(data.get("steps", 0)), int(data.get("runs_without", 0)),
+                   None if plain is None else float(plain))
 
 
 class AutoSpeculator:
@@ -80,7 +88,7 @@ class AutoSpeculator:
 
     name = "auto"
 
-    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: CostCurve,
+    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: PassCost,
                  speed: DraftSpeed | None = None) -> None:
         self.lookup, self.model, self.cost = lookup, model, cost
         self.speed = speed if speed is not None else DraftSpeed()
@@ -124,11 +132,13 @@ class AutoSpeculator:
             return True  # close enough that the text may have changed the verdict: look again
         return self.speed.pays(plain)
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         if self._used is None:
+            if pass_s is not None and isinstance(self.cost, LearntCurve):
+                self.cost.observe(len(tree), pass_s)
             return
         if self._used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
-            self.speed.record(len(path) / max(wall_s - self.model.catch_up_s, 1e-9))
+            self.speed.record(len(path) / max(wall_s - self.model.catch_up_s, 1e-9), 1.0 / self.cost.cost(1))
             self._since_model = 0
-        self._used.observe(tree, path, wall_s)
+        self._used.observe(tree, path, wall_s, pass_s)
         self._used = None

@@ -36,9 +36,10 @@ class Speculator(Protocol):
         `until()` says the pass is back; the seconds spent (0.0: nothing worth doing)."""
         ...
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         """The target accepted `path` (node indices, root first) of `tree`; the step took
-        `wall_s` seconds of wall time, drafting included."""
+        `wall_s` seconds of wall time, drafting included, and the target's pass `pass_s` of
+        them where nothing drafted beside it (None: the draft worked during the pass)."""
         ...
 
 

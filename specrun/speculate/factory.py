@@ -10,7 +10,7 @@ from specrun.speculate.auto import AutoSpeculator, DraftSpeed
 from specrun.speculate.base import Drafter, Speculator
 from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
 from specrun.speculate.ngram import NgramDrafter
-from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator, StepCost
+from specrun.speculate.planner import AcceptanceStats, PassCost, PlannedSpeculator, StepCost
 
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
 OVERLAPS = ("auto", "on", "off")
@@ -39,7 +39,7 @@ class SpecConfig:
         return 1 if self.mode == "none" else self.budget or DEFAULT_NODES
 
 
-def make_speculator(spec: SpecConfig, cost: CostCurve | None, stats: dict[str, AcceptanceStats],
+def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, AcceptanceStats],
                     draft: Engine | None = None, speed: DraftSpeed | None = None,
                     steps: dict[str, StepCost] | None = None, overlap: bool = False) -> Speculator | None:
     """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance

@@ -63,6 +63,73 @@ class CostCurve:
         return self.sizes[-1]
 
 
+class LearntCurve:
+    """The calibrated cost curve as runs correct it. Each pass a run times alone (nothing
+    drafting beside it) is compared with what the curve says for its size; where the median
+    of a size's last MIN_PASSES lies outside CONTRADICTED, the curve is replaced in this run:
+    that size and every size above it (up to the next observed one) scaled by the measured
+    ratio, kept monotone. A ratio beyond FAR (a curve measured in another world: calibrated
+    while the machine was busy, 24 tokens 9.1 s where they take 0.8) also marks it
+    `stale`, so the next run measures it afresh instead of starting from it."""
+
+    CONTRADICTED = (0.7, 1.4)  # observed / predicted
+    FAR = (0.5, 2.0)
+    MIN_PASSES = 4  # passes of a size before they may replace the curve
+
+    def __init__(self, curve: CostCurve) -> None:
+        self.curve = curve
+        self._ratios: dict[int, list[float]] = {}  # index of a measured size -> its last ratios
+        self.replaced: list[str] = []  # one line per replacement, for -v
+        self.stale = False
+
+    def __eq__(self, other: object) -> bool:  # what it says now; a plain CostCurve is equal to it then
+        return self.curve == (other.curve if isinstance(other, LearntCurve) else other)
+
+    __hash__ = None  # type: ignore[assignment]  # it changes
+
+    def cost(self, n: int) -> float:
+        return self.curve.cost(n)
+
+    @property
+    def max_size(self) -> int:
+        return self.curve.max_size
+
+    @property
+    def sizes(self) -> tuple[int, ...]:
+        return self.curve.sizes
+
+    @property
+    def seconds(self) -> tuple[float, ...]:
+        return self.curve.seconds
+
+    def observe(self, n: int, seconds: float) -> None:
+        """A pass over n tokens took `seconds` with nothing beside it."""
+        i = min(range(len(self.sizes)), key=lambda k: (abs(np.log(self.sizes[k] / n)), k))
+        last = self._ratios.setdefault(i, [])
+        last.append(seconds / self.curve.cost(n))
+        del last[:-self.MIN_PASSES]
+        low, high = self.CONTRADICTED
+        if len(last) == self.MIN_PASSES and not low <= float(np.median(last)) <= high:
+            self._replace()
+
+    def _replace(self) -> None:
+        ratios = {i: float(np.median(r)) for i, r in self._ratios.items() if len(r) >= self.MIN_PASSES // 2}
+        times, scale = [], 1.0
+        for k, t in enumerate(self.seconds):
+            scale = ratios.get(k, scale)  # a size's own measurement, else the nearest one below it
+            times.append(max(t * scale, times[-1] if times else 0.0))
+        worst = max(ratios.values(), key=lambda r: abs(np.log(r)))
+        self.stale = self.stale or not self.FAR[0] <= worst <= self.FAR[1]
+        self.replaced.append(f"target passes took {worst:.2f}x what the stored cost curve said: replaced it "
+                             f"(1 token {self.seconds[0] * 1000:.0f} -> {times[0] * 1000:.0f} ms, {self.max_size} "
+                             f"tokens {self.seconds[-1] * 1000:.0f} -> {times[-1] * 1000:.0f} ms)")
+        self.curve = CostCurve(self.sizes, tuple(times))
+        self._ratios.clear()
+
+
+PassCost = CostCurve | LearntCurve  # seconds of a target pass over n tokens
+
+
 @dataclass
 class StepCost:
     """Wall seconds of a step verifying n nodes (the root included): the target's pass, plus
@@ -71,7 +138,7 @@ class StepCost:
     target. All are learnt from the steps taken (exponential averages); until then a step
     costs its pass. `hidden` goes negative where drafting slows the pass (shared cores)."""
 
-    passes: CostCurve
+    passes: PassCost
     per_node: float = 0.0
     hidden: float = 0.0
     steps: int = 0
@@ -111,7 +178,7 @@ class StepCost:
                 "free": self.free}
 
     @classmethod
-    def from_json(cls, passes: CostCurve, data: dict[str, Any]) -> "StepCost":
+    def from_json(cls, passes: PassCost, data: dict[str, Any]) -> "StepCost":
         return cls(passes, float(data["per_node"]), float(data["hidden"]), int(data["steps"]), float(data["kept"]),
                    float(data.get("free", 0.0)))
 
@@ -141,10 +208,14 @@ class AcceptanceStats:
         mean = (accepted + self.prior_accept) / n
         return min(1.0, mean + self.confidence * float(np.sqrt(mean * (1 - mean) / (n + 1))))
 
+    WINDOW = 400  # tests of a key kept at most: beyond, older ones weigh half (recent text and machines count)
+
     def update(self, key: Hashable, accepted: bool) -> None:
         c = self.counts.setdefault(key, [0, 0])
         c[0] += int(accepted)
         c[1] += 1
+        if c[1] > self.WINDOW:
+            c[0], c[1] = (c[0] + 1) // 2, (c[1] + 1) // 2
 
 
 def node_chances(tree: DraftTree, keys: Sequence[Hashable], stats: AcceptanceStats) -> list[float]:
@@ -155,7 +226,7 @@ def node_chances(tree: DraftTree, keys: Sequence[Hashable], stats: AcceptanceSta
     return chances
 
 
-def best_subtree(chances: Sequence[float], cost: CostCurve | StepCost, max_nodes: int | None = None) -> list[int]:
+def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None) -> list[int]:
     """Node indices to verify (root first, a connected subtree): the k likeliest non-root
     nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
     limit = min(len(chances), max_nodes or cost.max_size)  # no plans beyond what was measured
@@ -169,7 +240,7 @@ def best_subtree(chances: Sequence[float], cost: CostCurve | StepCost, max_nodes
     return [0] + sorted(order[:best_k])
 
 
-def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: CostCurve | StepCost) -> float:
+def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: PassCost | StepCost) -> float:
     """Expected tokens per second of verifying `keep`, relative to plain decoding."""
     return sum(chances[i] for i in keep) / cost.cost(len(keep)) * cost.cost(1)
 
@@ -180,7 +251,7 @@ class PlannedSpeculator:
 
     Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
 
-    def __init__(self, name: str, drafter: Drafter, cost: CostCurve | None, stats: AcceptanceStats,
+    def __init__(self, name: str, drafter: Drafter, cost: PassCost | None, stats: AcceptanceStats,
                  max_nodes: int = 32, max_depth: int = 16, step_cost: StepCost | None = None) -> None:
         self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
         self.max_nodes, self.max_depth = max_nodes, max_depth
@@ -201,7 +272,10 @@ class PlannedSpeculator:
         # After a plan that kept nothing, a costly drafter rests for `_rest` steps, doubling
         # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
         self._rest, self._resting = 1, 0
-        self._unverified = 0  # proposals since a draft tree was last verified
+        # Proposals since a draft tree was last verified. What earlier runs taught about drafting
+        # costs may be stale (a busy hour, a draft paged out under a memory limit): a run starts
+        # due for one verified tree, so its own first steps measure drafting afresh.
+        self._unverified = self.EXPLORE_EVERY if step is not None and step.steps else 0
         self._needed = 1.0  # the share of this step's drafting a plan of its size needs (StepCost.observe)
         self.skipped = False  # the last proposal drafted nothing (resting)
         self.explored = False  # the last proposal was verified to re-measure drafting, not because it paid
@@ -278,8 +352,11 @@ class PlannedSpeculator:
         """Tokens the last proposal (`tree`) is expected to yield, its root's included."""
         return sum(node_chances(tree, self._keys, self.stats))
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float) -> None:
-        """Each node whose parent was accepted was tested: it matched the target's draw or not."""
+    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+        """Each node whose parent was accepted was tested: it matched the target's draw or not.
+        `pass_s`: the target's pass, where nothing drafted beside it, corrects the cost curve."""
+        if pass_s is not None and isinstance(self.cost, LearntCurve):
+            self.cost.observe(len(tree), pass_s)
         if self.step_cost is not None and not self.skipped:
             self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored,
                                    self._free)
