@@ -15,6 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
+from specrun.engines.base import Vocab
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, GenerationStats, Step, check_prompt
 from specrun.gguf_file import read_gguf
@@ -45,16 +46,16 @@ class ChatTemplate:
                                               add_generation_prompt=True)
 
     @classmethod
-    def of_model(cls, path: Path, session: Session) -> "ChatTemplate":
-        """The template in `path`'s metadata (or its directory's tokenizer config); UsageError
-        when the model has none."""
+    def of_model(cls, path: Path, vocab: Vocab) -> "ChatTemplate":
+        """The template in `path`'s metadata (or its directory's tokenizer config), with `vocab`'s
+        BOS and EOS texts; UsageError when the model has none."""
         template = template_of(path)
         if template is None:
             where = "tokenizer_config.json" if path.is_dir() else "metadata"
             raise UsageError(f"{path.name} has no chat template in its {where}",
                              hint="use `specrun run` for plain completion, or an instruct model")
-        bos, eos = session.target.vocab.special_tokens()
-        text = session.target.vocab.token_text
+        bos, eos = vocab.special_tokens()
+        text = vocab.token_text
         return cls(template, text(bos).decode("utf-8", "replace") if bos >= 0 else "",
                    text(eos).decode("utf-8", "replace") if eos >= 0 else "")
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Sequence
 
-from specrun.bench import ModeSummary
+from specrun.bench_report import ModeSummary
 
 
 def plot_bench(summaries: Sequence[ModeSummary], title: str, path: Path) -> None:

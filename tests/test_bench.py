@@ -22,7 +22,7 @@ SPECRUN = [sys.executable, "-m", "specrun"]
 MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "speedup",
                 "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "max_tree",
                 "mean_depth", "pass_s", "bytes_per_pass", "read_s_per_pass", "identical", "differences",
-                "accepted_histogram", "parallel_s_per_pass", "prepared_share"}
+                "accepted_histogram", "parallel_s_per_pass", "prepared_share", "failed", "peak_bytes"}
 
 
 def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -195,7 +195,7 @@ def test_a_short_answer_drafted_in_one_step_is_timed_over_all_of_it(monkeypatch:
         def save(self) -> None: ...
 
     monkeypatch.setattr(B, "Generation", OneStepAnswer)
-    bench = B.Bench(FakeSession(), [MODES["auto"]], B.BenchConfig(max_tokens=64), {})  # type: ignore[arg-type]
-    result = bench._run_one(MODES["auto"], "p", 0, [1, 2, 3])
+    runner = B.SessionRunner(FakeSession(), MODES["auto"], B.BenchConfig(max_tokens=64))  # type: ignore[arg-type]
+    result = runner.run([1, 2, 3], "p", 0)
     assert result.tokens_per_s == pytest.approx(12 / 0.6)
     assert result.tree_sizes == [19, 17] and result.accepted_lengths == [11, 0]

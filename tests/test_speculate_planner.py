@@ -503,9 +503,9 @@ def test_a_run_that_learnt_nothing_drafts_a_modest_tree_first_and_grows_it() -> 
 # --- what is learnt survives a bad hour -------------------------------------------------------
 
 def test_a_contradicted_cost_curve_is_replaced_and_the_trees_follow() -> None:
-    """Calibrated on an idle machine (a pass over 32 tokens about one over 1), then big passes
-    became 6x dearer mid-run (a busy CPU, memory pressure): the passes contradict the curve,
-    it is replaced from what they measured, and the trees shrink to what now pays."""
+    """Calibrated on an idle machine (a pass over 32 tokens about one over 1), then every node
+    beyond 4 began to cost 0.4 s mid-run (a busy CPU, memory pressure): the passes contradict
+    the curve, it is replaced from what they measured, and the trees shrink to what now pays."""
     idle = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.30, 0.30, 0.31, 0.32, 0.33, 0.35)))
     stats = AcceptanceStats()
     stats.counts["lookup"] = [970, 1000]
@@ -514,7 +514,7 @@ def test_a_contradicted_cost_curve_is_replaced_and_the_trees_follow() -> None:
     for step in range(30):
         tree = spec.propose([1, 2, 3], 32, 32)
         sizes.append(len(tree))
-        took = 0.30 + (0.002 if step < 5 else 0.05) * len(tree)
+        took = 0.30 + (0.002 * len(tree) if step < 5 else 0.4 * max(0, len(tree) - 4))
         spec.observe(tree, list(range(len(tree))), wall_s=took, pass_s=took)
     assert sizes[:5] == [32] * 5 and sizes[-1] <= 8
     assert idle.replaced and "replaced it" in idle.replaced[0] and idle.stale  # 5x off: measure afresh next run
@@ -528,7 +528,8 @@ def test_passes_within_the_curves_noise_change_nothing() -> None:
     assert curve.curve == CostCurve((1, 8, 32), (0.3, 0.4, 0.8)) and not curve.replaced
     for _ in range(LearntCurve.MIN_PASSES):  # a machine that became 1.5x slower
         curve.observe(8, 0.6)
-    assert curve.cost(8) == pytest.approx(0.6) and curve.cost(32) == pytest.approx(1.2) and curve.cost(1) == 0.3
+    assert curve.cost(8) == pytest.approx(0.6, rel=0.01) and curve.cost(32) == pytest.approx(1.2, rel=0.01)
+    assert curve.cost(1) == 0.3
     assert curve.replaced and not curve.stale  # corrected, and kept: not so far off that it needs measuring
 
 
@@ -633,10 +634,10 @@ def test_a_generation_whose_passes_slow_mid_run_replaces_its_curve_and_shrinks_i
     curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32, 64), (0.01, 0.01, 0.01, 0.011, 0.012, 0.014, 0.018)))
     stats = AcceptanceStats()
     stats.counts["lookup"] = [990, 1000]
-    engine = _CountingEngine(lambda n: 0.01 + (0.0001 if engine.passes < 7 else 0.003) * n)
+    engine = _CountingEngine(lambda n: 0.01 + (0.0001 if engine.passes < 7 else 0.006) * n)
     spec = PlannedSpeculator("ngram", _NextTokenDrafter(63, "lookup", False), curve, stats, max_nodes=64,
                              max_depth=64)
-    gen = Generation(engine, [1, 2, 3], GenerationConfig(max_tokens=600, sampling=SamplingConfig(temperature=0)), spec)
+    gen = Generation(engine, [1, 2, 3], GenerationConfig(max_tokens=1000, sampling=SamplingConfig(temperature=0)), spec)
     sizes = [step.drafted + 1 for step in gen if step.target_calls]
-    assert gen.tokens == [(4 + i) % 1000 for i in range(600)]  # every drafted token accepted: output unchanged
+    assert gen.tokens == [(4 + i) % 1000 for i in range(1000)]  # every drafted token accepted: output unchanged
     assert min(sizes[:6]) >= 32 and sizes[-1] <= 16 and curve.replaced

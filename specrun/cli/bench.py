@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 from dataclasses import replace
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Callable, Optional
 
 import typer
 from rich.markup import escape
@@ -13,6 +13,7 @@ from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
 from specrun import bench as B
+from specrun import bench_report as R
 from specrun.catalog import DEFAULT_TARGET
 from specrun.chat import ChatTemplate
 from specrun.cli import options as O
@@ -21,6 +22,8 @@ from specrun.cli.console import err, friendly, notice, print_stdout, write_repor
 from specrun.cli.models import resolve
 from specrun.engines import engine_for
 from specrun.errors import UsageError
+from specrun.memory_limit import gib
+from specrun.peers import LlamaCppPythonPeer
 from specrun.sampling import SamplingConfig
 from specrun.workloads import load_workload
 
@@ -37,7 +40,8 @@ def bench(
     top_p: float = O.TOP_P,
     seed: Optional[int] = typer.Option(0, "--seed", help="Sampling seed."),
     modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, auto-seq, "
-                              "tree-seq (the same without overlap), lcp-lookup, lcp-plain (llama-cpp-python). "
+                              "tree-seq (the same without overlap), tree:BxD (a fixed tree of B nodes, D deep), "
+                              "lcp-lookup, lcp-plain (llama-cpp-python). "
                               "Default: plain, auto, ngram, chain, tree, lcp-lookup."),
     overlap: str = O.OVERLAP,
     draft: Optional[str] = O.DRAFT,
@@ -52,6 +56,9 @@ def bench(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Run every mode, llama.cpp's peer "
+                                               "included, in a process of its own inside this much memory (e.g. "
+                                               "1.1G; a child memory cgroup) and report each one's peak."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
                                              "needs matplotlib)."),
@@ -62,6 +69,7 @@ def bench(
     O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
+    limit = O.parse_size(memory_limit, "--memory-limit")
     if plot_path is not None:
         _need_matplotlib()
     for out in (json_path, plot_path):  # before minutes of work, not after
@@ -72,47 +80,21 @@ def bench(
     engine_for(models.target, places[0])  # a placement no engine serves stops here, before any notice
     chosen = _peers_need_gguf(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes))
     chosen = [replace(m, spec=replace(m.spec, overlap=overlap)) if m.spec is not None and m.spec.overlap == "auto"
-              else m for m in chosen]  # the -seq rows keep overlap off
-    specs = [m.spec for m in chosen if m.spec is not None]
+              else m for m in chosen]  # the -seq and fixed-tree rows keep overlap off
     config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
-    peers: dict[str, Any] = {}
     needed = max(p.max_tokens for p in prompts) + max_tokens + 64
-    with models.session(specs, *places, needed_ctx=needed) as session:
-        template = ChatTemplate.of_model(models.target, session) if any(p.messages for p in prompts) else None
-        runner = B.Bench(session, chosen, config, peers, template)
-        session.open(session.n_ctx)
-        session.calibrated()
-        try:
-            for m in chosen:
-                if m.spec is None:
-                    peers[m.key] = B.LlamaCppPythonPeer(models.target, min(needed, session.target.n_ctx), threads,
-                                                        0 if device == "cpu" else gpu_layers,
-                                                        lookup=m.key == "lcp-lookup")
-                    if m.key == "lcp-lookup":
-                        notice(f"llama-cpp-python's prompt lookup drafts {peers[m.key].num_pred_tokens} tokens "
-                                "per step, as its README advises for this hardware")
-            columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
-                       TimeRemainingColumn())
-            with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-                task = bar.add_task("benchmarking", total=len(prompts) * repeats * len(chosen))
-                runs = [0]
-
-                def advance(pid: str, mode: str) -> None:
-                    bar.update(task, advance=1, description=f"{pid}: {mode}")
-                    runs[0] += 1
-                    if not err.is_terminal and runs[0] % len(chosen) == 0:  # no bar: a line per prompt
-                        err.print(f"{pid}: every mode done ({runs[0] // len(chosen)}/{len(prompts) * repeats})")
-
-                runner.run(prompts, advance)
-        finally:
-            for peer in peers.values():
-                peer.close()
-        summaries = B.summarize(runner.results, chosen)
-        planner = B.planner_explanation(session, summaries)
-    _print_bench(models.label, workload, len(prompts), config, summaries, planner)
+    if any(m.key == "lcp-lookup" for m in chosen):
+        notice("llama-cpp-python's prompt lookup drafts 2 tokens per step on a CPU (10 with a GPU), as its README "
+               "advises")
+    if limit is None:
+        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed, threads, gpu_layers,
+                                                  device)
+    else:
+        summaries, results, planner = _in_limits(models, chosen, places, config, prompts, needed, limit)
+    _print_bench(models.label, workload, len(prompts), config, summaries, planner, limit)
     if json_path is not None:
-        data = B.to_json(config, workload, models.label, models.draft.name if models.draft else None, threads,
-                         summaries, runner.results, planner)
+        data = R.to_json(config, workload, models.label, models.draft.name if models.draft else None, threads,
+                         summaries, results, planner, limit)
         write_report(json_path, json.dumps(data, indent=1))
         err.print(f"[dim]wrote {escape(str(json_path))}[/]")
     if plot_path is not None:
@@ -120,6 +102,114 @@ def bench(
 
         plot_bench(summaries, f"{models.label}, {workload}", plot_path)
         err.print(f"[dim]wrote {escape(str(plot_path))}[/]")
+
+
+def _progress(total: int, n_modes: int) -> tuple[Progress, Callable[[str, str], None]]:
+    """A bar on a terminal; elsewhere a line per prompt."""
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.completed}/{task.total}"),
+               TimeRemainingColumn())
+    bar = Progress(*columns, console=err, transient=True, disable=not err.is_terminal)
+    task = bar.add_task("benchmarking", total=total * n_modes)
+    runs = [0]
+
+    def advance(pid: str, mode: str) -> None:
+        bar.update(task, advance=1, description=f"{pid}: {mode}")
+        runs[0] += 1
+        if not err.is_terminal and runs[0] % n_modes == 0:  # no bar: a line per prompt
+            err.print(f"{pid}: every mode done ({runs[0] // n_modes}/{total})")
+
+    return bar, advance
+
+
+def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
+                needed: int, threads: Optional[int], gpu_layers: Optional[int], device: Optional[str]) -> Any:
+    """Every mode on one session in this process (the peers beside it)."""
+    specs = [m.spec for m in chosen if m.spec is not None]
+    runners: dict[str, Any] = {}
+    with models.session(specs, *places, needed_ctx=needed) as session:
+        vocab = session.target.vocab
+        template = ChatTemplate.of_model(models.target, vocab) if any(p.messages for p in prompts) else None
+        tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]
+        session.open(session.n_ctx)
+        session.calibrated()
+        try:
+            for m in chosen:
+                if m.spec is not None:
+                    runners[m.key] = B.SessionRunner(session, m, config)
+                else:
+                    peer = LlamaCppPythonPeer(models.target, min(needed, session.target.n_ctx), threads,
+                                              0 if device == "cpu" else gpu_layers, lookup=m.key == "lcp-lookup")
+                    runners[m.key] = B.PeerRunner(peer, m, config, vocab)
+            runner = B.Bench(runners, chosen, config)
+            bar, advance = _progress(len(prompts) * config.repeats, len(chosen))
+            with bar:
+                runner.run(tokens, advance)
+        finally:
+            for r in runners.values():
+                if isinstance(r, B.PeerRunner):
+                    r.close()
+        summaries = R.summarize(runner.results, chosen)
+        planner = (R.calibration_lines(session) + R.summary_lines(summaries)
+                   + R.streaming_lines(session.target.measure_link(), summaries))
+    return summaries, runner.results, planner
+
+
+def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
+               needed: int, limit: int) -> Any:
+    """Every mode in a worker process inside a child memory cgroup of `limit` bytes."""
+    from specrun.bench_workers import WorkerRunner, WorkerSpec, placement_fields
+    from specrun.engines.llamacpp import VocabOnly
+    from specrun.memory_cgroup import ChildCgroup, evict_from_page_cache
+
+    if models.target.is_dir():
+        raise UsageError("--memory-limit compares with llama.cpp's mmap, which runs GGUF files, and "
+                         f"{models.target.name} is a directory", hint="give a GGUF file, or leave out --memory-limit")
+    ChildCgroup(limit).close()  # cannot make one here: one line now, before any work
+    vocab_file = VocabOnly(models.target)
+    runners: dict[str, WorkerRunner] = {}
+    try:
+        template = ChatTemplate.of_model(models.target, vocab_file.vocab) if any(p.messages for p in prompts) else None
+        tokens = [(p.id, _tokens(p, vocab_file.vocab, template)) for p in prompts]
+        piece = vocab_file.vocab.piece
+        evict_from_page_cache(*(f for f in (models.target, models.draft) if f is not None))  # each pays its own reads
+        for m in chosen:
+            notice(f"starting {m.label} in a {gib(limit)} memory cgroup…")
+            spec = WorkerSpec(m.key, str(models.target), str(models.draft) if models.draft else None,
+                              str(models.store.root), config.max_tokens, config.sampling.__dict__, needed,
+                              placement_fields(places[0]), placement_fields(places[1]))
+            runners[m.key] = WorkerRunner(spec, limit, notice)
+            if runners[m.key].failed:
+                notice(f"{m.label}: {runners[m.key].failed}")
+        refused = [w.refusal for m, w in zip(chosen, runners.values()) if w.refusal is not None]
+        if len(refused) == sum(m.spec is not None for m in chosen):  # no mode of specrun's fits: as `run` says
+            raise UsageError(refused[0][0], hint=refused[0][1])
+        runner = B.Bench(runners, chosen, config)  # type: ignore[arg-type]
+        bar, advance = _progress(len(prompts) * config.repeats, len(chosen))
+        with bar:
+            runner.run(tokens, advance)
+        for r in runner.results:  # the workers sent tokens; their text is the parent's to make
+            r.text = b"".join(piece(t) for t in r.tokens).decode("utf-8", "replace")
+        explainer = next((runners[m.key] for m in chosen if m.spec is not None and m.spec.needs_costs
+                          and not runners[m.key].failed), None)
+        lines, _ = explainer.explain() if explainer else ([], None)
+        link = runners["plain"].explain()[1]
+    finally:
+        for w in runners.values():
+            w.close()
+        vocab_file.close()
+    peaks = {k: w.usage.peak if w.usage else None for k, w in runners.items()}
+    summaries = R.summarize(runner.results, chosen, peaks)
+    failed = [f"{m.key}: {runners[m.key].failed}" for m in chosen if runners[m.key].failed]
+    planner = lines + R.summary_lines(summaries) + R.streaming_lines(link, summaries) + failed
+    return summaries, runner.results, planner
+
+
+def _tokens(prompt: Any, vocab: Any, template: Any) -> list[int]:
+    if prompt.text is not None:
+        return vocab.tokenize(prompt.text)
+    if template is None:
+        raise UsageError(f"prompt {prompt.id} is a conversation, and the model has no chat template")
+    return vocab.tokenize(template.render(prompt.messages), add_special=False)
 
 
 def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:
@@ -136,29 +226,37 @@ def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:
 
 
 def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summaries: list[Any],
-                 planner: list[str]) -> None:
+                 planner: list[str], limit: Optional[int] = None) -> None:
     """The comparison table and the planner's reasons, on stdout (the command's product)."""
     sampling = "greedy" if config.sampling.greedy else (f"temperature {config.sampling.temperature}, top-p "
                                                         f"{config.sampling.top_p}, seed {config.sampling.seed}")
+    inside = f" · inside {gib(limit)} each" if limit is not None else ""
     table = Table(title=f"{label} · {workload} · {n_prompts} prompts x {config.repeats} · {config.max_tokens} "
-                        f"tokens · {sampling}", title_justify="left", box=None, pad_edge=False)
-    for col, justify in (("mode", "left"), ("tok/s", "right"), ("min-max", "right"), ("speed-up", "right"),
-                         ("min-max ", "right"), ("tokens/call", "right"), ("drafting", "right"),
-                         ("prepared used", "right"), ("output vs plain", "left")):
+                        f"tokens · {sampling}{inside}", title_justify="left", box=None, pad_edge=False)
+    columns = [("mode", "left"), ("tok/s", "right"), ("min-max", "right"), ("speed-up", "right"),
+               ("min-max ", "right"), ("tokens/call", "right"), ("drafting", "right"), ("prepared used", "right")]
+    columns += [("peak memory", "right")] if limit is not None else []
+    for col, justify in columns + [("output vs plain", "left")]:
         table.add_column(col, justify=justify)  # type: ignore[arg-type]
     for s in summaries:
-        if s.mode == "plain":
+        if s.failed == s.runs:
+            check = "failed: see below"
+        elif s.mode == "plain":
             check = "(reference)"
         elif s.identical == s.runs:
             check = "identical"
         else:
             margins = ", ".join(f"{d['top2_margin']:.2f}" for d in s.differences[:4] if d["top2_margin"] is not None)
             check = f"differs in {s.runs - s.identical}/{s.runs} (top-2 margins {margins})"
-        table.add_row(s.label, f"{s.tokens_per_s:.1f}", f"{s.tokens_per_s_min:.1f}-{s.tokens_per_s_max:.1f}",
-                      f"{s.speedup:.2f}x", f"{s.speedup_min:.2f}-{s.speedup_max:.2f}x",
-                      "" if s.tokens_per_call is None else f"{s.tokens_per_call:.2f}",
-                      "" if s.draft_share is None else f"{s.draft_share:.0%}",
-                      "" if s.prepared_share is None else f"{s.prepared_share:.0%}", check)
+        if s.failed and s.failed < s.runs:
+            check += f"; {s.failed} runs failed"
+        row = [s.label, f"{s.tokens_per_s:.1f}", f"{s.tokens_per_s_min:.1f}-{s.tokens_per_s_max:.1f}",
+               f"{s.speedup:.2f}x", f"{s.speedup_min:.2f}-{s.speedup_max:.2f}x",
+               "" if s.tokens_per_call is None else f"{s.tokens_per_call:.2f}",
+               "" if s.draft_share is None else f"{s.draft_share:.0%}",
+               "" if s.prepared_share is None else f"{s.prepared_share:.0%}"]
+        row += [gib(s.peak_bytes) if s.peak_bytes is not None else "?"] if limit is not None else []
+        table.add_row(*row, check)
     print_stdout(table)
     print("\n".join(f"planner: {line}" for line in planner))
 

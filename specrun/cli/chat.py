@@ -59,7 +59,7 @@ def chat(
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
     with models.session([spec_cfg], *places, ctx=ctx) as session:
-        template = ChatTemplate.of_model(models.target, session)
+        template = ChatTemplate.of_model(models.target, session.target.vocab)
         session.open(session.n_ctx)
         config = ChatConfig(spec_cfg, GenerationConfig(max_tokens, SamplingConfig(temperature, top_p, seed)), system)
         conversation = Chat(session, template, config, notice=notice)

@@ -65,22 +65,25 @@ class CostCurve:
 
 class LearntCurve:
     """The calibrated cost curve as runs correct it. Each pass a run times alone (nothing
-    drafting beside it) is compared with what the curve says for its size; where the median
-    of a size's last MIN_PASSES lies outside CONTRADICTED, the curve is replaced in this run:
-    that size and every size above it (up to the next observed one) scaled by the measured
-    ratio, kept monotone. A ratio beyond FAR (a curve measured in another world: calibrated
-    while the machine was busy, 24 tokens 9.1 s where they take 0.8) also marks it
-    `stale`, so the next run measures it afresh instead of starting from it."""
+    drafting beside it) is kept with its size (the last MIN_PASSES per measured size); where
+    their median is off the curve by more than CONTRADICTED, the curve is replaced in this
+    run: each observed size costs what its passes measured, sizes between observed ones move
+    by the ratio between, sizes above the largest by its ratio, sizes below the smallest stay;
+    kept monotone. Off by more than FAR (a curve measured in another world: calibrated while
+    the machine was busy, 24 tokens 9.1 s where they take 0.8) also marks it `stale`, so the
+    next run measures it afresh instead of starting from it."""
 
     CONTRADICTED = (0.7, 1.4)  # observed / predicted
     FAR = (0.5, 2.0)
     MIN_PASSES = 4  # passes of a size before they may replace the curve
+    JITTER = 0.005  # seconds added to both sides of a ratio: passes of a few ms say little
 
     def __init__(self, curve: CostCurve) -> None:
         self.curve = curve
-        self._ratios: dict[int, list[float]] = {}  # index of a measured size -> its last ratios
+        self._seen: dict[int, list[float]] = {}  # index of a measured size -> its last passes, in seconds at that size
         self.replaced: list[str] = []  # one line per replacement, for -v
         self.stale = False
+        self.version = 0  # replacements so far (what was learnt against an older curve is stale)
 
     def __eq__(self, other: object) -> bool:  # what it says now; a plain CostCurve is equal to it then
         return self.curve == (other.curve if isinstance(other, LearntCurve) else other)
@@ -105,26 +108,41 @@ class LearntCurve:
     def observe(self, n: int, seconds: float) -> None:
         """A pass over n tokens took `seconds` with nothing beside it."""
         i = min(range(len(self.sizes)), key=lambda k: (abs(np.log(self.sizes[k] / n)), k))
-        last = self._ratios.setdefault(i, [])
-        last.append(seconds / self.curve.cost(n))
+        last = self._seen.setdefault(i, [])
+        last.append(seconds * self.seconds[i] / self.curve.cost(n))  # as if at the measured size
         del last[:-self.MIN_PASSES]
         low, high = self.CONTRADICTED
-        if len(last) == self.MIN_PASSES and not low <= float(np.median(last)) <= high:
-            self._replace()
+        if len(last) == self.MIN_PASSES and not low <= self._ratio(i) <= high:
+            self._replace(i)
 
-    def _replace(self) -> None:
-        ratios = {i: float(np.median(r)) for i, r in self._ratios.items() if len(r) >= self.MIN_PASSES // 2}
-        times, scale = [], 1.0
+    def _ratio(self, i: int) -> float:
+        return (float(np.median(self._seen[i])) + self.JITTER) / (self.seconds[i] + self.JITTER)
+
+    def _replace(self, trigger: int) -> None:
+        seen = sorted(i for i, passes in self._seen.items() if len(passes) >= self.MIN_PASSES // 2)
+        ratios = {i: self._ratio(i) for i in seen}
+        logs = np.log(np.asarray(self.sizes, dtype=float))
+        times: list[float] = []
         for k, t in enumerate(self.seconds):
-            scale = ratios.get(k, scale)  # a size's own measurement, else the nearest one below it
-            times.append(max(t * scale, times[-1] if times else 0.0))
-        worst = max(ratios.values(), key=lambda r: abs(np.log(r)))
-        self.stale = self.stale or not self.FAR[0] <= worst <= self.FAR[1]
-        self.replaced.append(f"target passes took {worst:.2f}x what the stored cost curve said: replaced it "
-                             f"(1 token {self.seconds[0] * 1000:.0f} -> {times[0] * 1000:.0f} ms, {self.max_size} "
-                             f"tokens {self.seconds[-1] * 1000:.0f} -> {times[-1] * 1000:.0f} ms)")
+            if k < seen[0]:
+                r = 1.0
+            elif k >= seen[-1]:
+                r = ratios[seen[-1]]
+            else:
+                hi = next(i for i in seen if i >= k)
+                lo = max(i for i in seen if i <= k)
+                w = 0.0 if hi == lo else (logs[k] - logs[lo]) / (logs[hi] - logs[lo])
+                r = ratios[lo] ** (1 - w) * ratios[hi] ** w
+            times.append(max(t * r, times[-1] if times else 0.0))
+        ratio = ratios[trigger]
+        self.stale = self.stale or not self.FAR[0] <= ratio <= self.FAR[1]
+        self.replaced.append(f"passes over {self.sizes[trigger]} tokens took {ratio:.2f}x what the stored cost curve "
+                             f"said: replaced it (1 token {self.seconds[0] * 1000:.0f} -> {times[0] * 1000:.0f} ms, "
+                             f"{self.max_size} tokens {self.seconds[-1] * 1000:.0f} -> {times[-1] * 1000:.0f} ms)")
         self.curve = CostCurve(self.sizes, tuple(times))
-        self._ratios.clear()
+        self.version += 1
+        for i in self._seen:  # what they measured now agrees with the curve: ratios start again from 1
+            self._seen[i] = [self.seconds[i]] * len(self._seen[i])
 
 
 PassCost = CostCurve | LearntCurve  # seconds of a target pass over n tokens
@@ -145,10 +163,19 @@ class StepCost:
     kept: float = 0.0  # nodes per verified tree (average): where the next run's first draft starts
     free: float = 0.0  # of them, found during the previous pass (average; 0 without overlap)
     SMOOTHING = 0.3  # weight of the newest step
+    _version: int = field(default=0, repr=False, compare=False)  # the curve's replacements `hidden` was learnt against
 
     def cost(self, n: int) -> float:
+        self._follow()
         c = self.passes.cost(n)
         return c if n <= 1 else c + max(0.0, self.per_node * max(0.0, n - self.free) - self.hidden)
+
+    def _follow(self) -> None:
+        """What a step hides behind the pass was learnt as the curve's pass less the wall time: a
+        replaced curve made it wrong (the curve's error looked like drafting slowing the pass)."""
+        version = getattr(self.passes, "version", 0)
+        if version != self._version:
+            self.hidden, self._version = 0.0, version
 
     @property
     def max_size(self) -> int:
@@ -166,6 +193,7 @@ class StepCost:
         stale; it replaces them instead of averaging in."""
         if n <= 1:
             return  # plain steps say nothing about drafting
+        self._follow()
         a = 1.0 if self.steps == 0 or afresh else self.SMOOTHING
         self.per_node += a * (needed * drafting_s / max(n - free, 1) - self.per_node)
         self.hidden += a * (self.passes.cost(n) + drafting_s - wall_s - self.hidden)
