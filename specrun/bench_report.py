@@ -38,7 +38,8 @@ class ModeSummary:
     peak_bytes: int | None = None  # --memory-limit: the most memory its cgroup held, page cache included
 
 
-def summarize(results: list[RunResult], modes: list[Mode], peaks: dict[str, int | None] | None = None) -> list[ModeSummary]:
+def summarize(results: list[RunResult], modes: list[Mode],
+              peaks: dict[str, int | None] | None = None) -> list[ModeSummary]:
     out = []
     for mode in modes:
         every = [r for r in results if r.mode == mode.key]

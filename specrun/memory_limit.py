@@ -318,7 +318,8 @@ def swap_enabled(proc: Path = Path("/proc")) -> bool:
     return _meminfo(proc / "meminfo").get("SwapTotal", 0) > 0
 
 
-__all__ = ["Level", "cgroup_mounts", "read_file", "read_stat", "MemoryLimit", "SystemPaths", "detect", "gib", "can_lock", "locked_bytes", "resident_bytes", "swap_enabled"]
+__all__ = ["Level", "MemoryLimit", "SystemPaths", "can_lock", "cgroup_mounts", "detect", "gib", "locked_bytes", "read_file",
+           "read_stat", "resident_bytes", "swap_enabled"]
 
 
 if __name__ == "__main__":  # python -m specrun.memory_limit: what this process sees

@@ -9,7 +9,7 @@ from specrun.engines import model_bytes
 from specrun.gguf_file import read_gguf
 
 MIB = 1 << 20
-PREFILL_CHUNK = 512  # prompt tokens per pass (the torch engine's chunk; llama.cpp's n_batch)
+PREFILL_CHUNK = 512  # prompt tokens per pass: the torch engine's chunk (a long prompt's activations), llama.cpp's n_batch
 
 
 @dataclass(frozen=True)

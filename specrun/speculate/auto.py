@@ -18,7 +18,7 @@ from specrun.speculate.tree import DraftTree
 
 TRY_STEPS = 3  # steps with the draft model before its rate is trusted
 RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
-RETRY_RUNS = 5  # runs without loading it before its remembered rate is measured afresh
+RETRY_RUNS = 10  # runs without loading it before its remembered rate is measured afresh
 CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
 
 

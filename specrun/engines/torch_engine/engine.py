@@ -17,13 +17,13 @@ import numpy as np
 import torch
 
 from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, check_keep, top_k_of
+from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
 from specrun.engines.torch_engine.model import Batch, Transformer
 from specrun.errors import UsageError
 
-PREFILL_CHUNK = 512  # prompt tokens per pass: bounds the activations of a long prompt
 
 
 class TorchLogits:
