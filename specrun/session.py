@@ -161,7 +161,7 @@ class Session:
     def speculator(self, spec: SpecConfig) -> Speculator | None:
         """The speculator for `spec` (None: plain decoding), sharing this session's draft engine
         and what it learnt."""
-        if spec.max_nodes > max(self.target.max_tree_nodes, 1):
+        if spec.budget is not None and spec.max_nodes > max(self.target.max_tree_nodes, 1):  # planned trees fit
             raise ValueError(f"the engines were opened for trees of at most {self.target.max_tree_nodes} nodes")
         cal = self.calibrated() if spec.needs_costs else None
         speed = None

@@ -158,3 +158,23 @@ def test_info_shows_the_limit_and_the_plan(files: dict[str, Path], monkeypatch: 
     assert plan_json["total"] == sum(i["bytes"] for i in plan_json["items"]) <= 3 * GIB
     text = invoke("info", str(files["target"])).stdout
     assert "memory limit" in text and "memory plan" in text and "runtime" in text
+
+
+def test_a_plan_with_small_trees_still_serves_auto(files: dict[str, Path], tmp_path: Path,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    """Trees capped below what a mode asks by default (32): auto plans within the cap (it was a
+    ValueError: 'the engines were opened for trees of at most 16 nodes')."""
+    from specrun.generate import Generation, GenerationConfig
+    from specrun.sampling import SamplingConfig
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    real = mp._variants
+    monkeypatch.setattr(mp, "_variants", lambda *a: [p for p in real(*a) if p.tree_nodes <= 16])
+    with Session(SessionConfig(files["target"], None, tmp_path, (SpecConfig("auto"),), needed_ctx=64)) as s:
+        assert s.plan.tree_nodes == 16
+        s.open(s.n_ctx)
+        speculator = s.speculator(SpecConfig("auto"))
+        gen = Generation(s.target, [1, 5, 6, 5, 6, 5, 6], GenerationConfig(8, SamplingConfig(temperature=0)),
+                         speculator)
+        assert len(list(gen)) > 0 and max(s.calibration.cost.sizes) <= 16  # type: ignore[union-attr]
