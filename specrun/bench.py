@@ -18,10 +18,12 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Callable, Iterator, Protocol
 
 import numpy as np
 
+from specrun.engines import Placement
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig
 from specrun.peers import LlamaCppPythonPeer
@@ -198,6 +200,14 @@ class PeerRunner:
 
     def __init__(self, peer: LlamaCppPythonPeer, mode: Mode, config: BenchConfig, vocab: object) -> None:
         self.peer, self.mode, self.config, self.vocab = peer, mode, config, vocab
+
+    @classmethod
+    def open(cls, target: Path, mode: Mode, config: BenchConfig, n_ctx: int, placement: Placement,
+             vocab: object) -> "PeerRunner":
+        """The peer on `target` with the target's threads and GPU layers (`vocab`: the target's)."""
+        gpu_layers = 0 if placement.device == "cpu" else placement.gpu_layers
+        peer = LlamaCppPythonPeer(target, n_ctx, placement.threads, gpu_layers, lookup=mode.key == "lcp-lookup")
+        return cls(peer, mode, config, vocab)
 
     def run(self, tokens: list[int], prompt_id: str, rnd: int) -> RunResult:
         out: list[int] = []

@@ -65,7 +65,12 @@ def serve(spec: WorkerSpec, inp: TextIO, out: TextIO) -> int:
         mode = mode_of(spec.mode)
         assert mode is not None, spec.mode
         if mode.spec is None:
-            runner = _peer(spec, mode)
+            from specrun.engines.llamacpp import VocabOnly
+
+            vocab = VocabOnly(Path(spec.target))
+            closers.append(vocab.close)
+            runner = PeerRunner.open(Path(spec.target), mode, spec.config(), spec.needed_ctx,
+                                     Placement(**spec.target_placement), vocab.vocab)
             closers.append(runner.close)
         else:
             from specrun.session import Session, SessionConfig
@@ -103,25 +108,6 @@ def serve(spec: WorkerSpec, inp: TextIO, out: TextIO) -> int:
     finally:
         for close in reversed(closers):
             close()
-
-
-def _peer(spec: WorkerSpec, mode: Mode) -> PeerRunner:
-    from specrun.engines.llamacpp import VocabOnly
-    from specrun.peers import LlamaCppPythonPeer
-
-    p = Placement(**spec.target_placement)
-    vocab = VocabOnly(Path(spec.target))
-    peer = LlamaCppPythonPeer(Path(spec.target), spec.needed_ctx, p.threads, 0 if p.device == "cpu" else p.gpu_layers,
-                              lookup=mode.key == "lcp-lookup")
-    runner = PeerRunner(peer, mode, spec.config(), vocab.vocab)
-    closing = runner.close
-
-    def close() -> None:
-        closing()
-        vocab.close()
-
-    runner.close = close  # type: ignore[method-assign]
-    return runner
 
 
 # --- the parent side ---------------------------------------------------------------------

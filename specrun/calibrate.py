@@ -22,7 +22,7 @@ from typing import Callable
 from specrun.engines import model_bytes
 from specrun.engines.base import Engine
 from specrun.speculate.auto import DraftSpeed
-from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost
+from specrun.speculate.planner import JITTER, AcceptanceStats, CostCurve, LearntCurve, StepCost
 from specrun.store import write_atomic
 
 VERSION = 2
@@ -63,7 +63,6 @@ def measurement_tokens(n_vocab: int) -> list[int]:
 
 NOISY = 1.5  # repeats of one size further apart than this: something else was running
 DROP = 0.8  # a size costing less than this share of a smaller one: not a curve, noise
-JITTER = 0.005  # seconds: differences below this are a scheduler's, not a busy machine's
 
 
 def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | None = None,

@@ -21,7 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from specrun.errors import UsageError
-from specrun.memory_limit import SystemPaths, cgroup_mounts, read_file, read_stat
+from specrun.memory_limit import SystemPaths, memory_cgroups, read_file, read_stat
 
 _count = itertools.count()
 
@@ -113,23 +113,8 @@ class ChildCgroup:
 
 def _make(paths: SystemPaths, name: str) -> tuple[Path, int]:
     """A new directory under this process's own memory cgroup: (path, cgroup version)."""
-    mounts = cgroup_mounts(paths.self_proc / "mountinfo")
-    groups = {}
-    for line in (read_file(paths.self_proc / "cgroup") or "").splitlines():
-        parts = line.split(":", 2)
-        if len(parts) == 3:
-            if parts[1] == "":
-                groups[2] = parts[2]
-            elif "memory" in parts[1].split(","):
-                groups[1] = parts[2]
     tried = []
-    for version, key in ((1, "v1"), (2, "v2")):
-        if version not in groups or key not in mounts:
-            continue
-        point, root = mounts[key]
-        group = groups[version]
-        rel = group[len(root.rstrip("/")):] if root != "/" and group.startswith(root) else group
-        parent = point / rel.lstrip("/")
+    for version, _, parent in memory_cgroups(paths):
         if version == 2 and "memory" not in (read_file(parent / "cgroup.controllers") or "").split():
             tried.append(f"cgroup v2 at {parent} has no memory controller")
             continue

@@ -103,24 +103,35 @@ def detect(paths: SystemPaths = SystemPaths()) -> MemoryLimit:
 
 def _cgroup_levels(paths: SystemPaths) -> list[Level]:
     """Limits of this process's cgroup and its ancestors, v2 and v1 (a hybrid system has both)."""
-    memberships = read_file(paths.self_proc / "cgroup")
-    mounts = cgroup_mounts(paths.self_proc / "mountinfo")
-    if memberships is None:
-        return []
-    levels: list[Level] = []
-    for line in memberships.splitlines():
+    readers = {1: _v1_level, 2: _v2_level}
+    return [level for version, point, directory in memory_cgroups(paths)
+            for level in _walk(point, directory, readers[version])]
+
+
+def memory_cgroups(paths: SystemPaths = SystemPaths()) -> list[tuple[int, Path, Path]]:
+    """This process's memory cgroups, v1 first: (version, the hierarchy's mount point, the
+    process's directory there). Where the group's path is not under the mount as such (a
+    container with its own cgroup namespace sees "/", or the mount shows a subtree), the
+    part below the mount's root is used, else the mount's top."""
+    mounts = _cgroup_mounts(paths.self_proc / "mountinfo")
+    found = []
+    for line in (read_file(paths.self_proc / "cgroup") or "").splitlines():
         parts = line.split(":", 2)
         if len(parts) != 3:
             continue
         _, controllers, group = parts
-        if controllers == "" and "v2" in mounts:
-            levels += _walk(mounts["v2"], group, _v2_level)
-        elif "memory" in controllers.split(",") and "v1" in mounts:
-            levels += _walk(mounts["v1"], group, _v1_level)
-    return levels
+        version = 2 if controllers == "" else 1 if "memory" in controllers.split(",") else 0
+        if not version or f"v{version}" not in mounts:
+            continue
+        point, root = mounts[f"v{version}"]
+        if root != "/" and (group == root or group.startswith(root.rstrip("/") + "/")):
+            group = group[len(root.rstrip("/")):] or "/"
+        directory = point / group.lstrip("/")
+        found.append((version, point, directory if directory.is_dir() else point))
+    return sorted(found)
 
 
-def cgroup_mounts(mountinfo: Path) -> dict[str, tuple[Path, str]]:
+def _cgroup_mounts(mountinfo: Path) -> dict[str, tuple[Path, str]]:
     """{"v2": (mount point, root), "v1": (the memory controller's mount point, root)}. The
     root is the part of the hierarchy the mount shows (a container sees its own cgroup as /)."""
     found: dict[str, tuple[Path, str]] = {}
@@ -141,17 +152,8 @@ def _unescape(path: str) -> str:
     return path.replace("\\040", " ").replace("\\011", "\t").replace("\\012", "\n").replace("\\134", "\\")
 
 
-def _walk(mount: tuple[Path, str], group: str, level_of: Callable[[Path, str], Level | None]) -> list[Level]:
-    """The limits from `group`'s directory up to the mount's top. Where the group's path is not
-    under the mount (a container with its own cgroup namespace sees "/", or the mount shows
-    a subtree), the part below the mount's root is used, else the mount's top alone."""
-    point, root = mount
-    rel = group
-    if root != "/" and (group == root or group.startswith(root.rstrip("/") + "/")):
-        rel = group[len(root.rstrip("/")):] or "/"
-    directory = point / rel.lstrip("/")
-    if not directory.is_dir():
-        directory = point
+def _walk(point: Path, directory: Path, level_of: Callable[[Path, str], Level | None]) -> list[Level]:
+    """The limits from `directory` up to the mount's top (`point`)."""
     levels = []
     while True:
         level = level_of(directory, "/" + str(directory.relative_to(point)).lstrip("."))
@@ -318,8 +320,8 @@ def swap_enabled(proc: Path = Path("/proc")) -> bool:
     return _meminfo(proc / "meminfo").get("SwapTotal", 0) > 0
 
 
-__all__ = ["Level", "MemoryLimit", "SystemPaths", "can_lock", "cgroup_mounts", "detect", "gib", "locked_bytes", "read_file",
-           "read_stat", "resident_bytes", "swap_enabled"]
+__all__ = ["Level", "MemoryLimit", "SystemPaths", "can_lock", "detect", "gib", "locked_bytes", "memory_cgroups",
+           "read_file", "read_stat", "resident_bytes", "swap_enabled"]
 
 
 if __name__ == "__main__":  # python -m specrun.memory_limit: what this process sees

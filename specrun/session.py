@@ -23,7 +23,6 @@ from specrun.memory_limit import MemoryLimit
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
-from specrun.speculate.planner import LearntCurve
 
 
 @dataclass(frozen=True)
@@ -151,8 +150,8 @@ class Session:
             old = stored  # keep what was learnt about acceptance
             # Acceptance is about text and is kept; what auto learnt about draft speed was
             # relative to the old curve and is measured again.
-            found = calibrate.Calibration(file, LearntCurve(curve), old.stats if old else {}, {},
-                                          self.target.settings_key(), trusted=trusted)
+            found = calibrate.Calibration(file, curve, old.stats if old else {}, {}, self.target.settings_key(),
+                                          trusted=trusted)
             found.save()
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found

@@ -459,25 +459,24 @@ def test_a_drafting_cost_learnt_wrong_is_measured_afresh() -> None:
     stats.counts["model"] = [95, 100]
     step = StepCost(flat, per_node=1.0, hidden=0.0, steps=5, kept=8)  # a second a node: nothing pays
     drafter = _FixedDrafter(8, "model", True)
-    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=16, step_cost=step)
-    sizes, explored = [], []
-    for _ in range(120):
-        tree = spec.propose([1, 2, 3], 16, 16)
-        sizes.append(len(tree))
-        explored.append(spec.explored)
-        spec.observe(tree, list(range(len(tree))), wall_s=0.3)  # drafting really is free
+
+    def run() -> tuple[list[int], list[bool]]:  # 120 steps of a run starting from `step`
+        spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=16, step_cost=step)
+        sizes, explored = [], []
+        for _ in range(120):
+            tree = spec.propose([1, 2, 3], 16, 16)
+            sizes.append(len(tree))
+            explored.append(spec.explored)
+            spec.observe(tree, list(range(len(tree))), wall_s=0.3)  # drafting really is free
+        return sizes, explored
+
     # Figures from earlier runs (steps=5): this run verifies a tree at once to measure them afresh.
+    sizes, explored = run()
     assert sizes[0] > 1 and explored[0] and sum(explored) == 1
     assert step.per_node < 0.01 and sizes[-20:] == [9] * 20  # back to verifying every draft
     # Within a run: after EXPLORE_EVERY steps without a verified tree, one the pass pays for.
     step.per_node, step.steps = 1.0, 0
-    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=16, step_cost=step)
-    sizes, explored = [], []
-    for _ in range(120):
-        tree = spec.propose([1, 2, 3], 16, 16)
-        sizes.append(len(tree))
-        explored.append(spec.explored)
-        spec.observe(tree, list(range(len(tree))), wall_s=0.3)
+    sizes, explored = run()
     first = next(i for i, n in enumerate(sizes) if n > 1)
     every, rest = PlannedSpeculator.EXPLORE_EVERY, PlannedSpeculator.MAX_REST
     assert every - 1 <= first < every + rest and explored[first] and sum(explored) == 1

@@ -23,7 +23,6 @@ from specrun.cli.models import resolve
 from specrun.engines import engine_for
 from specrun.errors import UsageError
 from specrun.memory_limit import gib
-from specrun.peers import LlamaCppPythonPeer
 from specrun.sampling import SamplingConfig
 from specrun.workloads import load_workload
 
@@ -87,8 +86,7 @@ def bench(
         notice("llama-cpp-python's prompt lookup drafts 2 tokens per step on a CPU (10 with a GPU), as its README "
                "advises")
     if limit is None:
-        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed, threads, gpu_layers,
-                                                  device)
+        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed)
     else:
         summaries, results, planner = _in_limits(models, chosen, places, config, prompts, needed, limit)
     _print_bench(models.label, workload, len(prompts), config, summaries, planner, limit)
@@ -122,7 +120,7 @@ def _progress(total: int, n_modes: int) -> tuple[Progress, Callable[[str, str], 
 
 
 def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
-                needed: int, threads: Optional[int], gpu_layers: Optional[int], device: Optional[str]) -> Any:
+                needed: int) -> Any:
     """Every mode on one session in this process (the peers beside it)."""
     specs = [m.spec for m in chosen if m.spec is not None]
     runners: dict[str, Any] = {}
@@ -137,9 +135,8 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
                 if m.spec is not None:
                     runners[m.key] = B.SessionRunner(session, m, config)
                 else:
-                    peer = LlamaCppPythonPeer(models.target, min(needed, session.target.n_ctx), threads,
-                                              0 if device == "cpu" else gpu_layers, lookup=m.key == "lcp-lookup")
-                    runners[m.key] = B.PeerRunner(peer, m, config, vocab)
+                    runners[m.key] = B.PeerRunner.open(models.target, m, config, min(needed, session.target.n_ctx),
+                                                       places[0], vocab)
             runner = B.Bench(runners, chosen, config)
             bar, advance = _progress(len(prompts) * config.repeats, len(chosen))
             with bar:

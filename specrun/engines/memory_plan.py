@@ -126,7 +126,7 @@ def plan_memory(request: PlanRequest, limit: MemoryLimit | None = None, runtime:
         rt = runtime if runtime is not None else measure_runtime(with_torch)
         for plan in _variants(request, kind, shape, draft_shape, limit, rt):
             if plan.total <= limit.budget:
-                return _finish(request, plan, draft_shape)
+                return _finish(request, plan, shape, draft_shape)
             tried.append(plan)
     raise _refusal(request, min(tried, key=lambda pl: pl.total), limit)
 
@@ -180,7 +180,8 @@ def _variants(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelSh
     floor = max(min(asked, 8), request.fixed_nodes)
     trees = [asked] + [n for n in TREE_STEPS if floor <= n < asked]
     drafts = [True, False] if draft is not None and not request.draft_required else [draft is not None]
-    return [_plan(request, kind, shape, draft if with_draft else None, limit, runtime, n_ctx, nodes)
+    placed = _placed(request, kind, shape, draft, limit, runtime)
+    return [_plan(request, placed, shape, draft if with_draft else None, limit, n_ctx, nodes)
             for with_draft in drafts for nodes in trees for n_ctx in contexts]
 
 
@@ -198,76 +199,101 @@ def _round_up(n: int, step: int) -> int:
     return -(-n // step) * step
 
 
-def _plan(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelShape | None, limit: MemoryLimit,
-          runtime: int, n_ctx: int, nodes: int) -> MemoryPlan:
+@dataclass(frozen=True)
+class _Placed:
+    """What one placement holds whatever the context and trees: worked out once per placement,
+    not once per variant (the header reads behind them took a second over 32 variants)."""
+
+    kind: str
+    target: Placement  # engine, offload and dtype decided
+    items: tuple[Item, ...]  # the runtime, and resident weights
+    on_gpu: bool
+    units: list | None  # type: ignore[type-arg]  # streamed: the file's units
+    draft: Placement | None  # the draft's placement, were it to come
+    draft_held: bool  # it is held in anonymous memory (the target streams, or a cgroup limits)
+
+
+def _placed(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelShape | None, limit: MemoryLimit,
+            runtime: int) -> _Placed:
     p = request.target_placement
-    cells = max(n_ctx, 64 + nodes + 1)  # calibration measures a tree of `nodes` after a 64-token prefix
     items = [Item("runtime (Python, llama.cpp" + (", torch" if kind not in ("llama.cpp", "paged") else "")
                   + "; measured)", runtime, part="runtime")]
     target = replace(p, engine=_engine(kind), offload="none" if kind in ("llama.cpp", "torch", "paged") else kind)
-    if kind in ("llama.cpp", "paged"):
-        if kind == "llama.cpp":
-            items.append(Item("target weights", shape.weight_bytes, "--offload disk", "weights"))
-        else:
-            target = replace(target, load="mmap", repack=False)
-        items.append(Item(f"target KV cache and buffers ({cells} tokens, trees of {nodes})",
-                          shape.llama_context_bytes(cells, nodes + 1), "--ctx", "cache"))
+    on_gpu, units = False, None
+    if kind == "llama.cpp":
+        items.append(Item("target weights", shape.weight_bytes, "--offload disk", "weights"))
+    elif kind == "paged":
+        target = replace(target, load="mmap", repack=False)
     else:
         on_gpu = kind == "ram" or (kind == "torch" and _torch_on_gpu(p))
-        torch_items, dtype = _torch_target(request, kind, shape, on_gpu, cells, nodes, limit.budget)
-        items += torch_items
+        weights, dtype = _torch_weights(request, on_gpu, limit.budget) if kind == "torch" else (None, p.dtype)
+        items += [weights] if weights is not None else []
         target = replace(target, dtype=dtype)
+        if kind in ("disk", "ram"):
+            from specrun.engines.torch_engine.streamed import file_units
+
+            units = file_units(request.target)
+    held = kind in ("disk", "ram", "paged") or limit.cgroup
+    draft_placement = None
+    if draft is not None:
+        load = ("locked" if can_lock(draft.weight_bytes) else "resident") if held else "mmap"
+        draft_placement = replace(request.draft_placement, load=load)
+    return _Placed(kind, target, tuple(items), on_gpu, units, draft_placement, held)
+
+
+def _plan(request: PlanRequest, placed: _Placed, shape: ModelShape, draft: ModelShape | None, limit: MemoryLimit,
+          n_ctx: int, nodes: int) -> MemoryPlan:
+    cells = max(n_ctx, 64 + nodes + 1)  # calibration measures a tree of `nodes` after a 64-token prefix
+    items = list(placed.items)
+    if placed.kind in ("llama.cpp", "paged"):
+        items.append(Item(f"target KV cache and buffers ({cells} tokens, trees of {nodes})",
+                          shape.llama_context_bytes(cells, nodes + 1), "--ctx", "cache"))
+    elif not placed.on_gpu:
+        items.append(Item(f"target KV cache ({cells} tokens)", shape.kv_bytes(cells, 4), "--ctx", "cache"))
+        items.append(Item(f"target pass buffers (trees of {nodes})", shape.torch_pass_bytes(cells, nodes),
+                          "--budget"))
     draft_placement = None
     if draft is not None:
         assert request.draft is not None
         draft_nodes = min(nodes, tree_limit(request.draft, request.draft_placement) or nodes)
-        held = kind in ("disk", "ram", "paged") or limit.cgroup
-        load = ("locked" if can_lock(draft.weight_bytes) else "resident") if held else "mmap"
-        draft_placement = replace(request.draft_placement, load=load)
-        items.append(Item(f"draft model{' (held in RAM)' if held else ''}", draft.weight_bytes, "--no-draft", "draft"))
+        draft_placement = placed.draft
+        items.append(Item(f"draft model{' (held in RAM)' if placed.draft_held else ''}", draft.weight_bytes,
+                          "--no-draft", "draft"))
         items.append(Item("draft KV cache and buffers", draft.llama_context_bytes(n_ctx, draft_nodes + 1), "--ctx",
                           "draft"))
     base = sum(i.bytes for i in items)
     items.append(Item("headroom", max(HEADROOM, base // 20), part="headroom"))
-    plan = MemoryPlan(limit, target, draft_placement, n_ctx, nodes, tuple(items))
-    return _streamed_budget(plan, request, shape) if kind in ("disk", "ram") else plan
+    plan = MemoryPlan(limit, placed.target, draft_placement, n_ctx, nodes, tuple(items))
+    return _streamed_budget(plan, request, placed.units) if placed.units is not None else plan
 
 
-def _torch_target(request: PlanRequest, kind: str, shape: ModelShape, on_gpu: bool, cells: int, nodes: int,
-                  budget: int) -> tuple[list[Item], str | None]:
-    """The torch engine's items and compute dtype: weights (resident: as loaded, float32 on a
-    CPU while that takes at most half the budget; streamed: filled in by `_streamed_budget`),
-    its KV cache (float32 on a CPU) and its largest pass's buffers."""
-    items, dtype = [], request.target_placement.dtype
-    if kind == "torch":
-        from specrun.engines import torch_config
-        from specrun.engines.torch_engine import cpu_dtype_for, planned_weight_bytes
+def _torch_weights(request: PlanRequest, on_gpu: bool, budget: int) -> tuple[Item, str | None]:
+    """The resident torch engine's weights and compute dtype: as loaded, float32 on a CPU while
+    that takes at most half the budget (on a GPU they take GPU memory, not this)."""
+    from specrun.engines import torch_config
+    from specrun.engines.torch_engine import cpu_dtype_for, planned_weight_bytes
 
-        resident = replace(request.target_placement, offload="none")
-        if dtype is None and not on_gpu:
-            dtype = cpu_dtype_for(planned_weight_bytes(request.target, torch_config(request.target, replace(
-                resident, dtype="float32"))), budget)
-        weights = 0 if on_gpu else planned_weight_bytes(request.target,
-                                                        torch_config(request.target, replace(resident, dtype=dtype)))
-        items.append(Item("target weights" + (f" ({dtype})" if dtype else ""), weights, "--offload disk", "weights"))
-    if not on_gpu:
-        items.append(Item(f"target KV cache ({cells} tokens)", shape.kv_bytes(cells, 4), "--ctx", "cache"))
-        items.append(Item(f"target pass buffers (trees of {nodes})", shape.torch_pass_bytes(cells, nodes),
-                          "--budget"))
-    return items, dtype
+    resident = replace(request.target_placement, offload="none")
+    dtype, weights = resident.dtype, 0
+    if not on_gpu and dtype is None:
+        float32 = planned_weight_bytes(request.target, torch_config(request.target, replace(resident, dtype="float32")))
+        dtype = cpu_dtype_for(float32, budget)
+        weights = float32 if dtype == "float32" else 0
+    if not on_gpu and not weights:
+        weights = planned_weight_bytes(request.target, torch_config(request.target, replace(resident, dtype=dtype)))
+    return Item("target weights" + (f" ({dtype})" if dtype else ""), weights, "--offload disk", "weights"), dtype
 
 
-def _streamed_budget(plan: MemoryPlan, request: PlanRequest, shape: ModelShape) -> MemoryPlan:
+def _streamed_budget(plan: MemoryPlan, request: PlanRequest, units: list) -> MemoryPlan:  # type: ignore[type-arg]
     """The read buffers (and, with room, resident layers) of a streamed target: --ram when given,
     else what the rest of the plan leaves (all of a cgroup's; half the host's free memory, to
     stay a good neighbour), capped at the read-ahead that keeps the disk busy when
     --offload disk asked to stream every layer."""
     from specrun.engines.torch_engine import OffloadConfig
-    from specrun.engines.torch_engine.streamed import MIN_SLOTS, disk_plan, file_units
+    from specrun.engines.torch_engine.streamed import MIN_SLOTS, disk_plan
 
     p = request.target_placement
     left = plan.limit.budget - plan.total
-    units = file_units(request.target)
     biggest = max(u.n_bytes for u in units)
     if plan.target.offload == "ram":  # pinned host copies of the streamed layers (the GPU's slots are its own)
         host = sum(u.n_bytes for u in units)
@@ -288,7 +314,7 @@ def _streamed_budget(plan: MemoryPlan, request: PlanRequest, shape: ModelShape) 
     return replace(plan, target=target, items=plan.items + (Item(what, buffers, "--ram", "weights"),))
 
 
-def _finish(request: PlanRequest, plan: MemoryPlan, draft: ModelShape | None) -> MemoryPlan:
+def _finish(request: PlanRequest, plan: MemoryPlan, shape: ModelShape, draft: ModelShape | None) -> MemoryPlan:
     """The notices a chosen plan owes the user: what it gave up, and why."""
     notices = []
     name = request.target.name
@@ -305,7 +331,7 @@ def _finish(request: PlanRequest, plan: MemoryPlan, draft: ModelShape | None) ->
     if plan.draft is not None and plan.draft.load == "resident" and swap_enabled():
         notices.append("the draft model cannot be locked in RAM here (RLIMIT_MEMLOCK): with swap on, the system "
                        "may page it out while the target streams")
-    wanted = default_ctx(ModelShape.of(request.target).n_ctx_train, request.needed_ctx)
+    wanted = default_ctx(shape.n_ctx_train, request.needed_ctx)
     if request.ctx is None and plan.n_ctx < wanted:
         notices.append(f"a {plan.n_ctx}-token context fits the memory limit, not {wanted}")
     if plan.tree_nodes < min(request.tree_nodes, tree_limit(request.target, plan.target) or request.tree_nodes):

@@ -13,7 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Any, Callable, Sequence
 
-from specrun.speculate.planner import LearntCurve, PassCost, PlannedSpeculator
+from specrun.speculate.planner import PassCost, PlannedSpeculator, learn_pass
 from specrun.speculate.tree import DraftTree
 
 TRY_STEPS = 3  # steps with the draft model before its rate is trusted
@@ -133,9 +133,8 @@ class AutoSpeculator:
         return self.speed.pays(plain)
 
     def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
-        if self._used is None:
-            if pass_s is not None and isinstance(self.cost, LearntCurve):
-                self.cost.observe(len(tree), pass_s)
+        if self._used is None:  # a resting step: only its pass is worth learning from
+            learn_pass(self.cost, len(tree), pass_s)
             return
         if self._used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
             self.speed.record(len(path) / max(wall_s - self.model.catch_up_s, 1e-9), 1.0 / self.cost.cost(1))

@@ -63,6 +63,9 @@ class CostCurve:
         return self.sizes[-1]
 
 
+JITTER = 0.005  # seconds: passes this far apart differ by a scheduler's noise, not a busy machine's
+
+
 class LearntCurve:
     """The calibrated cost curve as runs correct it. Each pass a run times alone (nothing
     drafting beside it) is kept with its size (the last MIN_PASSES per measured size); where
@@ -76,7 +79,6 @@ class LearntCurve:
     CONTRADICTED = (0.7, 1.4)  # observed / predicted
     FAR = (0.5, 2.0)
     MIN_PASSES = 4  # passes of a size before they may replace the curve
-    JITTER = 0.005  # seconds added to both sides of a ratio: passes of a few ms say little
 
     def __init__(self, curve: CostCurve) -> None:
         self.curve = curve
@@ -116,7 +118,7 @@ class LearntCurve:
             self._replace(i)
 
     def _ratio(self, i: int) -> float:
-        return (float(np.median(self._seen[i])) + self.JITTER) / (self.seconds[i] + self.JITTER)
+        return (float(np.median(self._seen[i])) + JITTER) / (self.seconds[i] + JITTER)  # ms apart say little
 
     def _replace(self, trigger: int) -> None:
         seen = sorted(i for i, passes in self._seen.items() if len(passes) >= self.MIN_PASSES // 2)
@@ -146,6 +148,13 @@ class LearntCurve:
 
 
 PassCost = CostCurve | LearntCurve  # seconds of a target pass over n tokens
+
+
+def learn_pass(cost: PassCost | None, n: int, pass_s: float | None) -> None:
+    """A pass over n tokens took `pass_s` with nothing beside it (None: the draft worked during
+    it): a learnt curve corrects itself from it; a fixed one, or no curve, learns nothing."""
+    if pass_s is not None and isinstance(cost, LearntCurve):
+        cost.observe(n, pass_s)
 
 
 @dataclass
@@ -383,8 +392,7 @@ class PlannedSpeculator:
     def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not.
         `pass_s`: the target's pass, where nothing drafted beside it, corrects the cost curve."""
-        if pass_s is not None and isinstance(self.cost, LearntCurve):
-            self.cost.observe(len(tree), pass_s)
+        learn_pass(self.cost, len(tree), pass_s)
         if self.step_cost is not None and not self.skipped:
             self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored,
                                    self._free)

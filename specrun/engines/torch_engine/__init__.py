@@ -15,18 +15,14 @@ from specrun.engines.torch_engine.engine import TorchEngine
 
 
 def planned_weight_bytes(path: Path, config: TorchConfig) -> int:
-    """Memory the weights would take once loaded with `config`, read from the file's header
+    """Memory the weights would take loaded resident with `config`, read from the file's header
     (nothing is loaded): on a CPU a GGUF's matrices are dequantized to the compute dtype, on
-    a GPU they keep their blocks; streamed from disk, the read buffers and resident layers."""
+    a GPU they keep their blocks. (Streamed placements' buffers are the memory plan's.)"""
     import torch
 
     from specrun.engines.torch_engine.config import resolve_dtype
 
     device = torch.device(config.device)
-    if config.offload.mode == "disk":
-        from specrun.engines.torch_engine.streamed import disk_buffer_bytes
-
-        return disk_buffer_bytes(path, config.offload)
     bytes_at = _weight_bytes(path, device, config.quant)
     return bytes_at(torch.finfo(resolve_dtype(config.dtype, device)).bits // 8)
 

@@ -67,7 +67,7 @@ def cpu_has_bf16() -> bool:
 
 def resolve_dtype(name: str | None, device: torch.device) -> torch.dtype:
     """The compute dtype: as asked (the memory plan asks for bfloat16 on a CPU where float32
-    weights would take more than half the memory it may use: see `float32_fits`), else
+    weights would take more than half the memory it may use: see `cpu_dtype_for`), else
     bfloat16 on a GPU and float32 on a CPU. Measured on the 1.5B default target: bf16
     weights moved its top-2 logit margins 3-6x more than llama.cpp's own rounding does
     (p95 0.5-1.4 against 0.2), so float32 is what keeps the output llama.cpp's, and bf16

@@ -227,9 +227,9 @@ class Bnb4bitLinear:
     On a CPU with AVX-512 BF16 the codes are repacked into bitsandbytes' CPU layout, whose fused kernel
     reads 4-bit weights directly; elsewhere on a CPU dequantize, then a dense matmul; on CUDA matmul_4bit.
     Measured (bf16, medians): on the 2-core EPYC here the fused kernel took 0.06 ms against 0.44-0.54
-    for dequantize + F.linear at 2048x2048 and 1 row, and 0.8 against 1.0 ms at 64 rows (8192x2048: 0.2 against 9.6 ms, 3.2 against 11.6); on an H100,
-    matmul_4bit took 0.054 ms against 0.077-0.120 for dequantize + F.linear at 1 row (4096x4096,
-    14336x4096) and the same at 64 rows."""
+    for dequantize + F.linear at 2048x2048 and 1 row, and 0.8 against 1.0 ms at 64 rows (8192x2048: 0.2
+    against 9.6 ms, 3.2 against 11.6); on an H100, matmul_4bit took 0.054 ms against 0.077-0.120 for
+    dequantize + F.linear at 1 row (4096x4096, 14336x4096) and the same at 64 rows."""
 
     codes: torch.Tensor  # uint8 packed 4-bit codes
     state: Any  # bitsandbytes QuantState (absmax [n_out * n_in / 64], shape, dtype)

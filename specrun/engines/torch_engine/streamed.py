@@ -184,14 +184,6 @@ def file_units(path: Path) -> list[Unit]:
     return plan_units(info, gguf_args(path, info, GgufTensors(path, info)))
 
 
-def disk_buffer_bytes(path: Path, offload: OffloadConfig) -> int:
-    """Memory the disk placement's buffers take for this file (from its header; nothing is read)."""
-    units = file_units(path)
-    resident, slots = disk_plan(units, offload)
-    streamed = [u.n_bytes for u in units if u.index not in resident]
-    return sum(u.n_bytes for u in units if u.index in resident) + slots * max(streamed, default=0)
-
-
 def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: OffloadConfig,
                 copier: CopyEngine | None) -> RamStream:
     """Resident units on the device within --gpu-memory; the rest in pinned RAM, within --ram."""
