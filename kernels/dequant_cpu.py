@@ -25,7 +25,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import torch
-from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+from gguf import GGMLQuantizationType as T
 
 from .gguf_reference import aligned, check_layout, dequantize_reference
 
@@ -45,7 +45,7 @@ _TORCH_CASTS = {int(T.F16): torch.float16, int(T.F32): torch.float32}
 _MIN_VALUES_PER_THREAD = 1 << 16
 
 
-def _library_paths() -> list[Path]:
+def library_paths() -> list[Path]:
     """Candidate libggml-base files in llama_cpp's lib folder (no import of llama_cpp itself:
     that loads libllama and initializes the backends, which we do not need)."""
     import importlib.util
@@ -65,7 +65,7 @@ def _library_paths() -> list[Path]:
 @functools.cache
 def _functions() -> dict[int, ctypes._CFuncPtr]:
     """type id -> ctypes function, for the symbols the bundled library has ({} when none)."""
-    for path in _library_paths():
+    for path in library_paths():
         try:
             lib = ctypes.CDLL(os.fspath(path))
         except OSError:

@@ -24,7 +24,7 @@ import torch
 from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
 from .dequant import dequantize
-from .dequant_cpu import _library_paths
+from .dequant_cpu import library_paths
 from .gguf_reference import SUPPORTED, check_layout
 
 __all__ = ["aligned_empty", "available", "matmul"]
@@ -96,7 +96,7 @@ def _ggml() -> SimpleNamespace | None:
 
     Plain CDLL (not PyDLL), so every call, the compute included, runs without the GIL.
     """
-    for base_path in _library_paths():
+    for base_path in library_paths():
         cpu_path = base_path.with_name(base_path.name.replace("ggml-base", "ggml-cpu"))
         try:  # libggml-cpu resolves its libggml-base symbols against the copy loaded first
             fns = _bind(ctypes.CDLL(os.fspath(base_path), mode=ctypes.RTLD_GLOBAL), _BASE)

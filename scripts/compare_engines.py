@@ -27,17 +27,17 @@ def margin(row: np.ndarray) -> float:
     return float(top[1] - top[0])
 
 
-def greedy(engine, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray], float]:
+def greedy(engine, cache, prompt: list[int], n: int) -> tuple[list[int], list[np.ndarray], float]:
     """Tokens, the logits row before each, and decode tokens/s (after the prompt)."""
-    engine.rewind(0)
-    logits = engine.eval(prompt)
+    engine.rewind(cache, 0)
+    logits = engine.eval(cache, prompt)
     tokens, rows = [], []
     start = time.perf_counter()
     for _ in range(n):
         row = logits.row(0)
         tokens.append(int(np.argmax(row)))
         rows.append(row)
-        logits = engine.eval([tokens[-1]])
+        logits = engine.eval(cache, [tokens[-1]])
     return tokens, rows, n / (time.perf_counter() - start)
 
 
@@ -52,16 +52,15 @@ def main() -> None:
     args = parser.parse_args()
     ref = LlamaCppEngine(args.model, LlamaCppConfig(n_threads=args.threads, n_gpu_layers=0))
     ours = TorchEngine(args.model, TorchConfig(device=args.device, dtype=args.dtype, threads=args.threads))
-    ref.open(2048)
-    ours.open(2048)
+    ref_cache, our_cache = ref.new_cache(2048), ours.new_cache(2048)
     print(f"torch engine: {ours.settings_key()}")
     print(f"{'prompt':<14} {'first diff':>10} {'llama.cpp margin':>17} {'torch margin':>13} "
           f"{'llama.cpp tok/s':>16} {'torch tok/s':>12}")
     same = 0
     for p in load_workload("humaneval", args.prompts):
         prompt = ref.vocab.tokenize(p.text or "", add_special=False)
-        a, rows_a, speed_a = greedy(ref, prompt, args.tokens)
-        b, rows_b, speed_b = greedy(ours, prompt, args.tokens)
+        a, rows_a, speed_a = greedy(ref, ref_cache, prompt, args.tokens)
+        b, rows_b, speed_b = greedy(ours, our_cache, prompt, args.tokens)
         diff = next((i for i, (x, y) in enumerate(zip(a, b)) if x != y), None)
         if diff is None:
             same += 1

@@ -45,9 +45,9 @@ def main() -> None:
     ram = parse_size(args.ram, "--ram")
     engine = open_engine(args.model, Placement(threads=args.threads, engine=args.engine, device=args.device,
                                                offload=args.offload, ram=ram), max_tree_nodes=limit)
-    engine.open(context_needed(tuple(sizes)))
+    cache = engine.new_cache(context_needed(tuple(sizes)))
     print(engine.settings_key())
-    curve = measure_cost_curve(engine, tuple(sizes), reps=args.reps)
+    curve = measure_cost_curve(engine, cache, tuple(sizes), reps=args.reps)
     one = curve.seconds[0]
     transfer = engine.transfer()
     link = engine.measure_link() if transfer is not None else None
@@ -59,11 +59,11 @@ def main() -> None:
         print(f"streamed {transfer.bytes_per_pass / 1e9:.2f} GB a pass; reading it alone takes {read:.2f} s "
               f"({link / 1e9:.2f} GB/s)")
     if args.plain:
-        engine.rewind(0)
-        logits = engine.eval(engine.vocab.tokenize("def fibonacci(n):"))
+        engine.rewind(cache, 0)
+        logits = engine.eval(cache, engine.vocab.tokenize("def fibonacci(n):"))
         start = time.perf_counter()
         for _ in range(args.plain):
-            logits = engine.eval([logits.argmax(0)])
+            logits = engine.eval(cache, [logits.argmax(0)])
         print(f"plain decoding: {args.plain / (time.perf_counter() - start):.2f} tokens/s")
     engine.close()
     if args.forecast is not None:

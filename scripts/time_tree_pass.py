@@ -27,9 +27,9 @@ def main() -> None:
     parser.add_argument("--threads", type=int)
     args = parser.parse_args()
     engine = open_engine(args.model, Placement(threads=args.threads), max_tree_nodes=args.nodes)
-    engine.open(4096)
+    cache = engine.new_cache(4096)
     prefix = engine.vocab.tokenize('def fibonacci(n):\n    """Return the n-th Fibonacci number."""\n' * 3)
-    engine.eval(prefix)
+    engine.eval(cache, prefix)
     rng = np.random.default_rng(0)
     tree = DraftTree.rooted(prefix[-1])
     while len(tree) < args.nodes:  # a random tree: the pass costs the same whatever its shape
@@ -37,11 +37,11 @@ def main() -> None:
     passes, walks = [], []
     for _ in range(args.reps + 1):  # the first is a warm-up
         t = time.perf_counter()
-        logits = engine.eval_tree(tree.tokens, tree.parents, tree.depths)
+        logits = engine.eval_tree(cache, tree.tokens, tree.parents, tree.depths)
         t_pass = time.perf_counter()
         walk(tree, logits, lambda rows, i: rows.argmax(i))
         t_walk = time.perf_counter()
-        engine.commit_path([])
+        engine.commit_path(cache, [])
         passes.append(t_pass - t)
         walks.append(t_walk - t)
     print(f"{args.nodes}-node tree, {len(prefix)} cached tokens, median of {args.reps} after a warm-up: "

@@ -167,7 +167,8 @@ class SessionRunner:
         session.forget()  # every mode pays the same prefill
         speculator = session.speculator(self.spec)
         overlap = session.overlaps(self.spec)
-        gen = Generation(session.target, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling, overlap), speculator)
+        gen = Generation(session.target, session.cache, tokens, GenerationConfig(cfg.max_tokens, cfg.sampling, overlap),
+                         speculator)
         accepted_lengths, tree_sizes, depths = [], [], []
         for step in gen:
             if step.target_calls:
@@ -190,7 +191,8 @@ class SessionRunner:
 
     def margin(self, context: list[int]) -> float:
         self.session.forget()
-        logits = self.session.target.eval(context).row(0)  # [n_vocab]
+        assert self.session.cache is not None
+        logits = self.session.target.eval(self.session.cache, context).row(0)  # [n_vocab]
         top2 = np.sort(logits)[-2:]
         return float(top2[1] - top2[0])
 

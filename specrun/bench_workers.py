@@ -22,7 +22,7 @@ from dataclasses import asdict, dataclass, field, fields
 from pathlib import Path
 from typing import Any, Callable, TextIO
 
-from specrun.bench import BenchConfig, Mode, PeerRunner, RunResult, SessionRunner, mode_of
+from specrun.bench import BenchConfig, PeerRunner, RunResult, SessionRunner, mode_of
 from specrun.engines import Placement
 from specrun.errors import SpecrunError
 from specrun.memory_cgroup import ChildCgroup, Usage

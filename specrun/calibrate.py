@@ -1,33 +1,22 @@
-"""Measuring what a target pass costs on this machine, and remembering it.
+"""Measuring what a target pass costs on this machine (and only measuring).
 
 The planner needs c(n): seconds for one target pass over n tokens (a draft tree
 of n nodes). It depends on the model, the build, the threads and the GPU
 layers, so it is measured once per such combination, on first use (from 1
 token up to the engine's limit, stopping where passes grow too costly to ever
-pay: see SIZES), and kept
-under the store root with what was learnt while generating: acceptance
-statistics and each draft model's speed. The file is versioned JSON; files of
-the first, unversioned format are still read.
+pay: see SIZES), as the minimum of repeats, and measured again when it looks
+noisy. The planner's memory (planner_memory.py) keeps it, with what runs learn.
 """
 
 from __future__ import annotations
 
-import hashlib
-import json
 import time
-from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Callable
 
-from specrun.engines import model_bytes
-from specrun.engines.base import Engine
-from specrun.speculate.auto import DraftSpeed
-from specrun.speculate.planner import JITTER, AcceptanceStats, CostCurve, LearntCurve, StepCost
-from specrun.store import write_atomic
+from specrun.engines.base import Cache, Engine
+from specrun.speculate.planner import JITTER, CostCurve
 
-VERSION = 2
-# Tokens per pass, measured upward: all of them up to ALWAYS, beyond it while a pass costs at
-# most MAX_RATIO plain passes, and never more than the engine verifies in one pass.
+
 SIZES = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64, 96, 128, 192, 256, 384, 512, 768, 1024)
 ALWAYS = 32  # about 1.5 s for a 1.5B model on 2 CPU cores with llama.cpp
 # A pass costing more than this many plain passes must accept more tokens than that to pay,
@@ -65,29 +54,29 @@ NOISY = 1.5  # repeats of one size further apart than this: something else was r
 DROP = 0.8  # a size costing less than this share of a smaller one: not a curve, noise
 
 
-def measure_cost_curve(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
+def measure_cost_curve(engine: Engine, cache: Cache, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
                        on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
                        clock: Callable[[], float] = time.perf_counter) -> CostCurve:
     """Time chains of n nodes after a 64-token prefix, the minimum of repeats (after one
     warm-up): what the machine can do, not how busy it happened to be (see `measure_runs`).
     The cache is left empty; cost never decreases with size."""
-    return curve_of(measure_runs(engine, sizes, reps, on_size, max_ratio, clock))
+    return curve_of(measure_runs(engine, cache, sizes, reps, on_size, max_ratio, clock))
 
 
-def measure_runs(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
+def measure_runs(engine: Engine, cache: Cache, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
                  on_size: Callable[[int], None] | None = None, max_ratio: float | None = None,
                  clock: Callable[[], float] = time.perf_counter) -> dict[int, list[float]]:
     """Seconds of each repeat per size: `reps` each, or (None) 3 while a pass takes under a
     quarter second and 2 beyond (the large sizes of a streamed target take seconds). With
     `max_ratio`, sizes above ALWAYS are measured only while the last one cost at most
-    `max_ratio` times one token. The cache is left empty."""
-    engine.rewind(0)
+    `max_ratio` times one token. `cache` (of at least `context_needed(sizes)` tokens) is left empty."""
+    engine.rewind(cache, 0)
     prefix = measurement_tokens(engine.vocab.n_vocab)
-    engine.eval(prefix)
+    engine.eval(cache, prefix)
     warm = min(4, max(sizes))
     if warm > 1:  # warm-up: first-use allocations
-        engine.eval_tree(prefix[:warm], [-1] + list(range(warm - 1)), list(range(warm)))
-        engine.commit_path([])
+        engine.eval_tree(cache, prefix[:warm], [-1] + list(range(warm - 1)), list(range(warm)))
+        engine.commit_path(cache, [])
     runs: dict[int, list[float]] = {}
     one: float | None = None
     for n in sizes:
@@ -97,18 +86,18 @@ def measure_runs(engine: Engine, sizes: tuple[int, ...] = SIZES, reps: int | Non
         while len(times) < (reps or (3 if not times or min(times) < 0.25 else 2)):
             t = clock()
             if n == 1:
-                engine.eval([prefix[len(times) % PREFIX]])
-                engine.rewind(len(prefix))
+                engine.eval(cache, [prefix[len(times) % PREFIX]])
+                engine.rewind(cache, len(prefix))
             else:
                 chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
-                engine.eval_tree(chain, [-1] + list(range(n - 1)), list(range(n)))
-                engine.commit_path([])
+                engine.eval_tree(cache, chain, [-1] + list(range(n - 1)), list(range(n)))
+                engine.commit_path(cache, [])
             times.append(clock() - t)
         runs[n] = times
         one = min(runs[min(runs)])
         if on_size:
             on_size(n)
-    engine.rewind(0)
+    engine.rewind(cache, 0)
     return runs
 
 
@@ -136,17 +125,17 @@ def curve_problem(runs: dict[int, list[float]]) -> str | None:
     return None
 
 
-def measure_checked(engine: Engine, sizes: tuple[int, ...], notice: Callable[[str], None],
+def measure_checked(engine: Engine, cache: Cache, sizes: tuple[int, ...], notice: Callable[[str], None],
                     max_ratio: float | None = MAX_RATIO,
                     clock: Callable[[], float] = time.perf_counter) -> tuple[CostCurve, bool]:
     """(the cost curve, whether to keep it): measured, and measured again when noisy or not
     monotonic (something else was running: such a curve, stored, steered every later run);
     when the second measurement is no better, used for this run only, with a notice."""
-    runs = measure_runs(engine, sizes, max_ratio=max_ratio, clock=clock)
+    runs = measure_runs(engine, cache, sizes, max_ratio=max_ratio, clock=clock)
     if (problem := curve_problem(runs)) is None:
         return curve_of(runs), True
     notice(f"the cost curve looked noisy ({problem}): measuring it again…")
-    runs = measure_runs(engine, sizes, max_ratio=max_ratio, clock=clock)
+    runs = measure_runs(engine, cache, sizes, max_ratio=max_ratio, clock=clock)
     if (problem := curve_problem(runs)) is None:
         return curve_of(runs), True
     notice(f"the cost curve is too noisy to keep ({problem}; is something else running?): this run plans "
@@ -154,131 +143,3 @@ def measure_checked(engine: Engine, sizes: tuple[int, ...], notice: Callable[[st
     return curve_of(runs), False
 
 
-OVERLAP_PAYS = 1.15  # overlap on where the same work takes this much less wall time overlapped
-
-
-def measure_overlap(target: Engine, draft: Engine, nodes: int = 32, draft_nodes: int = 8,
-                    clock: Callable[[], float] = time.perf_counter) -> float:
-    """How much faster drafting and verifying go overlapped than one after the other, on this
-    machine: (a target pass over `nodes` tokens alone + the draft calls over `draft_nodes`
-    made during an overlapped pass, each timed alone) / that overlapped pass. About 1 where
-    both compute on the same saturated cores; up to 2 where the target leaves the CPU idle
-    (a GPU). Leaves both caches empty."""
-    tokens = measurement_tokens(min(target.vocab.n_vocab, draft.vocab.n_vocab))
-    nodes, draft_nodes = min(nodes, target.max_tree_nodes), min(draft_nodes, draft.max_tree_nodes)
-    parents, depths = [-1] + list(range(nodes - 1)), list(range(nodes))
-
-    def tree_pass() -> float:
-        t0 = clock()
-        target.eval_tree(tokens[:nodes], parents, depths)
-        target.commit_path([])
-        return clock() - t0
-
-    def draft_call() -> float:
-        t0 = clock()
-        draft.eval_tree(tokens[:draft_nodes], [-1] * draft_nodes, [0] * draft_nodes)
-        draft.commit_path([])
-        return clock() - t0
-
-    try:
-        target.sync(tokens)
-        draft.sync(tokens)
-        alone = min(tree_pass() for _ in range(2))
-        call = min(draft_call() for _ in range(3))
-        gains = []
-        for _ in range(2):
-            t0, calls = clock(), 0
-            pending = target.submit_tree(tokens[:nodes], parents, depths)
-            while not pending.done():
-                draft_call()
-                calls += 1
-            pending.result()
-            together = clock() - t0
-            target.commit_path([])
-            gains.append((alone + calls * call) / together)
-        return max(gains)
-    finally:
-        target.rewind(0)
-        draft.rewind(0)
-
-
-@dataclass
-class Calibration:
-    """A cost curve and what was learnt with it, stored as JSON."""
-
-    path: Path
-    cost: LearntCurve  # the measured curve, as runs' own passes correct it (a CostCurve is wrapped)
-    stats: dict[str, AcceptanceStats]  # by drafter: "ngram", "model"
-    speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
-    settings: str = ""  # the engine settings it was measured with (for `specrun info`)
-    overlap: dict[str, float] = field(default_factory=dict)  # by draft model file name: measure_overlap's gain
-    steps: dict[str, StepCost] = field(default_factory=dict)  # by speculator: what a step costs in wall time
-    trusted: bool = True  # False: measured while something else ran; used, but measured again next run
-
-    def __post_init__(self) -> None:
-        if isinstance(self.cost, CostCurve):  # a curve as measured: runs correct it from here
-            self.cost = LearntCurve(self.cost)
-
-    def speed_of(self, draft: Path) -> DraftSpeed:
-        return self.speeds.setdefault(draft.name, DraftSpeed())
-
-    def save(self) -> None:
-        data = {
-            "version": VERSION, "settings": self.settings,
-            "cost": {"sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds),
-                     "trusted": self.trusted and not self.cost.stale},
-            "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
-                           for name, s in self.stats.items()},
-            "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
-            "overlap": self.overlap,
-            "step_costs": {name: step.to_json() for name, step in self.steps.items()},
-        }
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(self.path, json.dumps(data, indent=1))
-
-
-def calibration_path(root: Path, model: Path, settings: str) -> Path:
-    """One file per model (by name and size: a directory's size is its files') and engine settings."""
-    digest = hashlib.sha256(f"{model.name}|{model_bytes(model)}|{settings}".encode()).hexdigest()[:16]
-    return root / "calibration" / f"{model.stem}-{digest}.json"
-
-
-def stored_for(root: Path, model: Path) -> list[Calibration]:
-    """Every calibration kept for this model file, whatever the settings."""
-    found = (load(p) for p in sorted((root / "calibration").glob(f"{model.stem}-*.json")))
-    return [c for c in found if c is not None]
-
-
-def load(path: Path) -> Calibration | None:
-    """The calibration in `path`; None when missing, unreadable or of a later version (then it
-    is measured again)."""
-    try:
-        data = json.loads(path.read_text())
-        if "version" not in data:
-            return _load_v1(path, data)
-        if data["version"] != VERSION:
-            return None
-        cost = LearntCurve(CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"])))
-        stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
-                 for name, pairs in data["acceptance"].items()}
-        speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
-        overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}
-        steps = {str(name): StepCost.from_json(cost, v) for name, v in data.get("step_costs", {}).items()}
-        return Calibration(path, cost, stats, speeds, str(data["settings"]), overlap, steps,
-                           bool(data["cost"].get("trusted", True)))
-    except (OSError, ValueError, KeyError, TypeError, AttributeError):
-        return None
-
-
-def _load_v1(path: Path, data: dict) -> Calibration:
-    """The first format: acceptance keys joined with '|', draft speeds under "memory"."""
-    def parse(part: str) -> object:
-        return int(part) if part.lstrip("-").isdigit() else part
-
-    cost = LearntCurve(CostCurve(tuple(data["sizes"]), tuple(data["seconds"])))
-    stats = {name: AcceptanceStats(counts={tuple(parse(p) for p in key.split("|")): list(v)
-                                           for key, v in counts.items()})
-             for name, counts in data.get("acceptance", {}).items()}
-    speeds = {str(draft): DraftSpeed.from_json(learnt) for draft, learnt in data.get("memory", {}).items()
-              if isinstance(learnt, dict)}  # the oldest files kept one flat record: measure again
-    return Calibration(path, cost, stats, speeds, str(data.get("settings", "")))

@@ -23,6 +23,7 @@ from pathlib import Path
 from typing import Any, Literal
 
 from specrun.errors import CatalogError
+from specrun.files import is_sha256
 
 Role = Literal["target", "draft", "both"]
 ROLES: tuple[str, ...] = ("target", "draft", "both")
@@ -31,7 +32,6 @@ FORMATS: tuple[str, ...] = ("gguf", "safetensors")
 # What a safetensors snapshot fetches unless its source says otherwise: config, tokenizer and index
 # JSON files, the weights, a separate chat template; not pytorch_model.bin, ONNX or GGUF copies.
 DEFAULT_ALLOW_PATTERNS: tuple[str, ...] = ("*.json", "*.safetensors", "*.jinja")
-_SHA256 = re.compile(r"^[0-9a-f]{64}$")
 _NAME = re.compile(r"^[a-z0-9][a-z0-9._-]*$")
 
 SHIPPED_CATALOG = Path(__file__).with_name("models.toml")
@@ -289,11 +289,6 @@ def _parse_source(raw: dict[str, Any], where: str, fmt: str = "gguf") -> Source:
             parsed.append(WheelPart(requirement=req, path=member))
         return PypiPartsSource(parts=tuple(parsed), sha256=sha, size=size)
     raise CatalogError(f"{where}: source kind must be one of {', '.join(SOURCE_KINDS)}")
-
-
-def is_sha256(value: object) -> bool:
-    """64 lowercase hex digits: how catalogs and the hub's LFS records write a sha256."""
-    return isinstance(value, str) and bool(_SHA256.match(value))
 
 
 def _check_sha(value: Any, where: str) -> str | None:

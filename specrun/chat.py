@@ -15,7 +15,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
 
-from specrun.engines.base import Vocab
+from specrun.engines.base import Cache, Vocab
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, GenerationStats, Step, check_prompt
 from specrun.gguf_file import read_gguf
@@ -89,19 +89,32 @@ class ChatTotals:
 
 
 class Chat:
-    """A conversation with one model: history, KV reuse across turns, one speculator throughout."""
+    """A conversation with one model: history, KV reuse across turns, one speculator throughout.
+
+    It generates in the session's caches, or (`cache`, one of the target engine's) in caches
+    of its own: another conversation on the same loaded model, whose turns leave this one's
+    cached turns as they were."""
 
     def __init__(self, session: Session, template: ChatTemplate, config: ChatConfig,
-                 notice: Callable[[str], None] = lambda _: None) -> None:
+                 notice: Callable[[str], None] = lambda _: None, cache: Cache | None = None) -> None:
         self.session, self.template, self.config, self.notice = session, template, config, notice
+        self.own_cache = cache
         self.system = config.system
         self.history: list[Message] = []  # user and assistant messages, oldest first
         self.totals = ChatTotals()
         self.last: GenerationStats | None = None  # the latest reply's stats
-        self.speculator = session.speculator(config.spec)
+        self.speculator = session.speculator(config.spec, separate=cache is not None)
         self.mode = self.speculator.name if self.speculator else "none"
         overlap = session.overlaps(config.spec)
         self.generation = replace(config.generation, overlap=overlap)  # as the session decided
+
+    @property
+    def cache(self) -> Cache:
+        """The target's cache this conversation generates in (the session's may be replaced
+        while it calibrates: read it when needed)."""
+        cache = self.own_cache or self.session.cache
+        assert cache is not None, "Chat before the session's open()"
+        return cache
 
     def messages(self, user: str | None = None) -> list[Message]:
         system = [{"role": "system", "content": self.system}] if self.system else []
@@ -115,7 +128,7 @@ class Chat:
     def _prompt(self, user: str) -> list[int]:
         """The rendered conversation with `user` appended, dropping the oldest turns until it
         leaves room for a reply; UsageError if even the newest message alone does not fit."""
-        n_ctx = self.session.target.n_ctx
+        n_ctx = self.cache.n_ctx
         room = min(self.config.reserve, self.config.generation.max_tokens, n_ctx // 4)
         dropped = 0
         while True:
@@ -134,7 +147,7 @@ class Chat:
         """Generate the assistant's reply to `user`, step by step. Stopping early (closing the
         iterator) keeps the partial reply in the history, as a chat app does after Stop."""
         tokens = self._prompt(user)
-        gen = Generation(self.session.target, tokens, self.generation, self.speculator)
+        gen = Generation(self.session.target, self.cache, tokens, self.generation, self.speculator)
         self.history.append({"role": "user", "content": user})
         try:
             yield from gen

@@ -6,19 +6,20 @@ root of a draft tree (speculative). The target's draws along the tree decide
 how many tokens the step commits (speculate/verify.py explains why the output
 is unchanged). Every step yields the tokens it committed with their text and
 its stats, so `run`, `chat` and `bench` all consume the same contract. The
-engine does the forward passes and remembers what its cache holds; the
-speculator proposes trees; this module only decides what to feed and when to
-stop.
+engine does the forward passes in a cache the caller hands over (which
+remembers what it holds, so a conversation's next turn evaluates only its new
+tokens); the speculator proposes trees; this module only decides what to feed
+and when to stop.
 """
 
 from __future__ import annotations
 
 import codecs
 import time
-from dataclasses import dataclass, field, fields
+from dataclasses import dataclass, field, fields, replace
 from typing import Iterator
 
-from specrun.engines.base import Engine, Logits, Transfer, common_prefix
+from specrun.engines.base import Cache, Engine, Logits, Transfer, common_prefix
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
 from specrun.speculate.base import Speculator
@@ -39,13 +40,13 @@ class Step:
     (target_calls 0) is the prefill's token, shown before any decoding pass."""
 
     tokens: list[int]
-    text: str  # their text; '' while a UTF-8 character is still incomplete
-    target_calls: int  # target forward passes in this step: 1, or 0 when nothing needed one
-    drafted: int  # draft nodes verified in this pass
-    accepted: int  # of which accepted
-    draft_s: float  # time spent drafting
-    verify_s: float  # time in the target's forward pass and the walk
-    wall_s: float  # the whole step, as a clock on the wall sees it (drafting may overlap verifying)
+    text: str = ""  # their text; '' while a UTF-8 character is still incomplete
+    target_calls: int = 1  # target forward passes in this step: 1, or 0 when nothing needed one
+    drafted: int = 0  # draft nodes verified in this pass
+    accepted: int = 0  # of which accepted
+    draft_s: float = 0.0  # time spent drafting
+    verify_s: float = 0.0  # time in the target's forward pass and the walk
+    wall_s: float = 0.0  # the whole step, as a clock on the wall sees it (drafting may overlap verifying)
     depth: int = 0  # the verified tree's depth (0: plain decoding)
     parallel_s: float = 0.0  # drafting done while the target verified (inside verify_s)
     reused: bool | None = None  # the tree grew from work prepared during the last pass (None: none was)
@@ -149,13 +150,13 @@ def drawer(sampling: SamplingConfig) -> Draw:
 class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards.
 
-    The engine's cache is brought to the prompt first, keeping what it already holds of it
-    (an earlier turn of a conversation), so a chat re-evaluates only its new tokens."""
+    `cache` (one of the engine's) is brought to the prompt first, keeping what it already
+    holds of it (an earlier turn of a conversation), so a chat re-evaluates only its new tokens."""
 
-    def __init__(self, engine: Engine, prompt: list[int], config: GenerationConfig,
+    def __init__(self, engine: Engine, cache: Cache, prompt: list[int], config: GenerationConfig,
                  speculator: Speculator | None = None) -> None:
-        check_prompt(prompt, engine.n_ctx)
-        self.engine, self.prompt, self.config, self.speculator = engine, prompt, config, speculator
+        check_prompt(prompt, cache.n_ctx)
+        self.engine, self.cache, self.prompt, self.config, self.speculator = engine, cache, prompt, config, speculator
         self.stats = GenerationStats(prompt_tokens=len(prompt), generations=1)
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -166,59 +167,59 @@ class Generation:
         return "".join(self._text)
 
     def __iter__(self) -> Iterator[Step]:
-        engine, cfg, stats = self.engine, self.config, self.stats
+        engine, cache, cfg, stats = self.engine, self.cache, self.config, self.stats
         draw = drawer(cfg.sampling)
         stats.stop_reason = "interrupted"  # until the loop ends by itself
         transfer_start = engine.transfer()
         t0 = time.perf_counter()
-        stats.reused_tokens = min(common_prefix(engine.tokens, self.prompt), len(self.prompt) - 1)
+        stats.reused_tokens = min(common_prefix(cache.tokens, self.prompt), len(self.prompt) - 1)
         if cfg.overlap and self.speculator is not None:  # the draft's prefill during the target's
-            job = engine.submit_sync(self.prompt)
+            job = engine.submit_sync(cache, self.prompt)
             stats.parallel_s += self.speculator.warm(self.prompt)
             prefilled = job.result()
         else:
-            prefilled = engine.sync(self.prompt)
+            prefilled = engine.sync(cache, self.prompt)
         pending = draw(prefilled, 0)
         stats.prefill_s = time.perf_counter() - t0
         stats.target_calls = 1  # the prefill drew the first token
         committed, done = self._commit([pending])
         if committed:  # shown now, not after the next pass
-            yield self._step(committed, 0, 0, 0, 0.0, 0.0, 0.0)
+            yield self._shown(Step(committed, target_calls=0))
         while done is None:
-            if engine.kv_len + 1 > engine.n_ctx:
+            if cache.kv_len + 1 > cache.n_ctx:
                 done = "context"  # no room left to evaluate the pending token
                 break
             t_step = time.perf_counter()
             # Room below the root: in the cache (a node per cell) and in the token budget.
-            cells = engine.n_ctx - engine.kv_len
+            cells = cache.n_ctx - cache.kv_len
             max_depth = min(cells - 1, cfg.max_tokens - stats.generated_tokens)
             max_nodes = min(cells, engine.max_tree_nodes)
-            tree = DraftTree.rooted(pending)
-            proposed = self.speculator is not None and max_depth > 0 and max_nodes > 1
-            if proposed:
-                tree = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
+            tree, proposal = DraftTree.rooted(pending), None
+            if self.speculator is not None and max_depth > 0 and max_nodes > 1:
+                proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
+                tree = proposal.tree
                 if tree.tokens[0] != pending:  # verifying another root would change the output
                     raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
                                        f"not at the pending token {pending}")
-            reused = self.speculator.reused if proposed and self.speculator is not None else None
+            reused = proposal.reused if proposal is not None else None
             t_draft = time.perf_counter()
             logits: Logits
             parallel = 0.0
             if len(tree) == 1:
-                logits = engine.eval([pending])  # [1, vocab]
-            elif cfg.overlap and self.speculator is not None:
-                job = engine.submit_tree(tree.tokens, tree.parents, tree.depths)
-                parallel = self.speculator.prepare(job.done)  # the draft works while the target does
+                logits = engine.eval(cache, [pending])  # [1, vocab]
+            elif cfg.overlap and self.speculator is not None and proposal is not None:
+                job = engine.submit_tree(cache, tree.tokens, tree.parents, tree.depths)
+                parallel = self.speculator.prepare(proposal, job.done)  # the draft works while the target does
                 logits = job.result()  # [n, vocab]
             else:
-                logits = engine.eval_tree(tree.tokens, tree.parents, tree.depths)  # [n, vocab]
+                logits = engine.eval_tree(cache, tree.tokens, tree.parents, tree.depths)  # [n, vocab]
             path, pending = walk(tree, logits, draw)
             if len(tree) > 1:
-                engine.commit_path(path)
+                engine.commit_path(cache, path)
             t_end = time.perf_counter()
-            if proposed:  # also for a root-only plan: a draft model must drop its draft
-                alone = len(tree) == 1 or not cfg.overlap  # nothing drafted during this pass
-                self.speculator.observe(tree, path, t_end - t_step, t_end - t_draft if alone else None)
+            if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
+                alone = len(tree) == 1 or not cfg.overlap  # model must drop its draft; nothing drafted beside
+                self.speculator.observe(proposal, path, t_end - t_step, t_end - t_draft if alone else None)
             accepted = [tree.tokens[i] for i in path[1:]]
             committed, done = self._commit(accepted + [pending])  # the pass's own token too: shown now
             stats.target_calls += 1
@@ -233,13 +234,14 @@ class Generation:
             wall = time.perf_counter() - t_step
             stats.decode_s += wall
             self._count_transfer(transfer_start)
-            yield self._step(committed, 1, len(tree) - 1, len(accepted), t_draft - t_step, t_end - t_draft, wall,
-                             max(tree.depths), parallel, reused)
+            yield self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),
+                                   draft_s=t_draft - t_step, verify_s=t_end - t_draft, wall_s=wall,
+                                   depth=max(tree.depths), parallel_s=parallel, reused=reused))
         stats.stop_reason = done
         tail = self._decoder.decode(b"", final=True)
         if tail:
             self._text.append(tail)
-            yield Step([], tail, 0, 0, 0, 0.0, 0.0, 0.0)
+            yield Step([], tail, target_calls=0)
 
     def _count_transfer(self, start: Transfer | None) -> None:
         """The weights streamed since the generation began (offloaded targets)."""
@@ -265,9 +267,8 @@ class Generation:
                 return out, "length"
         return out, None
 
-    def _step(self, tokens: list[int], calls: int, drafted: int, accepted: int,
-              draft_s: float, verify_s: float, wall_s: float, depth: int = 0, parallel_s: float = 0.0,
-              reused: bool | None = None) -> Step:
-        text = self._decoder.decode(b"".join(self.engine.vocab.piece(t) for t in tokens))
+    def _shown(self, step: Step) -> Step:
+        """The step with its tokens' text: what they complete of the UTF-8 output so far."""
+        text = self._decoder.decode(b"".join(self.engine.vocab.piece(t) for t in step.tokens))
         self._text.append(text)
-        return Step(tokens, text, calls, drafted, accepted, draft_s, verify_s, wall_s, depth, parallel_s, reused)
+        return replace(step, text=text)

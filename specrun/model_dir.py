@@ -5,8 +5,8 @@ directory is checked here before an engine sees it (config.json parses, the
 tokenizer is there, every shard the index names exists and its header parses,
 every tensor fits inside its file), and the same pass gives the facts `specrun
 info` shows. No torch here: the CLI reads headers without paying for an import
-of torch. The store's pull of a directory (a hub snapshot, each file checked
-against the hub's records) lives here too, beside the check that ends it.
+of torch. (Pulling a directory, a hub snapshot, is pulls.py's; it ends with
+this module's check.)
 
 The safetensors format is small enough to read by hand: an 8-byte little-endian
 header length, a JSON header mapping each tensor name to its dtype, shape and
@@ -15,21 +15,16 @@ header length, a JSON header mapping each tensor name to its dtype, shape and
 
 from __future__ import annotations
 
-import hashlib
 import json
 import math
-import os
 import struct
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
-from specrun.catalog import is_sha256
-from specrun.errors import ModelFileError, PullError
+from specrun.errors import ModelFileError
 
-if TYPE_CHECKING:
-    from specrun.catalog import HfSource, ModelEntry
-    from specrun.store import Progress
+
 
 CONFIG = "config.json"
 TOKENIZER = "tokenizer.json"
@@ -230,84 +225,4 @@ def chat_template(directory: Path) -> str | None:
 
 # --- pulling a directory: a hub snapshot, for the store ---------------------------
 
-def fetch_hub_snapshot(entry: ModelEntry, source: HfSource, staged: Path,
-                       progress: Progress) -> tuple[str, dict[str, int], str]:
-    """snapshot_download the repo's files matching the source's patterns at its revision (the
-    HF cache, HF_ENDPOINT, HF_HUB_OFFLINE and resume apply), check every file against what the
-    hub reported for the resolved commit (the tree listing's sizes and git blob ids; for LFS
-    files the sha256 the hub sent as their etag, which names their blob in the HF cache), check
-    the directory loads, and hard-link it under `staged`.
-    Returns (sha256 of the "hash  path" lines, {path: size}, commit)."""
-    from huggingface_hub import get_cached_repo_tree, snapshot_download
-    from huggingface_hub.utils import filter_repo_objects
-    from huggingface_hub.utils import logging as hf_logging
 
-    from specrun.store import _check_hub_reachable, _one_line, _tqdm_for
-
-    hf_logging.set_verbosity_error()
-    _check_hub_reachable()
-    patterns = source.patterns()
-    progress.start(f"{entry.name} from hub {source.repo}", entry.expected_size(source))
-    try:
-        folder = Path(snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns,
-                                        tqdm_class=_tqdm_for(progress, snapshot=True)))
-    except Exception as e:  # any failure of this source means: try the next one
-        raise PullError(_one_line(e)) from None
-    try:  # the listing snapshot_download fetched (and cached) for this commit
-        listing: dict[str, object] = {f.path: f for f in get_cached_repo_tree(source.repo, revision=folder.name)}
-    except Exception:  # a snapshot cached by an older huggingface-hub: the blobs' names still verify them
-        listing = {p.relative_to(folder).as_posix(): None for p in folder.rglob("*") if p.is_file()}
-    wanted = sorted(filter_repo_objects(list(listing), allow_patterns=patterns))
-    if not wanted:
-        raise PullError(f"no file of {source.repo}@{source.revision} matches {', '.join(patterns)}",
-                        hint="fix allow_patterns in the catalog entry")
-    files, lines = {}, []
-    total = sum(getattr(listing[rel], "size", 0) or 0 for rel in wanted)
-    progress.start(f"verifying {entry.name} ({len(wanted)} files)", total)
-    for rel in wanted:
-        cached, record = folder / rel, listing[rel]
-        try:
-            blob = cached.resolve(strict=True)
-        except OSError:
-            raise PullError(f"{rel} is missing from the downloaded snapshot") from None
-        sha = _check_blob(rel, cached, blob, record, progress)
-        files[rel] = blob.stat().st_size
-        lines.append(f"{sha}  {rel}\n")
-        target = staged / rel
-        target.parent.mkdir(parents=True, exist_ok=True)
-        try:
-            os.link(blob, target)
-        except OSError:  # another filesystem, or no hard links: a symlink keeps one copy
-            os.symlink(blob, target)
-    if entry.expected_size(source) is not None and sum(files.values()) != entry.expected_size(source):
-        raise PullError(f"size mismatch: got {sum(files.values())} bytes, expected {entry.expected_size(source)}",
-                        hint="the catalog's size does not match this revision; pin the revision to a commit")
-    try:
-        open_model_dir(staged)
-    except ModelFileError as e:
-        raise PullError(f"the snapshot is not a usable model directory: {e.message}", hint=e.hint) from None
-    return hashlib.sha256("".join(lines).encode()).hexdigest(), files, folder.name
-
-
-def _check_blob(rel: str, cached: Path, blob: Path, record: object, progress: Progress) -> str:
-    """`blob`'s sha256, after checking it against the hub's records: the listed size, then for
-    an LFS file (its blob named by a sha256) that sha256, else the git blob sha1 that names the
-    blob and that the listing gives. A corrupt blob is dropped from the HF cache (else every
-    later pull would be handed it again) and a PullError raised."""
-    from specrun.store import sha256_file
-
-    size = blob.stat().st_size
-    expected_size = getattr(record, "size", None)
-    sha = sha256_file(blob, progress)
-    if is_sha256(blob.name):
-        ok, what = sha == blob.name, "sha256"
-    else:
-        data = blob.read_bytes()  # a small file: git's blob hash is what the hub records
-        git_sha1 = hashlib.sha1(b"blob %d\0" % len(data) + data).hexdigest()
-        ok, what = git_sha1 == blob.name and getattr(record, "blob_id", git_sha1) == git_sha1, "git sha1"
-    if (expected_size is not None and size != expected_size) or not ok:
-        cached.unlink(missing_ok=True)
-        blob.unlink(missing_ok=True)
-        problem = f"{size} bytes, the hub lists {expected_size}" if size != expected_size else f"{what} mismatch"
-        raise PullError(f"{rel}: {problem}", hint="pull again; a corrupted download was removed from the HF cache")
-    return sha

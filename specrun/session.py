@@ -3,7 +3,7 @@
 `run`, `chat` and `bench` all need the same assembly: plan the run's memory
 (where the target runs, whether the draft fits, how big a context and a tree),
 open the engines as planned, check that the draft tokenizes like the target,
-open KV caches, find (or measure) the target's cost curve, and build
+make their KV caches, find (or measure) the target's cost curve, and build
 speculators for a `SpecConfig`. It lives here once, so what `bench` measures
 is what `run` and `chat` do. No backend is named here: the memory plan picks
 it from the model, the placement and the memory this process may use.
@@ -15,14 +15,16 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Callable
 
-from specrun import calibrate
-from specrun.engines import Engine, Placement, open_engine, tree_limit
+from specrun import calibrate, planner_memory
+from specrun.engines import Cache, Engine, Placement, open_engine, tree_limit
 from specrun.engines.memory_plan import MemoryPlan, PlanRequest, plan_memory
 from specrun.errors import UsageError
 from specrun.memory_limit import MemoryLimit
+from specrun.planner_memory import PlannerMemory
 from specrun.speculate.base import Speculator
-from specrun.speculate.draft_model import VocabMismatch, check_vocab_compatible
+from specrun.speculate.draft_model import DraftModel, VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
+from specrun.speculate.overlap import measure_overlap, should_overlap
 
 
 @dataclass(frozen=True)
@@ -52,7 +54,8 @@ class SessionConfig:
 
 
 class Session:
-    """Target (and draft) engines with open caches, and the target's calibration.
+    """Target (and draft) engines, a cache on each (`cache`, `draft_cache`: what run, chat and
+    bench generate in; an engine makes more for other sequences), and the target's calibration.
 
     The draft model is loaded when a speculator first needs it: chain and tree always do,
     auto only while the draft's remembered speed says it may pay (DraftSpeed.should_load),
@@ -75,7 +78,9 @@ class Session:
         for line in self.target.notices:
             notice(line)
         self.draft: Engine | None = None
-        self.calibration: calibrate.Calibration | None = None
+        self.cache: Cache | None = None  # the target's, once `open`ed
+        self.draft_cache: Cache | None = None  # the draft's, as long as the target's, once the draft loads
+        self.calibration: PlannerMemory | None = None
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -97,103 +102,126 @@ class Session:
                                  hint="pick a draft of the same model family, or --no-draft") from None
             for line in draft.notices:
                 self.notice(line)
-            if self.target.n_ctx:
-                draft.open(self.target.n_ctx)
+            if self.cache is not None:
+                self.draft_cache = draft.new_cache(self.cache.n_ctx)
             self.draft = draft
         return self.draft
+
+    def _draft_model(self, separate: bool) -> DraftModel | None:
+        """The draft engine (loaded on first use) and a cache as long as the target's: the
+        session's, or (`separate`) a new one for a sequence of its own."""
+        draft = self._draft_engine()
+        if draft is None:
+            return None
+        if self.cache is None:
+            raise RuntimeError("a draft model's speculator before open()")
+        if separate:
+            return DraftModel(draft, draft.new_cache(self.cache.n_ctx))
+        if self.draft_cache is None:
+            self.draft_cache = draft.new_cache(self.cache.n_ctx)
+        return DraftModel(draft, self.draft_cache)
 
     @property
     def n_ctx(self) -> int:
         """The context the memory plan made room for (--ctx when given)."""
         return self.plan.n_ctx
 
-    def open(self, n_ctx: int) -> None:
-        """Allocate the KV caches (the draft's, once loaded, as long as the target's)."""
-        self.target.open(n_ctx)
+    def open(self, n_ctx: int) -> Cache:
+        """Allocate the KV caches (the draft's, once loaded, as long as the target's), replacing
+        any this session made before; the target's."""
+        for cache in (self.cache, self.draft_cache):
+            if cache is not None:
+                cache.close()
+        self.cache = self.target.new_cache(n_ctx)
         if self.draft is not None:
-            self.draft.open(self.target.n_ctx)
+            self.draft_cache = self.draft.new_cache(self.cache.n_ctx)
+        return self.cache
 
     def forget(self) -> None:
         """Empty both caches, so the next generation evaluates its whole prompt (as bench
         needs: every mode pays the same prefill)."""
-        for engine in (self.target, self.draft):
-            if engine is not None:
-                engine.rewind(0)
+        for engine, cache in ((self.target, self.cache), (self.draft, self.draft_cache)):
+            if engine is not None and cache is not None:
+                engine.rewind(cache, 0)
 
-    def calibrated(self, force: bool = False) -> calibrate.Calibration:
+    def calibrated(self, force: bool = False) -> PlannerMemory:
         """The stored cost curve for this model and these settings, measured now if missing
         (or if `force`, or if it stops short of sizes measured now). Leaves the target's cache
-        empty; a cache too small to measure in is replaced by a big enough one for the
-        measurement, then reopened at its own size."""
+        empty; one too small to measure in is replaced by a big enough one for the measurement
+        (freed first: the memory plan counted one), then by a new one of its own size: read
+        `cache` after asking for a speculator."""
         if self.calibration is not None and not force:
             return self.calibration
-        if not self.target.n_ctx:
+        if self.cache is None:
             raise RuntimeError("calibrated() before open()")
-        file = calibrate.calibration_path(self.config.calibration_root, self.config.target,
+        file = planner_memory.memory_path(self.config.calibration_root, self.config.target,
                                           self.target.settings_key())
         sizes = calibrate.sizes_up_to(self.target.max_tree_nodes)
-        stored = calibrate.load(file)
+        stored = planner_memory.load(file)
         found = None if force else stored
         if found is not None and (calibrate.stops_short(found.cost, sizes) or not found.trusted):
             found = None  # measured with fewer sizes (up to 32) on a curve flat enough for more, or while busy
         if found is None:
             once = "" if force else " (once)"
             self.notice(f"measuring this machine's cost curve for {self.config.target.name}{once}…")
-            n_ctx = self.target.n_ctx
-            if n_ctx < calibrate.context_needed(sizes):
-                self.target.open(calibrate.context_needed(sizes))
+            n_ctx, small = self.cache.n_ctx, self.cache.n_ctx < calibrate.context_needed(sizes)
+            if small:
+                self.cache.close()
+                self.cache = self.target.new_cache(calibrate.context_needed(sizes))
             try:
-                curve, trusted = calibrate.measure_checked(self.target, sizes, self.notice)
+                curve, trusted = calibrate.measure_checked(self.target, self.cache, sizes, self.notice)
             finally:
-                if self.target.n_ctx != n_ctx:
-                    self.target.open(n_ctx)
+                if small:
+                    self.cache.close()
+                    self.cache = self.target.new_cache(n_ctx)
             old = stored  # keep what was learnt about acceptance
             # Acceptance is about text and is kept; what auto learnt about draft speed was
             # relative to the old curve and is measured again.
-            found = calibrate.Calibration(file, curve, old.stats if old else {}, {}, self.target.settings_key(),
-                                          trusted=trusted)
+            found = PlannerMemory(file, curve, old.stats if old else {}, {}, self.target.settings_key(),
+                                  trusted=trusted)
             found.save()
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found
         return found
 
-    def speculator(self, spec: SpecConfig) -> Speculator | None:
+    def speculator(self, spec: SpecConfig, separate: bool = False) -> Speculator | None:
         """The speculator for `spec` (None: plain decoding), sharing this session's draft engine
-        and what it learnt."""
+        and what it learnt. It drafts in the session's draft cache, or (`separate`: for a
+        sequence other than the session's own, as a second conversation) in a cache of its own."""
         if spec.budget is not None and spec.max_nodes > max(self.target.max_tree_nodes, 1):  # planned trees fit
             raise ValueError(f"the engines were opened for trees of at most {self.target.max_tree_nodes} nodes")
         cal = self.calibrated() if spec.needs_costs else None
         speed = None
-        draft = self._draft_engine() if spec.mode in MODEL_MODES else None
+        draft = self._draft_model(separate) if spec.mode in MODEL_MODES else None
         if spec.mode == "auto" and cal is not None and self.config.draft is not None:
             speed = cal.speed_of(self.config.draft)
             if speed.should_load(1.0 / cal.cost.cost(1)):
-                draft = self._draft_engine()
+                draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
                                cal.steps if cal else None, self.overlaps(spec))
 
     def overlaps(self, spec: SpecConfig) -> bool:
-        """Whether to draft while the target verifies. `--overlap on` and `off` say so; auto
-        overlaps where a draft model drafts (prompt lookup has nothing to prepare) and the
-        target leaves the CPU to it (it computes on a GPU), and where both compute on the CPU
-        only if overlapping was measured to pay on this machine (measured once, then kept).
-        Never for plain decoding: there is no speculator to draft."""
+        """Whether to draft while the target verifies (overlap.should_overlap; never for plain
+        decoding: there is no speculator to draft). Where target and draft share the CPU, it
+        measures once whether overlapping pays here, and keeps the answer."""
         if spec.max_nodes == 1:
             return False
-        if spec.overlap != "auto":
-            return spec.overlap == "on"
-        if spec.mode not in MODEL_MODES + ("auto",) or self.draft is None:
-            return False
-        if not self.target.on_cpu:
-            return True
+        drafts = spec.mode in MODEL_MODES + ("auto",) and self.draft is not None
+        return should_overlap(spec.overlap, drafts, self.target.on_cpu, self._overlap_gain)
+
+    def _overlap_gain(self) -> float:
         cal = self.calibrated()
-        assert self.config.draft is not None
+        assert self.config.draft is not None and self.draft is not None
         gain = cal.overlap.get(self.config.draft.name)
         if gain is None:
             self.notice("measuring whether drafting during target passes pays here (once)…")
-            gain = cal.overlap[self.config.draft.name] = calibrate.measure_overlap(self.target, self.draft)
+            target_cache, draft = self.cache, self._draft_model(separate=False)
+            assert target_cache is not None and draft is not None
+            tokens = calibrate.measurement_tokens(min(self.target.vocab.n_vocab, self.draft.vocab.n_vocab))
+            gain = cal.overlap[self.config.draft.name] = measure_overlap(self.target, target_cache, draft.engine,
+                                                                         draft.cache, tokens)
             cal.save()
-        return gain >= calibrate.OVERLAP_PAYS
+        return gain
 
     def save(self) -> None:
         """Keep what was learnt about acceptance (also after Ctrl-C)."""

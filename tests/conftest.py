@@ -39,16 +39,17 @@ def sharp_model(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="module")
 def pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Target = the tiny model; drafts: the same model (its guesses come true), and other weights."""
+    """Target = the tiny model; drafts: the same model (its guesses come true), and other weights.
+    Each an engine with a 1024-token cache on it (a `DraftModel`: what a drafter takes; the
+    target's generations use its `engine` and `cache`)."""
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+    from specrun.speculate.draft_model import DraftModel
 
     other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
     cfg = LlamaCppConfig(n_threads=1, max_tree_nodes=63)
     with LlamaCppEngine(tiny_model, cfg) as target, LlamaCppEngine(tiny_model, cfg) as same, \
             LlamaCppEngine(other, cfg) as different:
-        for e in (target, same, different):
-            e.open(1024)
-        yield target, same, different
+        yield tuple(DraftModel(e, e.new_cache(1024)) for e in (target, same, different))
 
 
 @pytest.fixture

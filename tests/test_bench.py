@@ -187,7 +187,7 @@ def test_a_short_answer_drafted_in_one_step_is_timed_over_all_of_it(monkeypatch:
             self.stats = GenerationStats(generated_tokens=13, target_calls=3, decode_s=0.6, generations=1)
 
     class FakeSession:
-        target = None
+        target = cache = None
 
         def forget(self) -> None: ...
         def speculator(self, spec: object) -> None: ...

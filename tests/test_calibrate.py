@@ -15,6 +15,7 @@ from specrun import calibrate
 from specrun.calibrate import ALWAYS, MAX_RATIO, SIZES, context_needed, measure_cost_curve, sizes_up_to
 from specrun.engines import Placement
 from specrun.engines import tree_limit
+from specrun.engines.base import Cache
 from specrun.session import SessionConfig
 from specrun.speculate.factory import DEFAULT_NODES, SpecConfig, make_speculator
 from specrun.speculate.planner import CostCurve
@@ -26,31 +27,38 @@ class FakeEngine:
     def __init__(self, cost: Callable[[int], float], max_tree_nodes: int) -> None:
         self.cost, self.max_tree_nodes, self.now = cost, max_tree_nodes, 0.0
         self.vocab = SimpleNamespace(n_vocab=100)
-        self.tokens: list[int] = []
         self.trees: list[int] = []
 
     def clock(self) -> float:
         return self.now
 
-    def rewind(self, n: int) -> None:
-        del self.tokens[n:]
+    def new_cache(self, n_ctx: int = 4096) -> Cache:
+        return Cache(n_ctx)
 
-    def eval(self, tokens: Sequence[int]) -> None:
+    def rewind(self, cache: Cache, n: int) -> None:
+        cache.cut(n)
+
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> None:
         self.now += self.cost(len(tokens))
-        self.tokens += tokens
+        cache.appended(tokens)
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int], start: int = 0) -> None:
-        assert len(tokens) <= self.max_tree_nodes
+    def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                  start: int = 0) -> None:
+        assert len(tokens) <= self.max_tree_nodes and cache.kv_len + len(tokens) <= cache.n_ctx
         self.now += self.cost(len(tokens))
         self.trees.append(len(tokens))
 
-    def commit_path(self, path: Sequence[int]) -> None:
+    def commit_path(self, cache: Cache, path: Sequence[int]) -> None:
         pass
 
 
 def measure(cost: Callable[[int], float], limit: int) -> CostCurve:
     engine = FakeEngine(cost, limit)
-    return measure_cost_curve(engine, sizes_up_to(limit), max_ratio=MAX_RATIO, clock=engine.clock)  # type: ignore[arg-type]
+    cache = engine.new_cache()
+    curve = measure_cost_curve(engine, cache, sizes_up_to(limit), max_ratio=MAX_RATIO,  # type: ignore[arg-type]
+                               clock=engine.clock)
+    assert cache.kv_len == 0  # left empty
+    return curve
 
 
 def test_sizes_stop_at_what_the_engine_verifies() -> None:
@@ -77,7 +85,8 @@ def test_measuring_stops_after_the_first_size_costing_more_than_max_ratio_plain_
     assert curve.sizes[-2:] == (96, 128)
     assert curve.seconds[-1] == pytest.approx(9.0)
     everything = FakeEngine(lambda n: 1.0 + n / 16, 1024)  # without max_ratio (scripts): every size
-    assert measure_cost_curve(everything, SIZES, clock=everything.clock).sizes == SIZES  # type: ignore[arg-type]
+    assert measure_cost_curve(everything, everything.new_cache(), SIZES,  # type: ignore[arg-type]
+                              clock=everything.clock).sizes == SIZES
 
 
 def test_engines_are_opened_for_what_their_backend_verifies(tiny_model: Path, tmp_path: Path) -> None:
@@ -112,7 +121,7 @@ def test_the_planner_plans_up_to_what_was_measured() -> None:
 def test_a_stored_curve_that_stopped_short_is_measured_again(tiny_model: Path, tmp_path: Path) -> None:
     """Files from when calibration stopped at 32 tokens: a flat curve is measured again (its
     acceptance statistics kept), a steep one is as far as it would go today."""
-    from specrun.calibrate import Calibration, calibration_path, load
+    from specrun.planner_memory import PlannerMemory, load, memory_path
     from specrun.session import Session
     from specrun.speculate.planner import AcceptanceStats
 
@@ -120,9 +129,9 @@ def test_a_stored_curve_that_stopped_short_is_measured_again(tiny_model: Path, t
     for seconds, again in (([0.01] * len(sizes), True), ([0.01 * n for n in sizes], False)):
         with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
             s.open(256)
-            file = calibration_path(tmp_path, tiny_model, s.target.settings_key())
+            file = memory_path(tmp_path, tiny_model, s.target.settings_key())
             stats = AcceptanceStats(counts={("ngram", 1, 1): [3, 4]})
-            Calibration(file, CostCurve(sizes, tuple(seconds)), {"ngram": stats}).save()
+            PlannerMemory(file, CostCurve(sizes, tuple(seconds)), {"ngram": stats}).save()
             assert calibrate.stops_short(CostCurve(sizes, tuple(seconds)), sizes_up_to(255)) == again
             cal = s.calibrated()
             assert (cal.cost.seconds != tuple(seconds)) == again
@@ -149,8 +158,8 @@ class NoisyEngine(FakeEngine):
 
 def checked(engine: FakeEngine, limit: int) -> tuple[CostCurve, bool, list[str]]:
     notices: list[str] = []
-    curve, keep = calibrate.measure_checked(engine, sizes_up_to(limit), notices.append,  # type: ignore[arg-type]
-                                            clock=engine.clock)
+    curve, keep = calibrate.measure_checked(engine, engine.new_cache(), sizes_up_to(limit),  # type: ignore[arg-type]
+                                            notices.append, clock=engine.clock)
     return curve, keep, notices
 
 
@@ -169,28 +178,29 @@ def test_a_noisy_curve_is_measured_again_and_refused_if_still_noisy(monkeypatch:
 
 def test_repeats_take_the_minimum_so_one_slow_pass_does_not_stick() -> None:
     engine = NoisyEngine(lambda n: 0.2, 32, factor=5.0, every=3)
-    runs = calibrate.measure_runs(engine, (1, 8, 32), clock=engine.clock)  # type: ignore[arg-type]
+    runs = calibrate.measure_runs(engine, engine.new_cache(), (1, 8, 32), clock=engine.clock)  # type: ignore[arg-type]
     assert all(len(r) == 3 for r in runs.values())  # passes under a quarter second: 3 repeats
     assert calibrate.curve_of(runs).seconds == pytest.approx((0.2, 0.2, 0.2))
     slow = FakeEngine(lambda n: 0.5, 32)
-    assert all(len(r) == 2 for r in calibrate.measure_runs(slow, (1, 8), clock=slow.clock).values())  # type: ignore[arg-type]
+    runs = calibrate.measure_runs(slow, slow.new_cache(), (1, 8), clock=slow.clock)  # type: ignore[arg-type]
+    assert all(len(r) == 2 for r in runs.values())
 
 
 def test_a_curve_a_run_found_far_off_is_measured_afresh_by_the_next(tiny_model: Path, tmp_path: Path) -> None:
     """A stored curve a run's passes contradicted by more than 2x is saved as stale; the next
     session measures it again (keeping what was learnt about acceptance)."""
-    from specrun.calibrate import Calibration, calibration_path, load
+    from specrun.planner_memory import PlannerMemory, load, memory_path
     from specrun.session import Session
     from specrun.speculate.planner import AcceptanceStats, LearntCurve
 
     with Session(SessionConfig(tiny_model, None, tmp_path)) as s:
         s.open(256)
-        file = calibration_path(tmp_path, tiny_model, s.target.settings_key())
+        file = memory_path(tmp_path, tiny_model, s.target.settings_key())
         far = LearntCurve(CostCurve((1, 2, 4), (1.0, 2.0, 4.0)))  # 1000x what the tiny model takes
         for _ in range(LearntCurve.MIN_PASSES):
             far.observe(2, 0.002)
         assert far.stale and far.replaced
-        Calibration(file, far, {"ngram": AcceptanceStats(counts={("ngram", 1, 1): [3, 4]})}).save()
+        PlannerMemory(file, far, {"ngram": AcceptanceStats(counts={("ngram", 1, 1): [3, 4]})}).save()
         assert load(file) is not None and not load(file).trusted  # type: ignore[union-attr]
         notices: list[str] = []
         s.notice = notices.append

@@ -12,7 +12,7 @@ import pexpect
 import pytest
 
 from specrun.chat import Chat, ChatConfig, ChatTemplate
-from specrun.engines import Placement
+from specrun.engines import Cache, Placement
 from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session, SessionConfig
@@ -33,9 +33,9 @@ def session(tiny_model: Path, tmp_path: Path):
         yield s
 
 
-def make_chat(session: Session, spec: str = "none", **kw) -> Chat:
+def make_chat(session: Session, spec: str = "none", cache: Cache | None = None, **kw) -> Chat:
     template = ChatTemplate(CHAT_TEMPLATE, "<s>", "</s>")
-    return Chat(session, template, ChatConfig(SpecConfig(spec), kw.pop("generation", GREEDY), **kw))
+    return Chat(session, template, ChatConfig(SpecConfig(spec), kw.pop("generation", GREEDY), **kw), cache=cache)
 
 
 def reply(chat: Chat, text: str) -> list[int]:
@@ -60,6 +60,38 @@ def test_later_turns_reuse_the_cache_and_answer_as_without_it(session: Session, 
     uncached.history = chat.history[:2]
     assert reply(uncached, "the fib") == second
     assert uncached.last.reused_tokens == 0
+
+
+@pytest.mark.parametrize("spec", ["none", "ngram", "tree"])
+def test_a_second_conversation_in_its_own_cache_leaves_the_firsts_turns_cached(session: Session, spec: str) -> None:
+    """Two conversations on one loaded model, turns alternating: the second generates in a
+    cache of its own (and drafts in a draft cache of its own), so the first one's next turn
+    still evaluates only its new tokens, and each replies as a fresh conversation would."""
+    chat = make_chat(session, spec)
+    other = make_chat(session, spec, cache=session.target.new_cache(512))
+    assert other.cache is not chat.cache and other.cache.n_ctx == chat.cache.n_ctx
+
+    def held() -> tuple:  # what the session's caches (the first conversation's) hold
+        return session.cache.tokens, session.draft_cache.tokens if session.draft_cache is not None else None
+
+    first = reply(chat, "hello world")
+    first_prompt, before = chat.last.prompt_tokens, held()
+    other_first = reply(other, "the a def")  # another text: its tokens differ
+    assert other.last.reused_tokens == 0  # its own cache: nothing of the first conversation in it
+    assert held() == before  # the first conversation's caches as they were
+    other_prompt = other.last.prompt_tokens
+    second = reply(chat, "the fib")
+    assert chat.last.reused_tokens >= first_prompt  # its earlier turn was still cached
+    before = held()
+    other_second = reply(other, "the fib")
+    assert other.last.reused_tokens >= other_prompt and held() == before
+    for history, text, expected in (([], "hello world", first), (chat.history[:2], "the fib", second),
+                                    ([], "the a def", other_first), (other.history[:2], "the fib", other_second)):
+        session.forget()  # empty caches: the same history evaluated from scratch
+        fresh = make_chat(session, spec)
+        fresh.history = history
+        assert reply(fresh, text) == expected, text
+        assert fresh.last.reused_tokens == 0
 
 
 def test_reset_forgets_the_earlier_turns(session: Session) -> None:

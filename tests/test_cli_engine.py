@@ -108,9 +108,11 @@ def test_auto_keeps_gguf_files_on_llama_cpp_and_sends_directories_to_torch(tiny_
 
 def test_auto_picks_torch_for_cuda_only_when_llama_cpp_has_no_gpu(tiny_model: Path,
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engines, "_llama_gpu", lambda: True)
+    monkeypatch.setattr(engines.placement, "llama_gpu", lambda: True)
+    monkeypatch.setattr(engines, "llama_gpu", lambda: True)
     assert engine_for(tiny_model, Placement(device="cuda")) == "llama.cpp"
-    monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
+    monkeypatch.setattr(engines.placement, "llama_gpu", lambda: False)
+    monkeypatch.setattr(engines, "llama_gpu", lambda: False)
     assert engine_for(tiny_model, Placement(device="cuda")) == "torch"
     with pytest.raises(UsageError, match="no CUDA device: this llama.cpp build has no GPU offload"):
         engine_for(tiny_model, Placement(device="cuda", engine="llama.cpp"))
@@ -194,7 +196,8 @@ def test_chat_takes_the_engine_flags(tiny_model: Path) -> None:
 
 def test_device_cuda_without_cuda_is_one_line(tiny_model: Path, fake_torch: dict[str, Any],
                                               monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
+    monkeypatch.setattr(engines.placement, "llama_gpu", lambda: False)
+    monkeypatch.setattr(engines, "llama_gpu", lambda: False)
     for args in (["--device", "cuda"], ["--engine", "torch", "--device", "cuda"]):
         assert_one_line_error(invoke("run", str(tiny_model), "hi", *args), 2, "no CUDA device: torch 0.0+fake")
     assert_one_line_error(invoke("run", str(tiny_model), "hi", "--engine", "llama.cpp", "--device", "cuda"), 2,

@@ -31,15 +31,15 @@ def test_a_small_context_still_verifies_whole_trees(tiny_model: Path) -> None:
     """A 16-token context made llama.cpp abort (GGML_ASSERT on its output buffer) when the
     batch, sized to the context, was smaller than the tree's sequences."""
     with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=32)) as e:
-        e.open(16)
-        assert e.n_ctx >= 16 and e.max_tree_nodes == 32
-        e.eval([1, 5, 6])
-        assert len(e.eval_tree(list(range(20, 52)), [-1] + list(range(31)), list(range(32)))) == 32
-        e.commit_path([])
-        e.eval([7] * (e.n_ctx - 3 - 4))  # 4 cells left
+        c = e.new_cache(16)
+        assert c.n_ctx >= 16 and e.max_tree_nodes == 32
+        e.eval(c, [1, 5, 6])
+        assert len(e.eval_tree(c, list(range(20, 52)), [-1] + list(range(31)), list(range(32)))) == 32
+        e.commit_path(c, [])
+        e.eval(c, [7] * (c.n_ctx - 3 - 4))  # 4 cells left
         with pytest.raises(UsageError, match="context full"):  # every node takes a cell
-            e.eval_tree(list(range(20, 28)), [-1] + list(range(7)), list(range(8)))
-        assert len(e.eval_tree(list(range(20, 24)), [-1, 0, 0, 1], [0, 1, 1, 2])) == 4
+            e.eval_tree(c, list(range(20, 28)), [-1] + list(range(7)), list(range(8)))
+        assert len(e.eval_tree(c, list(range(20, 24)), [-1, 0, 0, 1], [0, 1, 1, 2])) == 4
 
 
 @pytest.mark.parametrize("seed", range(20))

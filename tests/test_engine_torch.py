@@ -25,7 +25,7 @@ from specrun.engines.torch_engine.model import Rope
 from specrun.errors import ModelFileError
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
 from tests.conftest import torch_devices
 from tests.tiny_model import TinySpec, build_tiny_model, dequantized_twin, quantize_model
@@ -59,12 +59,11 @@ def both_engines(path: Path, device: str = "cpu") -> tuple[np.ndarray, np.ndarra
     ref = LlamaCppEngine(path, LlamaCppConfig(n_threads=1))
     ours = TorchEngine(path, TorchConfig(device=device, dtype="float32", threads=1))
     try:
-        ref.open(128)
-        ours.open(128)
+        ref_cache, our_cache = ref.new_cache(128), ours.new_cache(128)
         tokens = ref.vocab.tokenize(TEXT)
         assert ours.vocab.tokenize(TEXT) == tokens
-        a = np.stack([ref.sync(tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
-        b = np.stack([ours.sync(tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
+        a = np.stack([ref.sync(ref_cache, tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
+        b = np.stack([ours.sync(our_cache, tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
     finally:
         ref.close()
     return a, b, ours
@@ -109,9 +108,9 @@ def test_the_other_rope_pairing_would_be_caught(models, name: str) -> None:
     model = ours.model
     flipped = dataclasses.replace(model.args, rope_neox=not model.args.rope_neox)
     model.rope = Rope(flipped, model.weights.rope_factors, ours.device_obj)
-    ours.open(128)
+    cache = ours.new_cache(128)
     tokens = ours.vocab.tokenize(TEXT)
-    b = np.stack([ours.sync(tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
+    b = np.stack([ours.sync(cache, tokens[:i]).row(0) for i in range(1, len(tokens) + 1)])
     ours.close()
     assert cosines(a[2:], b[2:]).min() < 0.99  # positions 0 and 1 rotate (almost) alike either way
 
@@ -136,19 +135,20 @@ GREEDY = SamplingConfig(temperature=0)
 
 @pytest.fixture(scope="module")
 def torch_pair(tiny_model: Path, tmp_path_factory: pytest.TempPathFactory):
-    """Target: the tiny model on torch; draft: other weights on llama.cpp (often wrong, sometimes right)."""
+    """Target: the tiny model on torch; drafts on llama.cpp: the same model, and other weights (often
+    wrong, sometimes right). Each an engine with a 1024-token cache (as conftest's `pair`)."""
     other = build_tiny_model(tmp_path_factory.mktemp("draft") / "other.gguf", TinySpec(seed=9))
     with TorchEngine(tiny_model, TorchConfig(dtype="float32", threads=1, max_tree_nodes=63)) as target, \
             LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=63)) as same, \
             LlamaCppEngine(other, LlamaCppConfig(n_threads=1, max_tree_nodes=63)) as different:
-        for e in (target, same, different):
-            e.open(1024)
-        yield target, same, different
+        yield tuple(DraftModel(e, e.new_cache(1024)) for e in (target, same, different))
 
 
-def generate(target, prompt: str, sampling: SamplingConfig, speculator=None, max_tokens: int = 48) -> Generation:
-    target.rewind(0)
-    gen = Generation(target, target.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling), speculator)
+def generate(target: DraftModel, prompt: str, sampling: SamplingConfig, speculator=None,
+             max_tokens: int = 48) -> Generation:
+    engine, cache = target.engine, target.cache
+    engine.rewind(cache, 0)
+    gen = Generation(engine, cache, engine.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling), speculator)
     for _ in gen:
         pass
     return gen

@@ -8,11 +8,12 @@ from typing import Sequence
 import numpy as np
 import pytest
 
-from specrun.engines.base import ArrayLogits, CacheMixin
+from specrun.engines.base import Cache, EngineMixin
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
+from tests.fakes import ArrayLogits
 
 GREEDY = SamplingConfig(temperature=0)
 
@@ -32,48 +33,37 @@ class ScriptedVocab:
         return token == self.EOS
 
 
-class ScriptedEngine(CacheMixin):
-    """Emits a fixed token script, whatever it is fed; tracks the cache like a real engine."""
+class ScriptedEngine(EngineMixin):
+    """Emits a fixed token script, whatever it is fed; its caches keep their tokens like a real engine's."""
 
     n_ctx_train = 64
     max_tree_nodes = 0
 
-    def __init__(self, script: list[int], n_ctx: int = 64) -> None:
-        self.script, self._n_ctx, self.fed, self.vocab = script, n_ctx, [], ScriptedVocab()
-        self._tokens: list[int] = []
+    def __init__(self, script: list[int]) -> None:
+        self.script, self.fed, self.vocab = script, [], ScriptedVocab()
 
-    def open(self, n_ctx: int) -> None:
-        self._n_ctx = n_ctx
+    def new_cache(self, n_ctx: int) -> Cache:
+        return self._made(Cache(n_ctx))
 
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def kv_len(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return self._tokens
-
-    def eval(self, tokens: Sequence[int]) -> ArrayLogits:
-        self._tokens += tokens
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> ArrayLogits:
+        self._own(cache)
+        cache.appended(tokens)
         self.fed.extend(tokens)
         nxt = self.script[min(len(self.fed) - 2, len(self.script) - 1)]  # the prompt is 2 tokens
         logits = np.zeros((1, self.vocab.n_vocab), dtype=np.float32)
         logits[0, nxt] = 1.0
         return ArrayLogits(logits)
 
-    def rewind(self, n_tokens: int) -> None:
-        del self._tokens[n_tokens:]
+    def rewind(self, cache: Cache, n_tokens: int) -> None:
+        self._own(cache)
+        cache.cut(n_tokens)
 
     def close(self) -> None:
-        pass
+        self.close_caches()
 
 
-def run(engine: ScriptedEngine, max_tokens: int = 100) -> Generation:
-    gen = Generation(engine, [0, 0], GenerationConfig(max_tokens=max_tokens, sampling=GREEDY))
+def run(engine: ScriptedEngine, max_tokens: int = 100, n_ctx: int = 64) -> Generation:
+    gen = Generation(engine, engine.new_cache(n_ctx), [0, 0], GenerationConfig(max_tokens=max_tokens, sampling=GREEDY))
     steps = list(gen)
     assert "".join(s.text for s in steps) == gen.text
     return gen
@@ -98,7 +88,7 @@ def test_each_token_is_shown_as_soon_as_it_is_drawn() -> None:
     """The prefill's token comes out before any decoding pass, and each pass's token with that
     pass, not one pass later (a streamed 70B takes a second or more a pass)."""
     engine = ScriptedEngine([0, 3, 0, 3, 7])
-    gen = Generation(engine, [0, 0], GenerationConfig(max_tokens=100, sampling=GREEDY))
+    gen = Generation(engine, engine.new_cache(64), [0, 0], GenerationConfig(max_tokens=100, sampling=GREEDY))
     seen = []
     for step in gen:
         seen.append((step.tokens, step.target_calls, len(engine.fed)))
@@ -126,7 +116,7 @@ def test_the_rate_counts_what_decoding_passes_produced_over_their_time() -> None
 
 
 def test_full_context_stops_with_its_own_reason() -> None:
-    gen = run(ScriptedEngine([0] * 50, n_ctx=10))
+    gen = run(ScriptedEngine([0] * 50), n_ctx=10)
     assert gen.stats.stop_reason == "context" and len(gen.tokens) == 9  # 2 + 8 cached, the 9th never fed
 
 
@@ -136,36 +126,37 @@ def test_incomplete_character_at_the_end_is_replaced_not_dropped() -> None:
 
 
 def test_prompt_checks() -> None:
+    engine = ScriptedEngine([7])
     with pytest.raises(UsageError, match="empty"):
-        Generation(ScriptedEngine([7]), [], GenerationConfig())
+        Generation(engine, engine.new_cache(64), [], GenerationConfig())
     with pytest.raises(UsageError, match="context holds 4"):
-        Generation(ScriptedEngine([7], n_ctx=4), [0] * 4, GenerationConfig())
+        Generation(engine, engine.new_cache(4), [0] * 4, GenerationConfig())
 
 
 def test_greedy_generation_equals_a_hand_written_argmax_loop(tiny_model: Path) -> None:
     with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
-        e.open(512)
+        cache = e.new_cache(512)
         prompt = e.vocab.tokenize("def fib(n):")
-        gen = Generation(e, prompt, GenerationConfig(max_tokens=40, sampling=GREEDY))
+        gen = Generation(e, cache, prompt, GenerationConfig(max_tokens=40, sampling=GREEDY))
         list(gen)
-        e.rewind(0)
-        logits, expected = e.eval(prompt).row(0), []
+        e.rewind(cache, 0)
+        logits, expected = e.eval(cache, prompt).row(0), []
         for _ in range(40):
             t = int(np.argmax(logits))
             if e.vocab.is_eog(t):
                 break
             expected.append(t)
-            logits = e.eval([t]).row(0)
+            logits = e.eval(cache, [t]).row(0)
     assert gen.tokens == expected
 
 
 def test_seeded_sampling_is_reproducible_and_the_seed_matters(tiny_model: Path) -> None:
     outs = []
     with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
-        e.open(512)
+        cache = e.new_cache(512)
         for seed in (5, 5, 6):
             cfg = GenerationConfig(max_tokens=30, sampling=SamplingConfig(temperature=1.0, top_p=0.9, seed=seed))
-            gen = Generation(e, e.vocab.tokenize("hello"), cfg)
+            gen = Generation(e, cache, e.vocab.tokenize("hello"), cfg)
             list(gen)
             outs.append(gen.tokens)
     assert outs[0] == outs[1] and len(outs[0]) > 0
@@ -173,16 +164,16 @@ def test_seeded_sampling_is_reproducible_and_the_seed_matters(tiny_model: Path) 
 
 
 def test_a_second_generation_reuses_the_cached_prompt(tiny_model: Path) -> None:
-    """The engine remembers its cache: a longer prompt re-evaluates only its new tokens."""
+    """The cache remembers its tokens: a longer prompt re-evaluates only its new tokens."""
     with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1)) as e:
-        e.open(512)
-        first = Generation(e, e.vocab.tokenize("hello world"), GenerationConfig(max_tokens=5, sampling=GREEDY))
+        cache = e.new_cache(512)
+        first = Generation(e, cache, e.vocab.tokenize("hello world"), GenerationConfig(max_tokens=5, sampling=GREEDY))
         list(first)
         prompt = first.prompt + first.tokens + e.vocab.tokenize(" the a", add_special=False)
-        second = Generation(e, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
+        second = Generation(e, cache, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
         list(second)
         assert second.stats.reused_tokens == len(first.prompt) + len(first.tokens) - 1  # the last was never fed
-        e.rewind(0)
-        fresh = Generation(e, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
+        e.rewind(cache, 0)
+        fresh = Generation(e, cache, prompt, GenerationConfig(max_tokens=5, sampling=GREEDY))
         list(fresh)
     assert fresh.stats.reused_tokens == 0 and fresh.tokens == second.tokens

@@ -215,8 +215,8 @@ def test_gguf_twin_matches_hf_semantics_and_llama_cpp(dirs: dict[str, Path], tmp
         ids = [5, 17, 99, 3, 200, 42, 7, 300, 11, 12] * 3
         engine = LlamaCppEngine(twin, LlamaCppConfig(n_threads=1))
         try:
-            engine.open(64)
-            got = np.stack([engine.eval([t]).row(0) for t in ids])
+            cache = engine.new_cache(64)
+            got = np.stack([engine.eval(cache, [t]).row(0) for t in ids])
             ref = reference_logits(d, ids)
             assert np.abs(got - ref).max() < 2e-3 * np.abs(ref).max(), d.name  # llama.cpp keeps K/V in f16
             hf, lc = HfVocab(d, args_from_config(config(d)).n_vocab), engine.vocab
@@ -239,8 +239,8 @@ def test_the_torch_engine_runs_a_directory_as_transformers_would(dirs: dict[str,
     for d in dirs.values():
         engine = TorchEngine(d, TorchConfig(device="cpu", dtype="float32", threads=1))
         try:
-            engine.open(32)
-            got = np.stack([engine.eval([t]).row(0) for t in ids])
+            cache = engine.new_cache(32)
+            got = np.stack([engine.eval(cache, [t]).row(0) for t in ids])
         finally:
             engine.close()
         ref = reference_logits(d, ids)
@@ -267,12 +267,12 @@ def test_a_directory_in_bf16_or_nf4_generates_and_matches_its_gguf_twin(dirs: di
     for name, path, cfg in (("dir", d, TorchConfig(dtype="bfloat16", quant=quant, threads=1)),
                             ("twin", twin, TorchConfig(dtype="float32", threads=1))):
         with TorchEngine(path, cfg) as engine:
-            engine.open(64)
-            rows[name] = np.stack([engine.eval([t]).row(0) for t in ids])
-            logits, out = engine.eval([1]), []
+            cache = engine.new_cache(64)
+            rows[name] = np.stack([engine.eval(cache, [t]).row(0) for t in ids])
+            logits, out = engine.eval(cache, [1]), []
             for _ in range(8):
                 out.append(logits.argmax(0))
-                logits = engine.eval([out[-1]])
+                logits = engine.eval(cache, [out[-1]])
             assert len(out) == 8 and all(0 <= t < engine.vocab.n_vocab for t in out)
     a, b = rows["dir"], rows["twin"]
     cos = (a * b).sum(1) / np.linalg.norm(a, axis=1) / np.linalg.norm(b, axis=1)

@@ -42,7 +42,7 @@ def quantize(w: torch.Tensor, qtype: T) -> torch.Tensor:
     except NotImplementedError:
         if not available():
             pytest.skip(f"gguf cannot quantize {qtype.name} and ggml is missing")
-        lib = ctypes.CDLL(str(dequant_cpu._library_paths()[0]))
+        lib = ctypes.CDLL(str(dequant_cpu.library_paths()[0]))
         lib.ggml_quantize_chunk.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64,
                                             ctypes.c_int64, ctypes.c_int64, ctypes.c_void_p]
         lib.ggml_quantize_chunk.restype = ctypes.c_size_t

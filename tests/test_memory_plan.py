@@ -42,7 +42,8 @@ def weigh(monkeypatch: pytest.MonkeyPatch):
 
     monkeypatch.setattr(ModelShape, "of", classmethod(
         lambda cls, p: replace(real(p), weight_bytes=sizes[p]) if p in sizes else real(p)))
-    monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
+    monkeypatch.setattr(engines.placement, "llama_gpu", lambda: False)
+    monkeypatch.setattr(engines, "llama_gpu", lambda: False)
     return sizes.__setitem__
 
 
@@ -175,6 +176,7 @@ def test_a_plan_with_small_trees_still_serves_auto(files: dict[str, Path], tmp_p
         assert s.plan.tree_nodes == 16
         s.open(s.n_ctx)
         speculator = s.speculator(SpecConfig("auto"))
-        gen = Generation(s.target, [1, 5, 6, 5, 6, 5, 6], GenerationConfig(8, SamplingConfig(temperature=0)),
+        assert s.cache is not None  # read after asking for a speculator: calibrating may replace it
+        gen = Generation(s.target, s.cache, [1, 5, 6, 5, 6, 5, 6], GenerationConfig(8, SamplingConfig(temperature=0)),
                          speculator)
         assert len(list(gen)) > 0 and max(s.calibration.cost.sizes) <= 16  # type: ignore[union-attr]

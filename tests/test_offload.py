@@ -20,6 +20,7 @@ import pytest
 import torch
 
 import specrun.engines as engines
+from specrun.engines.base import Cache
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.memory_limit import MemoryLimit
 from specrun.engines.torch_engine import TorchConfig, TorchEngine
@@ -30,7 +31,7 @@ from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
 from tests.tiny_model import TinySpec, build_tiny_model, quantize_model
 
@@ -49,16 +50,17 @@ def models(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
 def engine(path: Path, mode: str = "none", ram: int | None = None, slots: int = 2, **kw) -> TorchEngine:
     e = TorchEngine(path, TorchConfig(dtype="float32", threads=1, max_tree_nodes=16,
                                       offload=OffloadConfig(mode=mode, ram=ram, slots=slots, **kw)))
-    e.open(128)
     return e
 
 
-def passes(e: TorchEngine) -> list[torch.Tensor]:
-    """Logits of a prompt, two plain steps and a tree, each as a tensor of all its rows."""
-    out = [e.eval(PROMPT)._rows.clone(), e.eval([7])._rows.clone(), e.eval([8])._rows.clone()]
-    out.append(e.eval_tree(*TREE)._rows.clone())
-    e.commit_path([0, 2, 5])
-    out.append(e.eval([9])._rows.clone())
+def passes(e: TorchEngine, cache: Cache | None = None) -> list[torch.Tensor]:
+    """Logits of a prompt, two plain steps and a tree, each as a tensor of all its rows, in
+    `cache` (empty, or rewound to empty) or a new 128-token one."""
+    c = cache if cache is not None else e.new_cache(128)
+    out = [e.eval(c, PROMPT)._rows.clone(), e.eval(c, [7])._rows.clone(), e.eval(c, [8])._rows.clone()]
+    out.append(e.eval_tree(c, *TREE)._rows.clone())
+    e.commit_path(c, [0, 2, 5])
+    out.append(e.eval(c, [9])._rows.clone())
     return out
 
 
@@ -113,9 +115,8 @@ def test_quantized_streaming_computes_as_llama_cpp_does(models: dict[str, Path])
     CPU engine's (weights dequantized to float32; test_engine_torch holds that one to 0.98)."""
     path = models["q4_k_m"]
     with engine(path, "disk") as streamed, LlamaCppEngine(path, LlamaCppConfig(n_threads=1)) as llama:
-        llama.open(128)
-        got = streamed.eval(PROMPT[:-1] + [PROMPT[-1]])._rows[0]
-        want = torch.from_numpy(llama.eval(PROMPT).row(0))
+        got = streamed.eval(streamed.new_cache(128), PROMPT[:-1] + [PROMPT[-1]])._rows[0]
+        want = torch.from_numpy(llama.eval(llama.new_cache(128), PROMPT).row(0))
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.995
 
 
@@ -124,11 +125,12 @@ def test_the_disk_is_read_every_pass_and_memory_stays_within_the_budget(models: 
     sizes = unit_bytes(path)
     budget = 3 * max(sizes)
     with engine(path, "disk", ram=budget, slots=3) as e:
+        cache = e.new_cache(128)
         assert e.stream.buffer_bytes <= budget
         io_before = _read_bytes()
         before = e.transfer()
         for tok in (5, 6, 7, 8):
-            e.eval([tok])
+            e.eval(cache, [tok])
         done = e.transfer().minus(before)
         assert done.passes == 4
         assert done.bytes == 4 * e.transfer().bytes_per_pass > 0
@@ -155,8 +157,9 @@ def test_a_big_model_streams_within_its_budget_whatever_its_size(tmp_path: Path)
     warm.close()
     rss = _rss()
     with engine(path, "disk") as e:
+        cache = e.new_cache(128)
         for tok in PROMPT:
-            e.eval([tok])
+            e.eval(cache, [tok])
         assert e.stream.buffer_bytes <= 2 * max(unit_bytes(path))
         assert _rss() - rss < size // 2
 
@@ -182,14 +185,15 @@ def test_budgets_decide_slots_and_resident_units() -> None:
 def test_a_model_file_that_changes_or_disappears_is_one_error(models: dict[str, Path], tmp_path: Path) -> None:
     path = shutil.copy(models["q4_k_m"], tmp_path / "m.gguf")
     with engine(Path(path), "disk") as e:
-        e.eval([5])
+        cache = e.new_cache(128)
+        e.eval(cache, [5])
         with open(path, "r+b") as f:
             f.truncate(os.path.getsize(path) // 2)
         with pytest.raises(ModelFileError, match="changed on disk"):
-            e.eval([6])
+            e.eval(cache, [6])
         os.unlink(path)
         with pytest.raises(ModelFileError, match="disappeared"):
-            e.eval([6])
+            e.eval(cache, [6])
 
 
 def test_a_read_error_is_one_error_and_the_next_pass_recovers(models: dict[str, Path],
@@ -203,11 +207,12 @@ def test_a_read_error_is_one_error_and_the_next_pass_recovers(models: dict[str, 
             raise OSError(5, "Input/output error")
 
         monkeypatch.setattr(disk_stream.os, "preadv", failing)
+        cache = e.new_cache(128)
         with pytest.raises(ModelFileError, match="Input/output error"):
-            e.eval(PROMPT)
+            e.eval(cache, PROMPT)
         monkeypatch.setattr(disk_stream.os, "preadv", real)
-        e.rewind(0)
-        for a, b in zip(want, passes(e), strict=True):
+        e.rewind(cache, 0)
+        for a, b in zip(want, passes(e, cache), strict=True):
             assert torch.equal(a, b)
 
 
@@ -228,12 +233,13 @@ def test_a_failed_read_of_a_passs_first_layer_read_ahead_is_one_error_too(models
             return real(fd, buffers, offset)
 
         monkeypatch.setattr(disk_stream.os, "preadv", fail_once)
-        e.eval(PROMPT)  # its own first layer was read before the failure was armed
+        cache = e.new_cache(128)
+        e.eval(cache, PROMPT)  # its own first layer was read before the failure was armed
         with pytest.raises(ModelFileError, match="Input/output error"):
-            e.eval([7])
+            e.eval(cache, [7])
         assert failed
-        e.rewind(0)
-        for a, b in zip(want, passes(e), strict=True):
+        e.rewind(cache, 0)
+        for a, b in zip(want, passes(e, cache), strict=True):
             assert torch.equal(a, b)
 
 
@@ -247,9 +253,10 @@ def test_read_errors_at_load_and_in_embedding_rows_are_one_error_too(models: dic
         raise OSError(5, "Input/output error")
 
     with engine(path, "disk") as e:
+        cache = e.new_cache(128)
         monkeypatch.setattr(os, "pread", failing)
         with pytest.raises(ModelFileError, match="Input/output error"):
-            e.eval(PROMPT)
+            e.eval(cache, PROMPT)
     monkeypatch.setattr(os, "preadv", failing)
     with pytest.raises(ModelFileError, match="Input/output error"):
         ram_engine(path, None, RecordingCopier()).close()
@@ -262,9 +269,10 @@ def test_a_file_shorter_than_its_header_is_one_error_wherever_it_is_read(models:
     path = models["q4_k_m"]
     real_pread = os.pread
     with engine(path, "disk") as e:
+        cache = e.new_cache(128)
         monkeypatch.setattr(os, "pread", lambda fd, n, offset: real_pread(fd, n - 1, offset))
         with pytest.raises(ModelFileError, match=f"{path.name} ended early while reading an embedding row"):
-            e.eval(PROMPT)
+            e.eval(cache, PROMPT)
     monkeypatch.setattr(os, "preadv", lambda fd, buffers, offset: 0)
     with pytest.raises(ModelFileError, match=f"{path.name} ended early while reading a layer"):
         ram_engine(path, None, RecordingCopier()).close()
@@ -285,10 +293,11 @@ def test_a_pass_cut_short_leaves_the_stream_in_order(models: dict[str, Path], mo
             return real(*args, **kw)
 
         monkeypatch.setattr(streamed, "layer_weights", interrupted)
+        cache = e.new_cache(128)
         with pytest.raises(KeyboardInterrupt):
-            e.eval(PROMPT)
-        e.rewind(0)
-        for a, b in zip(want, passes(e), strict=True):
+            e.eval(cache, PROMPT)
+        e.rewind(cache, 0)
+        for a, b in zip(want, passes(e, cache), strict=True):
             assert torch.equal(a, b)
 
 
@@ -328,6 +337,7 @@ def test_both_engines_notices_reach_the_user(models: dict[str, Path], tmp_path: 
     session = Session(SessionConfig(models["q4_k_m"], draft, tmp_path, (chain,), disk, disk), notices.append)
     try:
         assert len(notices) == 1 and models["q4_k_m"].name in notices[0]
+        session.open(128)  # a draft model's speculator drafts in a cache as long as the target's
         session.speculator(chain)
         assert len(notices) == 2 and "draft.gguf" in notices[1] and "direct reads refused" in notices[1]
     finally:
@@ -344,9 +354,10 @@ def test_a_budget_below_two_layers_is_refused_before_loading(models: dict[str, P
 GREEDY = SamplingConfig(temperature=0)
 
 
-def generate(target, prompt: list[int], sampling: SamplingConfig, speculator=None) -> Generation:
-    target.rewind(0)
-    gen = Generation(target, prompt, GenerationConfig(40, sampling), speculator)
+def generate(target: TorchEngine, cache: Cache, prompt: list[int], sampling: SamplingConfig,
+             speculator=None) -> Generation:
+    target.rewind(cache, 0)
+    gen = Generation(target, cache, prompt, GenerationConfig(40, sampling), speculator)
     for _ in gen:
         pass
     return gen
@@ -361,11 +372,12 @@ def test_speculation_on_a_streamed_target_decodes_as_plain_decoding(models: dict
     moves a sampled token now and then; greedy holds on both."""
     with engine(models[ftype], "disk") as target, \
             LlamaCppEngine(models[ftype], LlamaCppConfig(n_threads=1, max_tree_nodes=16)) as draft:
-        draft.open(128)
-        plain = generate(target, PROMPT, sampling)
-        tree = PlannedSpeculator("model", ModelDrafter(draft, ModelDraftConfig()), None, AcceptanceStats(), 12, 6)
+        cache = target.new_cache(128)
+        plain = generate(target, cache, PROMPT, sampling)
+        drafter = ModelDrafter(DraftModel(draft, draft.new_cache(128)), ModelDraftConfig())
+        tree = PlannedSpeculator("model", drafter, None, AcceptanceStats(), 12, 6)
         before = target.transfer()
-        spec = generate(target, PROMPT, sampling, tree)
+        spec = generate(target, cache, PROMPT, sampling, tree)
         assert spec.tokens == plain.tokens
         assert spec.stats.accepted_tokens > 0  # the draft is the target's own file: it is often right
         assert target.transfer().minus(before).passes == spec.stats.target_calls
@@ -454,7 +466,7 @@ def test_ram_placement_keeps_what_fits_the_gpu_budget_resident(models: dict[str,
     budget = 2 * max(sizes) + sizes[0] + sizes[1]
     with ram_engine(path, budget, copier) as e:
         assert set(e.stream.resident) == {0, 1}
-        e.eval(PROMPT)
+        e.eval(e.new_cache(128), PROMPT)
         copied = [c for c in copier.log if c[0] == "copy"]
         assert len(copied) == len(sizes) - 2 + 2  # the streamed units once, then two ahead
         assert e.transfer().bytes_per_pass == sum(sizes[2:])
@@ -467,7 +479,6 @@ def test_ram_placement_on_cuda_equals_resident(models: dict[str, Path]) -> None:
     def cuda(mode: str, gpu_memory: int | None = None) -> TorchEngine:
         e = TorchEngine(path, TorchConfig(device="cuda", max_tree_nodes=16,
                                           offload=OffloadConfig(mode=mode, slots=2, gpu_memory=gpu_memory)))
-        e.open(128)
         return e
 
     with cuda("none") as resident, cuda("ram", 2 * max(unit_bytes(path))) as streamed:
@@ -572,7 +583,8 @@ def test_one_plan_per_session_and_no_layer_reads_memory_again(models: dict[str, 
 
     monkeypatch.setattr(mp, "detect", tight)
     monkeypatch.setattr(mp, "measure_runtime", lambda with_torch: 50 << 20)  # not this test process's
-    monkeypatch.setattr(engines, "_llama_gpu", lambda: False)
+    monkeypatch.setattr(engines.placement, "llama_gpu", lambda: False)
+    monkeypatch.setattr(engines, "llama_gpu", lambda: False)
     with Session(SessionConfig(models["f32"], None, tmp_path, needed_ctx=64)) as session:
         session.open(session.n_ctx)
         assert isinstance(session.target, TorchEngine) and session.target.stream is not None

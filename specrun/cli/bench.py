@@ -130,12 +130,14 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
         tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]
         session.open(session.n_ctx)
         session.calibrated()
+        assert session.cache is not None
+        n_ctx = session.cache.n_ctx
         try:
             for m in chosen:
                 if m.spec is not None:
                     runners[m.key] = B.SessionRunner(session, m, config)
                 else:
-                    runners[m.key] = B.PeerRunner.open(models.target, m, config, min(needed, session.target.n_ctx),
+                    runners[m.key] = B.PeerRunner.open(models.target, m, config, min(needed, n_ctx),
                                                        places[0], vocab)
             runner = B.Bench(runners, chosen, config)
             bar, advance = _progress(len(prompts) * config.repeats, len(chosen))

@@ -66,7 +66,7 @@ def chat(
         interactive = sys.stdin.isatty()
         if interactive:
             notice(f"chatting with {models.label} (speculation: {conversation.mode}, "
-                   f"{session.target.n_ctx}-token context); /help for commands, Ctrl-D to leave")
+                   f"{conversation.cache.n_ctx}-token context); /help for commands, Ctrl-D to leave")
         _chat_loop(conversation, interactive, models.store.root / "chat_history")
 
 
@@ -148,7 +148,7 @@ def _slash_command(conversation: Chat, text: str) -> bool:
         else:
             notice(f"system message: {conversation.system or '(the template default)'}")
     elif name == "/stats":
-        totals, n_ctx = conversation.totals, conversation.session.target.n_ctx
+        totals, n_ctx = conversation.totals, conversation.cache.n_ctx
         t = totals.stats
         notice(f"{totals.turns} replies, {stats_line(t, conversation.mode)}; {t.reused_tokens}/{t.prompt_tokens} "
                f"prompt tokens reused from the cache; turns kept {len(conversation.history) // 2}, dropped "
@@ -198,7 +198,7 @@ def _chat_turn(conversation: Chat, text: str, interrupt: "_StopOnInterrupt") -> 
     if interrupt.stopped:
         notice("stopped")
     elif s.stop_reason == "context":
-        notice(f"the reply reached the end of the {conversation.session.target.n_ctx}-token context")
+        notice(f"the reply reached the end of the {conversation.cache.n_ctx}-token context")
     notice(f"{stats_line(s, conversation.mode)}; prompt {s.prompt_tokens - s.reused_tokens} new + "
            f"{s.reused_tokens} cached tokens")
     return True

@@ -178,7 +178,7 @@ def clean_text(text: str) -> str:
 
 def write_report(path: Path, text: str) -> None:
     """A report file, whole or not at all; a one-line error when it cannot be written."""
-    from specrun.store import write_atomic
+    from specrun.files import write_atomic
 
     try:
         write_atomic(path, text)

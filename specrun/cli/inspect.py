@@ -10,7 +10,7 @@ import typer
 from rich.markup import escape
 from rich.table import Table
 
-from specrun import calibrate
+from specrun import calibrate, planner_memory
 from specrun.catalog import load_catalog
 from specrun.cli import options as O
 from specrun.cli.app import app
@@ -21,7 +21,8 @@ from specrun.engines.memory_plan import PlanRequest, describe_plan_json, plan_me
 from specrun.errors import ModelFileError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.speculate.factory import SpecConfig
-from specrun.store import NoProgress, Store, locate, looks_like_path, sha256_file
+from specrun.files import sha256_file
+from specrun.store import Store, locate, looks_like_path
 
 @app.command("calibrate")
 @friendly
@@ -98,7 +99,7 @@ def info(
         "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
     }
     if verify:
-        actual = sha256_file(path, NoProgress())
+        actual = sha256_file(path)
         data["checksum"] = "ok" if actual == expected else ("computed" if expected is None else "MISMATCH")
         data["sha256"] = actual
     data["calibrations"] = [
@@ -106,7 +107,7 @@ def info(
          "costs_vs_one": {str(n): round(t / c.cost.seconds[0], 2) for n, t in zip(c.cost.sizes, c.cost.seconds)},
          "accepted": {k: [sum(v[0] for v in s.counts.values()), sum(v[1] for v in s.counts.values())]
                       for k, s in c.stats.items()}}
-        for c in calibrate.stored_for(store.root, path)]
+        for c in planner_memory.stored_for(store.root, path)]
     if as_json:
         print(json.dumps(data, indent=1))
     else:

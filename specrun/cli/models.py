@@ -23,6 +23,7 @@ from specrun.gguf_file import read_gguf
 from specrun.model_dir import ModelDir, open_model_dir
 from specrun.session import Session, SessionConfig
 from specrun.speculate.factory import MODEL_MODES, SpecConfig
+from specrun import pulls
 from specrun.store import Store, locate, looks_like_path
 
 
@@ -140,7 +141,7 @@ def pull(
         if already is None:
             t0 = time.perf_counter()
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
-                pulled = store.pull(entry, kind=source, progress=_RichProgress(bar))
+                pulled = pulls.pull(store, entry, kind=source, progress=_RichProgress(bar))
             checked = "sha256 ok" if pulled.files is None else f"{len(pulled.files)} files, hub checksums ok"
             at = f" at {pulled.commit[:12]}" if pulled.commit else ""
             err.print(f"pulled {name} ({human(pulled.size)}, {checked}) in {time.perf_counter() - t0:.0f} s "

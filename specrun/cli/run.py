@@ -77,13 +77,12 @@ def run(
     needed = len(text.encode("utf-8", "replace")) + 2 + max_tokens
     with models.session([spec_cfg], *places, ctx=ctx, needed_ctx=needed) as session:
         tokens = session.target.vocab.tokenize(text)
-        session.open(session.n_ctx)
-        check_prompt(tokens, session.target.n_ctx)  # before any calibration work
+        check_prompt(tokens, session.open(session.n_ctx).n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         config = GenerationConfig(max_tokens, sampling, overlap=session.overlaps(spec_cfg))
         load_s = time.perf_counter() - t0
-        gen = Generation(session.target, tokens, config, speculator)
+        gen = Generation(session.target, session.cache, tokens, config, speculator)
         try:
             if as_json:
                 for _ in gen:
@@ -92,7 +91,7 @@ def run(
                 stream(gen, end_line=sys.stdout.isatty())
         finally:
             session.save()
-        n_ctx, plan = session.target.n_ctx, session.plan
+        n_ctx, plan = gen.cache.n_ctx, session.plan
         replaced = session.calibration.cost.replaced if session.calibration is not None else []
     stats = gen.stats
     mode = speculator.name if speculator else "none"

@@ -1,14 +1,20 @@
-"""The engine contract: a vocabulary, and one model with one KV cache; tokens in, logits out.
+"""The engine contract: a vocabulary, a loaded model, and KV caches; tokens in, logits out.
 
-Every backend (llama.cpp now, torch next) implements `Engine`; the generation
-loop, the drafters and the calibration talk to nothing else. Three choices
-keep the contract fit for GPUs and for drafting while the target works:
+Every backend (llama.cpp, torch) implements `Engine`; the generation loop, the
+drafters and the calibration talk to nothing else. Four choices keep the
+contract fit for GPUs, for drafting while the target works, and for serving
+several sequences from one loaded model:
 
+- The engine holds the weights; a `Cache` (the tokens one sequence has
+  evaluated, with their keys and values) is an object the engine makes, any
+  number of them, and every call names the cache it works on (as mlx-lm passes
+  its cache). A chat keeps its cache between turns; another conversation on the
+  same model gets its own.
 - `Logits` is a handle, not an array: the engine keeps the logits where it
   computed them and hands out only the rows a caller reads (a tree walk reads
   depth + 1 rows of a tree of hundreds).
-- The engine owns the list of tokens its cache holds, so `sync` can keep the
-  common prefix of any request; callers never mirror the cache.
+- A cache knows the tokens it holds, so `sync` can keep the common prefix of any
+  request; callers never mirror it.
 - `submit_tree` starts a tree pass and returns at once (`Pending`), so a
   draft model can work while the target verifies.
 """
@@ -79,11 +85,62 @@ class Pending(Protocol):
         ...
 
 
+class Cache:
+    """One sequence's KV cache on the engine that made it (`Engine.new_cache`): room for
+    `n_ctx` tokens, the tokens it holds, and the draft tree evaluated beside them since the
+    last `commit_path`. Engines keep the keys and values in a subclass; this part is the
+    bookkeeping they share."""
+
+    def __init__(self, n_ctx: int) -> None:
+        self.n_ctx = n_ctx
+        self._tokens: list[int] = []  # committed: their keys and values are in cells [0, kv_len)
+        self.tree: list[int] = []  # tokens of the tree evaluated since the last commit
+        self.tree_parents: list[int] = []  # and their parents
+        self._release: Callable[[], None] | None = None  # frees the engine's part (EngineMixin._made)
+
+    @property
+    def tokens(self) -> tuple[int, ...]:
+        """The tokens whose keys and values the cache holds, in order (a copy: a caller may keep
+        it while the cache moves on)."""
+        return tuple(self._tokens)
+
+    @property
+    def kv_len(self) -> int:
+        return len(self._tokens)
+
+    def appended(self, tokens: Sequence[int]) -> None:
+        """`eval`'s bookkeeping: these tokens were evaluated after the committed ones."""
+        self._tokens.extend(tokens)
+
+    def cut(self, n_tokens: int) -> None:
+        """`rewind`'s bookkeeping: only the first `n_tokens` stay."""
+        del self._tokens[n_tokens:]
+
+    def evaluated_tree(self, tokens: Sequence[int], parents: Sequence[int]) -> None:
+        """`eval_tree`'s bookkeeping: the tree beside the cache is now these nodes."""
+        self.tree, self.tree_parents = list(tokens), list(parents)
+
+    def committed(self, path: Sequence[int], keep: Sequence[int]) -> None:
+        """`commit_path`'s bookkeeping, once the engine has moved the keys and values: the
+        path's tokens join the committed ones and the kept nodes are the tree now."""
+        self._tokens += [self.tree[i] for i in path]
+        self.tree = [self.tree[i] for i in keep]
+        self.tree_parents = reindexed_parents(self.tree_parents, keep)
+
+    def close(self) -> None:
+        """Free what the engine allocated for it (llama.cpp: a context); the engine's other
+        caches stay. Closing twice is harmless."""
+        release, self._release = self._release, None
+        if release is not None:
+            release()
+
+
 class Engine(Protocol):
-    """A loaded model and its KV cache of `kv_len` tokens (`tokens`). `eval` appends, `rewind`
-    cuts back, `sync` does both to reach a wanted token list, and a draft tree is evaluated
-    beside the cache (`eval_tree`) until `commit_path` keeps one root-to-node path of it.
-    One call at a time: while a `submit_tree` is pending, wait for it before the next call."""
+    """A loaded model. Its caches (`new_cache`, any number) hold what sequences evaluated:
+    `eval` appends to one, `rewind` cuts it back, `sync` does both to reach a wanted token
+    list, and a draft tree is evaluated beside it (`eval_tree`) until `commit_path` keeps
+    one root-to-node path of it. One call at a time, whichever cache it names: while a
+    `submit_tree` is pending, wait for it before the next call."""
 
     vocab: Vocab
     n_ctx_train: int
@@ -94,19 +151,9 @@ class Engine(Protocol):
         """What a measured cost depends on besides the model file: backend, build, placement."""
         ...
 
-    def open(self, n_ctx: int) -> None:
-        """Allocate an empty KV cache of `n_ctx` tokens (replacing any previous one)."""
-        ...
-
-    @property
-    def n_ctx(self) -> int: ...
-
-    @property
-    def kv_len(self) -> int: ...
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        """The tokens whose keys and values the cache holds, in order."""
+    def new_cache(self, n_ctx: int) -> Cache:
+        """An empty KV cache of `n_ctx` tokens to evaluate in with this engine (freed by its
+        `close()`, or the engine's)."""
         ...
 
     @property
@@ -114,20 +161,20 @@ class Engine(Protocol):
         """The most nodes one `eval_tree` call takes (0: this engine was opened for no trees)."""
         ...
 
-    def eval(self, tokens: Sequence[int]) -> Logits:
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> Logits:
         """Append `tokens` to the cache; one row: the logits after the last of them."""
         ...
 
-    def sync(self, tokens: Sequence[int]) -> Logits:
+    def sync(self, cache: Cache, tokens: Sequence[int]) -> Logits:
         """Make the cache hold `tokens`, keeping what it shares with them and evaluating the
         rest (at least the last token); one row: the logits after the last token."""
         ...
 
-    def rewind(self, n_tokens: int) -> None:
+    def rewind(self, cache: Cache, n_tokens: int) -> None:
         """Keep only the first `n_tokens` cache entries."""
         ...
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+    def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                   start: int = 0) -> Logits:
         """Evaluate tree nodes start..n-1 after the cache in one pass; rows [n - start]. Node i
         sits at position kv_len + depths[i] and attends to the cache and its ancestors only
@@ -135,16 +182,16 @@ class Engine(Protocol):
         the last commit (a tree grown in steps). The cache is unchanged until `commit_path`."""
         ...
 
-    def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+    def submit_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Pending:
         """`eval_tree`, started and returned at once."""
         ...
 
-    def submit_sync(self, tokens: Sequence[int]) -> Pending:
+    def submit_sync(self, cache: Cache, tokens: Sequence[int]) -> Pending:
         """`sync` (a prompt's prefill), started and returned at once."""
         ...
 
-    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
+    def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         """Keep the tree nodes `path` (root first, each the parent of the next) in the cache
         after the last `eval_tree`, and drop every other node but those in `keep`: increasing
         descendants of path[-1], closed under parents below it. They stay evaluated beside the
@@ -161,7 +208,9 @@ class Engine(Protocol):
         pass of transfers with no compute; None where they do not stream."""
         ...
 
-    def close(self) -> None: ...
+    def close(self) -> None:
+        """Free the model and every cache it made."""
+        ...
 
 
 @dataclass
@@ -234,54 +283,58 @@ def top_k_of(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
     return ids[order], probs[order]
 
 
-class ArrayLogits:
-    """Logits held in a numpy array [n, n_vocab]: for CPU engines that already have them
-    there, for fakes in tests, and as the reference other handles are compared with."""
-
-    def __init__(self, array: np.ndarray) -> None:
-        self.array = array  # [n, n_vocab] float32
-
-    def __len__(self) -> int:
-        return len(self.array)
-
-    def row(self, i: int) -> np.ndarray:
-        return np.array(self.array[i], dtype=np.float32)
-
-    def argmax(self, i: int) -> int:
-        return int(np.argmax(self.array[i]))
-
-    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_k_of(self.array[i], k)
-
-
-class CacheMixin:
+class EngineMixin:
     """What every engine does the same way on top of its own eval, rewind and eval_tree:
-    `sync`, and `submit_tree` on one worker thread (llama.cpp's C calls and torch's ops
-    release the GIL, so the caller's thread runs on meanwhile). An engine calls `settle()`
-    first in each of its own calls, so a call made while a pass is pending waits for it
-    instead of racing it, and `close_worker()` in close()."""
+    `sync`, the caches it made (closed with it), and `submit_tree` on one worker thread
+    (llama.cpp's C calls and torch's ops release the GIL, so the caller's thread runs on
+    meanwhile). An engine calls `settle()` first in each of its own calls, so a call made
+    while a pass is pending waits for it instead of racing it, and `close_worker()` and
+    `close_caches()` in close()."""
 
     notices: Sequence[str] = ()
-    _tokens: list[int]  # committed to the cache
-    _tree: list[int]  # tokens of the tree evaluated since the last commit
-    _tree_parents: list[int]  # and their parents
+    _epoch = 0  # passes so far, and caches freed: a Logits handle is valid only within its own
     _worker: ThreadPoolExecutor | None = None
     _pending: Future | None = None
     _worker_lock = threading.Lock()
 
-    def sync(self, tokens: Sequence[int]) -> Logits:
+    def _made(self, cache: Cache, free: Callable[[], None] = lambda: None) -> Cache:
+        """Hand out a new cache; `free` releases what the engine allocated for it, when the
+        cache is closed or the engine is."""
+        caches: set[Cache] = self.__dict__.setdefault("_caches", set())
+
+        def release() -> None:
+            self.settle()  # a pass under way may be using it
+            caches.discard(cache)
+            self._epoch += 1  # logits read from its buffers go stale with it
+            free()
+
+        cache._release = release
+        caches.add(cache)
+        return cache
+
+    def _own(self, cache: Cache) -> None:
+        """ValueError unless `cache` is one of this engine's open caches: a cache holds keys and
+        values that only its own engine's model computed."""
+        if cache not in self.__dict__.get("_caches", ()):
+            raise ValueError("this cache was made by another engine, or closed")
+
+    def close_caches(self) -> None:
+        for cache in list(self.__dict__.get("_caches", ())):
+            cache.close()
+
+    def sync(self, cache: Cache, tokens: Sequence[int]) -> Logits:
         if not tokens:
             raise ValueError("sync to no tokens")
-        keep = min(common_prefix(self.tokens, tokens), len(tokens) - 1)  # type: ignore[attr-defined]
-        self.rewind(keep)  # type: ignore[attr-defined]
-        return self.eval(tokens[keep:])  # type: ignore[attr-defined]
+        keep = min(common_prefix(cache.tokens, tokens), len(tokens) - 1)
+        self.rewind(cache, keep)  # type: ignore[attr-defined]
+        return self.eval(cache, tokens[keep:])  # type: ignore[attr-defined]
 
-    def submit_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+    def submit_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Future:
-        return self._submit(self.eval_tree, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
+        return self._submit(self.eval_tree, cache, list(tokens), list(parents), list(depths), start)  # type: ignore[attr-defined]
 
-    def submit_sync(self, tokens: Sequence[int]) -> Future:
-        return self._submit(self.sync, list(tokens))
+    def submit_sync(self, cache: Cache, tokens: Sequence[int]) -> Future:
+        return self._submit(self.sync, cache, list(tokens))
 
     def _submit(self, call: Callable[..., Logits], *args: Any) -> Future:
         self.settle()
@@ -290,13 +343,6 @@ class CacheMixin:
                 self._worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix="specrun-engine")
         self._pending = self._worker.submit(call, *args)
         return self._pending
-
-    def _committed(self, path: Sequence[int], keep: Sequence[int]) -> None:
-        """`commit_path`'s bookkeeping, once the engine's cache is rearranged: the path's tokens
-        join the committed ones and the kept nodes are the tree now."""
-        self._tokens += [self._tree[i] for i in path]
-        self._tree = [self._tree[i] for i in keep]
-        self._tree_parents = reindexed_parents(self._tree_parents, keep)
 
     def transfer(self) -> Transfer | None:
         return None

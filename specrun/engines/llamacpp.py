@@ -2,8 +2,10 @@
 
 The C API rather than the `Llama` class because speculative decoding needs what
 that class hides: batches with per-token sequence ids and positions, logits for
-chosen rows, and KV cache surgery (`llama_memory_seq_*`). State lives in this
-object only: model, vocabulary, context, batch, and the tokens in the cache.
+chosen rows, and KV cache surgery (`llama_memory_seq_*`). The engine holds the
+model and its vocabulary; each cache is a llama.cpp context of its own on that
+model (its KV cells, batch and logits), so one loaded model serves any number
+of sequences.
 """
 
 from __future__ import annotations
@@ -18,7 +20,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import CacheMixin, check_keep, top_k_of
+from specrun.engines.base import Cache, EngineMixin, check_keep, top_k_of
 from specrun.errors import EngineError, UsageError
 from specrun.memory_limit import locked_bytes, swap_enabled
 
@@ -137,7 +139,26 @@ class _Logits:
         return top_k_of(self._view(i), k)
 
 
-class LlamaCppEngine(CacheMixin):
+class LlamaCppCache(Cache):
+    """A llama.cpp context on the engine's model: sequence 0 holds the committed tokens, and
+    sequences 1.. a draft tree's nodes (`eval_tree`)."""
+
+    def __init__(self, n_ctx: int, ctx: ctypes.c_void_p, batch: C.llama_batch, n_batch: int) -> None:
+        super().__init__(n_ctx)
+        self.ctx: ctypes.c_void_p | None = ctx
+        self.batch: C.llama_batch | None = batch
+        self.n_batch = n_batch  # tokens per llama_decode
+
+    def free(self) -> None:
+        if self.batch is not None:
+            C.llama_batch_free(self.batch)
+            self.batch = None
+        if self.ctx is not None:
+            C.llama_free(self.ctx)
+            self.ctx = None
+
+
+class LlamaCppEngine(EngineMixin):
     def __init__(self, path: Path, config: LlamaCppConfig = LlamaCppConfig()) -> None:
         if not 0 <= config.max_tree_nodes < MAX_SEQ:
             raise UsageError(f"llama.cpp verifies trees of at most {MAX_SEQ - 1} nodes, not {config.max_tree_nodes}",
@@ -157,11 +178,6 @@ class LlamaCppEngine(CacheMixin):
                                 "but with swap on the system may page it out")
         self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
-        self._ctx: ctypes.c_void_p | None = None
-        self._batch: C.llama_batch | None = None
-        self._n_ctx = self._n_batch = 0
-        self._tokens: list[int] = []  # what the cache holds
-        self._tree, self._tree_parents = [], []
         self._epoch = 0  # passes so far: a Logits handle is valid only within its own
         self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
 
@@ -174,11 +190,12 @@ class LlamaCppEngine(CacheMixin):
         return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
                 f"gpu {bool(C.llama_supports_gpu_offload())}")
 
-    # --- context and decoding --------------------------------------------------
+    # --- caches and decoding -------------------------------------------------------
 
-    def open(self, n_ctx: int) -> None:
+    def new_cache(self, n_ctx: int) -> LlamaCppCache:
         self.settle()
-        self._free_context()
+        if not self._model:
+            raise RuntimeError("new_cache after close()")
         params = C.llama_context_default_params()
         n_seq = self._n_seq
         # llama.cpp reserves outputs for n_seq_max tokens per batch, clamps the batch to the
@@ -193,95 +210,87 @@ class LlamaCppEngine(CacheMixin):
         params.n_threads = params.n_threads_batch = threads
         params.kv_unified = n_seq > 1
         params.no_perf = True
-        self._ctx = C.llama_init_from_model(self._model, params)
-        if not self._ctx:
+        ctx = C.llama_init_from_model(self._model, params)
+        if not ctx:
             raise EngineError(
                 f"llama.cpp could not create a {n_ctx}-token context: {_last_log_error() or 'out of memory?'}",
                 hint="try a smaller --ctx",
             )
-        self._n_ctx, self._n_batch = C.llama_n_ctx(self._ctx), min(C.llama_n_batch(self._ctx), batch)
-        self._batch = C.llama_batch_init(params.n_batch, 0, n_seq)
-        self._tokens, self._tree, self._tree_parents = [], [], []
-
-    @property
-    def n_ctx(self) -> int:
-        return self._n_ctx
-
-    @property
-    def kv_len(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return tuple(self._tokens)  # a copy: callers may hold it while the cache moves on
+        cache = LlamaCppCache(C.llama_n_ctx(ctx), ctx, C.llama_batch_init(params.n_batch, 0, n_seq),
+                              min(C.llama_n_batch(ctx), batch))
+        return self._made(cache, cache.free)  # type: ignore[return-value]
 
     @property
     def max_tree_nodes(self) -> int:
-        """Sequence ids and the batch bound a tree (a tree's nodes go in one llama_decode)."""
-        return min(self._n_seq - 1, self._n_batch or self.config.n_batch)
+        """Sequence ids bound a tree (its nodes go in one llama_decode, and every cache's batch
+        has room for them)."""
+        return self._n_seq - 1
 
-    def _decode(self, n_tokens: int, what: str) -> None:
-        assert self._batch is not None
-        self._batch.n_tokens = n_tokens
+    def _ready(self, cache: Cache, call: str) -> LlamaCppCache:
+        self.settle()
+        self._own(cache)
+        assert isinstance(cache, LlamaCppCache) and cache.ctx is not None, call
+        return cache
+
+    def _decode(self, cache: LlamaCppCache, n_tokens: int, what: str) -> None:
+        assert cache.batch is not None
+        cache.batch.n_tokens = n_tokens
         self._epoch += 1
-        rc = C.llama_decode(self._ctx, self._batch)
+        rc = C.llama_decode(cache.ctx, cache.batch)
         if rc != 0:
             raise EngineError(f"llama_decode of {what} failed ({rc}): {_last_log_error()}")
 
-    def eval(self, tokens: Sequence[int]) -> _Logits:
-        self.settle()
-        if self._ctx is None or self._batch is None:
-            raise RuntimeError("eval before open()")
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> _Logits:
+        c = self._ready(cache, "eval")
         if not tokens:
             raise ValueError("eval of no tokens")
-        self._drop_tree()
-        if self.kv_len + len(tokens) > self._n_ctx:
-            raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
-        batch, step = self._batch, self._n_batch
+        self._drop_tree(c)
+        if c.kv_len + len(tokens) > c.n_ctx:
+            raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
+        batch, step = c.batch, c.n_batch
+        assert batch is not None
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
             for i, tok in enumerate(chunk):
                 batch.token[i] = tok
-                batch.pos[i] = self.kv_len + i
+                batch.pos[i] = c.kv_len + i
                 batch.n_seq_id[i] = 1
                 batch.seq_id[i][0] = 0
                 batch.logits[i] = False
             batch.logits[len(chunk) - 1] = start + len(chunk) == len(tokens)
-            self._decode(len(chunk), f"{len(chunk)} tokens")
-            self._tokens.extend(chunk)
-        return _Logits(self, C.llama_get_logits_ith(self._ctx, -1), 1)
+            self._decode(c, len(chunk), f"{len(chunk)} tokens")
+            c.appended(chunk)
+        return _Logits(self, C.llama_get_logits_ith(c.ctx, -1), 1)
 
-    def rewind(self, n_tokens: int) -> None:
-        self.settle()
-        self._drop_tree()
-        if self._ctx is None or n_tokens >= self.kv_len:
+    def rewind(self, cache: Cache, n_tokens: int) -> None:
+        c = self._ready(cache, "rewind")
+        self._drop_tree(c)
+        if n_tokens >= c.kv_len:
             return
-        mem = C.llama_get_memory(self._ctx)
+        mem = C.llama_get_memory(c.ctx)
         if not C.llama_memory_seq_rm(mem, 0, n_tokens, -1):
             raise EngineError("llama.cpp could not trim the KV cache")
-        del self._tokens[n_tokens:]
+        c.cut(n_tokens)
 
     # --- trees: one llama_decode for a whole draft tree -----------------------
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+    def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                   start: int = 0) -> _Logits:
         """Node i gets sequence id i + 1 and its cell is tagged with the ids of i and all its
         descendants. A query attends to the cells carrying its first id at positions <= its
         own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
         calls since the last commit (a tree grown step by step, as a drafter does); each new
         node's sequence starts as a copy of its nearest evaluated ancestor's (or the prefix)."""
-        self.settle()
-        if self._ctx is None or self._batch is None:
-            raise RuntimeError("eval_tree before open()")
+        c = self._ready(cache, "eval_tree")
         n = len(tokens)
-        if n > self._n_seq - 1 or n - start > self._n_batch:
+        if n > self._n_seq - 1 or n - start > c.n_batch:
             raise ValueError(f"a tree of {n} nodes ({n - start} new) exceeds this engine's limits "
-                             f"({self._n_seq - 1} nodes, {self._n_batch} per call)")
-        if start != len(self._tree):
-            raise ValueError(f"{len(self._tree)} nodes are evaluated; cannot continue from {start}")
-        if self.kv_len + n > self._n_ctx:  # every node takes a cell of the cache
-            raise UsageError(f"context full ({self._n_ctx} tokens)", hint="raise --ctx")
-        mem = C.llama_get_memory(self._ctx)
+                             f"({self._n_seq - 1} nodes, {c.n_batch} per call)")
+        if start != len(c.tree):
+            raise ValueError(f"{len(c.tree)} nodes are evaluated; cannot continue from {start}")
+        if c.kv_len + n > c.n_ctx:  # every node takes a cell of the cache
+            raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
+        mem = C.llama_get_memory(c.ctx)
         for i in range(start, n):
             source = parents[i]
             while source >= start:  # nearest ancestor from an earlier call, or the prefix
@@ -289,7 +298,8 @@ class LlamaCppEngine(CacheMixin):
             C.llama_memory_seq_rm(mem, i + 1, -1, -1)
             C.llama_memory_seq_cp(mem, source + 1, i + 1, -1, -1)
         seq_ids = tree_seq_ids(parents)
-        batch, base = self._batch, self.kv_len
+        batch, base = c.batch, c.kv_len
+        assert batch is not None
         for b, i in enumerate(range(start, n)):
             batch.token[b] = tokens[i]
             batch.pos[b] = base + depths[i]
@@ -298,18 +308,18 @@ class LlamaCppEngine(CacheMixin):
             for k, s in enumerate(ids):
                 batch.seq_id[b][k] = s
             batch.logits[b] = True
-        self._decode(n - start, f"a {n - start}-node tree")
-        self._tree, self._tree_parents = list(tokens), list(parents)
-        return _Logits(self, C.llama_get_logits(self._ctx), n - start)
+        self._decode(c, n - start, f"a {n - start}-node tree")
+        c.evaluated_tree(tokens, parents)
+        return _Logits(self, C.llama_get_logits(c.ctx), n - start)
 
-    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
-        self.settle()
-        check_keep(self._tree_parents, path, keep)
-        mem = C.llama_get_memory(self._ctx)
+    def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
+        c = self._ready(cache, "commit_path")
+        check_keep(c.tree_parents, path, keep)
+        mem = C.llama_get_memory(c.ctx)
         if path:
-            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, self.kv_len, -1)  # the path's cells join seq 0
+            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, c.kv_len, -1)  # the path's cells join seq 0
         kept = set(keep)
-        for s in range(1, len(self._tree) + 1):
+        for s in range(1, len(c.tree) + 1):
             if s - 1 not in kept:
                 C.llama_memory_seq_rm(mem, s, -1, -1)
         # A kept node's sequence (the cells it sees: the prefix, the path, its kept ancestors)
@@ -319,27 +329,19 @@ class LlamaCppEngine(CacheMixin):
             if new != old:
                 C.llama_memory_seq_cp(mem, old + 1, new + 1, -1, -1)
                 C.llama_memory_seq_rm(mem, old + 1, -1, -1)
-        self._committed(path, keep)
+        c.committed(path, keep)
 
-    def _drop_tree(self) -> None:
+    def _drop_tree(self, cache: LlamaCppCache) -> None:
         """A tree left uncommitted (a step stopped by Ctrl-C or an error) leaves the cache as it was."""
-        if self._tree and self._ctx is not None:
-            self.commit_path([])
+        if cache.tree:
+            self.commit_path(cache, [])
 
     # --- lifetime -----------------------------------------------------------------
 
-    def _free_context(self) -> None:
-        self._epoch += 1  # logits handles into the freed context go stale
-        if self._batch is not None:
-            C.llama_batch_free(self._batch)
-            self._batch = None
-        if self._ctx is not None:
-            C.llama_free(self._ctx)
-            self._ctx = None
-
     def close(self) -> None:
         self.close_worker()
-        self._free_context()
+        self._epoch += 1  # logits handles into freed contexts go stale
+        self.close_caches()
         if self._model:
             C.llama_model_free(self._model)
             self._model = None

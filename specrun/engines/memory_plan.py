@@ -30,7 +30,8 @@ import sys
 from dataclasses import dataclass, replace
 from pathlib import Path
 
-from specrun.engines import Placement, engine_for, model_bytes, torch_device, tree_limit
+from specrun.engines.placement import Placement, engine_for, torch_device, tree_limit
+from specrun.files import model_bytes
 from specrun.engines.model_shape import ModelShape
 from specrun.errors import UsageError
 from specrun.memory_limit import MemoryLimit, can_lock, detect, gib, resident_bytes, swap_enabled

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from specrun.engines import model_bytes
+from specrun.files import model_bytes
 from specrun.gguf_file import read_gguf
 
 MIB = 1 << 20

@@ -10,11 +10,11 @@ model that does not pay on this machine.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Callable, Sequence
 
+from specrun.speculate.base import Proposal
 from specrun.speculate.planner import PassCost, PlannedSpeculator, learn_pass
-from specrun.speculate.tree import DraftTree
 
 TRY_STEPS = 3  # steps with the draft model before its rate is trusted
 RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
@@ -93,38 +93,37 @@ class AutoSpeculator:
         self.lookup, self.model, self.cost = lookup, model, cost
         self.speed = speed if speed is not None else DraftSpeed()
         self.max_depth = max(lookup.max_depth, model.max_depth if model else 0)
-        self._used: PlannedSpeculator | None = None
         self._since_model = 0
-        self.reused: bool | None = None
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
-        tree = self.lookup.propose(context, max_depth, max_nodes)
-        self._used = self.lookup
-        if self.model is not None and self._model_pays() and not self._lookup_beats_model(tree):
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
+        """The lookup's proposal, or the draft model's; its `source` is the part that made it
+        (None: a resting step, which says nothing of the model's rate)."""
+        proposal = self.lookup.propose(context, max_depth, max_nodes)
+        if self.model is not None and self._model_pays() and not self._lookup_beats_model(proposal):
             drafted = self.model.propose(context, max_depth, max_nodes)
-            if not self.model.skipped:
-                tree, self._used = drafted, self.model
-            elif len(tree) == 1:
-                self._used = None  # a resting step says nothing of the model's rate
+            if not drafted.skipped:
+                proposal = drafted
+            elif len(proposal.tree) == 1:
+                proposal = replace(proposal, source=None)
         self._since_model += 1
-        self.reused = self._used.reused if self._used is not None else None
-        return tree
+        return proposal
 
     def warm(self, context: Sequence[int]) -> float:
         return self.model.warm(context) if self.model is not None else 0.0
 
-    def prepare(self, until: Callable[[], bool]) -> float:
-        return self._used.prepare(until) if self._used is not None else 0.0
+    def prepare(self, proposal: Proposal, until: Callable[[], bool]) -> float:
+        return proposal.source.prepare(proposal, until) if proposal.source is not None else 0.0
 
-    def _lookup_beats_model(self, tree: DraftTree) -> bool:
+    def _lookup_beats_model(self, proposal: Proposal) -> bool:
         """Whether the lookup tree's expected tokens per second (it costs nothing to draft) beat
         the draft model's measured rate. Where a pass over many tokens costs what one does (an
         offloaded target), a lookup tree of a few likely nodes always pays, but a draft model's
         tree of dozens pays more; on a CPU the model rarely pays and lookup wins when it has any."""
-        if len(tree) == 1:
+        if len(proposal.tree) == 1:
             return False
         rate = self.speed.rate
-        return rate is not None and self.speed.known and self.lookup.expected_tokens(tree) / self.cost.cost(len(tree)) >= rate
+        return (rate is not None and self.speed.known
+                and self.lookup.expected_tokens(proposal) / self.cost.cost(len(proposal.tree)) >= rate)
 
     def _model_pays(self) -> bool:
         plain = 1.0 / self.cost.cost(1)
@@ -132,12 +131,12 @@ class AutoSpeculator:
             return True  # close enough that the text may have changed the verdict: look again
         return self.speed.pays(plain)
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
-        if self._used is None:  # a resting step: only its pass is worth learning from
-            learn_pass(self.cost, len(tree), pass_s)
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+        used = proposal.source
+        if used is None:  # a resting step: only its pass is worth learning from
+            learn_pass(self.cost, len(proposal.tree), pass_s)
             return
-        if self._used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
-            self.speed.record(len(path) / max(wall_s - self.model.catch_up_s, 1e-9), 1.0 / self.cost.cost(1))
+        if used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
+            self.speed.record(len(path) / max(wall_s - proposal.catch_up_s, 1e-9), 1.0 / self.cost.cost(1))
             self._since_model = 0
-        self._used.observe(tree, path, wall_s, pass_s)
-        self._used = None
+        used.observe(proposal, path, wall_s, pass_s)

@@ -1,16 +1,50 @@
 """The two roles in speculation: a drafter guesses, a speculator decides what to verify.
 
-A `Drafter` proposes a candidate tree and tags each node with a planner key
-(how it was found). A `Speculator` turns drafts into the tree the target
-verifies in one pass, and learns from what the target accepted. The
-generation loop talks to speculators only.
+A `Drafter` proposes a candidate tree (a `Draft`) and tags each node with a
+planner key (how it was found). A `Speculator` turns drafts into the tree the
+target verifies in one pass (a `Proposal`), and learns from what the target
+accepted of it. Both hand back values: what a step needs to learn from its
+outcome travels in the proposal it made, not in attributes left for later.
+The generation loop talks to speculators only.
 """
 
 from __future__ import annotations
 
-from typing import Callable, Hashable, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Any, Callable, Hashable, Protocol, Sequence
 
 from specrun.speculate.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Draft:
+    """A drafter's candidate tree, rooted at the pending token, and what drafting it took."""
+
+    tree: DraftTree
+    keys: list[Hashable]  # a planner key per node
+    reused: bool | None = None  # grown below a guess that came true during the previous pass; False: a
+    # guess dropped; None: nothing was prepared
+    prepared: Sequence[bool] = ()  # per node: found during the previous pass (empty: none was)
+    catch_up_s: float = 0.0  # of the time drafting took, prefilling the drafter's own cache with a new prompt
+    calls: int = 0  # draft model calls it made: bringing its cache to the context, then one per level
+    evaluated: int = 0  # nodes the draft model evaluated (leaves need no evaluation)
+
+
+@dataclass(frozen=True)
+class Proposal:
+    """The tree a speculator proposes for one step, and what it needs to learn from the
+    outcome: handed back to the same speculator's `prepare` and `observe`."""
+
+    tree: DraftTree
+    keys: Sequence[Hashable] = ()  # a planner key per node of `tree`
+    reused: bool | None = None  # as Draft.reused, for the draft this tree came from
+    drafting_s: float = 0.0  # drafting this step waited for (not what was prepared during a pass)
+    catch_up_s: float = 0.0  # of it, the drafter's prefill of a new prompt: neither the tree's cost nor hidden
+    free: int = 0  # nodes found during the previous pass
+    needed: float = 1.0  # the share of the drafting a plan of this size needs (StepCost.observe)
+    skipped: bool = False  # resting: nothing was drafted
+    explored: bool = False  # verified to measure drafting afresh, not because it paid
+    source: Any = None  # the speculator that made it (auto proposes its parts' trees)
 
 
 class Speculator(Protocol):
@@ -18,9 +52,8 @@ class Speculator(Protocol):
 
     name: str
     max_depth: int  # the deepest draft node it proposes
-    reused: bool | None  # the last proposal grew from work done during the previous pass (None: none was)
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
         """A tree rooted at context[-1] (the pending token) within the caller's room: depth at
         most `max_depth` (tokens left to generate, cache room), nodes at most `max_nodes`
         (the root included; cache room and what the target verifies in one pass)."""
@@ -31,26 +64,23 @@ class Speculator(Protocol):
         it, so the first proposal does not wait for the draft's own prefill; the seconds spent."""
         ...
 
-    def prepare(self, until: Callable[[], bool]) -> float:
-        """Work towards the next proposal while the target verifies the last one, until
-        `until()` says the pass is back; the seconds spent (0.0: nothing worth doing)."""
+    def prepare(self, proposal: Proposal, until: Callable[[], bool]) -> float:
+        """Work towards the next proposal while the target verifies `proposal`, until `until()`
+        says the pass is back; the seconds spent (0.0: nothing worth doing)."""
         ...
 
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
-        """The target accepted `path` (node indices, root first) of `tree`; the step took
-        `wall_s` seconds of wall time, drafting included, and the target's pass `pass_s` of
-        them where nothing drafted beside it (None: the draft worked during the pass)."""
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+        """The target accepted `path` (node indices, root first) of the proposal's tree; the step
+        took `wall_s` seconds of wall time, drafting included, and the target's pass `pass_s`
+        of them where nothing drafted beside it (None: the draft worked during the pass)."""
         ...
 
 
 class Drafter(Protocol):
     costly: bool  # drafting costs time worth saving (a draft model), not next to nothing (lookup)
-    reused: bool | None  # as Speculator.reused, for the last draft
-    catch_up_s: float  # of the last draft's time, what prefilling its own cache with a new prompt took
-    prepared_nodes: Sequence[bool]  # per node of the last draft: found during the previous pass (empty: none)
 
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
-        """A candidate tree rooted at context[-1] and a planner key per node."""
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
+        """A candidate tree rooted at context[-1], a planner key per node."""
         ...
 
     def warm(self, context: Sequence[int]) -> float:

@@ -31,7 +31,9 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Engine, Logits, Vocab, common_prefix
+from specrun.engines.base import Cache, Engine, Logits, Vocab, common_prefix
+from specrun.speculate.base import Draft
+from specrun.speculate.overlap import Preparation
 from specrun.speculate.tree import DraftTree
 
 _BUCKETS = (0.1, 0.3, 0.6, 0.9)  # draft probability bucket edges for planner keys
@@ -66,17 +68,11 @@ class ModelDraftConfig:
 
 
 @dataclass(frozen=True)
-class DraftStep:
-    """What one draft cost and grew (`ModelDrafter.last`): what tests and traces read of a draft."""
+class DraftModel:
+    """A loaded draft model and the cache it drafts in (the committed text, and trees beside it)."""
 
-    budget: int  # nodes asked for, root included
-    nodes: int  # nodes drafted, root included
-    evaluated: int  # nodes the draft model evaluated (the root excluded: the context call covers it)
-    calls: int  # draft model calls: bringing its cache to the context, then one per level
-    per_pass: int  # frontier nodes evaluated per call at most
-    depth: int  # the deepest node
-    seconds: float  # wall time of the draft (what the step waited for; `prepare` comes on top)
-    reused: bool | None = None  # grown below a guess that came true; False: a guess dropped; None: none
+    engine: Engine
+    cache: Cache
 
 
 def _key(prob: float, depth: int) -> Hashable:
@@ -92,8 +88,9 @@ class _Search:
     `heap` the candidates they offered. It outlives a draft when the caller lets it grow
     while the target verifies (`ModelDrafter.prepare`)."""
 
-    def __init__(self, engine: Engine, context: Sequence[int], cfg: ModelDraftConfig, max_depth: int) -> None:
-        self.engine, self.context, self.cfg, self.max_depth = engine, list(context), cfg, max_depth
+    def __init__(self, draft: DraftModel, context: Sequence[int], cfg: ModelDraftConfig, max_depth: int) -> None:
+        self.engine, self.cache = draft.engine, draft.cache
+        self.context, self.cfg, self.max_depth = list(context), cfg, max_depth
         self.tree = DraftTree.rooted(context[-1])
         self.logp, self.probs = [0.0], [1.0]  # per node: cumulative log probability, own probability
         self.heap: list[Candidate] = []
@@ -101,8 +98,8 @@ class _Search:
         self.tie = itertools.count()
         self.min_logp = float(np.log(cfg.min_prob)) if cfg.min_prob > 0 else -np.inf
         # Evaluated nodes take cells and sequence ids of the draft engine; leaves take none.
-        self.evaluable = min(engine.max_tree_nodes, engine.n_ctx - len(context))
-        self.calls = self.widest = 0
+        self.evaluable = min(self.engine.max_tree_nodes, self.cache.n_ctx - len(context))
+        self.calls = 0  # draft calls since the last draft began
         self.mark = 0  # nodes evaluated before the pass that verified their tree returned (prepared)
         self.started = False  # the root was evaluated: the tree can grow
         self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
@@ -114,7 +111,7 @@ class _Search:
                 heapq.heappush(self.heap, (-cum, next(self.tie), node, int(tok), float(p)))
 
     def start(self) -> None:
-        self.offer(0, self.engine.sync(self.context), 0)  # the root is always evaluated
+        self.offer(0, self.engine.sync(self.cache, self.context), 0)  # the root is always evaluated
         self.calls, self.started = 1, True
 
     def limit(self, depth: int, min_prob: float) -> None:
@@ -148,12 +145,12 @@ class _Search:
             tree.add(tok, parent)
             self.logp.append(-neg)
             self.probs.append(p)
-        logits = self.engine.eval_tree(tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
+        logits = self.engine.eval_tree(self.cache, tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
                                        [d - 1 for d in tree.depths[1:]], start=first - 1)
         for row, node in enumerate(range(first, len(tree))):
             self.offer(node, logits, row)
         self.busy = False
-        self.calls, self.widest = self.calls + 1, max(self.widest, len(batch))
+        self.calls += 1
         return len(batch)
 
     def proposal(self, max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable], list[bool]]:
@@ -191,7 +188,7 @@ class _Search:
         the path and keeps its subtree; depths, probabilities and candidates follow."""
         tree, top = self.tree, path[-1]
         below = [i for i in range(top + 1, len(tree)) if self._descends(i, top)]
-        self.engine.commit_path([i - 1 for i in path], [i - 1 for i in below])
+        self.engine.commit_path(self.cache, [i - 1 for i in path], [i - 1 for i in below])
         index = {old: new for new, old in enumerate([top] + below)}
         base = self.logp[top]
         self.tree = tree.subtree([top] + below)
@@ -201,7 +198,7 @@ class _Search:
                      if parent in index]
         heapq.heapify(self.heap)
         self.leaves, self.context = [], list(context)
-        self.evaluable = min(self.engine.max_tree_nodes, self.engine.n_ctx - len(context))
+        self.evaluable = min(self.engine.max_tree_nodes, self.cache.n_ctx - len(context))
 
     def _descends(self, node: int, top: int) -> bool:
         while node > top:
@@ -210,47 +207,37 @@ class _Search:
 
 
 class ModelDrafter:
-    """The draft model's cache holds the committed text (`engine.tokens`); each draft brings
+    """The draft model's cache holds the committed text (`cache.tokens`); each draft brings
     it up to the context, then grows the tree beside it.
 
-    While the target verifies, `prepare` grows the same tree further: below the likeliest
-    leaves, and beside the nodes most likely to be rejected. When the target's outcome (the
-    accepted tokens, then its own next token) is a node that was evaluated, the next draft
-    starts from that node's subtree, evaluated already (a prepared tree used); otherwise it
-    starts afresh from the committed text (a prepared tree dropped)."""
+    While the target verifies, `prepare` grows the same tree further, and the next draft
+    picks it up where the target's outcome was evaluated (overlap.Preparation)."""
 
     costly = True  # a draft model pass per tree level
 
-    def __init__(self, engine: Engine, config: ModelDraftConfig = ModelDraftConfig()) -> None:
-        self.engine, self.config = engine, config
-        self._search: _Search | None = None
-        self._prepared = False  # `prepare` ran since the last draft: its outcome is worth keeping
-        self._accepted: list[int] | None = None  # what the target accepted of a prepared search
-        self.last: DraftStep | None = None  # the latest draft's figures
-        self.reused: bool | None = None  # the latest draft came from a prepared tree (see DraftStep)
-        self.prepared_nodes: list[bool] = []  # per node of the latest draft: found during the previous pass
-        self.catch_up_s = 0.0  # the latest draft's time prefilling a new prompt (not a step's few tokens)
-        self.drafts = 0  # drafts so far (a planner resting between drafts leaves `last` as it was)
-        self._call_s: dict[int, float] = {}  # frontier width -> seconds of a draft call while the target works
+    def __init__(self, draft: DraftModel, config: ModelDraftConfig = ModelDraftConfig()) -> None:
+        self.model, self.engine, self.cache, self.config = draft, draft.engine, draft.cache, config
+        # Its searches' node i is the engine's tree node i - 1 (the root is the cache's last token).
+        self.preparation = Preparation(lambda nodes: self.engine.commit_path(self.cache, [i - 1 for i in nodes]))
 
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
-        t0, self.catch_up_s = time.perf_counter(), 0.0
-        reused = self._resume(context)
-        search = self._search if reused else None  # else stale: a step cut short left it
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
+        catch_up_s = 0.0  # prefilling a new prompt (not a step's few tokens)
+        reused = self.preparation.resume(context)
+        search: _Search | None = self.preparation.search if reused else None  # type: ignore[assignment]
         levels = 0  # levels already grown (below a guess that came true)
         if search is None:
-            room = self.engine.n_ctx - len(context)  # cache cells beside the context
+            room = self.cache.n_ctx - len(context)  # cache cells beside the context
             depth = min(max_depth, room)
-            search = self._search = _Search(self.engine, context, self.config.sized(max_nodes, depth), depth)
+            search = _Search(self.model, context, self.config.sized(max_nodes, depth), depth)
             if max_nodes > 1 and depth > 0:
-                behind = len(context) - common_prefix(self.engine.tokens, context)
+                behind = len(context) - common_prefix(self.cache.tokens, context)
                 t_start = time.perf_counter()
                 search.start()
                 if behind > max_depth + 1:  # more than a step accepts: a new prompt's prefill
-                    self.catch_up_s = time.perf_counter() - t_start
+                    catch_up_s = time.perf_counter() - t_start
         else:  # grown below the target's outcome already: on with a fresh draft's limits
             levels = max(search.tree.depths)
-            depth = min(max_depth, self.engine.n_ctx - len(context))
+            depth = min(max_depth, self.cache.n_ctx - len(context))
             search.cfg = self.config.sized(max_nodes, depth)  # the tree asked for may have changed
             search.limit(depth, search.cfg.min_prob)
         if search.started:
@@ -259,95 +246,27 @@ class ModelDrafter:
                 if not search.grow(max_nodes - len(search.tree)):
                     break
         if max_nodes > 1 and search.started and max_depth > 0:
-            tree, keys, self.prepared_nodes = search.proposal(max_nodes, max_depth)
+            tree, keys, prepared = search.proposal(max_nodes, max_depth)
         else:
-            tree, keys, self.prepared_nodes = DraftTree.rooted(context[-1]), [("root",)], [False]
-        self._prepared, self.reused = False, reused
-        self.drafts += 1
-        self.last = DraftStep(max_nodes, len(tree), len(search.tree) - 1, search.calls,
-                              search.widest, max(tree.depths), time.perf_counter() - t0, reused)
-        return tree, keys
+            tree, keys, prepared = DraftTree.rooted(context[-1]), [("root",)], [False]
+        self.preparation.drafted(search)
+        return Draft(tree, keys, reused, prepared, catch_up_s, search.calls, len(search.tree) - 1)
 
     def warm(self, context: Sequence[int]) -> float:
         """Prefill the draft's cache with `context`, after settling what the last generation
         left prepared (its tree would not survive the prefill): the first draft then
         evaluates its root alone."""
         t0 = time.perf_counter()
-        self._resume(None)
-        if context and common_prefix(self.engine.tokens, context) < len(context):
-            self.engine.sync(context)
+        self.preparation.resume(None)
+        if context and common_prefix(self.cache.tokens, context) < len(context):
+            self.engine.sync(self.cache, context)
         return time.perf_counter() - t0
 
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
-        """Grow the last draft's tree until `until()` (the target's pass is back), nothing
-        likely enough is left, or no call fits before `deadline`; the seconds it drafted."""
-        search, t0 = self._search, time.perf_counter()
-        if search is None or search.busy or not search.started or self._accepted is not None:
-            return 0.0
-        self._prepared = True
-        # Below the leaves of the tree under verification (where the next one starts when all
-        # of it is accepted), and less likely nodes than a draft would wait for: this is free.
-        search.limit(min(2 * search.max_depth, self.engine.n_ctx - len(search.context)), search.cfg.min_prob / 4)
-        while not until():
-            width = search.cfg.nodes_per_pass
-            if deadline is not None:
-                left = deadline - time.perf_counter()
-                while width > 1 and self._call_seconds(width) > left:
-                    width //= 2  # a narrower call that ends in time
-                if self._call_seconds(width) > left:
-                    break  # the step would wait for it: what the outcome needs is drafted after
-            t_call = time.perf_counter()
-            grown = search.grow(None, width)
-            if not grown:
-                break
-            seconds, before = time.perf_counter() - t_call, self._call_s.get(grown)
-            self._call_s[grown] = seconds if before is None else before + 0.3 * (seconds - before)
-        return time.perf_counter() - t0
-
-    def _call_seconds(self, width: int) -> float:
-        """A draft call's expected seconds over `width` nodes while the target works, as
-        measured; for a width not measured yet, the dearest narrower call (calls cost more the
-        wider they are), 0.0 if none: optimistic, so the width is tried once and measured."""
-        if width in self._call_s:
-            return self._call_s[width]
-        return max((s for w, s in self._call_s.items() if w < width), default=0.0)
+        return self.preparation.prepare(until, deadline, self.cache.n_ctx)
 
     def accepted(self, tokens: Sequence[int]) -> None:
-        """The target accepted `tokens` after the root: keep their draft KV where it exists.
-        After `prepare`, wait for the next draft to learn the target's next token too."""
-        self._resume(None)  # an outcome no draft came for (a planner resting): settle it
-        search, self._search = self._search, None
-        if search is None or search.busy:
-            self.engine.commit_path([])
-        elif self._prepared:
-            self._search, self._accepted = search, list(tokens)
-        else:
-            self.engine.commit_path([i - 1 for i in search.path(tokens)])
-        self._prepared = False
-
-    def _resume(self, context: Sequence[int] | None) -> bool | None:
-        """Re-root a prepared search at the target's outcome, the last token of `context`, when
-        the draft evaluated it (True); else commit what it can of the accepted tokens and drop
-        it (False); None: nothing prepared."""
-        search, accepted, self._accepted = self._search, self._accepted, None
-        if accepted is None or search is None:
-            return None
-        self._search = None
-        if search.busy:
-            self.engine.commit_path([])
-            return False
-        if context is not None:
-            path = search.path(accepted + [context[-1]])
-            if (len(path) == len(accepted) + 1 and len(context) == len(search.context) + len(path)
-                    and list(context[:len(search.context)]) == search.context
-                    and list(context[len(search.context):-1]) == accepted):
-                search.reroot(path, context)
-                search.calls = search.widest = 0
-                search.mark = len(search.tree)  # all of it was grown before the pass returned
-                self._search = search
-                return True
-        self.engine.commit_path([i - 1 for i in search.path(accepted)])
-        return False
+        self.preparation.accepted(tokens)
 
 
 class VocabMismatch(ValueError):

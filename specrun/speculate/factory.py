@@ -4,11 +4,10 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from specrun.engines.base import Engine
 from specrun.errors import UsageError
 from specrun.speculate.auto import AutoSpeculator, DraftSpeed
 from specrun.speculate.base import Drafter, Speculator
-from specrun.speculate.draft_model import ModelDraftConfig, ModelDrafter
+from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planner import AcceptanceStats, PassCost, PlannedSpeculator, StepCost
 
@@ -40,7 +39,7 @@ class SpecConfig:
 
 
 def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, AcceptanceStats],
-                    draft: Engine | None = None, speed: DraftSpeed | None = None,
+                    draft: DraftModel | None = None, speed: DraftSpeed | None = None,
                     steps: dict[str, StepCost] | None = None, overlap: bool = False) -> Speculator | None:
     """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance
     statistics it learns, keyed by drafter ("ngram", "model"); `speed` is what auto learns

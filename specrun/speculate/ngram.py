@@ -22,6 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
+from specrun.speculate.base import Draft
 from specrun.speculate.tree import DraftTree
 
 
@@ -43,10 +44,7 @@ def match_bucket(length: int) -> int:
 class NgramDrafter:
     """Keeps an index of every n-gram's end positions, extended as the context grows."""
 
-    costly = False  # a dictionary lookup per step
-    reused = None  # nothing to prepare while the target verifies: a lookup is instant
-    catch_up_s = 0.0  # no cache
-    prepared_nodes: tuple[bool, ...] = ()
+    costly = False  # a dictionary lookup per step: nothing to prepare while the target verifies, no cache
 
     def __init__(self, config: NgramConfig = NgramConfig()) -> None:
         self.config = config
@@ -74,10 +72,13 @@ class NgramDrafter:
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return 0.0
 
-    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
         """A tree rooted at context[-1] (the pending token) with at most `max_nodes` nodes in
         all, and per node the planner's key: ("ngram", match length bucket, depth capped at 3)."""
-        ctx = list(context)
+        tree, keys = self._grow(list(context), max_nodes, max_depth)
+        return Draft(tree, keys)
+
+    def _grow(self, ctx: list[int], max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable]]:
         tree, keys = DraftTree.rooted(ctx[-1]), [("root",)]
         if max_nodes <= 1 or max_depth <= 0:
             return tree, keys

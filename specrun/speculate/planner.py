@@ -32,7 +32,7 @@ from typing import Any, Callable, Hashable, Sequence
 
 import numpy as np
 
-from specrun.speculate.base import Drafter
+from specrun.speculate.base import Drafter, Proposal
 from specrun.speculate.tree import DraftTree
 
 
@@ -277,11 +277,6 @@ def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes:
     return [0] + sorted(order[:best_k])
 
 
-def expected_speedup(chances: Sequence[float], keep: Sequence[int], cost: PassCost | StepCost) -> float:
-    """Expected tokens per second of verifying `keep`, relative to plain decoding."""
-    return sum(chances[i] for i in keep) / cost.cost(len(keep)) * cost.cost(1)
-
-
 class PlannedSpeculator:
     """Drafts a candidate tree, then verifies only the subtree that pays on this hardware
     (`cost` given), or every drafted node (`cost` None: a fixed budget).
@@ -294,10 +289,6 @@ class PlannedSpeculator:
         self.max_nodes, self.max_depth = max_nodes, max_depth
         # What the plan maximises over: `step_cost` (shared, kept with the calibration), else learnt here.
         self.step_cost = step_cost if step_cost is not None else StepCost(cost) if cost is not None else None
-        self._drafting_s = 0.0  # drafting the step under way waited for (not what was prepared during a pass)
-        self._free = 0  # nodes of the tree being verified found during the previous pass
-        self._catch_up_s = 0.0  # the draft's own prefill in this step: neither the tree's cost nor hidden
-        self._keys: list[Hashable] = []
         # Candidates to draft next step when planning: a little more than the last plan kept,
         # so a costly drafter (a draft model) does not grow nodes that will not be verified.
         # With nothing learnt, FIRST_DRAFT: trees grow a quarter a step from there while plans
@@ -313,53 +304,44 @@ class PlannedSpeculator:
         # costs may be stale (a busy hour, a draft paged out under a memory limit): a run starts
         # due for one verified tree, so its own first steps measure drafting afresh.
         self._unverified = self.EXPLORE_EVERY if step is not None and step.steps else 0
-        self._needed = 1.0  # the share of this step's drafting a plan of its size needs (StepCost.observe)
-        self.skipped = False  # the last proposal drafted nothing (resting)
-        self.explored = False  # the last proposal was verified to re-measure drafting, not because it paid
-        self.reused: bool | None = None  # the last proposal grew from a prepared tree (Speculator.reused)
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
     EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> DraftTree:
-        self.skipped, self.reused, self.explored = False, None, False
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
         self._unverified += 1
         max_depth, max_nodes = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes)
         if self.cost is None:
-            tree, self._keys = self.drafter.draft(context, max_nodes, max_depth)
-            self.reused = self.drafter.reused
-            return tree
+            draft = self.drafter.draft(context, max_nodes, max_depth)
+            return Proposal(draft.tree, draft.keys, draft.reused, source=self)
         if self._resting > 0:
             self._resting -= 1
-            self.skipped = True
-            self._keys = [("root",)]
-            return DraftTree.rooted(context[-1])
+            return Proposal(DraftTree.rooted(context[-1]), [("root",)], skipped=True, source=self)
         limit = min(self._candidates, max_nodes, self.cost.max_size)
         t0 = time.perf_counter()
-        candidates, keys = self.drafter.draft(context, limit, max_depth)
-        self._drafting_s = time.perf_counter() - t0 - self.drafter.catch_up_s
-        self._catch_up_s = self.drafter.catch_up_s
-        self.reused = self.drafter.reused
+        draft = self.drafter.draft(context, limit, max_depth)
+        drafting_s = time.perf_counter() - t0 - draft.catch_up_s
         assert self.step_cost is not None
-        chances = node_chances(candidates, keys, self.stats)
+        chances = node_chances(draft.tree, draft.keys, self.stats)
         keep = best_subtree(chances, self.step_cost)
+        explored = False
         if len(keep) == 1 and self.drafter.costly and self._unverified >= self.EXPLORE_EVERY:
             # Only the learnt drafting cost can rule out what the pass alone would pay for, and
             # it is learnt from verified trees only: verify one now and then to learn it afresh
             # (the text, the machine's load, a run's first draft may have set it wrong).
             keep = best_subtree(chances, self.cost)
-            self.explored = len(keep) > 1
+            explored = len(keep) > 1
         if len(keep) == 1 and self.drafter.costly:
             self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
         else:
             self._rest, self._unverified = 1, 0
-        self._needed = min(1.0, self._drafts_for(len(keep)) / len(candidates))
-        prepared = self.drafter.prepared_nodes
-        self._free = sum(1 for i in keep[1:] if i < len(prepared) and prepared[i])
-        self._keys = [keys[i] for i in keep]
         self._candidates = self._drafts_for(len(keep))
-        return candidates.subtree(keep)
+        prepared = draft.prepared
+        return Proposal(draft.tree.subtree(keep), [draft.keys[i] for i in keep], draft.reused, drafting_s,
+                        draft.catch_up_s, free=sum(1 for i in keep[1:] if i < len(prepared) and prepared[i]),
+                        needed=min(1.0, self._drafts_for(len(keep)) / len(draft.tree)), explored=explored,
+                        source=self)
 
     @staticmethod
     def _drafts_for(kept: int) -> int:
@@ -371,34 +353,28 @@ class PlannedSpeculator:
     def warm(self, context: Sequence[int]) -> float:
         return self.drafter.warm(context)
 
-    def prepare(self, until: Callable[[], bool]) -> float:
+    def prepare(self, proposal: Proposal, until: Callable[[], bool]) -> float:
         """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
-        if self.skipped or not self.drafter.costly:
+        if proposal.skipped or not self.drafter.costly:
             return 0.0
         # When the pass is expected back: its calibrated cost, measured with no draft beside it
         # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
-        deadline = time.perf_counter() + self.cost.cost(len(self._keys)) if self.cost is not None else None
+        deadline = time.perf_counter() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
         return self.drafter.prepare(until, deadline)
 
-    @property
-    def catch_up_s(self) -> float:
-        """Of the step under way, the seconds the drafter spent prefilling a new prompt."""
-        return self._catch_up_s
+    def expected_tokens(self, proposal: Proposal) -> float:
+        """Tokens a proposal is expected to yield, its root's included."""
+        return sum(node_chances(proposal.tree, proposal.keys, self.stats))
 
-    def expected_tokens(self, tree: DraftTree) -> float:
-        """Tokens the last proposal (`tree`) is expected to yield, its root's included."""
-        return sum(node_chances(tree, self._keys, self.stats))
-
-    def observe(self, tree: DraftTree, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not.
         `pass_s`: the target's pass, where nothing drafted beside it, corrects the cost curve."""
+        tree, p = proposal.tree, proposal
         learn_pass(self.cost, len(tree), pass_s)
-        if self.step_cost is not None and not self.skipped:
-            self.step_cost.observe(len(tree), self._drafting_s, wall_s - self._catch_up_s, self._needed, self.explored,
-                                   self._free)
-        self._drafting_s, self._free, self._catch_up_s = 0.0, 0, 0.0
+        if self.step_cost is not None and not p.skipped:
+            self.step_cost.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
-                self.stats.update(self._keys[i], i in accepted)
+                self.stats.update(p.keys[i], i in accepted)
         self.drafter.accepted([tree.tokens[i] for i in path[1:]])

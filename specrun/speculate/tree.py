@@ -52,20 +52,6 @@ class DraftTree:
         """The (first) child of `node` holding `token`, if any."""
         return self._children.get((node, token))
 
-    def add_path(self, tokens: Sequence[int], parent: int = 0) -> None:
-        """Merge a chain of tokens under `parent`, sharing existing prefixes (a trie insert)."""
-        for tok in tokens:
-            nxt = self.child(parent, tok)
-            parent = self.add(tok, parent) if nxt is None else nxt
-
-    def path_to(self, node: int) -> list[int]:
-        """Node indices from the root to `node`, both included."""
-        path = []
-        while node != -1:
-            path.append(node)
-            node = self.parents[node]
-        return path[::-1]
-
     def ancestor_mask(self) -> np.ndarray:
         """bool [n, n]: mask[i, j] iff node j is node i or one of its ancestors."""
         return ancestor_mask(self.parents)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Callable
 
-from specrun.engines.torch_engine.config import QUANTS, OffloadConfig, TorchConfig, cpu_dtype_for
+from specrun.engines.torch_engine.config import OffloadConfig, TorchConfig, cpu_dtype_for
 from specrun.engines.torch_engine.engine import TorchEngine
 
 
@@ -44,4 +44,4 @@ def _weight_bytes(path: Path, device: "torch.device", quant: str | None) -> Call
     return lambda size: kept + dense * size
 
 
-__all__ = ["QUANTS", "OffloadConfig", "TorchConfig", "TorchEngine", "cpu_dtype_for", "planned_weight_bytes"]
+__all__ = ["OffloadConfig", "TorchConfig", "TorchEngine", "cpu_dtype_for", "planned_weight_bytes"]

@@ -8,11 +8,19 @@ Hugging Face config.json, so `model.py` branches on flags (`qkv_bias`,
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 from specrun.errors import ModelFileError
 
 ARCHITECTURES = ("llama", "qwen2", "qwen3")  # GGUF names; Mistral GGUFs are written as "llama"
+
+
+class TensorTable(Protocol):
+    """A model file's tensors as their names and shapes (weights.GgufTensors)."""
+
+    def __contains__(self, name: object) -> bool: ...
+    def names(self) -> set[str]: ...
+    def shape(self, name: str) -> tuple[int, ...]: ...
 
 
 @dataclass(frozen=True)
@@ -37,6 +45,14 @@ class ModelArgs:
     qkv_bias: bool = False  # Qwen2
     qk_norm: bool = False  # Qwen3: RMSNorm on each head's q and k before RoPE
     tied_embeddings: bool = False  # no output matrix: the token embeddings serve as one
+
+    @staticmethod
+    def of_gguf_file(name: str, fields: dict[str, Any], tensors: "TensorTable") -> "ModelArgs":
+        """A GGUF file's (`name`, for errors): its key/values, its tensors' names, and its
+        vocabulary's size from the token embeddings' shape."""
+        if "token_embd.weight" not in tensors:
+            raise ModelFileError(f"{name} has no token_embd.weight tensor")
+        return ModelArgs.from_gguf(fields, tensors.names(), tensors.shape("token_embd.weight")[0])
 
     @staticmethod
     def from_gguf(fields: dict[str, Any], tensor_names: set[str], n_vocab: int) -> "ModelArgs":

@@ -9,7 +9,6 @@ import torch
 
 from specrun.errors import UsageError
 
-QUANTS = ("nf4", "fp4", "int8")
 DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 
 

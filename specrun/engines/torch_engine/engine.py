@@ -1,4 +1,4 @@
-"""The torch engine: the engine contract on `model.Transformer` and a static `KVCache`.
+"""The torch engine: the engine contract on `model.Transformer`, each cache a static `KVCache`.
 
 Trees of any size the cache has room for are verified in one pass: node i
 writes its keys and values to slot kv_len + i, sits at position
@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import CacheMixin, Transfer, ancestor_mask, check_keep, top_k_of
+from specrun.engines.base import Cache, EngineMixin, Transfer, ancestor_mask, check_keep, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
@@ -58,7 +58,18 @@ class TorchLogits:
         return ids_np[order], probs_np[order]
 
 
-class TorchEngine(CacheMixin):
+class TorchCache(Cache):
+    """The committed tokens' keys and values, and a tree's beside them, in a static KVCache."""
+
+    def __init__(self, kv: KVCache) -> None:
+        super().__init__(kv.n_ctx)
+        self.kv: KVCache | None = kv
+
+    def free(self) -> None:
+        self.kv = None
+
+
+class TorchEngine(EngineMixin):
     def __init__(self, path: Path, config: TorchConfig = TorchConfig()) -> None:
         self.config, self.path = config, path
         self.device_obj = resolve_device(config.device)
@@ -75,9 +86,6 @@ class TorchEngine(CacheMixin):
         self.weight_bytes = self.loaded.weights.nbytes + (self.stream.buffer_bytes if self.stream else 0)
         self.notices: list[str] = list(self.stream.notices) if self.stream else []
         self._link_bps: float | None = None
-        self._cache: KVCache | None = None
-        self._tokens: list[int] = []
-        self._tree, self._tree_parents = [], []
         self._epoch = 0
 
     @property
@@ -109,111 +117,97 @@ class TorchEngine(CacheMixin):
             self._link_bps = measure()
         return self._link_bps
 
-    # --- cache -------------------------------------------------------------------
+    # --- caches ------------------------------------------------------------------
 
-    def open(self, n_ctx: int) -> None:
+    def new_cache(self, n_ctx: int) -> TorchCache:
         self.settle()
-        self._epoch += 1
-        self._cache = None  # free the old one first
         a = self.args
-        self._cache = KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, kv_dtype(self.device_obj), self.device_obj)
-        self._tokens, self._tree, self._tree_parents = [], [], []
-
-    @property
-    def n_ctx(self) -> int:
-        return self._cache.n_ctx if self._cache is not None else 0
-
-    @property
-    def kv_len(self) -> int:
-        return len(self._tokens)
-
-    @property
-    def tokens(self) -> Sequence[int]:
-        return tuple(self._tokens)
+        cache = TorchCache(KVCache(a.n_layer, a.n_head_kv, n_ctx, a.head_dim, kv_dtype(self.device_obj),
+                                   self.device_obj))
+        return self._made(cache, cache.free)  # type: ignore[return-value]
 
     @property
     def max_tree_nodes(self) -> int:
         """Trees are bounded by cache room only; this is the size the session asked for."""
         return self.config.max_tree_nodes
 
-    def _forward(self, batch: Batch) -> TorchLogits:
-        assert self._cache is not None
+    def _ready(self, cache: Cache) -> TorchCache:
+        self.settle()
+        self._own(cache)
+        assert isinstance(cache, TorchCache) and cache.kv is not None
+        return cache
+
+    def _forward(self, cache: TorchCache, batch: Batch) -> TorchLogits:
+        assert cache.kv is not None
         self._epoch += 1
-        return TorchLogits(self, self.model.forward(batch, self._cache))
+        return TorchLogits(self, self.model.forward(batch, cache.kv))
 
     def _tensor(self, values: Sequence[int] | np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device_obj)
 
-    def eval(self, tokens: Sequence[int]) -> TorchLogits:
-        self.settle()
-        if self._cache is None:
-            raise RuntimeError("eval before open()")
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> TorchLogits:
+        c = self._ready(cache)
         if not tokens:
             raise ValueError("eval of no tokens")
-        self._drop_tree()
-        if self.kv_len + len(tokens) > self.n_ctx:
-            raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
+        c.tree = []  # a tree left uncommitted: its rows sit after kv_len, where this pass overwrites them
+        if c.kv_len + len(tokens) > c.n_ctx:
+            raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
         logits: TorchLogits | None = None
         for start in range(0, len(tokens), PREFILL_CHUNK):
             chunk = list(tokens[start:start + PREFILL_CHUNK])
-            base, n = self.kv_len, len(chunk)
+            base, n = c.kv_len, len(chunk)
             slots = self._tensor(np.arange(base, base + n))
             mask = None
             if n > 1:  # causal: token i sees slots up to base + i
                 mask = torch.arange(base + n, device=self.device_obj)[None, :] <= slots[:, None]
             last = start + n == len(tokens)
             out = self._tensor([n - 1] if last else [])
-            logits = self._forward(Batch(self._tensor(chunk), slots, slots, base + n, mask, out))
-            self._tokens.extend(chunk)
+            logits = self._forward(c, Batch(self._tensor(chunk), slots, slots, base + n, mask, out))
+            c.appended(chunk)
         assert logits is not None
         return logits
 
-    def rewind(self, n_tokens: int) -> None:
-        self.settle()
-        self._drop_tree()
-        del self._tokens[n_tokens:]  # the rows after it are overwritten by later passes
+    def rewind(self, cache: Cache, n_tokens: int) -> None:
+        c = self._ready(cache)
+        c.tree = []
+        c.cut(n_tokens)  # the rows after it are overwritten by later passes
 
     # --- trees -----------------------------------------------------------------------
 
-    def eval_tree(self, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
+    def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                   start: int = 0) -> TorchLogits:
-        self.settle()
-        if self._cache is None:
-            raise RuntimeError("eval_tree before open()")
-        n, base = len(tokens), self.kv_len
-        if start != len(self._tree):
-            raise ValueError(f"{len(self._tree)} nodes are evaluated; cannot continue from {start}")
+        c = self._ready(cache)
+        n, base = len(tokens), c.kv_len
+        if start != len(c.tree):
+            raise ValueError(f"{len(c.tree)} nodes are evaluated; cannot continue from {start}")
         if not start < n:
             raise ValueError("eval_tree of no new nodes")
         if n > self.max_tree_nodes:
             raise ValueError(f"a tree of {n} nodes exceeds the {self.max_tree_nodes} this engine was opened for")
-        if base + n > self.n_ctx:  # every node takes a slot of the cache
-            raise UsageError(f"context full ({self.n_ctx} tokens)", hint="raise --ctx")
+        if base + n > c.n_ctx:  # every node takes a slot of the cache
+            raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
         new = np.arange(start, n)
         mask = torch.ones((n - start, base + n), dtype=torch.bool)
         mask[:, base:] = torch.from_numpy(ancestor_mask(parents)[start:])
         batch = Batch(ids=self._tensor(tokens[start:]), positions=self._tensor(base + np.asarray(depths[start:])),
                       slots=self._tensor(base + new), end=base + n, mask=mask.to(self.device_obj))
-        logits = self._forward(batch)
-        self._tree, self._tree_parents = list(tokens), list(parents)
+        logits = self._forward(c, batch)
+        c.evaluated_tree(tokens, parents)
         return logits
 
-    def commit_path(self, path: Sequence[int], keep: Sequence[int] = ()) -> None:
-        self.settle()
-        assert self._cache is not None
-        check_keep(self._tree_parents, path, keep)
-        base, rows = self.kv_len, list(path) + list(keep)  # the path joins the cache, kept nodes follow
+    def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
+        c = self._ready(cache)
+        assert c.kv is not None
+        check_keep(c.tree_parents, path, keep)
+        base, rows = c.kv_len, list(path) + list(keep)  # the path joins the cache, kept nodes follow
         if rows != list(range(len(rows))):  # a prefix of the slots is already in place
-            self._cache.move(self._tensor(base + np.asarray(rows)), self._tensor(base + np.arange(len(rows))))
-        self._committed(path, keep)
-
-    def _drop_tree(self) -> None:
-        self._tree = []  # its rows sit after kv_len, where the next pass overwrites them
+            c.kv.move(self._tensor(base + np.asarray(rows)), self._tensor(base + np.arange(len(rows))))
+        c.committed(path, keep)
 
     def close(self) -> None:
         self.close_worker()
         self._epoch += 1
-        self._cache = None
+        self.close_caches()
         self.loaded.close()
 
     def __enter__(self) -> "TorchEngine":

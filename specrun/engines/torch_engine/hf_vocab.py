@@ -51,7 +51,7 @@ class HfVocab:
         try:
             from tokenizers import Tokenizer
         except ImportError as e:
-            from specrun.engines import INSTALL_TORCH
+            from specrun.engines.placement import INSTALL_TORCH
 
             raise EngineError(f"safetensors directories need the tokenizers package ({e})",
                               hint=INSTALL_TORCH) from None
@@ -147,10 +147,6 @@ class HfVocab:
         if 0 <= token < self._size:
             return (self._tok.id_to_token(token) or "").encode("utf-8")
         return f"[PAD{token}]".encode() if 0 <= token < self.n_vocab else b""
-
-    @property
-    def eog_ids(self) -> frozenset[int]:
-        return self._eog
 
 
 def _ids(value: Any) -> list[int]:

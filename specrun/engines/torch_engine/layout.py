@@ -51,10 +51,6 @@ class Unit:
     spans: tuple[Span, ...]
     rows: tuple[int, int] = (0, 0)  # an output slice's rows [first, last)
 
-    @property
-    def data_bytes(self) -> int:
-        return sum(s.n_bytes for s in self.spans)
-
     def span(self, suffix: str) -> Span | None:
         for s in self.spans:
             if s.name.endswith(suffix):

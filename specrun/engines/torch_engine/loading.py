@@ -20,7 +20,7 @@ from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.model import LayerSource
 from specrun.engines.torch_engine.weights import GgufTensors, ModelWeights, load_gguf
 from specrun.errors import ModelFileError, UsageError
-from specrun.gguf_file import GGUFInfo, read_gguf
+from specrun.gguf_file import read_gguf
 
 if TYPE_CHECKING:
     from specrun.engines.torch_engine.streamed import Stream
@@ -53,15 +53,15 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, quant: str 
 
 def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload: OffloadConfig) -> LoadedModel:
     from specrun.engines.llamacpp import VocabOnly
-    from specrun.engines.torch_engine.streamed import StreamedOutput, open_streamed
+    from specrun.engines.torch_engine.streamed import open_streamed
 
     info = read_gguf(path)
     tensors = GgufTensors(path, info)
-    args = gguf_args(path, info, tensors)
+    args = ModelArgs.of_gguf_file(path.name, info.metadata, tensors)
     stream, source, embed = open_streamed(path, info, tensors, args, device, dtype, offload)
     norm = tensors.dense("output_norm.weight", torch.float32).to(device)
     factors = tensors.dense("rope_freqs.weight", torch.float32).to(device) if "rope_freqs.weight" in tensors else None
-    weights = ModelWeights(embed=embed, layers=[], norm=norm, output=StreamedOutput(source), rope_factors=factors)
+    weights = ModelWeights(embed=embed, layers=[], norm=norm, output=None, rope_factors=factors)
     vocab_file = VocabOnly(path)
 
     def close() -> None:
@@ -73,25 +73,17 @@ def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload
     return LoadedModel(args, weights, vocab_file.vocab, f"gguf blocks, {stream.describe()}", close, source, stream)
 
 
-
-
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
     from specrun.engines.llamacpp import VocabOnly
 
     info = read_gguf(path)
     tensors = GgufTensors(path, info)
-    args = gguf_args(path, info, tensors)
+    args = ModelArgs.of_gguf_file(path.name, info.metadata, tensors)
     # On a CPU, matrices are dequantized once at load: per pass it would cost more than the pass.
     weights = load_gguf(tensors, args, device, dtype, convert=device.type == "cpu")
     vocab_file = VocabOnly(path)
     storage = f"gguf {'dequantized to ' + str(dtype)[6:] if device.type == 'cpu' else 'blocks'}"
     return LoadedModel(args, weights, vocab_file.vocab, storage, vocab_file.close)
-
-
-def gguf_args(path: Path, info: GGUFInfo, tensors: GgufTensors) -> ModelArgs:
-    if "token_embd.weight" not in tensors:
-        raise ModelFileError(f"{path.name} has no token_embd.weight tensor")
-    return ModelArgs.from_gguf(info.metadata, tensors.names(), tensors.shape("token_embd.weight")[0])
 
 
 def _load_directory(path: Path, device: torch.device, dtype: torch.dtype, quant: str | None) -> LoadedModel:

@@ -82,6 +82,7 @@ class ResidentSource:
         return self.weights.layers
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
+        assert self.weights.output is not None, "a streamed model's output comes from its stream"
         return self.weights.output(x)
 
 

@@ -116,17 +116,6 @@ class StreamedSource:
             self._pass = None
 
 
-@dataclass
-class StreamedOutput:
-    """The output matrix as ModelWeights holds it: the source's slices (no bytes of its own)."""
-
-    source: StreamedSource
-    nbytes: int = 0
-
-    def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return self.source.output(x)
-
-
 def plan_residency(units: list[Unit], budget: int, slots: int, what: str) -> tuple[set[int], int]:
     """(resident unit indices, slots) for a budget in bytes: the slots first, then whole units in
     pass order while they fit. UsageError when not even MIN_SLOTS slots fit."""
@@ -177,11 +166,10 @@ def disk_plan(units: list[Unit], offload: OffloadConfig) -> tuple[set[int], int]
 
 def file_units(path: Path) -> list[Unit]:
     """The units a GGUF file streams in (from its header; nothing is read)."""
-    from specrun.engines.torch_engine.loading import gguf_args
     from specrun.gguf_file import read_gguf
 
     info = read_gguf(path)
-    return plan_units(info, gguf_args(path, info, GgufTensors(path, info)))
+    return plan_units(info, ModelArgs.of_gguf_file(path.name, info.metadata, GgufTensors(path, info)))
 
 
 def _ram_stream(path: Path, units: list[Unit], device: torch.device, offload: OffloadConfig,

@@ -48,7 +48,7 @@ class DenseLinear:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.weight, self.bias)
+        return tensor_bytes(self.weight, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return F.linear(x.to(self.weight.dtype), self.weight, self.bias).float()
@@ -60,7 +60,7 @@ class DenseEmbedding:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.table)
+        return tensor_bytes(self.table)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return self.table[ids].float()
@@ -78,7 +78,7 @@ class GgufLinear:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.raw, self.bias)
+        return tensor_bytes(self.raw, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         weight = dequant.dequantize(self.raw, self.qtype, self.shape, self.dtype)
@@ -98,7 +98,7 @@ class GgmlLinear:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.raw, self.bias)
+        return tensor_bytes(self.raw, self.bias)
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         from specrun.kernels import ggml_matmul
@@ -121,7 +121,7 @@ class GgufEmbedding:
 
     @property
     def nbytes(self) -> int:
-        return _nbytes(self.raw)
+        return tensor_bytes(self.raw)
 
     def __call__(self, ids: torch.Tensor) -> torch.Tensor:
         return dequant.dequantize_rows(self.raw, self.qtype, ids, self.n_embd, torch.float32)
@@ -144,7 +144,7 @@ class LayerWeights:
     @property
     def nbytes(self) -> int:
         mats = (self.q, self.k, self.v, self.o, self.gate, self.up, self.down)
-        return sum(m.nbytes for m in mats) + _nbytes(self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
+        return sum(m.nbytes for m in mats) + tensor_bytes(self.attn_norm, self.ffn_norm, self.q_norm, self.k_norm)
 
 
 @dataclass
@@ -152,17 +152,18 @@ class ModelWeights:
     embed: Embedding
     layers: list[LayerWeights]
     norm: torch.Tensor  # [n_embd]
-    output: Linear  # n_embd -> n_vocab
+    output: Linear | None  # n_embd -> n_vocab; None: streamed with the layers (the pass's source has it)
     rope_factors: torch.Tensor | None = None  # [rope_dim / 2] frequency divisors (Llama 3.1 scaling)
     shared_output: bool = field(default=False)  # output reads the embedding's storage (tied)
 
     @property
     def nbytes(self) -> int:
-        out = 0 if self.shared_output else self.output.nbytes
-        return self.embed.nbytes + out + sum(l.nbytes for l in self.layers) + _nbytes(self.norm, self.rope_factors)
+        out = 0 if self.shared_output or self.output is None else self.output.nbytes
+        return self.embed.nbytes + out + sum(l.nbytes for l in self.layers) + tensor_bytes(self.norm, self.rope_factors)
 
 
-def _nbytes(*tensors: torch.Tensor | None) -> int:
+def tensor_bytes(*tensors: torch.Tensor | None) -> int:
+    """Bytes the given tensors hold (None: none)."""
     return sum(t.numel() * t.element_size() for t in tensors if t is not None)
 
 

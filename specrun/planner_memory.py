@@ -1,0 +1,105 @@
+"""The planner's memory: what it knows about a model on this machine, kept between runs.
+
+One versioned JSON file per model and engine settings (the "calibration file"),
+under the store root's calibration/: the target's cost curve as measured
+(calibrate.py measures it) and as runs corrected it, acceptance statistics per
+drafter, each draft model's measured speed, what a step costs in wall time per
+speculator, and whether drafting during target passes pays. Files of the first,
+unversioned format are still read.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from specrun.files import model_bytes, write_atomic
+from specrun.speculate.auto import DraftSpeed
+from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost
+
+VERSION = 2
+
+
+@dataclass
+class PlannerMemory:
+    """What the planner knows about one model with one engine's settings on this machine: the
+    measured cost curve, and what runs learnt with it. Stored as JSON (`save`, `load`)."""
+
+    path: Path
+    cost: LearntCurve  # the measured curve, as runs' own passes correct it (a CostCurve is wrapped)
+    stats: dict[str, AcceptanceStats]  # by drafter: "ngram", "model"
+    speeds: dict[str, DraftSpeed] = field(default_factory=dict)  # by draft model file name
+    settings: str = ""  # the engine settings it was measured with (for `specrun info`)
+    overlap: dict[str, float] = field(default_factory=dict)  # by draft model file name: measure_overlap's gain
+    steps: dict[str, StepCost] = field(default_factory=dict)  # by speculator: what a step costs in wall time
+    trusted: bool = True  # False: measured while something else ran; used, but measured again next run
+
+    def __post_init__(self) -> None:
+        if isinstance(self.cost, CostCurve):  # a curve as measured: runs correct it from here
+            self.cost = LearntCurve(self.cost)
+
+    def speed_of(self, draft: Path) -> DraftSpeed:
+        return self.speeds.setdefault(draft.name, DraftSpeed())
+
+    def save(self) -> None:
+        data = {
+            "version": VERSION, "settings": self.settings,
+            "cost": {"sizes": list(self.cost.sizes), "seconds": list(self.cost.seconds),
+                     "trusted": self.trusted and not self.cost.stale},
+            "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
+                           for name, s in self.stats.items()},
+            "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
+            "overlap": self.overlap,
+            "step_costs": {name: step.to_json() for name, step in self.steps.items()},
+        }
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomic(self.path, json.dumps(data, indent=1))
+
+
+def memory_path(root: Path, model: Path, settings: str) -> Path:
+    """One file per model (by name and size: a directory's size is its files') and engine settings."""
+    digest = hashlib.sha256(f"{model.name}|{model_bytes(model)}|{settings}".encode()).hexdigest()[:16]
+    return root / "calibration" / f"{model.stem}-{digest}.json"
+
+
+def stored_for(root: Path, model: Path) -> list[PlannerMemory]:
+    """Every calibration kept for this model file, whatever the settings."""
+    found = (load(p) for p in sorted((root / "calibration").glob(f"{model.stem}-*.json")))
+    return [c for c in found if c is not None]
+
+
+def load(path: Path) -> PlannerMemory | None:
+    """The calibration in `path`; None when missing, unreadable or of a later version (then it
+    is measured again)."""
+    try:
+        data = json.loads(path.read_text())
+        if "version" not in data:
+            return _load_v1(path, data)
+        if data["version"] != VERSION:
+            return None
+        cost = LearntCurve(CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"])))
+        stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
+                 for name, pairs in data["acceptance"].items()}
+        speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
+        overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}
+        steps = {str(name): StepCost.from_json(cost, v) for name, v in data.get("step_costs", {}).items()}
+        return PlannerMemory(path, cost, stats, speeds, str(data["settings"]), overlap, steps,
+                           bool(data["cost"].get("trusted", True)))
+    except (OSError, ValueError, KeyError, TypeError, AttributeError):
+        return None
+
+
+def _load_v1(path: Path, data: dict) -> PlannerMemory:
+    """The first format: acceptance keys joined with '|', draft speeds under "memory"."""
+    def parse(part: str) -> object:
+        return int(part) if part.lstrip("-").isdigit() else part
+
+    cost = LearntCurve(CostCurve(tuple(data["sizes"]), tuple(data["seconds"])))
+    stats = {name: AcceptanceStats(counts={tuple(parse(p) for p in key.split("|")): list(v)
+                                           for key, v in counts.items()})
+             for name, counts in data.get("acceptance", {}).items()}
+    speeds = {str(draft): DraftSpeed.from_json(learnt) for draft, learnt in data.get("memory", {}).items()
+              if isinstance(learnt, dict)}  # the oldest files kept one flat record: measure again
+    return PlannerMemory(path, cost, stats, speeds, str(data.get("settings", "")))
