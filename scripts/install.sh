@@ -8,7 +8,7 @@
 # llama-cpp-python compiles llama.cpp from source (minutes). Build flags come from
 # CMAKE_ARGS when you set it (for example CMAKE_ARGS="-DGGML_CUDA=on" for an NVIDIA
 # GPU); otherwise a native CPU build, except on CPUs that advertise AMX, where
-# llama.cpp's AMX path has crashed (see shared/PLATFORM.md) and the build targets
+# llama.cpp's AMX path has crashed (a decode aborted in its AMX kernels) and the build targets
 # the CPU's AVX/AVX-512 features without AMX. Either way a quick decode of a tiny
 # quantized model proves the build before specrun is used; a build that fails it
 # is rebuilt once with the portable flags.
