@@ -103,7 +103,7 @@ class Chat:
         self.history: list[Message] = []  # user and assistant messages, oldest first
         self.totals = ChatTotals()
         self.last: GenerationStats | None = None  # the latest reply's stats
-        self.speculator = session.speculator(config.spec, separate=cache is not None)
+        self.speculator = session.speculator(config.spec, separate=cache)
         self.mode = self.speculator.name if self.speculator else "none"
         overlap = session.overlaps(config.spec)
         self.generation = replace(config.generation, overlap=overlap)  # as the session decided

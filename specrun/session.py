@@ -107,16 +107,16 @@ class Session:
             self.draft = draft
         return self.draft
 
-    def _draft_model(self, separate: bool) -> DraftModel | None:
+    def _draft_model(self, separate: Cache | None) -> DraftModel | None:
         """The draft engine (loaded on first use) and a cache as long as the target's: the
-        session's, or (`separate`) a new one for a sequence of its own."""
+        session's, or for `separate` (another sequence's target cache) a new one as long as it."""
         draft = self._draft_engine()
         if draft is None:
             return None
+        if separate is not None:
+            return DraftModel(draft, draft.new_cache(separate.n_ctx))
         if self.cache is None:
             raise RuntimeError("a draft model's speculator before open()")
-        if separate:
-            return DraftModel(draft, draft.new_cache(self.cache.n_ctx))
         if self.draft_cache is None:
             self.draft_cache = draft.new_cache(self.cache.n_ctx)
         return DraftModel(draft, self.draft_cache)
@@ -184,10 +184,11 @@ class Session:
         self.calibration = found
         return found
 
-    def speculator(self, spec: SpecConfig, separate: bool = False) -> Speculator | None:
+    def speculator(self, spec: SpecConfig, separate: Cache | None = None) -> Speculator | None:
         """The speculator for `spec` (None: plain decoding), sharing this session's draft engine
-        and what it learnt. It drafts in the session's draft cache, or (`separate`: for a
-        sequence other than the session's own, as a second conversation) in a cache of its own."""
+        and what it learnt. It drafts in the session's draft cache, or for `separate` (the target
+        cache of a sequence other than the session's own, as a second conversation's) in a draft
+        cache of its own, freed with the draft engine."""
         if spec.budget is not None and spec.max_nodes > max(self.target.max_tree_nodes, 1):  # planned trees fit
             raise ValueError(f"the engines were opened for trees of at most {self.target.max_tree_nodes} nodes")
         cal = self.calibrated() if spec.needs_costs else None
@@ -215,7 +216,7 @@ class Session:
         gain = cal.overlap.get(self.config.draft.name)
         if gain is None:
             self.notice("measuring whether drafting during target passes pays here (once)…")
-            target_cache, draft = self.cache, self._draft_model(separate=False)
+            target_cache, draft = self.cache, self._draft_model(separate=None)
             assert target_cache is not None and draft is not None
             tokens = calibrate.measurement_tokens(min(self.target.vocab.n_vocab, self.draft.vocab.n_vocab))
             gain = cal.overlap[self.config.draft.name] = measure_overlap(self.target, target_cache, draft.engine,
