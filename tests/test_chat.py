@@ -4,8 +4,8 @@ interactive (pseudo-terminal) and scripted (piped) ways of driving it."""
 from __future__ import annotations
 
 import os
-import subprocess
 import sys
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 import pexpect
@@ -17,6 +17,7 @@ from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session, SessionConfig
 from specrun.speculate.factory import SpecConfig
+from tests import processes
 from tests.conftest import REAL_STORE
 from tests.tiny_model import CHAT_TEMPLATE, TinySpec, build_tiny_model
 
@@ -123,8 +124,8 @@ def test_a_full_context_drops_the_oldest_turns_and_goes_on(tiny_model: Path, tmp
 
 def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(tiny_model: Path) -> None:
     lines = "hello\n" + "the world " * 400 + "\nhello\n"
-    done = subprocess.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "6", "--ctx", "256"],
-                          input=lines, capture_output=True, text=True)
+    done = processes.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "6", "--ctx", "256"],
+                         input=lines, capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     assert "error: the prompt is" in done.stderr and "Traceback" not in done.stderr
     assert done.stderr.count("tokens per target call") == 2
@@ -132,8 +133,8 @@ def test_a_message_longer_than_the_context_is_refused_and_the_chat_goes_on(tiny_
 
 def test_piped_chat_prints_only_replies(tiny_model: Path) -> None:
     """Each stdin line is a turn; /reset between two equal messages gives two equal replies."""
-    done = subprocess.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "8"],
-                          input="hello world\n/reset\nhello world\n", capture_output=True, text=True)
+    done = processes.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "8"],
+                         input="hello world\n/reset\nhello world\n", capture_output=True, text=True)
     assert done.returncode == 0, done.stderr
     out = done.stdout
     half = len(out) // 2
@@ -143,9 +144,9 @@ def test_piped_chat_prints_only_replies(tiny_model: Path) -> None:
 
 
 def test_unknown_slash_command_is_reported(tiny_model: Path) -> None:
-    done = subprocess.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "4"],
-                          input="/frobnicate\n/system be brief\n/system\n/exit\nhello\n", capture_output=True,
-                          text=True)
+    done = processes.run(SPECRUN + ["chat", str(tiny_model), "-t", "0", "-n", "4"],
+                         input="/frobnicate\n/system be brief\n/system\n/exit\nhello\n", capture_output=True,
+                         text=True)
     assert done.returncode == 0
     assert "error: unknown command /frobnicate" in done.stderr
     assert "system message: be brief" in done.stderr
@@ -154,43 +155,44 @@ def test_unknown_slash_command_is_reported(tiny_model: Path) -> None:
 
 def test_model_without_a_chat_template(tmp_path: Path) -> None:
     path = build_tiny_model(tmp_path / "base.gguf", TinySpec(chat_template=None))
-    done = subprocess.run(SPECRUN + ["chat", str(path)], input="hi\n", capture_output=True, text=True)
+    done = processes.run(SPECRUN + ["chat", str(path)], input="hi\n", capture_output=True, text=True)
     assert done.returncode == 2
     assert done.stderr.startswith("error: base.gguf has no chat template") and "Traceback" not in done.stderr
 
 
-def spawn_chat(*args: str, home: Path | None = None) -> pexpect.spawn:
+def spawn_chat(*args: str, home: Path | None = None) -> AbstractContextManager[pexpect.spawn]:
+    """`specrun chat` in a pseudo-terminal, closed (by force if need be) when the test ends."""
     env = dict(os.environ, NO_COLOR="1", TERM="dumb", **({"SPECRUN_HOME": str(home)} if home else {}))
-    return pexpect.spawn(SPECRUN[0], SPECRUN[1:] + ["chat", *args], env=env, encoding="utf-8", timeout=60,
-                         dimensions=(40, 200))
+    return processes.in_terminal(SPECRUN + ["chat", *args], env=env, encoding="utf-8", timeout=60,
+                                 dimensions=(40, 200))
 
 
 def test_interactive_chat_in_a_terminal(tiny_model: Path) -> None:
-    child = spawn_chat(str(tiny_model), "-t", "0", "-n", "8")
-    child.expect("chatting with tiny.gguf")
-    child.expect_exact(">>> ")
-    child.sendline("hello world")
-    child.expect(r"8 tokens, .* tok/s")
-    child.expect_exact(">>> ")
-    child.sendline("/help")
-    child.expect("/reset")
-    child.expect_exact(">>> ")
-    child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
-    child.expect_exact(">>> ")
-    child.sendline("/stats")
-    child.expect("1 replies, 8 tokens")
-    child.expect_exact(">>> ")
-    child.sendeof()  # Ctrl-D leaves
-    child.expect(pexpect.EOF)
-    child.close()
+    with spawn_chat(str(tiny_model), "-t", "0", "-n", "8") as child:
+        child.expect("chatting with tiny.gguf")
+        child.expect_exact(">>> ")
+        child.sendline("hello world")
+        child.expect(r"8 tokens, .* tok/s")
+        child.expect_exact(">>> ")
+        child.sendline("/help")
+        child.expect("/reset")
+        child.expect_exact(">>> ")
+        child.sendintr()  # Ctrl-C at the prompt: a fresh prompt, not an exit
+        child.expect_exact(">>> ")
+        child.sendline("/stats")
+        child.expect("1 replies, 8 tokens")
+        child.expect_exact(">>> ")
+        child.sendeof()  # Ctrl-D leaves
+        child.expect(pexpect.EOF)
+        child.close()
     assert child.exitstatus == 0
 
 
 def test_real_chat_remembers_until_reset(real_pair: dict[str, Path]) -> None:
     turns = ("My name is Zorblax. Reply with one short sentence.\nWhat is my name? Answer in three words.\n"
              "/reset\nWhat is my name? Answer in three words.\n")
-    done = subprocess.run(SPECRUN + ["chat", "qwen2.5-coder-1.5b-instruct", "-t", "0", "-n", "40"],
-                          input=turns, capture_output=True, text=True, env=dict(os.environ, SPECRUN_HOME=str(REAL_STORE.root)))
+    done = processes.run(SPECRUN + ["chat", "qwen2.5-coder-1.5b-instruct", "-t", "0", "-n", "40"],
+                         input=turns, capture_output=True, text=True, env=dict(os.environ, SPECRUN_HOME=str(REAL_STORE.root)))
     assert done.returncode == 0, done.stderr
     replies = done.stdout.strip().split("\n")
     assert "Zorblax" in replies[1] and "Zorblax" not in replies[-1], done.stdout
@@ -200,18 +202,18 @@ def test_real_chat_remembers_until_reset(real_pair: dict[str, Path]) -> None:
 
 
 def test_real_ctrl_c_stops_a_reply_and_keeps_the_session(real_pair: dict[str, Path]) -> None:
-    child = spawn_chat("qwen2.5-coder-1.5b-instruct", "-t", "0", "-n", "400", home=REAL_STORE.root)
-    child.expect_exact(">>> ")
-    child.sendline("Write a long essay on the history of computing.")
-    child.expect(r"\w+ \w+ \w+")  # the reply is streaming
-    child.sendintr()
-    child.expect("stopped")
-    child.expect_exact(">>> ")
-    child.sendline("What is 2+2? Answer with just the number.")
-    child.expect("4")
-    child.expect(r"tokens per target call")
-    child.expect_exact(">>> ")
-    child.sendline("/exit")
-    child.expect(pexpect.EOF)
-    child.close()
+    with spawn_chat("qwen2.5-coder-1.5b-instruct", "-t", "0", "-n", "400", home=REAL_STORE.root) as child:
+        child.expect_exact(">>> ")
+        child.sendline("Write a long essay on the history of computing.")
+        child.expect(r"\w+ \w+ \w+")  # the reply is streaming
+        child.sendintr()
+        child.expect("stopped")
+        child.expect_exact(">>> ")
+        child.sendline("What is 2+2? Answer with just the number.")
+        child.expect("4")
+        child.expect(r"tokens per target call")
+        child.expect_exact(">>> ")
+        child.sendline("/exit")
+        child.expect(pexpect.EOF)
+        child.close()
     assert child.exitstatus == 0

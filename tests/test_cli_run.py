@@ -7,12 +7,14 @@ import os
 import signal
 import subprocess
 import sys
-import time
+from contextlib import nullcontext
 from pathlib import Path
 
+import pytest
 from typer.testing import CliRunner
 
 from specrun.cli import app
+from tests import processes
 
 runner = CliRunner()
 SPECRUN = [sys.executable, "-m", "specrun"]
@@ -114,21 +116,25 @@ def _env() -> dict[str, str]:
 
 def test_pipe_into_head_ends_quietly(tiny_model: Path) -> None:
     """The reader goes away mid-stream: no traceback, generation stops."""
-    proc = subprocess.run(
+    proc = processes.run(
         f"{' '.join(SPECRUN)} run {tiny_model} 'hello' -n 2000 --ctx 2048 -t 1 | head -c 1",
-        shell=True, capture_output=True, env=_env(), executable="/bin/bash",
+        shell=True, capture_output=True, env=_env(), executable="/bin/bash", timeout=120,
     )
     assert proc.returncode == 0 and len(proc.stdout) == 1
     assert b"Traceback" not in proc.stderr and b"Broken pipe" not in proc.stderr, proc.stderr
 
 
-def test_ctrl_c_ends_cleanly(tiny_model: Path) -> None:
-    """SIGINT while specrun waits for its prompt on stdin: exit 130, one line, no traceback."""
-    proc = subprocess.Popen([*SPECRUN, "run", str(tiny_model)], stdin=subprocess.PIPE,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=_env())
-    time.sleep(1.5)
-    proc.send_signal(signal.SIGINT)
-    stdout, stderr = proc.communicate(timeout=20)
+@pytest.mark.parametrize("runner", ["as started", "ignoring SIGINT"])
+def test_ctrl_c_ends_cleanly(tiny_model: Path, runner: str) -> None:
+    """SIGINT while specrun waits for its prompt on stdin: exit 130, one line, no traceback.
+    Also from a runner that ignores SIGINT (a background job of a non-interactive shell):
+    its children inherited that, and this waited out its timeout."""
+    with processes.ignoring_sigint() if runner == "ignoring SIGINT" else nullcontext():
+        with processes.spawned([*SPECRUN, "run", str(tiny_model)], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                               stderr=subprocess.PIPE, text=True, env=_env()) as proc:
+            processes.wait_until_reading(proc, fd=0)
+            proc.send_signal(signal.SIGINT)
+            stdout, stderr = proc.communicate(timeout=60)  # only so that a hang ends; it takes well under a second
     assert proc.returncode == 130, stderr
     assert stdout == "" and "Traceback" not in stderr and "interrupted" in stderr
 
@@ -184,8 +190,8 @@ def test_a_budget_beyond_what_llama_cpp_verifies_is_the_engine_s_one_line_error(
 
 
 def test_bytes_that_are_not_utf8_on_stdin_are_replaced_not_a_crash(tiny_model: Path) -> None:
-    done = subprocess.run([*SPECRUN, "run", str(tiny_model), "-n", "4", "-t", "0", "--json"],
-                          input=b"\xff\xfe def f(", capture_output=True, timeout=120)
+    done = processes.run([*SPECRUN, "run", str(tiny_model), "-n", "4", "-t", "0", "--json"],
+                         input=b"\xff\xfe def f(", capture_output=True, timeout=120)
     assert done.returncode == 0, done.stderr.decode()
     assert b"Traceback" not in done.stderr
     data = json.loads(done.stdout)
@@ -193,15 +199,15 @@ def test_bytes_that_are_not_utf8_on_stdin_are_replaced_not_a_crash(tiny_model: P
     # The same as the prompt with U+FFFD for each bad byte, which is what the user sees in an editor.
     same = invoke("run", str(tiny_model), "\ufffd\ufffd def f(", "-n", "4", "-t", "0", "--json")
     assert json.loads(same.stdout)["text"] == data["text"]
-    argv = subprocess.run([*SPECRUN, "run", str(tiny_model), b"\xff def f(", "-n", "2", "--json"],
-                          capture_output=True, timeout=120)  # argv bytes arrive as lone surrogates
+    argv = processes.run([*SPECRUN, "run", str(tiny_model), b"\xff def f(", "-n", "2", "--json"],
+                         capture_output=True, timeout=120)  # argv bytes arrive as lone surrogates
     assert argv.returncode == 0 and b"Traceback" not in argv.stderr, argv.stderr.decode()
 
 
 def test_a_tiny_context_is_not_a_crash(tiny_model: Path) -> None:
     """--ctx 16 aborted the process inside llama.cpp (GGML_ASSERT, exit 134)."""
-    done = subprocess.run([*SPECRUN, "run", str(tiny_model), "hello", "--ctx", "16", "-n", "300", "-t", "0"],
-                          capture_output=True, text=True, timeout=120)
+    done = processes.run([*SPECRUN, "run", str(tiny_model), "hello", "--ctx", "16", "-n", "300", "-t", "0"],
+                         capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Traceback" not in done.stderr and "GGML_ASSERT" not in done.stderr
     assert done.stdout
