@@ -16,6 +16,7 @@ import pytest
 from specrun.bench import DEFAULT_MODES, MODES, parse_modes
 from specrun.workloads import load_workload
 from specrun.errors import UsageError
+from tests import processes
 from tests.conftest import REAL_STORE
 
 SPECRUN = [sys.executable, "-m", "specrun"]
@@ -26,8 +27,8 @@ MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "to
 
 
 def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(SPECRUN + list(args), capture_output=True, text=True, timeout=600,
-                          env={**os.environ, "NO_COLOR": "1", **(env or {})})
+    return processes.run(SPECRUN + list(args), capture_output=True, text=True, timeout=600,
+                         env={**os.environ, "NO_COLOR": "1", **(env or {})})
 
 
 def test_builtin_workloads() -> None:

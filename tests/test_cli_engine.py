@@ -25,6 +25,7 @@ from specrun.cli import options as O
 from specrun.engines import Placement, engine_for, open_engine
 from specrun.errors import UsageError
 from specrun.gguf_file import read_gguf
+from tests import processes
 from tests.tiny_hf import build_tiny_hf
 from tests.test_cli_run import assert_one_line_error, invoke
 
@@ -91,8 +92,8 @@ def fake_torch(monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
 def cli(*args: str, code: str | None = None) -> subprocess.CompletedProcess[str]:
     """specrun in a subprocess (a fresh interpreter: what is imported there is the CLI's doing)."""
     argv = [sys.executable, "-c", code, *args] if code else [sys.executable, "-m", "specrun", *args]
-    return subprocess.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
-                          env={**os.environ, "NO_COLOR": "1"})
+    return processes.run(argv, capture_output=True, text=True, timeout=300, cwd=ROOT,
+                         env={**os.environ, "NO_COLOR": "1"})
 
 
 # --- which engine ------------------------------------------------------------------------------
@@ -231,8 +232,8 @@ def test_the_llama_cpp_path_never_imports_torch(tiny_model: Path) -> None:
             "r = CliRunner().invoke(app, sys.argv[1:]); assert r.exit_code == 0, r.output; "
             "print('torch imported' if 'torch' in sys.modules else 'no torch')")
     for args in (["run", str(tiny_model), "hi", "-n", "4", "-t", "0"], ["info", str(tiny_model), "--json"]):
-        done = subprocess.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
-                              cwd=ROOT)
+        done = processes.run([sys.executable, "-c", code, *args], capture_output=True, text=True, timeout=300,
+                             cwd=ROOT)
         assert done.returncode == 0 and done.stdout.strip().endswith("no torch"), done.stdout + done.stderr
 
 

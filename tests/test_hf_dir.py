@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import shutil
-import subprocess
 import sys
 from pathlib import Path
 
@@ -23,6 +22,7 @@ from specrun.engines.torch_engine.safetensors import (Bnb4bitLinear, Bnb8bitLine
 from specrun.engines.torch_engine.weights import DenseEmbedding, DenseLinear  # noqa: E402
 from specrun.errors import EngineError, ModelFileError  # noqa: E402
 from specrun.model_dir import chat_template, open_model_dir  # noqa: E402
+from tests import processes  # noqa: E402
 from tests.tiny_hf import (TinyHfSpec, build_gguf_twin, build_tiny_hf, permute, read_weights,  # noqa: E402
                            reference_logits)
 
@@ -377,7 +377,7 @@ def test_bitsandbytes_imports_quietly_from_the_repo_root() -> None:
     code = ("import sys; from specrun.engines.torch_engine.safetensors import import_bitsandbytes; "
             "import_bitsandbytes(); import specrun.kernels; print('kernels' in sys.modules)")
     root = Path(__file__).resolve().parents[1]
-    done = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
+    done = processes.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, timeout=120)
     assert done.returncode == 0, done.stderr
     assert "Failed to load" not in done.stderr and "kernels" not in done.stderr, done.stderr
     assert done.stdout.strip() == "False"

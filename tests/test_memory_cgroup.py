@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from specrun.memory_cgroup import CgroupUnavailable, ChildCgroup
+from tests import processes
 from tests.conftest import DEFAULT_TARGET, REAL_STORE
 
 MIB = 1 << 20
@@ -61,18 +62,16 @@ def test_bench_runs_every_mode_inside_the_limit_and_reports_its_peak(tiny_model:
     base = [sys.executable, "-m", "specrun", "bench", str(tiny_model), "--draft", str(tiny_model), "--n-prompts", "2",
             "-n", "8"]
     env = {**os.environ, "NO_COLOR": "1"}
-    import subprocess
-
-    done = subprocess.run([*base, "--modes", "plain,auto,lcp-plain", "--memory-limit", "600M", "--json", str(out)],
-                          capture_output=True, text=True, timeout=600, env=env)
+    done = processes.run([*base, "--modes", "plain,auto,lcp-plain", "--memory-limit", "600M", "--json", str(out)],
+                         capture_output=True, text=True, timeout=600, env=env)
     assert done.returncode == 0, done.stderr
     data = json.loads(out.read_text())
     assert data["memory_limit"] == 600 * MIB
     for mode in data["modes"]:
         assert 0 < mode["peak_bytes"] <= 600 * MIB and mode["failed"] == 0 and mode["tokens_per_s"] > 0
     assert "peak memory" in done.stdout and "inside 600 MiB each" in done.stdout
-    nothing = subprocess.run([*base, "--modes", "plain,auto", "--memory-limit", "100M"], capture_output=True, text=True,
-                             timeout=600, env=env)
+    nothing = processes.run([*base, "--modes", "plain,auto", "--memory-limit", "100M"], capture_output=True, text=True,
+                            timeout=600, env=env)
     assert nothing.returncode == 2 and nothing.stdout == ""
     errors = [line for line in nothing.stderr.splitlines() if line.startswith(("error:", "hint:"))]
     assert len(errors) == 2 and "cannot run in the memory specrun may use" in errors[0] and "Traceback" not in nothing.stderr

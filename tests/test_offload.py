@@ -33,6 +33,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
+from tests import processes
 from tests.tiny_model import TinySpec, build_tiny_model, quantize_model
 
 SPEC = TinySpec(n_embd=256, n_ff=512, n_layers=4, n_head=4, n_head_kv=2, arch="qwen2", scale=2.0)
@@ -493,8 +494,8 @@ def specrun(*args: str) -> "subprocess.CompletedProcess[str]":
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-m", "specrun", *args], capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "NO_COLOR": "1"})
+    return processes.run([sys.executable, "-m", "specrun", *args], capture_output=True, text=True, timeout=300,
+                         env={**os.environ, "NO_COLOR": "1"})
 
 
 def test_run_streams_from_disk_and_reports_what_it_read(models: dict[str, Path]) -> None:

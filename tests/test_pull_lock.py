@@ -12,12 +12,14 @@ import hashlib
 import subprocess
 import sys
 import time
+from contextlib import AbstractContextManager
 from pathlib import Path
 
 from specrun.catalog import HfSource, ModelEntry
 from specrun.pulls import pull
 from specrun.store import Store
 
+from tests import processes
 from tests.hub_server import HubServer
 
 REPO = "tiny-org/tiny-model-GGUF"
@@ -65,11 +67,12 @@ def entry(digest: str, name: str = "tiny") -> ModelEntry:
                       sources=(HfSource(REPO, FILE),))
 
 
-def start_pull(store: Store, digest: str, flags: Path, hold: str) -> subprocess.Popen[str]:
-    """`specrun pull` of tiny in another process (huggingface-hub finds the hub through the environment)."""
+def start_pull(store: Store, digest: str, flags: Path, hold: str) -> AbstractContextManager[subprocess.Popen[str]]:
+    """`specrun pull` of tiny in another process (huggingface-hub finds the hub through the
+    environment), killed when the test ends: one holding "forever" must not outlive a failure."""
     args = [str(store.root), "tiny", REPO, FILE, digest, str(flags), hold]
-    return subprocess.Popen([sys.executable, "-c", PULL, *args], cwd=ROOT, text=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    return processes.spawned([sys.executable, "-c", PULL, *args], cwd=ROOT, text=True,
+                             stdout=subprocess.PIPE, stderr=subprocess.PIPE)
 
 
 def wait_for(path: Path, proc: subprocess.Popen[str], seconds: float = 30) -> None:
@@ -99,10 +102,10 @@ def test_two_pulls_of_one_model_at_once_download_it_once(hub: HubServer, tmp_pat
     store, flags = Store(tmp_path / "store"), tmp_path / "flags"
     flags.mkdir()
 
-    first = start_pull(store, digest, flags, hold="until-waited")
-    wait_for(flags / "started", first)  # the first holds the lock, its staging folder in tmp/
-    second = start_pull(store, digest, flags, hold="no")
-    results = [p.communicate(timeout=60) for p in (first, second)]
+    with start_pull(store, digest, flags, hold="until-waited") as first:
+        wait_for(flags / "started", first)  # the first holds the lock, its staging folder in tmp/
+        with start_pull(store, digest, flags, hold="no") as second:
+            results = [p.communicate(timeout=60) for p in (first, second)]
 
     for proc, (out, err) in zip((first, second), results):
         assert proc.returncode == 0, err
@@ -120,10 +123,10 @@ def test_leftovers_of_a_killed_pull_are_cleared_by_the_next(hub: HubServer, tmp_
     digest = hub.add(REPO, FILE, DATA)
     store, flags = Store(tmp_path / "store"), tmp_path / "flags"
     flags.mkdir()
-    killed = start_pull(store, digest, flags, hold="forever")
-    wait_for(flags / "started", killed)
-    killed.kill()  # like kill -9: no cleanup runs, its lock goes with the process
-    killed.communicate(timeout=30)
+    with start_pull(store, digest, flags, hold="forever") as killed:
+        wait_for(flags / "started", killed)
+        killed.kill()  # like kill -9: no cleanup runs, its lock goes with the process
+        killed.communicate(timeout=30)
     tmp = store.root / "tmp"
     assert [p.name.startswith("tiny.") for p in tmp.iterdir()] == [True]  # its staging folder, left behind
     other = tmp / "tiny.v2.abcd1234"  # a pull of another model, "tiny.v2", still running
