@@ -17,7 +17,7 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Iterator
+from typing import Callable, Iterator
 
 from specrun.engines.base import Cache, Engine, Logits, Transfer, common_prefix
 from specrun.errors import UsageError
@@ -151,12 +151,14 @@ class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards.
 
     `cache` (one of the engine's) is brought to the prompt first, keeping what it already
-    holds of it (an earlier turn of a conversation), so a chat re-evaluates only its new tokens."""
+    holds of it (an earlier turn of a conversation), so a chat re-evaluates only its new tokens.
+    `clock` times the steps (tests pass a fake one)."""
 
     def __init__(self, engine: Engine, cache: Cache, prompt: list[int], config: GenerationConfig,
-                 speculator: Speculator | None = None) -> None:
+                 speculator: Speculator | None = None, *, clock: Callable[[], float] = time.perf_counter) -> None:
         check_prompt(prompt, cache.n_ctx)
         self.engine, self.cache, self.prompt, self.config, self.speculator = engine, cache, prompt, config, speculator
+        self.clock = clock
         self.stats = GenerationStats(prompt_tokens=len(prompt), generations=1)
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -171,7 +173,7 @@ class Generation:
         draw = drawer(cfg.sampling)
         stats.stop_reason = "interrupted"  # until the loop ends by itself
         transfer_start = engine.transfer()
-        t0 = time.perf_counter()
+        t0 = self.clock()
         stats.reused_tokens = min(common_prefix(cache.tokens, self.prompt), len(self.prompt) - 1)
         if cfg.overlap and self.speculator is not None:  # the draft's prefill during the target's
             job = engine.submit_sync(cache, self.prompt)
@@ -180,7 +182,7 @@ class Generation:
         else:
             prefilled = engine.sync(cache, self.prompt)
         pending = draw(prefilled, 0)
-        stats.prefill_s = time.perf_counter() - t0
+        stats.prefill_s = self.clock() - t0
         stats.target_calls = 1  # the prefill drew the first token
         committed, done = self._commit([pending])
         if committed:  # shown now, not after the next pass
@@ -189,7 +191,7 @@ class Generation:
             if cache.kv_len + 1 > cache.n_ctx:
                 done = "context"  # no room left to evaluate the pending token
                 break
-            t_step = time.perf_counter()
+            t_step = self.clock()
             # Room below the root: in the cache (a node per cell) and in the token budget.
             cells = cache.n_ctx - cache.kv_len
             max_depth = min(cells - 1, cfg.max_tokens - stats.generated_tokens)
@@ -202,7 +204,7 @@ class Generation:
                     raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
                                        f"not at the pending token {pending}")
             reused = proposal.reused if proposal is not None else None
-            t_draft = time.perf_counter()
+            t_draft = self.clock()
             logits: Logits
             parallel = 0.0
             if len(tree) == 1:
@@ -216,7 +218,7 @@ class Generation:
             path, pending = walk(tree, logits, draw)
             if len(tree) > 1:
                 engine.commit_path(cache, path)
-            t_end = time.perf_counter()
+            t_end = self.clock()
             if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
                 alone = len(tree) == 1 or not cfg.overlap  # model must drop its draft; nothing drafted beside
                 self.speculator.observe(proposal, path, t_end - t_step, t_end - t_draft if alone else None)
@@ -231,7 +233,7 @@ class Generation:
             stats.parallel_s += parallel
             stats.prepared_used += reused is True
             stats.prepared_dropped += reused is False
-            wall = time.perf_counter() - t_step
+            wall = self.clock() - t_step
             stats.decode_s += wall
             self._count_transfer(transfer_start)
             yield self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),

@@ -215,10 +215,13 @@ class ModelDrafter:
 
     costly = True  # a draft model pass per tree level
 
-    def __init__(self, draft: DraftModel, config: ModelDraftConfig = ModelDraftConfig()) -> None:
+    def __init__(self, draft: DraftModel, config: ModelDraftConfig = ModelDraftConfig(), *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.model, self.engine, self.cache, self.config = draft, draft.engine, draft.cache, config
+        self.clock = clock  # times drafts and draft calls (tests pass a fake one)
         # Its searches' node i is the engine's tree node i - 1 (the root is the cache's last token).
-        self.preparation = Preparation(lambda nodes: self.engine.commit_path(self.cache, [i - 1 for i in nodes]))
+        self.preparation = Preparation(lambda nodes: self.engine.commit_path(self.cache, [i - 1 for i in nodes]),
+                                       clock=clock)
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
         catch_up_s = 0.0  # prefilling a new prompt (not a step's few tokens)
@@ -231,10 +234,10 @@ class ModelDrafter:
             search = _Search(self.model, context, self.config.sized(max_nodes, depth), depth)
             if max_nodes > 1 and depth > 0:
                 behind = len(context) - common_prefix(self.cache.tokens, context)
-                t_start = time.perf_counter()
+                t_start = self.clock()
                 search.start()
                 if behind > max_depth + 1:  # more than a step accepts: a new prompt's prefill
-                    catch_up_s = time.perf_counter() - t_start
+                    catch_up_s = self.clock() - t_start
         else:  # grown below the target's outcome already: on with a fresh draft's limits
             levels = max(search.tree.depths)
             depth = min(max_depth, self.cache.n_ctx - len(context))
@@ -256,11 +259,11 @@ class ModelDrafter:
         """Prefill the draft's cache with `context`, after settling what the last generation
         left prepared (its tree would not survive the prefill): the first draft then
         evaluates its root alone."""
-        t0 = time.perf_counter()
+        t0 = self.clock()
         self.preparation.resume(None)
         if context and common_prefix(self.cache.tokens, context) < len(context):
             self.engine.sync(self.cache, context)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return self.preparation.prepare(until, deadline, self.cache.n_ctx)

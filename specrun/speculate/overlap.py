@@ -104,10 +104,12 @@ class Preparation:
     after a prepared pass waits for the next draft (`resume`) to learn the target's own next
     token too: if the search evaluated that outcome it is re-rooted there and drafting goes on
     from it, else what it can keep of the accepted tokens is committed and it is dropped.
-    `commit(nodes)` commits the search's nodes (a path from below its root) in the draft cache."""
+    `commit(nodes)` commits the search's nodes (a path from below its root) in the draft cache;
+    `clock` times the draft calls (tests pass a fake one)."""
 
-    def __init__(self, commit: Callable[[list[int]], None]) -> None:
+    def __init__(self, commit: Callable[[list[int]], None], *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.commit = commit
+        self.clock = clock
         self.search: Search | None = None
         self._prepared = False  # `prepare` ran since the last draft: its outcome is worth keeping
         self._accepted: list[int] | None = None  # what the target accepted of a prepared search
@@ -120,7 +122,7 @@ class Preparation:
     def prepare(self, until: Callable[[], bool], deadline: float | None, n_ctx: int) -> float:
         """Grow the last draft's tree until `until()` (the target's pass is back), nothing
         likely enough is left, or no call fits before `deadline`; the seconds it drafted."""
-        search, t0 = self.search, time.perf_counter()
+        search, t0 = self.search, self.clock()
         if search is None or search.busy or not search.started or self._accepted is not None:
             return 0.0
         self._prepared = True
@@ -130,18 +132,18 @@ class Preparation:
         while not until():
             width = search.cfg.nodes_per_pass
             if deadline is not None:
-                left = deadline - time.perf_counter()
+                left = deadline - self.clock()
                 while width > 1 and self._call_seconds(width) > left:
                     width //= 2  # a narrower call that ends in time
                 if self._call_seconds(width) > left:
                     break  # the step would wait for it: what the outcome needs is drafted after
-            t_call = time.perf_counter()
+            t_call = self.clock()
             grown = search.grow(None, width)
             if not grown:
                 break
-            seconds, before = time.perf_counter() - t_call, self._call_s.get(grown)
+            seconds, before = self.clock() - t_call, self._call_s.get(grown)
             self._call_s[grown] = seconds if before is None else before + 0.3 * (seconds - before)
-        return time.perf_counter() - t0
+        return self.clock() - t0
 
     def _call_seconds(self, width: int) -> float:
         """A draft call's expected seconds over `width` nodes while the target works, as

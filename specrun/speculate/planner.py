@@ -284,8 +284,10 @@ class PlannedSpeculator:
     Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
 
     def __init__(self, name: str, drafter: Drafter, cost: PassCost | None, stats: AcceptanceStats,
-                 max_nodes: int = 32, max_depth: int = 16, step_cost: StepCost | None = None) -> None:
+                 max_nodes: int = 32, max_depth: int = 16, step_cost: StepCost | None = None, *,
+                 clock: Callable[[], float] = time.perf_counter) -> None:
         self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
+        self.clock = clock  # times drafting (tests pass a fake one; a drafter's own must be the same)
         self.max_nodes, self.max_depth = max_nodes, max_depth
         # What the plan maximises over: `step_cost` (shared, kept with the calibration), else learnt here.
         self.step_cost = step_cost if step_cost is not None else StepCost(cost) if cost is not None else None
@@ -319,9 +321,9 @@ class PlannedSpeculator:
             self._resting -= 1
             return Proposal(DraftTree.rooted(context[-1]), [("root",)], skipped=True, source=self)
         limit = min(self._candidates, max_nodes, self.cost.max_size)
-        t0 = time.perf_counter()
+        t0 = self.clock()
         draft = self.drafter.draft(context, limit, max_depth)
-        drafting_s = time.perf_counter() - t0 - draft.catch_up_s
+        drafting_s = self.clock() - t0 - draft.catch_up_s
         assert self.step_cost is not None
         chances = node_chances(draft.tree, draft.keys, self.stats)
         keep = best_subtree(chances, self.step_cost)
@@ -359,7 +361,7 @@ class PlannedSpeculator:
             return 0.0
         # When the pass is expected back: its calibrated cost, measured with no draft beside it
         # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
-        deadline = time.perf_counter() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
+        deadline = self.clock() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
         return self.drafter.prepare(until, deadline)
 
     def expected_tokens(self, proposal: Proposal) -> float:
