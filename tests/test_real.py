@@ -51,7 +51,7 @@ def test_json_reports_counts_and_greedy_is_deterministic(real_pair: dict[str, Pa
     args = ["run", DEFAULT_TARGET, "def add(a, b):", "-t", "0", "-n", "16", "--json"]
     first, second = json.loads(_run(args).stdout), json.loads(_run(args).stdout)
     assert first["text"] == second["text"] and first["generated_tokens"] == 16
-    assert 3 <= first["prompt_tokens"] <= 8 and first["timings"]["tokens_per_s"] > 1
+    assert 3 <= first["prompt_tokens"] <= 8 and first["timings"]["tokens_per_s"] > 0  # timed; how fast is bench's
 
 
 def test_draft_model_runs(real_pair: dict[str, Path]) -> None:
