@@ -2,8 +2,10 @@
 
 f32 models make the engine tests fast and exact; a Q4_0 variant exercises
 llama.cpp's quantized matmul paths, which is what crashes a mis-built
-llama-cpp-python (see PLATFORM.md), so `python tests/tiny_model.py --smoke`
-doubles as the install script's post-build check.
+llama-cpp-python (a native build on a CPU advertising AMX died with SIGSEGV in
+llama.cpp's AMX matmul on its first decode; that path runs only for quantized
+matrices, so f32 models decoded fine on the same build), so
+`python tests/tiny_model.py --smoke` doubles as the install script's post-build check.
 """
 
 from __future__ import annotations

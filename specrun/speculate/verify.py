@@ -11,9 +11,11 @@ from the target's distribution conditioned on exactly the tokens before it, in
 the same order plain decoding draws them; the draft only decides how many of
 those conditionals were computed in the same forward pass. A wrong draft costs
 time, never correctness. With the same seed, speculative and plain decoding
-therefore emit the same tokens (up to float differences between a batched and
-a single-token forward pass, see PLATFORM.md). Greedy is the temperature-0
-case: the draw is the argmax.
+therefore emit the same tokens, up to float differences between a batched and
+a single-token forward pass: a token's logits computed inside a batch can differ
+slightly from the same token's computed alone (llama.cpp's do), which can flip a
+near-tie between the two likeliest tokens. Greedy is the temperature-0 case: the
+draw is the argmax.
 """
 
 from __future__ import annotations
