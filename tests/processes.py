@@ -24,13 +24,18 @@ from typing import IO, TYPE_CHECKING, Any, Iterator, Sequence
 if TYPE_CHECKING:
     import pexpect
 
+# Seconds after which a child counts as hung rather than slow, for the real models: their
+# runs took minutes each while other work kept the 2 cores busy (a cost curve measured
+# again per run included), and a limit here only has to end a hang, never to time a run.
+HANG = 900
+
 
 def default_sigint() -> None:
     """preexec_fn: the child reacts to Ctrl-C as from a terminal, whatever its parent ignores."""
     signal.signal(signal.SIGINT, signal.SIG_DFL)
 
 
-def run(argv: str | Sequence[str | bytes], *, timeout: float = 300, **kwargs: Any) -> subprocess.CompletedProcess:
+def run(argv: str | Sequence[str | bytes], *, timeout: float = HANG, **kwargs: Any) -> subprocess.CompletedProcess:
     """`subprocess.run` with the default SIGINT and always a timeout (on which it kills and reaps the child)."""
     return subprocess.run(argv, preexec_fn=default_sigint, timeout=timeout, **kwargs)
 

@@ -26,7 +26,7 @@ def _env() -> dict[str, str]:
 
 
 def _run(args: list[str], stdin: str | None = None) -> subprocess.CompletedProcess[str]:
-    return processes.run([*SPECRUN, *args], input=stdin, capture_output=True, text=True, env=_env(), timeout=300)
+    return processes.run([*SPECRUN, *args], input=stdin, capture_output=True, text=True, env=_env())
 
 
 def test_pair_headers_match_the_catalog(real_pair: dict[str, Path]) -> None:
@@ -67,7 +67,7 @@ def test_ctrl_c_during_generation(real_pair: dict[str, Path]) -> None:
                               stdin=subprocess.DEVNULL, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
                               env=_env()) as proc:
         assert proc.stdout is not None
-        processes.read_some(proc.stdout, timeout=300)  # generation has started (loading may calibrate first)
+        processes.read_some(proc.stdout, timeout=processes.HANG)  # generation has started (loading may calibrate)
         proc.send_signal(signal.SIGINT)
         _, stderr = proc.communicate(timeout=60)  # only so that a hang ends: it stops after the current step
     assert proc.returncode == 130, stderr
