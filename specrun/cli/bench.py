@@ -35,9 +35,9 @@ def bench(
     n_prompts: Optional[int] = typer.Option(10, "--n-prompts", min=1, help="Prompts from the workload."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens per run."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Rounds over the prompts."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = O.TOP_P,
-    seed: Optional[int] = typer.Option(0, "--seed", help="Sampling seed."),
+    seed: Optional[int] = typer.Option(0, "--seed", min=0, help="Sampling seed."),
     modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, auto-seq, "
                               "tree-seq (the same without overlap), tree:BxD (a fixed tree of B nodes, D deep), "
                               "lcp-lookup, lcp-plain (llama-cpp-python). "
@@ -63,7 +63,7 @@ def bench(
                                              "needs matplotlib)."),
 ) -> None:
     """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
-    O.check_sampling(top_p)
+    O.check_sampling(top_p, temperature)
     O.check_draft_flags(draft, no_draft)
     O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,

@@ -11,8 +11,9 @@ import functools
 import io
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,6 +35,34 @@ def print_error(e: SpecrunError) -> None:
     err.print(f"[bold red]error:[/] {escape(e.message)}")
     if e.hint:
         err.print(f"[dim]hint: {escape(e.hint)}[/]")
+
+
+def usage_error(e: Exception) -> UsageError:
+    """Click's complaint about the command line (a bad option value, a missing argument, an
+    unknown option or command) in specrun's words, without the usage block."""
+    param = getattr(e, "param", None)
+    opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or getattr(param, "opts", [])
+    message = str(getattr(e, "message", "") or e).strip().rstrip(".")
+    if param is not None and opts and message and type(e).__name__ != "MissingParameter":
+        message = f"invalid value for {opts[0]}: {message.replace('Input should be', 'it must be')}"
+    else:
+        message = e.format_message().strip().rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "specrun --help"
+    return UsageError(message[:1].lower() + message[1:], hint=f"`{where}` lists the options and what they take")
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn Click's usage errors into one `error:` line and a hint, exit 2; help asked for by
+    giving no arguments stays help."""
+    try:
+        yield
+    except Exception as e:
+        if not any(c.__name__ == "UsageError" for c in type(e).__mro__) or type(e).__name__ == "NoArgsIsHelpError":
+            raise
+        print_error(usage_error(e))
+        raise typer.Exit(UsageError.exit_code) from None
 
 
 def friendly(fn: F) -> F:

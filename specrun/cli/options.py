@@ -11,8 +11,10 @@ from specrun.engines import DEVICES, ENGINES, OFFLOADS, QUANTS, Placement
 from specrun.errors import UsageError
 from specrun.speculate.factory import MODEL_MODES, OVERLAPS, SPEC_MODES, SpecConfig
 
-TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
-SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+# Float options are checked by check_sampling, not by ranges here: Click's check lets nan
+# through to a message about ranges (nan compares false), and inf through altogether.
+TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (0 to 1).")
+SEED = typer.Option(None, "--seed", min=0, help="Sampling seed (default: random).")
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the target (default: all cores).")
 GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Target layers on the GPU (-1 = all).")
 DRAFT_THREADS = typer.Option(None, "--draft-threads", min=1, help="CPU threads for the draft model "
@@ -67,9 +69,19 @@ def check_draft_flags(draft: str | None, no_draft: bool) -> None:
         raise UsageError("--draft and --no-draft contradict each other")
 
 
-def check_sampling(top_p: float) -> None:
-    if top_p <= 0:
-        raise UsageError("--top-p must be greater than 0")
+def check_sampling(top_p: float, temperature: float = 0.0) -> None:
+    """--temperature 0 or more and --top-p above 0 up to 1, both finite: nan sampled nothing
+    and inf sampled uniformly random tokens."""
+    for flag, value, example in (("--temperature", temperature, "0.7 (0 = greedy)"), ("--top-p", top_p, "0.95")):
+        if math.isnan(value):
+            raise UsageError(f"{flag} takes a number, and nan is not a number", hint=f"e.g. {flag} {example}")
+        if math.isinf(value):
+            raise UsageError(f"{flag} must be finite, not {value}", hint=f"e.g. {flag} {example}")
+    if temperature < 0:
+        raise UsageError(f"--temperature must be 0 (greedy) or more, not {temperature}", hint="e.g. --temperature 0.7")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be greater than 0 and at most 1, not {top_p}",
+                         hint="1 keeps every token; 0.9 the likeliest tokens holding 90 percent of the mass")
 
 
 def parse_size(text: Optional[str], flag: str) -> Optional[int]:

@@ -42,7 +42,7 @@ def run(
     model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file."),
     prompt: Optional[str] = typer.Argument(None, help="Prompt text (appended to stdin when piped)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_p: float = O.TOP_P,
     seed: Optional[int] = O.SEED,
     threads: Optional[int] = O.THREADS,
@@ -67,7 +67,7 @@ def run(
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
-    O.check_sampling(top_p)
+    O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)

@@ -1,0 +1,51 @@
+"""The bad-input suite: what a new user typed or had, and specrun answered with a traceback,
+a usage block or silence. Each answer is now one `error:` line (plus a `hint:`), or the run
+goes on with one warning."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from tests.test_cli_run import assert_one_line_error, invoke
+
+BAD_VALUES = [
+    (("--depth", "0"), "--depth"), (("--depth", "1000"), "--depth"), (("--ctx", "0"), "--ctx"),
+    (("-n", "-1"), "--max-tokens"), (("-t", "-1"), "--temperature"), (("--top-p", "2"), "--top-p"),
+    (("--threads", "0"), "--threads"), (("--seed", "abc"), "--seed"), (("--seed", "-1"), "--seed"),
+    (("--gpu-layers", "-5"), "--gpu-layers"), (("--draft-threads", "x"), "--draft-threads"),
+]
+
+
+@pytest.mark.parametrize("args,flag", BAD_VALUES)
+def test_a_bad_option_value_is_one_line_and_exit_2(tiny_model: Path, args: tuple[str, ...], flag: str) -> None:
+    """Click's four-line usage block (and numpy's 56-line traceback for --seed -1) before."""
+    result = invoke("run", str(tiny_model), "hi", *args)
+    assert_one_line_error(result, 2, flag)
+    assert "Usage:" not in result.stderr and len(result.stderr.strip().splitlines()) == 2  # with a hint
+
+
+@pytest.mark.parametrize("command", [("chat",), ("bench",), ("calibrate",), ("info",)])
+def test_every_command_answers_bad_values_alike(tiny_model: Path, command: tuple[str, ...]) -> None:
+    flag = "--gpu-layers" if command[0] == "info" else "--threads"
+    assert_one_line_error(invoke(*command, str(tiny_model), flag, "-7"), 2, flag)
+    assert_one_line_error(invoke(*command, str(tiny_model), "--no-such-flag"), 2, "no such option")
+
+
+def test_bench_n_prompts_and_unknown_commands(tiny_model: Path) -> None:
+    assert_one_line_error(invoke("bench", str(tiny_model), "--n-prompts", "0"), 2, "--n-prompts")
+    assert_one_line_error(invoke("runn", "x"), 2, "no such command")
+    assert_one_line_error(invoke("run"), 2, "missing argument")
+    assert "Usage:" in invoke().stderr  # no arguments at all: still the help
+
+
+@pytest.mark.parametrize("value,needle", [("nan", "not a number"), ("inf", "finite"), ("-inf", "finite")])
+def test_non_finite_sampling_values_are_refused(tiny_model: Path, value: str, needle: str) -> None:
+    """-t nan was 'greater than or equal to 0'; -t inf was accepted and printed random tokens."""
+    for flag in ("-t", "--top-p"):
+        result = invoke("run", str(tiny_model), "hi", flag, value)
+        assert_one_line_error(result, 2, needle)
+    assert_one_line_error(invoke("chat", str(tiny_model), "-t", value), 2, needle)
+    assert_one_line_error(invoke("bench", str(tiny_model), "-t", value), 2, needle)
+
