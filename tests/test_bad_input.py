@@ -4,6 +4,7 @@ goes on with one warning."""
 
 from __future__ import annotations
 
+import os
 from pathlib import Path
 
 import pytest
@@ -48,4 +49,26 @@ def test_non_finite_sampling_values_are_refused(tiny_model: Path, value: str, ne
         assert_one_line_error(result, 2, needle)
     assert_one_line_error(invoke("chat", str(tiny_model), "-t", value), 2, needle)
     assert_one_line_error(invoke("bench", str(tiny_model), "-t", value), 2, needle)
+
+
+def test_threads_far_beyond_the_cores_are_refused(tiny_model: Path) -> None:
+    """--threads 1000 on 2 cores made the first calibration take minutes."""
+    too_many = str(4 * (os.cpu_count() or 1) + 1)
+    assert_one_line_error(invoke("run", str(tiny_model), "hi", "--threads", too_many), 2, "--threads")
+    assert_one_line_error(invoke("run", str(tiny_model), "hi", "--draft-threads", too_many), 2, "--draft-threads")
+    assert_one_line_error(invoke("calibrate", str(tiny_model), "--threads", too_many), 2, "--threads")
+
+
+def test_more_ram_than_the_machine_has_is_refused(tiny_model: Path) -> None:
+    assert_one_line_error(invoke("run", str(tiny_model), "hi", "--ram", "1e30"), 2, "RAM")
+    assert_one_line_error(invoke("info", str(tiny_model), "--ram", "100000T"), 2, "RAM")
+
+
+def test_gpu_memory_without_a_gpu_is_an_error_as_device_cuda_is(tiny_model: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    torch = pytest.importorskip("torch")
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert_one_line_error(invoke("run", str(tiny_model), "hi", "--gpu-memory", "20G"), 2, "no CUDA device")
+    assert_one_line_error(invoke("run", str(tiny_model), "hi", "--gpu-memory", "20G", "--device", "cpu"), 2,
+                          "--gpu-memory")
 
