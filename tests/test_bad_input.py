@@ -5,11 +5,12 @@ goes on with one warning."""
 from __future__ import annotations
 
 import os
+import subprocess
 from pathlib import Path
 
 import pytest
 
-from tests.test_cli_run import assert_one_line_error, invoke
+from tests.test_cli_run import SPECRUN, assert_one_line_error, invoke
 
 BAD_VALUES = [
     (("--depth", "0"), "--depth"), (("--depth", "1000"), "--depth"), (("--ctx", "0"), "--ctx"),
@@ -72,3 +73,24 @@ def test_gpu_memory_without_a_gpu_is_an_error_as_device_cuda_is(tiny_model: Path
     assert_one_line_error(invoke("run", str(tiny_model), "hi", "--gpu-memory", "20G", "--device", "cpu"), 2,
                           "--gpu-memory")
 
+
+# --- standard output on a full device --------------------------------------------------------
+
+FULL = "error: cannot write to standard output: No space left on device"
+
+
+@pytest.mark.skipif(not Path("/dev/full").exists(), reason="needs /dev/full (Linux)")
+@pytest.mark.parametrize("args", [("run", "{model}", "hello", "-n", "8", "-t", "0"),
+                                  ("run", "{model}", "hello", "-n", "4", "--json"),
+                                  ("list",), ("list", "--json")])
+def test_a_full_disk_on_stdout_is_one_line_and_a_non_zero_exit(tiny_model: Path, args: tuple[str, ...]) -> None:
+    """`specrun ... > /dev/full` ended in OSError: [Errno 28] from console.stream (or Python's
+    complaint at exit); `cat` says one line and exits 1."""
+    argv = [a.format(model=tiny_model) for a in args]
+    with open("/dev/full", "w") as full:
+        done = subprocess.run([*SPECRUN, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                              env={**os.environ, "NO_COLOR": "1"})
+    assert done.returncode == 1, done.stderr
+    assert done.stderr.strip().splitlines()[-1] == FULL, done.stderr
+    assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+    assert done.stderr.count("error:") == 1

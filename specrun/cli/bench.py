@@ -18,7 +18,7 @@ from specrun.catalog import DEFAULT_TARGET
 from specrun.chat import ChatTemplate
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import err, friendly, notice, print_stdout, write_report
+from specrun.cli.console import echo, err, friendly, notice, print_stdout, write_report
 from specrun.cli.models import resolve
 from specrun.engines import engine_for
 from specrun.errors import UsageError
@@ -257,7 +257,7 @@ def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summari
         row += [gib(s.peak_bytes) if s.peak_bytes is not None else "?"] if limit is not None else []
         table.add_row(*row, check)
     print_stdout(table)
-    print("\n".join(f"planner: {line}" for line in planner))
+    echo("\n".join(f"planner: {line}" for line in planner))
 
 
 def _need_matplotlib() -> None:

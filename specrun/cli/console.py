@@ -65,6 +65,35 @@ def usage_errors() -> Iterator[None]:
         raise typer.Exit(UsageError.exit_code) from None
 
 
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so Python's own flush at exit has nowhere to fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        pass
+
+
+@contextmanager
+def writing_stdout() -> Iterator[None]:
+    """Writes to stdout: a closed pipe (the reader, e.g. `head`, is gone) ends quietly; any
+    other failure (a full disk) is one line and exit 1, as `cat` does."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    except OSError as e:
+        _stdout_to_devnull()
+        print_error(SpecrunError(f"cannot write to standard output: {e.strerror or e}"))
+        raise typer.Exit(1) from None
+
+
+def echo(text: str) -> None:
+    """A line of the command's product on stdout, flushed now so a write error shows here."""
+    _write(text + "\n")
+
+
 def friendly(fn: F) -> F:
     """Turn user-facing errors and Ctrl-C into one stderr line and an exit code."""
 
@@ -104,12 +133,14 @@ def human(n: int | float | None) -> str:
 def print_stdout(renderable: Any) -> None:
     """A table on stdout: Rich on a terminal; in a pipe, plain lines, never cut to a width,
     without the padding Rich adds."""
-    if sys.stdout.isatty():
-        Console(highlight=False).print(renderable)
-        return
-    buffer = io.StringIO()
-    Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    with writing_stdout():
+        if sys.stdout.isatty():
+            Console(highlight=False).print(renderable)
+            return
+        buffer = io.StringIO()
+        Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+        sys.stdout.flush()
 
 
 def stats_line(s: GenerationStats, mode: str) -> str:
@@ -176,23 +207,21 @@ def stream(steps: Iterable[Step], end_line: bool, stop: Callable[[], bool] = lam
     """Write each step's text to stdout as it comes, until the steps end or `stop()` says so;
     end with a newline if `end_line` and the text lacks one. A closed pipe exits quietly."""
     text: list[str] = []
-    try:
-        for step in steps:
-            if step.text:
-                text.append(step.text)
-                sys.stdout.write(step.text)
-                sys.stdout.flush()
-            if stop():
-                break
-        if end_line and text and not text[-1].endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader (e.g. `head`) is gone: stop, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    for step in steps:
+        if step.text:
+            text.append(step.text)
+            _write(step.text)
+        if stop():
+            break
+    if end_line and text and not text[-1].endswith("\n"):
+        _write("\n")
     return "".join(text)
+
+
+def _write(text: str) -> None:
+    with writing_stdout():  # only the write: an error of the generation is not stdout's
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def clean_text(text: str) -> str:

@@ -16,7 +16,7 @@ from rich.table import Table
 
 from specrun.catalog import Catalog, ModelEntry, load_catalog
 from specrun.cli.app import app
-from specrun.cli.console import err, friendly, human, notice, print_stdout
+from specrun.cli.console import echo, err, friendly, human, notice, print_stdout
 from specrun.engines import Placement
 from specrun.errors import CatalogError, NotPulledError, UsageError
 from specrun.gguf_file import read_gguf
@@ -166,7 +166,7 @@ def list_models(
             "pulled": pulled is not None, "path": pulled.path if pulled else None,
         })
     if as_json:
-        print(json.dumps(rows, indent=2))
+        echo(json.dumps(rows, indent=2))
         return
     table = Table(box=None, pad_edge=False)
     for col in ("name", "role", "params", "quant", "size", "draft", "pulled", "path"):

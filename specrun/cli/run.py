@@ -11,8 +11,8 @@ import typer
 
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import (clean_text, err, friendly, notice, overlap_json, overlap_line, spec_json, stats_line,
-                                 stream, stream_json, stream_line, timings_json, warn)
+from specrun.cli.console import (clean_text, echo, err, friendly, notice, overlap_json, overlap_line, spec_json,
+                                 stats_line, stream, stream_json, stream_line, timings_json, warn)
 from specrun.cli.models import resolve
 from specrun.engines.memory_plan import describe_plan_json
 from specrun.errors import UsageError
@@ -98,7 +98,7 @@ def run(
     if stats.stop_reason == "context":
         warn(f"stopped at the end of the {n_ctx}-token context")
     if as_json:
-        print(json.dumps({
+        echo(json.dumps({
             "model": models.label, "path": str(models.target), "text": gen.text,
             "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "stop_reason": stats.stop_reason,
