@@ -88,13 +88,16 @@ def _pull_lock(store: Store, name: str, progress: Progress) -> Iterator[None]:
     """Hold `name`'s pull lock, saying once if another pull has it. An OS-level lock:
     a killed pull's lock goes with its process, so a dead pull never blocks a new one."""
     path = store.root / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         progress.note(f"waiting for another pull of {name} to finish")
         lock.acquire()
+    except OSError as e:  # a read-only store, or SPECRUN_HOME under a file: before any download
+        raise PullError(f"cannot write to the store {store.root}: {e.strerror or e}",
+                        hint="make it writable, or point SPECRUN_HOME at a directory you can write") from None
     try:
         yield
     finally:

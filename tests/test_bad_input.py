@@ -4,6 +4,7 @@ goes on with one warning."""
 
 from __future__ import annotations
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -94,3 +95,33 @@ def test_a_full_disk_on_stdout_is_one_line_and_a_non_zero_exit(tiny_model: Path,
     assert done.stderr.strip().splitlines()[-1] == FULL, done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
     assert done.stderr.count("error:") == 1
+
+
+# --- a store that cannot be written -------------------------------------------------------------
+
+@pytest.fixture
+def unwritable_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
+    """SPECRUN_HOME below a regular file: nothing can be created there, not even by root (for
+    whom a chmod'ed read-only directory would still be writable)."""
+    (tmp_path / "file").write_text("")
+    home = tmp_path / "file" / "home"
+    monkeypatch.setenv("SPECRUN_HOME", str(home))
+    return home
+
+
+def test_pull_into_an_unwritable_store_is_one_line_naming_it(unwritable_home: Path) -> None:
+    """A traceback at the lock file (OSError in pulls._pull_lock) before."""
+    result = invoke("pull", "smollm2-135m-instruct")
+    assert_one_line_error(result, 1, f"cannot write to the store {unwritable_home}")
+
+
+def test_run_with_an_unwritable_store_finishes_and_warns_once(tiny_model: Path, unwritable_home: Path) -> None:
+    """The run measured a cost curve, then died saving it (PlannerMemory.save); it needs no store."""
+    result = invoke("run", str(tiny_model), "hello", "-n", "6", "-t", "0", "--json")
+    assert result.exit_code == 0, result.output
+    assert json.loads(result.stdout)["generated_tokens"] == 6
+    warnings = [line for line in result.stderr.splitlines() if "cannot save" in line]
+    assert len(warnings) == 1 and str(unwritable_home / "calibration") in warnings[0], result.stderr
+    assert "Traceback" not in result.stderr
+    streamed = invoke("run", str(tiny_model), "hello", "-n", "6", "-t", "0")
+    assert streamed.exit_code == 0 and streamed.stdout == json.loads(result.stdout)["text"]

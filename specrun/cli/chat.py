@@ -110,7 +110,10 @@ def _line_editing(history_file: Path) -> Any:
     try:
         readline.read_history_file(str(history_file))
     except OSError:
-        history_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only store: history is not kept, the chat goes on
+            pass
     return readline
 
 

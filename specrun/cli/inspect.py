@@ -59,7 +59,8 @@ def calibrate_cmd(
     for r in rows:
         table.add_row(str(r["tokens"]), f"{r['ms']:.1f}", f"{r['per_token_ms']:.1f}", f"{r['vs_one']:.2f}")
     print_stdout(table)
-    err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
+    if not session.unsaved:  # else the session warned that it could not
+        err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
 
 
 @app.command()
