@@ -205,3 +205,29 @@ def test_a_full_disk_under_the_hub_cache_names_it(hub: HubServer, store: Store,
     with pytest.raises(DiskFullError) as exc:
         pull(store, pypi_entry(HfSource("org/tiny-GGUF", "tiny.gguf")))
     assert f"no space left for {constants.HF_HUB_CACHE}" in exc.value.message
+
+
+# --- rm of a model registered with `add` ---------------------------------------------------------
+
+def test_rm_unregisters_an_added_model_and_keeps_its_file(tiny_model: Path, isolated_home: Path) -> None:
+    """rm said the model 'is not in the store' while list showed it pulled: no way to unregister it."""
+    assert invoke("add", "tiny", str(tiny_model)).exit_code == 0
+    assert invoke("add", "tiny-two", str(tiny_model), "--role", "draft").exit_code == 0
+    catalog = isolated_home / "models.toml"
+    catalog.write_text("# my models\n" + catalog.read_text())
+    result = invoke("rm", "tiny")
+    assert result.exit_code == 0, result.output
+    assert "unregistered tiny" in result.stderr and result.stdout == ""
+    assert tiny_model.is_file()  # the user's own file: never deleted
+    listed = {r["name"] for r in json.loads(invoke("list", "--json").stdout)}
+    assert "tiny" not in listed and "tiny-two" in listed
+    assert catalog.read_text().startswith("# my models\n")
+    assert invoke("run", "tiny-two", "hi", "-n", "2", "--json").exit_code == 0
+    assert_one_line_error(invoke("rm", "tiny"), 1, "unknown model")
+
+
+def test_rm_refuses_to_unregister_a_draft_another_model_names(tiny_model: Path) -> None:
+    assert invoke("add", "small", str(tiny_model), "--role", "draft").exit_code == 0
+    assert invoke("add", "big", str(tiny_model), "--draft", "small").exit_code == 0
+    assert_one_line_error(invoke("rm", "small"), 1, "recommended draft of big")
+    assert invoke("rm", "big").exit_code == 0 and invoke("rm", "small").exit_code == 0

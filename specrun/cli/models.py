@@ -179,9 +179,17 @@ def list_models(
 
 @app.command()
 @friendly
-def rm(name: str = typer.Argument(..., help="A pulled catalog model.")) -> None:
-    """Delete a pulled model from the store."""
+def rm(name: str = typer.Argument(..., help="A pulled catalog model, or one registered with `specrun add`.")) -> None:
+    """Delete a pulled model from the store, or unregister an added one (its file stays)."""
     entry = load_catalog().get(name)
+    if entry.path is not None:  # registered with `add`: the file is the user's own, never deleted
+        from specrun.catalog import remove_local, user_catalog_path
+
+        if Path(entry.origin) != user_catalog_path():
+            raise UsageError(f"model '{name}' is defined in {entry.origin}, not in your catalog")
+        where = remove_local(name)
+        err.print(f"unregistered {name} from {escape(str(where))}; {escape(str(entry.path))} is left as it is")
+        return
     removed = Store().remove(entry)
     err.print(f"removed {name} ({human(removed.size)})")
     if removed.source.startswith("hf:"):
