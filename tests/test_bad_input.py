@@ -17,12 +17,13 @@ from specrun.catalog import HfSource, PypiPartsSource, WheelPart
 from specrun.errors import DiskFullError
 from specrun.pulls import pull
 from specrun.store import Store
-from tests.hub_server import HubServer
+from tests.hub_server import HubServer, write_hub_catalog
 from tests.test_cli_run import SPECRUN, assert_one_line_error, invoke
 from tests.test_pull_pypi import DATA as PYPI_DATA
 from tests.test_pull_pypi import assert_not_pulled as assert_pypi_not_pulled
 from tests.test_pull_pypi import entry as pypi_entry
 from tests.test_pull_pypi import index, publish, sha, store  # noqa: F401 - fixtures
+from tests.tiny_model import TinySpec, build_tiny_model
 
 BAD_VALUES = [
     (("--depth", "0"), "--depth"), (("--depth", "1000"), "--depth"), (("--ctx", "0"), "--ctx"),
@@ -231,3 +232,53 @@ def test_rm_refuses_to_unregister_a_draft_another_model_names(tiny_model: Path) 
     assert invoke("add", "big", str(tiny_model), "--draft", "small").exit_code == 0
     assert_one_line_error(invoke("rm", "small"), 1, "recommended draft of big")
     assert invoke("rm", "big").exit_code == 0 and invoke("rm", "small").exit_code == 0
+
+
+# --- a model file rewritten in place, its mtime set back -------------------------------------------
+
+def _rewrite_keeping_mtime(path: Path, data: bytes) -> None:
+    """What `cp other path && touch -r backup path` does: same inode, name, size and mtime."""
+    st = os.stat(path)
+    with open(path, "r+b") as f:
+        f.write(data)
+    os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
+    assert os.stat(path).st_mtime_ns == st.st_mtime_ns and os.stat(path).st_size == st.st_size
+
+
+def test_a_pulled_model_rewritten_in_place_is_caught(hub: HubServer, tiny_model: Path, isolated_home: Path,
+                                                     tmp_path: Path) -> None:
+    """Only the manifest's size was checked, so the rewritten file ran as is and the output changed."""
+    data = tiny_model.read_bytes()
+    isolated_home.mkdir(parents=True, exist_ok=True)
+    write_hub_catalog(isolated_home / "models.toml", "tiny-hub", "org/tiny-GGUF", "tiny.gguf",
+                      hub.add("org/tiny-GGUF", "tiny.gguf", data), len(data))
+    assert invoke("pull", "tiny-hub").exit_code == 0
+    first = invoke("run", "tiny-hub", "hello", "-n", "6", "-t", "0", "--json")
+    assert first.exit_code == 0 and "sha256" not in first.stderr  # recorded at the pull: not hashed again
+    path = Path(json.loads(first.stdout)["path"])
+
+    os.chmod(path, 0o644 if path.stat().st_mode & 0o777 != 0o644 else 0o640)  # ctime moves, the bytes do not
+    again = invoke("run", "tiny-hub", "hello", "-n", "6", "-t", "0", "--json")
+    assert again.exit_code == 0 and "checking tiny.gguf's sha256" in again.stderr
+    assert json.loads(again.stdout)["text"] == json.loads(first.stdout)["text"]
+    assert "sha256" not in invoke("run", "tiny-hub", "hello", "-n", "2", "--json").stderr  # recorded again
+
+    other = build_tiny_model(tmp_path / "other.gguf", TinySpec(seed=9)).read_bytes()
+    assert len(other) == len(data) and other != data
+    _rewrite_keeping_mtime(path, other)
+    result = invoke("run", "tiny-hub", "hello", "-n", "6", "-t", "0")
+    assert result.exit_code == 1 and result.stdout == "" and "Traceback" not in result.stderr
+    assert result.stderr.splitlines()[-2:] == [
+        f"error: {path} changed since it was pulled: its sha256 no longer matches",
+        "hint: pull it again: specrun rm tiny-hub && specrun pull tiny-hub"]
+
+
+def test_the_disk_stream_sees_a_rewrite_whose_mtime_was_set_back(tiny_model: Path, tmp_path: Path) -> None:
+    pytest.importorskip("torch")
+    from specrun.engines.torch_engine.disk_stream import file_identity
+
+    path = tmp_path / "model.gguf"
+    path.write_bytes(tiny_model.read_bytes())
+    before = file_identity(path)
+    _rewrite_keeping_mtime(path, b"\0" * 64)
+    assert file_identity(path) != before

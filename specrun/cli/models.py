@@ -14,6 +14,7 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
+from specrun import file_identity
 from specrun.catalog import Catalog, ModelEntry, load_catalog
 from specrun.cli.app import app
 from specrun.cli.console import echo, err, friendly, human, notice, print_stdout
@@ -53,6 +54,8 @@ def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: 
     only when `spec` may use one. Chain and tree need one; auto goes on without it."""
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
+    if (entry := _catalog_entry(model, catalog)) is not None:
+        file_identity.check(store, entry, notice)  # rewritten in place since its sha256 was checked?
     check_model(path)
     draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
     return Resolved(store, label, path, draft_path)
@@ -87,12 +90,16 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
                 raise UsageError(f"{target} has no recommended draft", hint="pass --draft NAME")
             return None
         try:
-            return store.path_of(catalog.get(entry.draft))
+            path = store.path_of(catalog.get(entry.draft))
         except NotPulledError:
             if spec in MODEL_MODES:
                 raise
             return None
+        file_identity.check(store, catalog.get(entry.draft), notice)
+        return path
     path = locate(draft, catalog.get, store)[1]
+    if (named := _catalog_entry(draft, catalog)) is not None:
+        file_identity.check(store, named, notice)
     check_model(path)
     return path
 
@@ -142,6 +149,7 @@ def pull(
             t0 = time.perf_counter()
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
                 pulled = pulls.pull(store, entry, kind=source, progress=_RichProgress(bar))
+            file_identity.record(store, pulled)  # its sha256 was just checked: no need to hash it at first use
             checked = "sha256 ok" if pulled.files is None else f"{len(pulled.files)} files, hub checksums ok"
             at = f" at {pulled.commit[:12]}" if pulled.commit else ""
             err.print(f"pulled {name} ({human(pulled.size)}, {checked}) in {time.perf_counter() - t0:.0f} s "
