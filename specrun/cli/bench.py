@@ -204,11 +204,11 @@ def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchCo
 
 
 def _tokens(prompt: Any, vocab: Any, template: Any) -> list[int]:
-    if prompt.text is not None:
-        return vocab.tokenize(prompt.text)
+    if prompt.text is not None:  # a plain completion, as `run` does: its text is text
+        return vocab.tokenize(prompt.text, parse_special=False)
     if template is None:
         raise UsageError(f"prompt {prompt.id} is a conversation, and the model has no chat template")
-    return vocab.tokenize(template.render(prompt.messages), add_special=False)
+    return template.tokens(prompt.messages, vocab)
 
 
 def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:

@@ -76,7 +76,7 @@ def run(
     # Tokens are fewer than the prompt's UTF-8 bytes (plus a BOS): an upper bound, before any tokenizer loads.
     needed = len(text.encode("utf-8", "replace")) + 2 + max_tokens
     with models.session([spec_cfg], *places, ctx=ctx, needed_ctx=needed) as session:
-        tokens = session.target.vocab.tokenize(text)
+        tokens = session.target.vocab.tokenize(text, parse_special=False)  # the user's text is text, as in chat
         check_prompt(tokens, session.open(session.n_ctx).n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
