@@ -363,3 +363,19 @@ def test_hugging_face_vocabularies_keep_special_text_as_text(tmp_path: Path) -> 
     assert end in hf.tokenize(typed, add_special=False)  # and the flag does not stick
     tokens = ChatTemplate(CHATML_TEMPLATE, "", "<|im_end|>").tokens([{"role": "user", "content": typed}], hf)
     assert tokens.count(start) == 2 and tokens.count(end) == 1  # the user's turn and the assistant's; one end
+
+
+# --- add's exit code, bench's wording --------------------------------------------------------------
+
+def test_add_with_bad_input_exits_2_as_the_readme_promises(tiny_model: Path, tmp_path: Path) -> None:
+    (tmp_path / "notes.gguf").write_text("not a model\n")
+    assert_one_line_error(invoke("add", "Bad Name", str(tiny_model)), 2, "invalid model name")
+    assert_one_line_error(invoke("add", "notes", str(tmp_path / "notes.gguf")), 2, "not a GGUF file")
+    assert_one_line_error(invoke("add", "tiny", str(tiny_model), "--draft", "nope"), 2, "unknown model")
+    assert invoke("add", "tiny", str(tiny_model)).exit_code == 0
+    assert_one_line_error(invoke("add", "tiny", str(tiny_model)), 2, "already in the catalog")
+
+
+def test_add_into_an_unwritable_home_is_one_line(tiny_model: Path, unwritable_home: Path) -> None:
+    assert_one_line_error(invoke("add", "tiny", str(tiny_model)), 1, "cannot write to your catalog")
+

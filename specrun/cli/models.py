@@ -19,7 +19,7 @@ from specrun.catalog import Catalog, ModelEntry, load_catalog
 from specrun.cli.app import app
 from specrun.cli.console import echo, err, friendly, human, notice, print_stdout
 from specrun.engines import Placement
-from specrun.errors import CatalogError, NotPulledError, UsageError
+from specrun.errors import CatalogError, ModelFileError, NotPulledError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.model_dir import ModelDir, open_model_dir
 from specrun.session import Session, SessionConfig
@@ -214,19 +214,24 @@ def add(
     draft: Optional[str] = typer.Option(None, "--draft", help="Recommended draft model name."),
 ) -> None:
     """Register a local GGUF file or safetensors model directory in your user catalog."""
-    from specrun.catalog import ROLES, add_local
+    from specrun.catalog import ROLES, add_local, user_catalog_path
 
     if role not in ROLES:
         raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
     if not (path.is_file() or path.is_dir()):
         raise UsageError(f"no such file or directory: {path}")
-    model_dir = check_model(path)
-    if model_dir is not None:  # the tokenizer family: what a draft must share (model_type names it well enough)
-        arch = tokenizer = model_dir.model_type
-    else:
-        info = read_gguf(path)
-        arch = info.arch
-        tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model",
-                                                                                     "unknown"))
-    entry = add_local(name, path, arch=arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    try:  # a bad name, file or draft is bad input: exit 2, as the README promises
+        model_dir = check_model(path)
+        if model_dir is not None:  # the tokenizer family: what a draft must share (model_type names it well enough)
+            arch = tokenizer = model_dir.model_type
+        else:
+            info = read_gguf(path)
+            arch = info.arch
+            tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model",
+                                                                                         "unknown"))
+        entry = add_local(name, path, arch=arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    except (CatalogError, ModelFileError) as e:
+        raise UsageError(e.message, e.hint) from None
+    except OSError as e:  # the user catalog cannot be written (a read-only SPECRUN_HOME)
+        raise CatalogError(f"cannot write to your catalog {user_catalog_path()}: {e.strerror or e}") from None
     err.print(f"added {entry.name} -> {entry.path} [dim]({escape(entry.origin)})[/]")
