@@ -379,3 +379,19 @@ def test_add_with_bad_input_exits_2_as_the_readme_promises(tiny_model: Path, tmp
 def test_add_into_an_unwritable_home_is_one_line(tiny_model: Path, unwritable_home: Path) -> None:
     assert_one_line_error(invoke("add", "tiny", str(tiny_model)), 1, "cannot write to your catalog")
 
+
+def test_bench_never_prints_a_negative_saving(tmp_path: Path) -> None:
+    """'less -49 ms a step hidden': drafting slowed the target's passes (shared cores)."""
+    from types import SimpleNamespace
+
+    from specrun import bench_report
+    from specrun.calibrate import Calibration
+    from specrun.speculate.planner import CostCurve, StepCost
+
+    cal = Calibration(tmp_path / "c.json", CostCurve((1, 2), (0.01, 0.02)), {})
+    cal.steps = {"auto": StepCost(cal.cost, per_node=0.014, hidden=-0.049, steps=20),
+                 "tree": StepCost(cal.cost, per_node=0.014, hidden=0.189, steps=20)}
+    lines = bench_report.calibration_lines(SimpleNamespace(calibrated=lambda: cal, config=SimpleNamespace(draft=None)))
+    auto, tree = (next(ln for ln in lines if ln.startswith(f"{name}:")) for name in ("auto", "tree"))
+    assert "-" not in auto.replace("auto:", "") and "nothing hidden" in auto
+    assert "less 189 ms a step hidden behind the target" in tree
