@@ -59,7 +59,8 @@ def usage_errors() -> Iterator[None]:
     try:
         yield
     except Exception as e:
-        if not any(c.__name__ == "UsageError" for c in type(e).__mro__) or type(e).__name__ == "NoArgsIsHelpError":
+        click_usage = not isinstance(e, SpecrunError) and any(c.__name__ == "UsageError" for c in type(e).__mro__)
+        if not click_usage or type(e).__name__ == "NoArgsIsHelpError":  # (Typer vendors Click's classes)
             raise
         print_error(usage_error(e))
         raise typer.Exit(UsageError.exit_code) from None
