@@ -108,8 +108,11 @@ def calibration_lines(session: Session) -> list[str]:
     for name, step in sorted(cal.steps.items()):
         if step.steps:
             free = f" beyond the {step.free:.1f} found during the previous pass" if step.free >= 0.05 else ""
-            lines.append(f"{name}: drafting costs {step.per_node * 1000:.1f} ms a verified node{free}, less "
-                         f"{step.hidden * 1000:.0f} ms a step hidden behind the target (learnt over {step.steps} steps)")
+            # `hidden` < 0: drafting slowed the target's passes (shared cores); never a negative saving
+            hidden = (f"less {step.hidden * 1000:.0f} ms a step hidden behind the target" if step.hidden >= 0.0005
+                      else "with nothing hidden behind the target")
+            lines.append(f"{name}: drafting costs {step.per_node * 1000:.1f} ms a verified node{free}, {hidden} "
+                         f"(learnt over {step.steps} steps)")
     draft = session.config.draft
     model_speed = cal.speeds.get(draft.name) if draft else None
     if model_speed is not None and model_speed.rate:

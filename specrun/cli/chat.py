@@ -31,7 +31,7 @@ def chat(
     model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file with a chat template."),
     system: Optional[str] = typer.Option(None, "--system", help="System message."),
     max_tokens: int = typer.Option(1024, "--max-tokens", "-n", min=1, help="Tokens per reply at most."),
-    temperature: float = typer.Option(0.7, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.7, "--temperature", "-t", help="0 = greedy."),
     top_p: float = O.TOP_P,
     seed: Optional[int] = O.SEED,
     threads: Optional[int] = O.THREADS,
@@ -54,7 +54,7 @@ def chat(
 ) -> None:
     """Talk with a model. Piped stdin: each line is one turn, and only replies reach stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
-    O.check_sampling(top_p)
+    O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
@@ -110,7 +110,10 @@ def _line_editing(history_file: Path) -> Any:
     try:
         readline.read_history_file(str(history_file))
     except OSError:
-        history_file.parent.mkdir(parents=True, exist_ok=True)
+        try:
+            history_file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError:  # a read-only store: history is not kept, the chat goes on
+            pass
     return readline
 
 

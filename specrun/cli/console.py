@@ -11,8 +11,9 @@ import functools
 import io
 import os
 import sys
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Any, Callable, Iterable, TypeVar
+from typing import Any, Callable, Iterable, Iterator, TypeVar
 
 import typer
 from rich.console import Console
@@ -34,6 +35,64 @@ def print_error(e: SpecrunError) -> None:
     err.print(f"[bold red]error:[/] {escape(e.message)}")
     if e.hint:
         err.print(f"[dim]hint: {escape(e.hint)}[/]")
+
+
+def usage_error(e: Exception) -> UsageError:
+    """Click's complaint about the command line (a bad option value, a missing argument, an
+    unknown option or command) in specrun's words, without the usage block."""
+    param = getattr(e, "param", None)
+    opts = [o for o in getattr(param, "opts", []) if o.startswith("--")] or getattr(param, "opts", [])
+    message = str(getattr(e, "message", "") or e).strip().rstrip(".")
+    if param is not None and opts and message and type(e).__name__ != "MissingParameter":
+        message = f"invalid value for {opts[0]}: {message.replace('Input should be', 'it must be')}"
+    else:
+        message = e.format_message().strip().rstrip(".")  # type: ignore[attr-defined]
+    ctx = getattr(e, "ctx", None)
+    where = f"{ctx.command_path} --help" if ctx is not None else "specrun --help"
+    return UsageError(message[:1].lower() + message[1:], hint=f"`{where}` lists the options and what they take")
+
+
+@contextmanager
+def usage_errors() -> Iterator[None]:
+    """Turn Click's usage errors into one `error:` line and a hint, exit 2; help asked for by
+    giving no arguments stays help."""
+    try:
+        yield
+    except Exception as e:
+        click_usage = not isinstance(e, SpecrunError) and any(c.__name__ == "UsageError" for c in type(e).__mro__)
+        if not click_usage or type(e).__name__ == "NoArgsIsHelpError":  # (Typer vendors Click's classes)
+            raise
+        print_error(usage_error(e))
+        raise typer.Exit(UsageError.exit_code) from None
+
+
+def _stdout_to_devnull() -> None:
+    """Point stdout at /dev/null, so Python's own flush at exit has nowhere to fail again."""
+    try:
+        devnull = os.open(os.devnull, os.O_WRONLY)
+        os.dup2(devnull, sys.stdout.fileno())
+    except (OSError, ValueError):  # no file descriptor (a test's captured stdout)
+        pass
+
+
+@contextmanager
+def writing_stdout() -> Iterator[None]:
+    """Writes to stdout: a closed pipe (the reader, e.g. `head`, is gone) ends quietly; any
+    other failure (a full disk) is one line and exit 1, as `cat` does."""
+    try:
+        yield
+    except BrokenPipeError:
+        _stdout_to_devnull()
+        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    except OSError as e:
+        _stdout_to_devnull()
+        print_error(SpecrunError(f"cannot write to standard output: {e.strerror or e}"))
+        raise typer.Exit(1) from None
+
+
+def echo(text: str) -> None:
+    """A line of the command's product on stdout, flushed now so a write error shows here."""
+    _write(text + "\n")
 
 
 def friendly(fn: F) -> F:
@@ -75,12 +134,14 @@ def human(n: int | float | None) -> str:
 def print_stdout(renderable: Any) -> None:
     """A table on stdout: Rich on a terminal; in a pipe, plain lines, never cut to a width,
     without the padding Rich adds."""
-    if sys.stdout.isatty():
-        Console(highlight=False).print(renderable)
-        return
-    buffer = io.StringIO()
-    Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
-    sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+    with writing_stdout():
+        if sys.stdout.isatty():
+            Console(highlight=False).print(renderable)
+            return
+        buffer = io.StringIO()
+        Console(file=buffer, highlight=False, width=10_000, color_system=None).print(renderable)
+        sys.stdout.write("".join(line.rstrip() + "\n" for line in buffer.getvalue().splitlines()))
+        sys.stdout.flush()
 
 
 def stats_line(s: GenerationStats, mode: str) -> str:
@@ -147,23 +208,21 @@ def stream(steps: Iterable[Step], end_line: bool, stop: Callable[[], bool] = lam
     """Write each step's text to stdout as it comes, until the steps end or `stop()` says so;
     end with a newline if `end_line` and the text lacks one. A closed pipe exits quietly."""
     text: list[str] = []
-    try:
-        for step in steps:
-            if step.text:
-                text.append(step.text)
-                sys.stdout.write(step.text)
-                sys.stdout.flush()
-            if stop():
-                break
-        if end_line and text and not text[-1].endswith("\n"):
-            sys.stdout.write("\n")
-        sys.stdout.flush()
-    except BrokenPipeError:
-        # The reader (e.g. `head`) is gone: stop, and keep Python from complaining at exit.
-        devnull = os.open(os.devnull, os.O_WRONLY)
-        os.dup2(devnull, sys.stdout.fileno())
-        raise typer.Exit(EXIT_BROKEN_PIPE) from None
+    for step in steps:
+        if step.text:
+            text.append(step.text)
+            _write(step.text)
+        if stop():
+            break
+    if end_line and text and not text[-1].endswith("\n"):
+        _write("\n")
     return "".join(text)
+
+
+def _write(text: str) -> None:
+    with writing_stdout():  # only the write: an error of the generation is not stdout's
+        sys.stdout.write(text)
+        sys.stdout.flush()
 
 
 def clean_text(text: str) -> str:

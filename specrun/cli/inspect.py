@@ -14,7 +14,7 @@ from specrun import calibrate, planner_memory
 from specrun.catalog import load_catalog
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import err, friendly, human, print_stdout
+from specrun.cli.console import echo, err, friendly, human, print_stdout
 from specrun.cli.models import resolve
 from specrun.engines import device_of
 from specrun.engines.memory_plan import PlanRequest, describe_plan_json, plan_memory
@@ -50,16 +50,17 @@ def calibrate_cmd(
     rows = [{"tokens": n, "ms": round(t * 1000, 2), "per_token_ms": round(t * 1000 / n, 2),
              "vs_one": round(t / cost.seconds[0], 3)} for n, t in zip(cost.sizes, cost.seconds)]
     if as_json:
-        print(json.dumps({"model": label, "settings": cal.settings, "file": str(cal.path), "costs": rows}, indent=1))
+        echo(json.dumps({"model": label, "settings": cal.settings, "file": str(cal.path), "costs": rows}, indent=1))
         return
-    print(f"{label}: one target pass over n tokens ({cal.settings})")
+    echo(f"{label}: one target pass over n tokens ({cal.settings})")
     table = Table(box=None, pad_edge=False)
     for col in ("tokens", "ms", "ms/token", "x one token"):
         table.add_column(col, justify="right")
     for r in rows:
         table.add_row(str(r["tokens"]), f"{r['ms']:.1f}", f"{r['per_token_ms']:.1f}", f"{r['vs_one']:.2f}")
     print_stdout(table)
-    err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
+    if not session.unsaved:  # else the session warned that it could not
+        err.print(f"[dim]saved to {escape(str(cal.path))}[/]")
 
 
 @app.command()
@@ -109,7 +110,7 @@ def info(
                       for k, s in c.stats.items()}}
         for c in planner_memory.stored_for(store.root, path)]
     if as_json:
-        print(json.dumps(data, indent=1))
+        echo(json.dumps(data, indent=1))
     else:
         table = Table(box=None, show_header=False, pad_edge=False)
         table.add_column(style="bold")

@@ -14,11 +14,12 @@ from rich.progress import (BarColumn, DownloadColumn, Progress, TextColumn, Time
                            TransferSpeedColumn)
 from rich.table import Table
 
+from specrun import file_identity
 from specrun.catalog import Catalog, ModelEntry, load_catalog
 from specrun.cli.app import app
-from specrun.cli.console import err, friendly, human, notice, print_stdout
+from specrun.cli.console import echo, err, friendly, human, notice, print_stdout
 from specrun.engines import Placement
-from specrun.errors import CatalogError, NotPulledError, UsageError
+from specrun.errors import CatalogError, ModelFileError, NotPulledError, UsageError
 from specrun.gguf_file import read_gguf
 from specrun.model_dir import ModelDir, open_model_dir
 from specrun.session import Session, SessionConfig
@@ -53,6 +54,8 @@ def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: 
     only when `spec` may use one. Chain and tree need one; auto goes on without it."""
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
+    if (entry := _catalog_entry(model, catalog)) is not None:
+        file_identity.check(store, entry, notice)  # rewritten in place since its sha256 was checked?
     check_model(path)
     draft_path = None if no_draft or spec in ("none", "ngram") else _draft_path(model, draft, spec, catalog, store)
     return Resolved(store, label, path, draft_path)
@@ -87,12 +90,16 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
                 raise UsageError(f"{target} has no recommended draft", hint="pass --draft NAME")
             return None
         try:
-            return store.path_of(catalog.get(entry.draft))
+            path = store.path_of(catalog.get(entry.draft))
         except NotPulledError:
             if spec in MODEL_MODES:
                 raise
             return None
+        file_identity.check(store, catalog.get(entry.draft), notice)
+        return path
     path = locate(draft, catalog.get, store)[1]
+    if (named := _catalog_entry(draft, catalog)) is not None:
+        file_identity.check(store, named, notice)
     check_model(path)
     return path
 
@@ -142,6 +149,7 @@ def pull(
             t0 = time.perf_counter()
             with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
                 pulled = pulls.pull(store, entry, kind=source, progress=_RichProgress(bar))
+            file_identity.record(store, pulled)  # its sha256 was just checked: no need to hash it at first use
             checked = "sha256 ok" if pulled.files is None else f"{len(pulled.files)} files, hub checksums ok"
             at = f" at {pulled.commit[:12]}" if pulled.commit else ""
             err.print(f"pulled {name} ({human(pulled.size)}, {checked}) in {time.perf_counter() - t0:.0f} s "
@@ -166,7 +174,7 @@ def list_models(
             "pulled": pulled is not None, "path": pulled.path if pulled else None,
         })
     if as_json:
-        print(json.dumps(rows, indent=2))
+        echo(json.dumps(rows, indent=2))
         return
     table = Table(box=None, pad_edge=False)
     for col in ("name", "role", "params", "quant", "size", "draft", "pulled", "path"):
@@ -179,9 +187,17 @@ def list_models(
 
 @app.command()
 @friendly
-def rm(name: str = typer.Argument(..., help="A pulled catalog model.")) -> None:
-    """Delete a pulled model from the store."""
+def rm(name: str = typer.Argument(..., help="A pulled catalog model, or one registered with `specrun add`.")) -> None:
+    """Delete a pulled model from the store, or unregister an added one (its file stays)."""
     entry = load_catalog().get(name)
+    if entry.path is not None:  # registered with `add`: the file is the user's own, never deleted
+        from specrun.catalog import remove_local, user_catalog_path
+
+        if Path(entry.origin) != user_catalog_path():
+            raise UsageError(f"model '{name}' is defined in {entry.origin}, not in your catalog")
+        where = remove_local(name)
+        err.print(f"unregistered {name} from {escape(str(where))}; {escape(str(entry.path))} is left as it is")
+        return
     removed = Store().remove(entry)
     err.print(f"removed {name} ({human(removed.size)})")
     if removed.source.startswith("hf:"):
@@ -198,19 +214,24 @@ def add(
     draft: Optional[str] = typer.Option(None, "--draft", help="Recommended draft model name."),
 ) -> None:
     """Register a local GGUF file or safetensors model directory in your user catalog."""
-    from specrun.catalog import ROLES, add_local
+    from specrun.catalog import ROLES, add_local, user_catalog_path
 
     if role not in ROLES:
         raise UsageError(f"unknown role '{role}'", hint="use target, draft or both")
     if not (path.is_file() or path.is_dir()):
         raise UsageError(f"no such file or directory: {path}")
-    model_dir = check_model(path)
-    if model_dir is not None:  # the tokenizer family: what a draft must share (model_type names it well enough)
-        arch = tokenizer = model_dir.model_type
-    else:
-        info = read_gguf(path)
-        arch = info.arch
-        tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model",
-                                                                                     "unknown"))
-    entry = add_local(name, path, arch=arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    try:  # a bad name, file or draft is bad input: exit 2, as the README promises
+        model_dir = check_model(path)
+        if model_dir is not None:  # the tokenizer family: what a draft must share (model_type names it well enough)
+            arch = tokenizer = model_dir.model_type
+        else:
+            info = read_gguf(path)
+            arch = info.arch
+            tokenizer = str(info.metadata.get("tokenizer.ggml.pre") or info.metadata.get("tokenizer.ggml.model",
+                                                                                         "unknown"))
+        entry = add_local(name, path, arch=arch, tokenizer=tokenizer, role=role, draft=draft)  # type: ignore[arg-type]
+    except (CatalogError, ModelFileError) as e:
+        raise UsageError(e.message, e.hint) from None
+    except OSError as e:  # the user catalog cannot be written (a read-only SPECRUN_HOME)
+        raise CatalogError(f"cannot write to your catalog {user_catalog_path()}: {e.strerror or e}") from None
     err.print(f"added {entry.name} -> {entry.path} [dim]({escape(entry.origin)})[/]")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import os
 from typing import Optional
 
 import typer
@@ -11,8 +12,10 @@ from specrun.engines import DEVICES, ENGINES, OFFLOADS, QUANTS, Placement
 from specrun.errors import UsageError
 from specrun.speculate.factory import MODEL_MODES, OVERLAPS, SPEC_MODES, SpecConfig
 
-TOP_P = typer.Option(0.95, "--top-p", min=0.0, max=1.0, help="Nucleus sampling mass.")
-SEED = typer.Option(None, "--seed", help="Sampling seed (default: random).")
+# Float options are checked by check_sampling, not by ranges here: Click's check lets nan
+# through to a message about ranges (nan compares false), and inf through altogether.
+TOP_P = typer.Option(0.95, "--top-p", help="Nucleus sampling mass (0 to 1).")
+SEED = typer.Option(None, "--seed", min=0, help="Sampling seed (default: random).")
 THREADS = typer.Option(None, "--threads", min=1, help="CPU threads for the target (default: all cores).")
 GPU_LAYERS = typer.Option(None, "--gpu-layers", min=-1, help="Target layers on the GPU (-1 = all).")
 DRAFT_THREADS = typer.Option(None, "--draft-threads", min=1, help="CPU threads for the draft model "
@@ -67,13 +70,45 @@ def check_draft_flags(draft: str | None, no_draft: bool) -> None:
         raise UsageError("--draft and --no-draft contradict each other")
 
 
-def check_sampling(top_p: float) -> None:
-    if top_p <= 0:
-        raise UsageError("--top-p must be greater than 0")
+def check_sampling(top_p: float, temperature: float = 0.0) -> None:
+    """--temperature 0 or more and --top-p above 0 up to 1, both finite: nan sampled nothing
+    and inf sampled uniformly random tokens."""
+    for flag, value, example in (("--temperature", temperature, "0.7 (0 = greedy)"), ("--top-p", top_p, "0.95")):
+        if math.isnan(value):
+            raise UsageError(f"{flag} takes a number, and nan is not a number", hint=f"e.g. {flag} {example}")
+        if math.isinf(value):
+            raise UsageError(f"{flag} must be finite, not {value}", hint=f"e.g. {flag} {example}")
+    if temperature < 0:
+        raise UsageError(f"--temperature must be 0 (greedy) or more, not {temperature}", hint="e.g. --temperature 0.7")
+    if not 0 < top_p <= 1:
+        raise UsageError(f"--top-p must be greater than 0 and at most 1, not {top_p}",
+                         hint="1 keeps every token; 0.9 the likeliest tokens holding 90 percent of the mass")
 
 
-def parse_size(text: Optional[str], flag: str) -> Optional[int]:
-    """'8G', '512M', '1.5GB', '300000000' -> bytes (binary units: 8G is 8 GiB)."""
+# Threads beyond the cores only take turns on them (a first calibration with --threads 1000 took
+# minutes). A few per core are allowed (os.cpu_count() may not see a quota, and someone may mean
+# to measure oversubscription); more than this many per core is a typo.
+THREADS_PER_CPU = 4
+
+
+def check_threads(flag: str, threads: Optional[int]) -> None:
+    cpus = os.cpu_count() or 1
+    if threads is not None and threads > THREADS_PER_CPU * cpus:
+        raise UsageError(f"{flag} {threads} is more than {THREADS_PER_CPU} threads for each of this machine's "
+                         f"{cpus} CPUs", hint=f"use {cpus} or fewer (leave {flag} out to use every core)")
+
+
+def physical_ram() -> Optional[int]:
+    """The machine's RAM in bytes; None where the platform does not say."""
+    try:
+        return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+    except (AttributeError, ValueError, OSError):
+        return None
+
+
+def parse_size(text: Optional[str], flag: str, at_most: Optional[int] = None) -> Optional[int]:
+    """'8G', '512M', '1.5GB', '300000000' -> bytes (binary units: 8G is 8 GiB); UsageError
+    above `at_most` (e.g. more RAM than the machine has)."""
     if text is None:
         return None
     units = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
@@ -85,6 +120,9 @@ def parse_size(text: Optional[str], flag: str) -> Optional[int]:
         raise UsageError(f"{flag} takes a size such as 8G or 512M, not '{text}'") from None
     if not math.isfinite(value) or value < 1:
         raise UsageError(f"{flag} must be a size of at least 1 byte, not '{text}'")
+    if at_most is not None and value > at_most:
+        raise UsageError(f"{flag} {text} is more than this machine's {at_most / (1 << 30):.1f}G of RAM",
+                         hint=f"give {flag} a size below that, e.g. {flag} {max(at_most // 2 >> 30, 1)}G")
     return int(value)
 
 
@@ -98,8 +136,11 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
     draft stays on llama.cpp in memory unless told."""
     check_engine_flags(engine, device, quant, offload)
     check_engine_flags(draft_engine, draft_device, None)
+    check_threads("--threads", threads)
+    check_threads("--draft-threads", draft_threads)
     target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant,
-                       offload=offload, ram=parse_size(ram, "--ram"), gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
+                       offload=offload, ram=parse_size(ram, "--ram", physical_ram()),
+                       gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
                       gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers,
                       engine=draft_engine, device=draft_device)

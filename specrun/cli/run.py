@@ -11,8 +11,8 @@ import typer
 
 from specrun.cli import options as O
 from specrun.cli.app import app
-from specrun.cli.console import (clean_text, err, friendly, notice, overlap_json, overlap_line, spec_json, stats_line,
-                                 stream, stream_json, stream_line, timings_json, warn)
+from specrun.cli.console import (clean_text, echo, err, friendly, notice, overlap_json, overlap_line, spec_json,
+                                 stats_line, stream, stream_json, stream_line, timings_json, warn)
 from specrun.cli.models import resolve
 from specrun.engines.memory_plan import describe_plan_json
 from specrun.errors import UsageError
@@ -42,7 +42,7 @@ def run(
     model: str = typer.Argument(..., help="Catalog name, or a path to a GGUF file."),
     prompt: Optional[str] = typer.Argument(None, help="Prompt text (appended to stdin when piped)."),
     max_tokens: int = typer.Option(256, "--max-tokens", "-n", min=1, help="Tokens to generate at most."),
-    temperature: float = typer.Option(0.8, "--temperature", "-t", min=0.0, help="0 = greedy."),
+    temperature: float = typer.Option(0.8, "--temperature", "-t", help="0 = greedy."),
     top_p: float = O.TOP_P,
     seed: Optional[int] = O.SEED,
     threads: Optional[int] = O.THREADS,
@@ -67,7 +67,7 @@ def run(
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
-    O.check_sampling(top_p)
+    O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     models = resolve(model, draft, spec, no_draft)
@@ -76,7 +76,7 @@ def run(
     # Tokens are fewer than the prompt's UTF-8 bytes (plus a BOS): an upper bound, before any tokenizer loads.
     needed = len(text.encode("utf-8", "replace")) + 2 + max_tokens
     with models.session([spec_cfg], *places, ctx=ctx, needed_ctx=needed) as session:
-        tokens = session.target.vocab.tokenize(text)
+        tokens = session.target.vocab.tokenize(text, parse_special=False)  # the user's text is text, as in chat
         check_prompt(tokens, session.open(session.n_ctx).n_ctx)  # before any calibration work
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
@@ -98,7 +98,7 @@ def run(
     if stats.stop_reason == "context":
         warn(f"stopped at the end of the {n_ctx}-token context")
     if as_json:
-        print(json.dumps({
+        echo(json.dumps({
             "model": models.label, "path": str(models.target), "text": gen.text,
             "prompt_tokens": stats.prompt_tokens, "generated_tokens": stats.generated_tokens,
             "stop_reason": stats.stop_reason,

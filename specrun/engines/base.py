@@ -34,7 +34,11 @@ class Vocab(Protocol):
 
     n_vocab: int
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]: ...
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Token ids of `text`, BOS (EOS) added where the model wants them if `add_special`;
+        special tokens written in the text (`<|im_end|>`) parsed as such only if `parse_special`:
+        what a user typed is text (see ChatTemplate.tokens)."""
+        ...
 
     def piece(self, token: int) -> bytes:
         """The bytes a token stands for in generated text (b'' for control tokens)."""

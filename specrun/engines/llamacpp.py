@@ -79,12 +79,12 @@ class LlamaCppVocab:
         self.n_vocab: int = C.llama_vocab_n_tokens(vocab)
         self._pieces: dict[int, bytes] = {}
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
         data = text.encode("utf-8", "replace")  # lone surrogates (undecodable input bytes) become '?'
         cap = len(data) + 8
         for _ in range(2):
             buf = (C.llama_token * cap)()
-            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, True)
+            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
             if n >= 0:
                 return list(buf[:n])
             cap = -n

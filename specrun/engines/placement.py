@@ -128,18 +128,24 @@ def torch_device(placement: Placement) -> str:
     try:
         import torch
     except ModuleNotFoundError as e:
-        if placement.device == "cuda":
+        if placement.device == "cuda" or placement.gpu_memory is not None:
             raise UsageError("no CUDA device: torch is not installed", hint=INSTALL_TORCH) from None
         raise install_error(e) or e from None
     if placement.device == "cpu":
+        if placement.gpu_memory is not None:
+            raise UsageError("--gpu-memory budgets GPU memory, and --device cpu uses none",
+                             hint="leave out --gpu-memory (--ram budgets the RAM for streamed weights)")
         return "cpu"
     if torch.cuda.is_available():
         return "cuda"
+    build = " (a CPU-only build)" if torch.version.cuda is None else ""
     if placement.device == "cuda":
-        build = " (a CPU-only build)" if torch.version.cuda is None else ""
         raise UsageError(f"no CUDA device: torch {torch.__version__}{build} sees no GPU",
                          hint="leave out --device cuda to run on the CPU; on an NVIDIA machine, "
                               "bash scripts/install.sh --torch installs torch's CUDA build")
+    if placement.gpu_memory is not None:  # it would be ignored: say so, as for --device cuda
+        raise UsageError(f"no CUDA device for --gpu-memory: torch {torch.__version__}{build} sees no GPU",
+                         hint="leave out --gpu-memory (--ram budgets the RAM for streamed weights)")
     return "cpu"
 
 

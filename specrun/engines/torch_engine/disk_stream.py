@@ -30,13 +30,13 @@ from specrun.kernels.ggml_matmul import aligned_empty
 READ_CHUNK = 8 << 20  # bytes per read call: several per unit, spread over the readers
 
 
-def file_identity(path: Path) -> tuple[int, int, int]:
+def file_identity(path: Path) -> tuple[int, int, int, int]:
     try:
         st = os.stat(path)
     except FileNotFoundError:
         raise ModelFileError(f"{path.name} disappeared while it was being read",
                              hint="keep the model file in place while specrun runs") from None
-    return st.st_ino, st.st_size, st.st_mtime_ns
+    return st.st_ino, st.st_size, st.st_mtime_ns, st.st_ctime_ns  # ctime: a rewrite whose mtime was set back
 
 
 class DiskStream(SlotRing):

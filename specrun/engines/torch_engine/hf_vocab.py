@@ -105,10 +105,15 @@ class HfVocab:
 
     # --- Vocab --------------------------------------------------------------------------
 
-    def tokenize(self, text: str, add_special: bool = True) -> list[int]:
-        """Special tokens written in the text are parsed as such, as the llama.cpp engine does."""
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
+        """Special tokens written in the text are parsed as such unless `parse_special` is False,
+        as the llama.cpp engine does."""
         text = text.encode("utf-8", "replace").decode("utf-8")  # lone surrogates become '?'
-        ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        self._tok.encode_special_tokens = not parse_special  # True: special tokens' text is text
+        try:
+            ids = list(self._tok.encode(text, add_special_tokens=False).ids)
+        finally:
+            self._tok.encode_special_tokens = False
         if add_special and self._add_bos and self._bos >= 0:
             ids.insert(0, self._bos)
         if add_special and self._add_eos and self._eos >= 0:
