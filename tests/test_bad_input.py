@@ -385,10 +385,10 @@ def test_bench_never_prints_a_negative_saving(tmp_path: Path) -> None:
     from types import SimpleNamespace
 
     from specrun import bench_report
-    from specrun.calibrate import Calibration
+    from specrun.planner_memory import PlannerMemory
     from specrun.speculate.planner import CostCurve, StepCost
 
-    cal = Calibration(tmp_path / "c.json", CostCurve((1, 2), (0.01, 0.02)), {})
+    cal = PlannerMemory(tmp_path / "c.json", CostCurve((1, 2), (0.01, 0.02)), {})
     cal.steps = {"auto": StepCost(cal.cost, per_node=0.014, hidden=-0.049, steps=20),
                  "tree": StepCost(cal.cost, per_node=0.014, hidden=0.189, steps=20)}
     lines = bench_report.calibration_lines(SimpleNamespace(calibrated=lambda: cal, config=SimpleNamespace(draft=None)))
