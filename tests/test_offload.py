@@ -136,8 +136,10 @@ def test_the_disk_is_read_every_pass_and_memory_stays_within_the_budget(models: 
         assert done.passes == 4
         assert done.bytes == 4 * e.transfer().bytes_per_pass > 0
         io_read = _read_bytes() - io_before if io_before is not None else None
-        if io_read is not None and e.stream.direct:  # the kernel agrees: the bytes came off the disk
-            assert io_read >= done.bytes * 0.9
+        if io_read is not None and e.stream.direct:  # the kernel agrees: the bytes came off the disk,
+            # but for what the read-ahead ring had read before the first of these passes began
+            # (at most its slots; the kernel counted those before io_before)
+            assert io_read >= done.bytes - e.stream.buffer_bytes
 
 
 def _read_bytes() -> int | None:
