@@ -17,6 +17,7 @@ from specrun.catalog import HfSource, PypiPartsSource, WheelPart
 from specrun.errors import DiskFullError
 from specrun.pulls import pull
 from specrun.store import Store
+from tests import processes
 from tests.hub_server import HubServer, write_hub_catalog
 from tests.test_cli_run import SPECRUN, assert_one_line_error, invoke
 from tests.test_pull_pypi import DATA as PYPI_DATA
@@ -101,8 +102,8 @@ def test_a_full_disk_on_stdout_is_one_line_and_a_non_zero_exit(tiny_model: Path,
     complaint at exit); `cat` says one line and exits 1."""
     argv = [a.format(model=tiny_model) for a in args]
     with open("/dev/full", "w") as full:
-        done = subprocess.run([*SPECRUN, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
-                              env={**os.environ, "NO_COLOR": "1"})
+        done = processes.run([*SPECRUN, *argv], stdout=full, stderr=subprocess.PIPE, text=True, timeout=120,
+                             env={**os.environ, "NO_COLOR": "1"})
     assert done.returncode == 1, done.stderr
     assert done.stderr.strip().splitlines()[-1] == FULL, done.stderr
     assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
