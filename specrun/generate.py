@@ -17,12 +17,13 @@ from __future__ import annotations
 import codecs
 import time
 from dataclasses import dataclass, field, fields, replace
-from typing import Callable, Iterator
+from typing import Callable, Iterator, Mapping
 
 from specrun.engines.base import Cache, Engine, Logits, Transfer, common_prefix
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
-from specrun.speculate.base import Speculator
+from specrun.speculate.base import Proposal, Speculator
+from specrun.speculate.merge import counts
 from specrun.speculate.tree import DraftTree
 from specrun.speculate.verify import Draw, walk
 
@@ -32,6 +33,20 @@ class GenerationConfig:
     max_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     overlap: bool = False  # the speculator prepares the next tree while the target verifies this one
+
+
+@dataclass(frozen=True)
+class SourceCount:
+    """What one drafter did: nodes it proposed (candidates), of them verified, and accepted.
+    Two drafters proposing one node both count it."""
+
+    proposed: int = 0
+    verified: int = 0
+    accepted: int = 0
+
+    def __add__(self, other: "SourceCount") -> "SourceCount":
+        return SourceCount(self.proposed + other.proposed, self.verified + other.verified,
+                           self.accepted + other.accepted)
 
 
 @dataclass(frozen=True)
@@ -50,6 +65,7 @@ class Step:
     depth: int = 0  # the verified tree's depth (0: plain decoding)
     parallel_s: float = 0.0  # drafting done while the target verified (inside verify_s)
     reused: bool | None = None  # the tree grew from work prepared during the last pass (None: none was)
+    sources: Mapping[str, SourceCount] = field(default_factory=dict)  # per drafter: what it did this step
 
 
 @dataclass
@@ -75,12 +91,18 @@ class GenerationStats:
     stream_busy_s: float = 0.0  # wall time with a read or copy in flight
     stop_reason: str = ""  # "eos", "length", "context" or "interrupted"
     generations: int = 0  # generations counted here: 1, or a chat's replies summed
+    sources: dict[str, SourceCount] = field(default_factory=dict)  # per drafter, summed over the steps
 
     def add(self, other: "GenerationStats") -> None:
         """Accumulate another generation's counts and times (a chat session's totals)."""
         for f in fields(self):
-            if f.name != "stop_reason":
+            if f.name not in ("stop_reason", "sources"):
                 setattr(self, f.name, getattr(self, f.name) + getattr(other, f.name))
+        self.count(other.sources)
+
+    def count(self, sources: Mapping[str, SourceCount]) -> None:
+        for name, c in sources.items():
+            self.sources[name] = self.sources.get(name, SourceCount()) + c
 
     @property
     def decoded_tokens(self) -> int:
@@ -127,6 +149,13 @@ class GenerationStats:
         token counts, since a call produced it."""
         produced = self.generated_tokens + self.eos_tokens
         return produced / self.target_calls if self.target_calls else 0.0
+
+
+def source_counts(proposal: Proposal, path: list[int]) -> dict[str, SourceCount]:
+    """Per drafter: what it proposed for this step, verified of it, and accepted."""
+    found = counts(proposal.keys, path) if len(proposal.keys) == len(proposal.tree) else {}
+    return {name: SourceCount(proposal.proposed.get(name, 0), *found.get(name, (0, 0)))
+            for name in {*proposal.proposed, *found}}
 
 
 def check_prompt(prompt: list[int], n_ctx: int) -> None:
@@ -221,7 +250,7 @@ class Generation:
             t_end = self.clock()
             if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
                 alone = len(tree) == 1 or not cfg.overlap  # model must drop its draft; nothing drafted beside
-                self.speculator.observe(proposal, path, t_end - t_step, t_end - t_draft if alone else None)
+                self.speculator.observe(proposal, path, t_end - t_step, t_end - t_draft if alone else None, logits)
             accepted = [tree.tokens[i] for i in path[1:]]
             committed, done = self._commit(accepted + [pending])  # the pass's own token too: shown now
             stats.target_calls += 1
@@ -233,12 +262,14 @@ class Generation:
             stats.parallel_s += parallel
             stats.prepared_used += reused is True
             stats.prepared_dropped += reused is False
+            sources = source_counts(proposal, path) if proposal is not None else {}
+            stats.count(sources)
             wall = self.clock() - t_step
             stats.decode_s += wall
             self._count_transfer(transfer_start)
             yield self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),
                                    draft_s=t_draft - t_step, verify_s=t_end - t_draft, wall_s=wall,
-                                   depth=max(tree.depths), parallel_s=parallel, reused=reused))
+                                   depth=max(tree.depths), parallel_s=parallel, reused=reused, sources=sources))
         stats.stop_reason = done
         tail = self._decoder.decode(b"", final=True)
         if tail:

@@ -26,7 +26,8 @@ from specrun.errors import ModelFileError
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
-from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats
 from tests.conftest import torch_devices
 from tests.tiny_model import TinySpec, build_tiny_model, dequantized_twin, quantize_model
 
@@ -156,7 +157,7 @@ def generate(target: DraftModel, prompt: str, sampling: SamplingConfig, speculat
 
 def tree(draft, nodes: int = 24) -> PlannedSpeculator:
     # min_prob 0: the tiny models' likeliest token is about 2% likely, below the default threshold
-    return PlannedSpeculator("model", ModelDrafter(draft, ModelDraftConfig(min_prob=0.0)), None, AcceptanceStats(),
+    return PlannedSpeculator("model", [Source("model", ModelDrafter(draft, ModelDraftConfig(min_prob=0.0)), AcceptanceStats())], None,
                              nodes, 6)
 
 

@@ -32,7 +32,8 @@ from specrun.gguf_file import read_gguf
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
-from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats
 from tests import processes
 from tests.tiny_model import TinySpec, build_tiny_model, quantize_model
 
@@ -378,7 +379,7 @@ def test_speculation_on_a_streamed_target_decodes_as_plain_decoding(models: dict
         cache = target.new_cache(128)
         plain = generate(target, cache, PROMPT, sampling)
         drafter = ModelDrafter(DraftModel(draft, draft.new_cache(128)), ModelDraftConfig())
-        tree = PlannedSpeculator("model", drafter, None, AcceptanceStats(), 12, 6)
+        tree = PlannedSpeculator("model", [Source("model", drafter, AcceptanceStats())], None, 12, 6)
         before = target.transfer()
         spec = generate(target, cache, PROMPT, sampling, tree)
         assert spec.tokens == plain.tokens

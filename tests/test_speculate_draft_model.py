@@ -12,7 +12,9 @@ from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import (DraftModel, ModelDraftConfig, ModelDrafter, VocabMismatch,
                                            check_vocab_compatible)
 from specrun.speculate.factory import SpecConfig, make_speculator
-from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
+from specrun.speculate.base import Verified
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats, CostCurve
 from tests.tiny_model import WORDS, TinySpec, build_tiny_model
 
 GREEDY = SamplingConfig(temperature=0)
@@ -29,7 +31,7 @@ def generate(target: DraftModel, prompt, sampling, speculator=None, max_tokens=6
 
 
 def fixed(drafter: ModelDrafter, nodes: int, depth: int) -> PlannedSpeculator:
-    return PlannedSpeculator("model", drafter, None, AcceptanceStats(), nodes, depth)
+    return PlannedSpeculator("model", [Source("model", drafter, AcceptanceStats())], None, nodes, depth)
 
 
 # The tiny model gives its likeliest token about 2%: min_prob 0 lets trees grow all the same.
@@ -109,7 +111,7 @@ def test_a_tree_bigger_than_the_draft_engine_takes_grows_over_several_calls(pair
         assert len(tree) == len(draft.keys) == 60 and 1 <= draft.evaluated <= 15
         assert draft.calls >= 3 and draft.calls == 1 + len(widths) and max(widths) <= 7 and max(tree.depths) >= 3
         assert all(tree.depths[i] == tree.depths[tree.parents[i]] + 1 for i in range(1, len(tree)))
-        drafter.accepted([])
+        drafter.accepted(Verified([0]))
         plain = generate(target, "def fib(n):", GREEDY)
         spec = generate(target, "def fib(n):", GREEDY,
                         fixed(ModelDrafter(DraftModel(small, small.new_cache(1024)), ModelDraftConfig(min_prob=0.0)),
@@ -138,7 +140,7 @@ def test_a_chain_stays_a_chain_and_ends_in_an_unevaluated_leaf(pair) -> None:
     draft = drafter.draft(same.engine.vocab.tokenize("the a the"), 20, 8)
     assert draft.tree.parents == [-1, 0, 1, 2, 3, 4]
     assert (draft.evaluated, draft.calls, max(draft.tree.depths)) == (4, 5, 5)
-    drafter.accepted([])
+    drafter.accepted(Verified([0]))
 
 
 def test_unlikely_candidates_are_not_evaluated(pair) -> None:
@@ -149,12 +151,12 @@ def test_unlikely_candidates_are_not_evaluated(pair) -> None:
     draft = drafter.draft(same.engine.vocab.tokenize("the a the"), 16, 8)
     assert (draft.calls, draft.evaluated) == (1, 0)
     assert len(draft.tree) == 5 and set(draft.tree.parents[1:]) == {0}
-    drafter.accepted([])
+    drafter.accepted(Verified([0]))
     looser = ModelDrafter(same, ModelDraftConfig(min_prob=0.01))
     draft = looser.draft(same.engine.vocab.tokenize("the a the"), 16, 8)
     assert draft.evaluated >= 1  # continuations of 1% and more are...
     assert max(draft.tree.depths) == 2  # ...and theirs, of about 0.02%, are leaves
-    looser.accepted([])
+    looser.accepted(Verified([0]))
 
 
 def test_only_a_new_prompts_prefill_counts_as_the_drafts_catch_up(pair) -> None:
@@ -166,5 +168,5 @@ def test_only_a_new_prompts_prefill_counts_as_the_drafts_catch_up(pair) -> None:
     context = same.engine.vocab.tokenize("def fib(n): return n if n < 2 else fib(n - 1) + fib(n - 2)")
     draft = drafter.draft(context, 8, 4)
     assert draft.catch_up_s > 0  # the whole prompt
-    drafter.accepted([draft.tree.tokens[1]])
+    drafter.accepted(Verified(draft.tree.tokens[:2]))
     assert drafter.draft(context + [draft.tree.tokens[1], 7], 8, 4).catch_up_s == 0.0

@@ -18,7 +18,8 @@ from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.ngram import NgramConfig, NgramDrafter, match_bucket
-from specrun.speculate.planner import AcceptanceStats, PlannedSpeculator
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats
 from specrun.speculate.base import Proposal
 from specrun.speculate.tree import DraftTree
 from tests.fakes import add_path, path_to
@@ -28,7 +29,7 @@ GREEDY = SamplingConfig(temperature=0)
 
 def NgramSpeculator(nodes: int, depth: int = 16) -> PlannedSpeculator:  # noqa: N802 - reads like a class
     """Prompt lookup with a fixed budget: every drafted node verified."""
-    return PlannedSpeculator("ngram", NgramDrafter(), None, AcceptanceStats(), nodes, depth)
+    return PlannedSpeculator("ngram", [Source("ngram", NgramDrafter(), AcceptanceStats())], None, nodes, depth)
 PROMPTS = ["def fib(n): return fib(n", "hello world hello world hello", "the a the a def"]
 
 
@@ -69,7 +70,8 @@ class RandomSpeculator:
                 tree.add(int(self.rng.integers(3, 272)), parent)
         return Proposal(tree)
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+                logits=None) -> None:
         pass
 
 
@@ -86,7 +88,8 @@ class OracleSpeculator:
         add_path(tree, self.full[len(context):len(context) + min(max_depth, self.max_depth)])
         return Proposal(tree)
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+                logits=None) -> None:
         pass
 
 

@@ -26,7 +26,8 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.factory import SpecConfig, make_speculator
-from specrun.speculate.planner import AcceptanceStats, CostCurve, PlannedSpeculator
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats, CostCurve
 from tests.clocks import FakeClock
 from tests.test_speculate_generate import two_sample_chi_square
 
@@ -140,8 +141,7 @@ def generate(target: DraftModel, prompt: str, sampling: SamplingConfig, speculat
 
 
 def tree_speculator(draft, nodes: int = 24, depth: int = 6, clock: Clock = time.perf_counter) -> PlannedSpeculator:
-    return PlannedSpeculator("tree", ModelDrafter(draft, ModelDraftConfig(min_prob=0.0), clock=clock), None,
-                             AcceptanceStats(), nodes, depth, clock=clock)
+    return PlannedSpeculator("tree", [Source("model", ModelDrafter(draft, ModelDraftConfig(min_prob=0.0), clock=clock), AcceptanceStats())], None, nodes, depth, clock=clock)
 
 
 @pytest.mark.parametrize("sampling", [GREEDY, SamplingConfig(temperature=0.8, top_p=0.9, seed=5),
@@ -176,8 +176,7 @@ def test_planned_modes_with_overlap_give_the_plain_output(pair, mode) -> None:
 
 
 def chain_speculator(draft, depth: int = 4, clock: Clock = time.perf_counter) -> PlannedSpeculator:
-    return PlannedSpeculator("chain", ModelDrafter(draft, ModelDraftConfig.chain(depth), clock=clock), None,
-                             AcceptanceStats(), depth + 2, depth + 2, clock=clock)
+    return PlannedSpeculator("chain", [Source("model", ModelDrafter(draft, ModelDraftConfig.chain(depth), clock=clock), AcceptanceStats())], None, depth + 2, depth + 2, clock=clock)
 
 
 def test_a_step_costs_the_longer_of_drafting_and_verifying(pair) -> None:
@@ -235,8 +234,7 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     slow_target, slow_draft = slowed(target, per_call=0.1, clock=clock), slowed(same, per_call=0.07, clock=clock)
     stats = AcceptanceStats()
     stats.counts.update({k: [99, 100] for k in itertools.product(["model"], range(5), range(5))})
-    spec = PlannedSpeculator("tree", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0), clock=clock),
-                             CostCurve((1, 64), (0.1, 0.1)), stats, 8, 4, clock=clock)
+    spec = PlannedSpeculator("tree", [Source("model", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0), clock=clock), stats)], CostCurve((1, 64), (0.1, 0.1)), 8, 4, clock=clock)
     target.engine.rewind(target.cache, 0)
     gen = Generation(slow_target.engine, target.cache, target.engine.vocab.tokenize("def fib(n):"),
                      GenerationConfig(40, GREEDY, True), spec, clock=clock)
@@ -264,7 +262,7 @@ def test_a_draft_says_which_of_its_nodes_were_found_during_the_pass(pair) -> Non
         return made
 
     drafter.draft = recording  # type: ignore[method-assign]
-    spec = PlannedSpeculator("chain", drafter, None, AcceptanceStats(), 6, 6, clock=clock)
+    spec = PlannedSpeculator("chain", [Source("model", drafter, AcceptanceStats())], None, 6, 6, clock=clock)
     generate(slow_target, "def fib(n):", GREEDY, spec, overlap=True, max_tokens=40, clock=clock)
     assert all(not any(marks) for reused, marks, _ in drafts if not reused)
     whole = [marks for reused, marks, calls in drafts if reused and calls == 0]  # nothing drafted after the pass

@@ -16,12 +16,13 @@ from specrun.planner_memory import PlannerMemory, load, memory_path
 from specrun.sampling import SamplingConfig
 from specrun.session import Session, SessionConfig
 from specrun.speculate import auto
-from specrun.speculate.auto import AutoSpeculator, DraftSpeed
+from specrun.speculate.auto import DraftSpeed, ModelGate
 from specrun.speculate.factory import SpecConfig
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.base import Draft, Proposal
-from specrun.speculate.planner import (AcceptanceStats, CostCurve, LearntCurve, PlannedSpeculator, StepCost,
-                                       best_subtree, node_chances)
+from specrun.speculate.merge import chances
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost, best_subtree
 from specrun.speculate.tree import DraftTree
 from tests.clocks import FakeClock
 from tests.fakes import ArrayLogits, add_path
@@ -112,7 +113,7 @@ def test_node_chances_multiply_along_paths() -> None:
     add_path(tree, [1, 2])
     s = AcceptanceStats(explore=0, prior_accept=1, prior_reject=1, confidence=0)
     s.counts["a"] = [8, 8]  # (8 + 1) / (8 + 2) = 0.9
-    assert node_chances(tree, [None, "a", "a"], s) == pytest.approx([1.0, 0.9, 0.81])
+    assert chances(tree, [(), (("s", "a"),), (("s", "a"),)], {"s": s}) == pytest.approx([1.0, 0.9, 0.81])
 
 
 class RecordingSpeculator(PlannedSpeculator):
@@ -122,9 +123,10 @@ class RecordingSpeculator(PlannedSpeculator):
         super().__init__(*args, **kwargs)
         self.seen: list[tuple[DraftTree, list[int]]] = []
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+                logits=None) -> None:
         self.seen.append((proposal.tree, path))
-        super().observe(proposal, path, wall_s, pass_s)
+        super().observe(proposal, path, wall_s, pass_s, logits)
 
 
 def test_planned_speculation_is_exact_and_learns(tiny_model: Path) -> None:
@@ -135,7 +137,7 @@ def test_planned_speculation_is_exact_and_learns(tiny_model: Path) -> None:
         plain = Generation(e, cache, prompt, cfg)
         list(plain)
         stats = AcceptanceStats()
-        spec = RecordingSpeculator("ngram", NgramDrafter(), OFFLOADED, stats, max_depth=8)
+        spec = RecordingSpeculator("ngram", [Source("ngram", NgramDrafter(), stats)], OFFLOADED, max_depth=8)
         gen = Generation(e, cache, prompt, cfg, spec)
         list(gen)
     assert gen.tokens == plain.tokens
@@ -210,7 +212,7 @@ def test_a_costly_drafter_rests_while_nothing_it_drafts_pays() -> None:
     stats = AcceptanceStats()
     stats.counts["bad"] = [0, 50]
     drafter = _CountingDrafter()
-    spec = PlannedSpeculator("tree", drafter, THIS_CPU, stats)
+    spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], THIS_CPU)
     proposed = [len(spec.propose([1, 2, 3], 4, 32).tree) for _ in range(100)]
     assert proposed == [1] * 100  # nothing verified
     assert drafter.calls <= 8  # rests 1, 2, 4, ... 32 steps between tries: log-many drafts, not 100
@@ -248,10 +250,9 @@ def test_auto_prefers_lookup_only_where_its_expected_rate_beats_the_models(model
     stats.counts["lookup"] = [90, 100]
     stats.counts["model"] = [90, 100]
     lookup_drafter, model_drafter = _FixedDrafter(3, "lookup", False), _FixedDrafter(20, "model", True)
-    lookup = PlannedSpeculator("ngram", lookup_drafter, flat, stats)
-    model = PlannedSpeculator("tree", model_drafter, flat, stats)
     speed = DraftSpeed(rate=model_rate, steps=10)
-    spec = AutoSpeculator(lookup, model, flat, speed)
+    spec = PlannedSpeculator("auto", [Source("ngram", lookup_drafter, stats), Source("model", model_drafter, stats)],
+                             flat, 64, gate=ModelGate(flat, speed))
     tree = spec.propose([1, 2, 3], 32, 64).tree
     assert (len(tree) == 4) == lookup_wins  # lookup's chain: ~3.4 tokens per 0.3 s pass = 11 tok/s
     assert model_drafter.calls == (0 if lookup_wins else 1)
@@ -279,13 +280,13 @@ def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, 
         speeds = s.calibrated().speeds
         speeds[tiny_model.name] = DraftSpeed(rate=1e-3, steps=5)  # far slower than plain decoding
         spec = s.speculator(SpecConfig("auto"))
-        assert isinstance(spec, AutoSpeculator) and spec.model is None and s.draft is None
+        assert isinstance(spec, PlannedSpeculator) and spec.costly is None and s.draft is None
         s.speculator(SpecConfig("chain"))
         assert s.draft is not None and s.draft_cache is not None and s.cache is not None
         assert s.draft_cache.n_ctx == s.cache.n_ctx
         speeds[tiny_model.name] = DraftSpeed()
         spec = s.speculator(SpecConfig("auto"))
-        assert isinstance(spec, AutoSpeculator) and spec.model is not None
+        assert isinstance(spec, PlannedSpeculator) and spec.costly is not None
 
 
 def test_overlapped_and_sequential_runs_learn_their_step_costs_apart(tiny_model: Path, tmp_path: Path) -> None:
@@ -297,7 +298,7 @@ def test_overlapped_and_sequential_runs_learn_their_step_costs_apart(tiny_model:
         on, off = (s.speculator(spec) for spec in specs)
         assert isinstance(on, PlannedSpeculator) and isinstance(off, PlannedSpeculator)
         assert on.step_cost is not off.step_cost
-        assert set(s.calibrated().steps) == {"ngram", "tree", "tree, overlapped"}  # lookup prepares nothing
+        assert set(s.calibrated().steps) == {"tree", "tree, overlapped"}
         assert s.speculator(specs[0]).step_cost is on.step_cost  # learnt across runs of a mode
 
 
@@ -415,7 +416,7 @@ def test_a_planned_speculator_charges_drafting_to_the_nodes_not_found_during_the
     stats.counts["model"] = [95, 100]
     clock = FakeClock()
     drafter = _SlowDrafter(6, "model", True, clock)  # 0.05 s a draft
-    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=8, clock=clock)
+    spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], flat, max_nodes=8, clock=clock)
     drafter.prepared = [False, True, True, True, False, False, False]  # the root, then a chain
     proposal = spec.propose([1, 2, 3], 8, 8)
     assert len(proposal.tree) == 7 and proposal.free == 3
@@ -430,7 +431,7 @@ def test_a_planned_speculator_learns_its_step_cost_and_the_next_run_starts_from_
     stats.counts["model"] = [95, 100]
     clock = FakeClock()
     drafter = _SlowDrafter(40, "model", True, clock)
-    spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=64, clock=clock)
+    spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], flat, max_nodes=64, clock=clock)
     assert spec.step_cost is not None and spec.step_cost.steps == 0
     proposal = spec.propose([1, 2, 3], 64, 64)
     tree = proposal.tree
@@ -438,7 +439,7 @@ def test_a_planned_speculator_learns_its_step_cost_and_the_next_run_starts_from_
     step = spec.step_cost
     assert step.steps == 1 and step.kept == len(tree)
     assert step.per_node * len(tree) == pytest.approx(0.05) and step.hidden == pytest.approx(0.3 + 0.05 - 0.8)
-    again = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=64, step_cost=step, clock=clock)
+    again = PlannedSpeculator("tree", [Source("model", drafter, stats)], flat, max_nodes=64, step_cost=step, clock=clock)
     drafter.n = 64
     again_tree = again.propose([1, 2, 3], 64, 64).tree
     assert len(again_tree) - 1 == len(tree) + len(tree) // 4  # not 63: sized from the last run
@@ -460,7 +461,7 @@ def test_a_draft_models_prefill_of_a_new_prompt_is_not_counted_as_drafting_the_t
     stats = AcceptanceStats()
     stats.counts["model"] = [95, 100]
     clock = FakeClock()
-    spec = PlannedSpeculator("tree", _PrefillingDrafter(8, "model", True, clock), flat, stats, max_nodes=16,
+    spec = PlannedSpeculator("tree", [Source("model", _PrefillingDrafter(8, "model", True, clock), stats)], flat, max_nodes=16,
                              clock=clock)
     proposal = spec.propose([1, 2, 3], 16, 16)
     tree = proposal.tree
@@ -469,15 +470,15 @@ def test_a_draft_models_prefill_of_a_new_prompt_is_not_counted_as_drafting_the_t
     assert spec.step_cost is not None and spec.step_cost.steps == 1
     assert spec.step_cost.per_node == 0 and spec.step_cost.hidden == pytest.approx(0)
     # Nor in auto's measured speed of the draft model (it decides whether the model pays at all).
-    model = PlannedSpeculator("tree", _PrefillingDrafter(8, "model", True, clock), flat, stats, max_nodes=16,
-                              clock=clock)
-    lookup = PlannedSpeculator("ngram", _FixedDrafter(0, "lookup", False), flat, stats, clock=clock)
-    auto = AutoSpeculator(lookup, model, flat)
+    gate = ModelGate(flat)
+    auto = PlannedSpeculator("auto", [Source("ngram", _FixedDrafter(0, "lookup", False), stats),
+                                      Source("model", _PrefillingDrafter(8, "model", True, clock), stats)],
+                             flat, max_nodes=16, gate=gate, clock=clock)
     proposal = auto.propose([1, 2, 3], 16, 16)
     tree = proposal.tree
-    assert len(tree) > 1 and proposal.source is model and proposal.catch_up_s == pytest.approx(0.05)
+    assert len(tree) > 1 and proposal.costly and proposal.catch_up_s == pytest.approx(0.05)
     auto.observe(proposal, list(range(len(tree))), wall_s=0.3 + proposal.catch_up_s)
-    assert auto.speed.rate == pytest.approx(len(tree) / 0.3)
+    assert gate.speed.rate == pytest.approx(len(tree) / 0.3)
 
 
 def test_a_drafting_cost_learnt_wrong_is_measured_afresh() -> None:
@@ -492,7 +493,7 @@ def test_a_drafting_cost_learnt_wrong_is_measured_afresh() -> None:
     drafter = _FixedDrafter(8, "model", True)
 
     def run() -> tuple[list[int], list[bool]]:  # 120 steps of a run starting from `step`
-        spec = PlannedSpeculator("tree", drafter, flat, stats, max_nodes=16, step_cost=step, clock=FakeClock())
+        spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], flat, max_nodes=16, step_cost=step, clock=FakeClock())
         sizes, explored = [], []
         for _ in range(120):
             proposal = spec.propose([1, 2, 3], 16, 16)
@@ -520,7 +521,7 @@ def test_a_run_that_learnt_nothing_drafts_a_modest_tree_first_and_grows_it() -> 
     flat = CostCurve((1, 256), (0.3, 0.3))
     stats = AcceptanceStats()
     stats.counts["model"] = [99, 100]
-    spec = PlannedSpeculator("tree", _FixedDrafter(255, "model", True), flat, stats, max_nodes=256, max_depth=256,
+    spec = PlannedSpeculator("tree", [Source("model", _FixedDrafter(255, "model", True), stats)], flat, max_nodes=256, max_depth=256,
                              clock=FakeClock())  # drafting costs nothing
     sizes = []
     for _ in range(8):
@@ -540,7 +541,7 @@ def test_a_contradicted_cost_curve_is_replaced_and_the_trees_follow() -> None:
     idle = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.30, 0.30, 0.31, 0.32, 0.33, 0.35)))
     stats = AcceptanceStats()
     stats.counts["lookup"] = [970, 1000]
-    spec = PlannedSpeculator("ngram", _FixedDrafter(31, "lookup", False), idle, stats, max_nodes=32,
+    spec = PlannedSpeculator("ngram", [Source("ngram", _FixedDrafter(31, "lookup", False), stats)], idle, max_nodes=32,
                              clock=FakeClock())  # drafting costs nothing
     sizes = []
     for step in range(30):
@@ -660,7 +661,7 @@ def test_a_generation_whose_passes_slow_mid_run_replaces_its_curve_and_shrinks_i
     stats.counts["lookup"] = [990, 1000]
     clock = FakeClock()
     engine = _CountingEngine(lambda n: 0.01 + (0.0001 if engine.passes < 7 else 0.006) * n, clock)
-    spec = PlannedSpeculator("ngram", _NextTokenDrafter(63, "lookup", False), curve, stats, max_nodes=64,
+    spec = PlannedSpeculator("ngram", [Source("ngram", _NextTokenDrafter(63, "lookup", False), stats)], curve, max_nodes=64,
                              max_depth=64, clock=clock)
     gen = Generation(engine, engine.new_cache(4096), [1, 2, 3],
                      GenerationConfig(max_tokens=1000, sampling=SamplingConfig(temperature=0)), spec, clock=clock)

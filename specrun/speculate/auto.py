@@ -1,20 +1,21 @@
-"""`--spec auto`: prompt lookup when it pays, the draft model while it is measured to pay.
+"""`--spec auto`: the free sources every step, the draft model while it is measured to pay.
 
-Prompt lookup costs next to nothing to draft, so its planned tree is used
-whenever the planner keeps any of it. The draft model costs a pass per tree
-level, so auto measures the tokens per second of wall time it gives and uses
-it only while that beats plain decoding. What it learns (`DraftSpeed`) is
+Prompt lookup, the suffix index and recycled top-k cost next to nothing to
+draft, so their merged tree is planned every step. The draft model costs a
+pass per tree level, so auto measures the tokens per second of wall time the
+steps it drafted in gave, and lets it draft only while that beats plain
+decoding and the free sources' expected rate. What it learns (`DraftSpeed`) is
 kept across runs with the calibration, so a run can skip loading a draft
 model that does not pay on this machine.
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass, replace
-from typing import Any, Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
 
 from specrun.speculate.base import Proposal
-from specrun.speculate.planner import PassCost, PlannedSpeculator, learn_pass
+from specrun.speculate.planner import PassCost
 
 TRY_STEPS = 3  # steps with the draft model before its rate is trusted
 RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
@@ -81,62 +82,30 @@ class DraftSpeed:
                    None if plain is None else float(plain))
 
 
-class AutoSpeculator:
-    """Per step: prompt lookup when its planned tree pays, else the draft model while its
-    measured tokens per second beat plain decoding; it is tried for a few steps first and
-    again now and then, since what pays changes with the text."""
+class ModelGate:
+    """auto's gate on the draft model (planned.Gate): it drafts while its measured tokens per
+    second beat plain decoding and what the free sources' plan of the step is expected to
+    give; it is tried for a few steps first and again now and then, since what pays changes
+    with the text."""
 
-    name = "auto"
-
-    def __init__(self, lookup: PlannedSpeculator, model: PlannedSpeculator | None, cost: PassCost,
-                 speed: DraftSpeed | None = None) -> None:
-        self.lookup, self.model, self.cost = lookup, model, cost
+    def __init__(self, cost: PassCost, speed: DraftSpeed | None = None) -> None:
+        self.cost = cost
         self.speed = speed if speed is not None else DraftSpeed()
-        self.max_depth = max(lookup.max_depth, model.max_depth if model else 0)
         self._since_model = 0
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
-        """The lookup's proposal, or the draft model's; its `source` is the part that made it
-        (None: a resting step, which says nothing of the model's rate)."""
-        proposal = self.lookup.propose(context, max_depth, max_nodes)
-        if self.model is not None and self._model_pays() and not self._lookup_beats_model(proposal):
-            drafted = self.model.propose(context, max_depth, max_nodes)
-            if not drafted.skipped:
-                proposal = drafted
-            elif len(proposal.tree) == 1:
-                proposal = replace(proposal, source=None)
+    def wants(self, free_rate: float) -> bool:
+        """Where a pass over many tokens costs what one does (an offloaded target), a free plan
+        of a few likely nodes always pays, but the draft model's tree of dozens pays more; on a
+        CPU the model rarely pays and the free sources win when they have anything."""
         self._since_model += 1
-        return proposal
-
-    def warm(self, context: Sequence[int]) -> float:
-        return self.model.warm(context) if self.model is not None else 0.0
-
-    def prepare(self, proposal: Proposal, until: Callable[[], bool]) -> float:
-        return proposal.source.prepare(proposal, until) if proposal.source is not None else 0.0
-
-    def _lookup_beats_model(self, proposal: Proposal) -> bool:
-        """Whether the lookup tree's expected tokens per second (it costs nothing to draft) beat
-        the draft model's measured rate. Where a pass over many tokens costs what one does (an
-        offloaded target), a lookup tree of a few likely nodes always pays, but a draft model's
-        tree of dozens pays more; on a CPU the model rarely pays and lookup wins when it has any."""
-        if len(proposal.tree) == 1:
-            return False
-        rate = self.speed.rate
-        return (rate is not None and self.speed.known
-                and self.lookup.expected_tokens(proposal) / self.cost.cost(len(proposal.tree)) >= rate)
-
-    def _model_pays(self) -> bool:
         plain = 1.0 / self.cost.cost(1)
-        if self._since_model >= RETRY_EVERY and self.speed.close_to(plain):
+        if self._since_model > RETRY_EVERY and self.speed.close_to(plain):
             return True  # close enough that the text may have changed the verdict: look again
-        return self.speed.pays(plain)
+        if not self.speed.pays(plain):
+            return False
+        return not (self.speed.known and free_rate >= (self.speed.rate or 0.0))
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
-        used = proposal.source
-        if used is None:  # a resting step: only its pass is worth learning from
-            learn_pass(self.cost, len(proposal.tree), pass_s)
-            return
-        if used is self.model:  # a new prompt's prefill in the draft is not what drafting costs
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float) -> None:
+        if proposal.costly:  # a new prompt's prefill in the draft is not what drafting costs
             self.speed.record(len(path) / max(wall_s - proposal.catch_up_s, 1e-9), 1.0 / self.cost.cost(1))
             self._since_model = 0
-        used.observe(proposal, path, wall_s, pass_s)

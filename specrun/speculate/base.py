@@ -10,10 +10,13 @@ The generation loop talks to speculators only.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Any, Callable, Hashable, Protocol, Sequence
+from dataclasses import dataclass, field
+from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
+from specrun.engines.base import Logits
 from specrun.speculate.tree import DraftTree
+
+Proposers = tuple[tuple[str, Hashable], ...]  # per node: (source, planner key) of each drafter that proposed it
 
 
 @dataclass(frozen=True)
@@ -31,12 +34,22 @@ class Draft:
 
 
 @dataclass(frozen=True)
+class Verified:
+    """What a target pass settled, for drafters to learn from: the root and the tokens it
+    accepted, and the rows of its logits that follow each (what the target expects after it)."""
+
+    tokens: Sequence[int]  # the root, then the accepted tokens
+    logits: Logits | None = None  # the pass's (valid until the target's next pass)
+    rows: Sequence[int] = ()  # per token, its row in `logits`
+
+
+@dataclass(frozen=True)
 class Proposal:
     """The tree a speculator proposes for one step, and what it needs to learn from the
     outcome: handed back to the same speculator's `prepare` and `observe`."""
 
     tree: DraftTree
-    keys: Sequence[Hashable] = ()  # a planner key per node of `tree`
+    keys: Sequence[Proposers] = ()  # per node of `tree`: who proposed it, with their planner keys
     reused: bool | None = None  # as Draft.reused, for the draft this tree came from
     drafting_s: float = 0.0  # drafting this step waited for (not what was prepared during a pass)
     catch_up_s: float = 0.0  # of it, the drafter's prefill of a new prompt: neither the tree's cost nor hidden
@@ -44,7 +57,9 @@ class Proposal:
     needed: float = 1.0  # the share of the drafting a plan of this size needs (StepCost.observe)
     skipped: bool = False  # resting: nothing was drafted
     explored: bool = False  # verified to measure drafting afresh, not because it paid
-    source: Any = None  # the speculator that made it (auto proposes its parts' trees)
+    source: Any = None  # the speculator that made it
+    proposed: Mapping[str, int] = field(default_factory=dict)  # candidates each drafter drafted
+    costly: bool = False  # a costly drafter (a draft model) drafted it: it may prepare during the pass
 
 
 class Speculator(Protocol):
@@ -69,10 +84,12 @@ class Speculator(Protocol):
         says the pass is back; the seconds spent (0.0: nothing worth doing)."""
         ...
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+                logits: Logits | None = None) -> None:
         """The target accepted `path` (node indices, root first) of the proposal's tree; the step
         took `wall_s` seconds of wall time, drafting included, and the target's pass `pass_s`
-        of them where nothing drafted beside it (None: the draft worked during the pass)."""
+        of them where nothing drafted beside it (None: the draft worked during the pass).
+        `logits`: the pass's rows (row i: node i's), for drafters that recycle them."""
         ...
 
 
@@ -93,6 +110,7 @@ class Drafter(Protocol):
         the step would wait for it."""
         ...
 
-    def accepted(self, tokens: Sequence[int]) -> None:
-        """The target accepted these drafted tokens after the root (a draft model keeps their KV)."""
+    def accepted(self, verified: Verified) -> None:
+        """What the target's pass settled (a draft model keeps the accepted tokens' KV; token
+        recycling keeps the rows)."""
         ...

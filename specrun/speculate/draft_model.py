@@ -32,7 +32,7 @@ from typing import Callable, Hashable, Sequence
 import numpy as np
 
 from specrun.engines.base import Cache, Engine, Logits, Vocab, common_prefix
-from specrun.speculate.base import Draft
+from specrun.speculate.base import Draft, Verified
 from specrun.speculate.overlap import Preparation
 from specrun.speculate.tree import DraftTree
 
@@ -268,8 +268,8 @@ class ModelDrafter:
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return self.preparation.prepare(until, deadline, self.cache.n_ctx)
 
-    def accepted(self, tokens: Sequence[int]) -> None:
-        self.preparation.accepted(tokens)
+    def accepted(self, verified: Verified) -> None:
+        self.preparation.accepted(verified.tokens[1:])
 
 
 class VocabMismatch(ValueError):

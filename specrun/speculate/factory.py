@@ -3,13 +3,17 @@
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Callable, Sequence
 
 from specrun.errors import UsageError
-from specrun.speculate.auto import AutoSpeculator, DraftSpeed
+from specrun.speculate.auto import DraftSpeed, ModelGate
 from specrun.speculate.base import Drafter, Speculator
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.ngram import NgramDrafter
-from specrun.speculate.planner import AcceptanceStats, PassCost, PlannedSpeculator, StepCost
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost
+from specrun.speculate.recycle import RecycleDrafter
+from specrun.speculate.suffix import SuffixDrafter, SuffixIndex
 
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
 OVERLAPS = ("auto", "on", "off")
@@ -38,15 +42,26 @@ class SpecConfig:
         return 1 if self.mode == "none" else self.budget or DEFAULT_NODES
 
 
+@dataclass
+class FreeSources:
+    """What the free drafters read beyond the context, shared by the speculators a session
+    makes: indexes of a corpus and of earlier generations (`shared`). A recycle table
+    belongs to one speculator: a conversation's own, learnt as it goes."""
+
+    shared: Callable[[], Sequence[SuffixIndex]] = lambda: ()
+
+
 def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, AcceptanceStats],
                     draft: DraftModel | None = None, speed: DraftSpeed | None = None,
-                    steps: dict[str, StepCost] | None = None, overlap: bool = False) -> Speculator | None:
+                    steps: dict[str, StepCost] | None = None, overlap: bool = False,
+                    free: FreeSources = FreeSources()) -> Speculator | None:
     """The speculator for `spec`, or None for plain decoding. `stats` gains the acceptance
-    statistics it learns, keyed by drafter ("ngram", "model"); `speed` is what auto learns
-    about the draft model's speed; `steps` what steps cost in wall time, keyed by speculator
-    ("ngram", "chain", "tree") and, for a run that drafts while the target verifies
-    (`overlap`), apart from runs that do not ("tree, overlapped"): their steps cost differently.
-    All persist with the calibration."""
+    statistics it learns, keyed by source ("ngram", "suffix", "recycle", "model"); `speed` is
+    what auto learns about the draft model's speed; `steps` what steps cost in wall time,
+    keyed by speculator ("ngram", "chain", "tree", "auto", and "auto, free" for auto's steps
+    without the draft model) and, for a run that drafts while the target verifies (`overlap`),
+    apart from runs that do not ("tree, overlapped"): their steps cost differently. All
+    persist with the calibration."""
     depth = spec.depth or DEFAULT_DEPTH
     if spec.max_nodes == 1:
         return None
@@ -58,19 +73,27 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
     # nodes where a pass costs about what one token does (an offloaded target), a few on a CPU.
     cap = spec.budget or (cost.max_size if cost is not None and spec.needs_costs else spec.max_nodes)
 
-    def planned(name: str, drafter: Drafter, stats_key: str) -> PlannedSpeculator:
-        key = f"{name}, overlapped" if overlap and drafter.costly else name  # prompt lookup prepares nothing
-        step = steps.setdefault(key, StepCost(plan)) if plan is not None and steps is not None else None
-        return PlannedSpeculator(name, drafter, plan, stats.setdefault(stats_key, AcceptanceStats()), cap, depth, step)
+    def step(key: str) -> StepCost | None:
+        return steps.setdefault(key, StepCost(plan)) if plan is not None and steps is not None else None
 
-    lookup = planned("ngram", NgramDrafter(), "ngram")
+    def source(name: str, drafter: Drafter) -> Source:
+        return Source(name, drafter, stats.setdefault(name, AcceptanceStats()))
+
+    def overlapped(key: str) -> str:
+        return f"{key}, overlapped" if overlap else key  # free drafters prepare nothing
+
+    lookup = source("ngram", NgramDrafter())
     if spec.mode == "ngram":
-        return lookup
+        return PlannedSpeculator("ngram", [lookup], plan, cap, depth, step("ngram"))
     if spec.mode in MODEL_MODES:
         if draft is None:
             raise UsageError(f"--spec {spec.mode} needs a draft model", hint="pass --draft NAME, or use --spec ngram")
         config = ModelDraftConfig.chain(min(depth, 8)) if spec.mode == "chain" else ModelDraftConfig()
-        return planned(spec.mode, ModelDrafter(draft, config), "model")
-    model = planned("tree", ModelDrafter(draft), "model") if draft is not None else None
+        model = source("model", ModelDrafter(draft, config))
+        return PlannedSpeculator(spec.mode, [model], plan, cap, depth, step(overlapped(spec.mode)))
     assert cost is not None
-    return AutoSpeculator(lookup, model, cost, speed)
+    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), source("recycle", RecycleDrafter())]
+    if draft is not None:
+        sources.append(source("model", ModelDrafter(draft)))
+    return PlannedSpeculator("auto", sources, plan, cap, depth, step(overlapped("auto")),
+                             free_step_cost=step("auto, free"), gate=ModelGate(cost, speed) if draft else None)

@@ -22,7 +22,7 @@ from collections import defaultdict
 from dataclasses import dataclass
 from typing import Callable, Hashable, Sequence
 
-from specrun.speculate.base import Draft
+from specrun.speculate.base import Draft, Verified
 from specrun.speculate.tree import DraftTree
 
 
@@ -63,7 +63,7 @@ class NgramDrafter:
             for n in range(self.config.min_ngram, min(self.config.max_ngram, end) + 1):
                 self._index[tuple(ctx[end - n:end])].append(end)
 
-    def accepted(self, tokens: Sequence[int]) -> None:
+    def accepted(self, verified: Verified) -> None:
         pass  # the index grows from the context itself
 
     def warm(self, context: Sequence[int]) -> float:

@@ -26,14 +26,11 @@ rest does. On 2 CPU cores with the target streamed from disk (a model read:
 
 from __future__ import annotations
 
-import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Hashable, Sequence
+from typing import Any, Hashable, Sequence
 
 import numpy as np
 
-from specrun.speculate.base import Drafter, Proposal
-from specrun.speculate.tree import DraftTree
 
 
 @dataclass(frozen=True)
@@ -255,14 +252,6 @@ class AcceptanceStats:
             c[0], c[1] = (c[0] + 1) // 2, (c[1] + 1) // 2
 
 
-def node_chances(tree: DraftTree, keys: Sequence[Hashable], stats: AcceptanceStats) -> list[float]:
-    """P(node accepted) for every node: 1 for the root, parent's chance times the key's rate."""
-    chances = [1.0] * len(tree)
-    for i in range(1, len(tree)):
-        chances[i] = chances[tree.parents[i]] * stats.rate(keys[i])
-    return chances
-
-
 def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None) -> list[int]:
     """Node indices to verify (root first, a connected subtree): the k likeliest non-root
     nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
@@ -275,108 +264,3 @@ def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes:
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return [0] + sorted(order[:best_k])
-
-
-class PlannedSpeculator:
-    """Drafts a candidate tree, then verifies only the subtree that pays on this hardware
-    (`cost` given), or every drafted node (`cost` None: a fixed budget).
-
-    Learns per-key acceptance from what the target accepts; `stats` may be shared and saved."""
-
-    def __init__(self, name: str, drafter: Drafter, cost: PassCost | None, stats: AcceptanceStats,
-                 max_nodes: int = 32, max_depth: int = 16, step_cost: StepCost | None = None, *,
-                 clock: Callable[[], float] = time.perf_counter) -> None:
-        self.name, self.drafter, self.cost, self.stats = name, drafter, cost, stats
-        self.clock = clock  # times drafting (tests pass a fake one; a drafter's own must be the same)
-        self.max_nodes, self.max_depth = max_nodes, max_depth
-        # What the plan maximises over: `step_cost` (shared, kept with the calibration), else learnt here.
-        self.step_cost = step_cost if step_cost is not None else StepCost(cost) if cost is not None else None
-        # Candidates to draft next step when planning: a little more than the last plan kept,
-        # so a costly drafter (a draft model) does not grow nodes that will not be verified.
-        # With nothing learnt, FIRST_DRAFT: trees grow a quarter a step from there while plans
-        # keep them whole (a first draft of 256 nodes took a second on 2 cores, and what it
-        # taught about drafting costs misled the plans after it).
-        step = self.step_cost
-        self._candidates = (self._drafts_for(round(step.kept)) if step is not None and step.steps
-                            else min(max_nodes, self.FIRST_DRAFT))
-        # After a plan that kept nothing, a costly drafter rests for `_rest` steps, doubling
-        # up to MAX_REST while plans stay empty: drafts nobody verifies only cost time.
-        self._rest, self._resting = 1, 0
-        # Proposals since a draft tree was last verified. What earlier runs taught about drafting
-        # costs may be stale (a busy hour, a draft paged out under a memory limit): a run starts
-        # due for one verified tree, so its own first steps measure drafting afresh.
-        self._unverified = self.EXPLORE_EVERY if step is not None and step.steps else 0
-
-    MAX_REST = 32
-    FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
-    EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
-
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
-        self._unverified += 1
-        max_depth, max_nodes = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes)
-        if self.cost is None:
-            draft = self.drafter.draft(context, max_nodes, max_depth)
-            return Proposal(draft.tree, draft.keys, draft.reused, source=self)
-        if self._resting > 0:
-            self._resting -= 1
-            return Proposal(DraftTree.rooted(context[-1]), [("root",)], skipped=True, source=self)
-        limit = min(self._candidates, max_nodes, self.cost.max_size)
-        t0 = self.clock()
-        draft = self.drafter.draft(context, limit, max_depth)
-        drafting_s = self.clock() - t0 - draft.catch_up_s
-        assert self.step_cost is not None
-        chances = node_chances(draft.tree, draft.keys, self.stats)
-        keep = best_subtree(chances, self.step_cost)
-        explored = False
-        if len(keep) == 1 and self.drafter.costly and self._unverified >= self.EXPLORE_EVERY:
-            # Only the learnt drafting cost can rule out what the pass alone would pay for, and
-            # it is learnt from verified trees only: verify one now and then to learn it afresh
-            # (the text, the machine's load, a run's first draft may have set it wrong).
-            keep = best_subtree(chances, self.cost)
-            explored = len(keep) > 1
-        if len(keep) == 1 and self.drafter.costly:
-            self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
-        else:
-            self._rest, self._unverified = 1, 0
-        self._candidates = self._drafts_for(len(keep))
-        prepared = draft.prepared
-        return Proposal(draft.tree.subtree(keep), [draft.keys[i] for i in keep], draft.reused, drafting_s,
-                        draft.catch_up_s, free=sum(1 for i in keep[1:] if i < len(prepared) and prepared[i]),
-                        needed=min(1.0, self._drafts_for(len(keep)) / len(draft.tree)), explored=explored,
-                        source=self)
-
-    @staticmethod
-    def _drafts_for(kept: int) -> int:
-        """Candidates to draft when plans keep about `kept` nodes: a quarter more, so the plan
-        has a choice, but not so many more that the draft model grows nodes nobody verifies
-        (a draft call costs about its level: 15 ms for one node on 2 cores, 39 for two)."""
-        return max(kept + kept // 4 + 1, 3)
-
-    def warm(self, context: Sequence[int]) -> float:
-        return self.drafter.warm(context)
-
-    def prepare(self, proposal: Proposal, until: Callable[[], bool]) -> float:
-        """A costly drafter grows its last draft while the target verifies; lookup has nothing to do."""
-        if proposal.skipped or not self.drafter.costly:
-            return 0.0
-        # When the pass is expected back: its calibrated cost, measured with no draft beside it
-        # (a pass on a GPU or a disk takes about that with one; on shared cores, longer).
-        deadline = self.clock() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
-        return self.drafter.prepare(until, deadline)
-
-    def expected_tokens(self, proposal: Proposal) -> float:
-        """Tokens a proposal is expected to yield, its root's included."""
-        return sum(node_chances(proposal.tree, proposal.keys, self.stats))
-
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None) -> None:
-        """Each node whose parent was accepted was tested: it matched the target's draw or not.
-        `pass_s`: the target's pass, where nothing drafted beside it, corrects the cost curve."""
-        tree, p = proposal.tree, proposal
-        learn_pass(self.cost, len(tree), pass_s)
-        if self.step_cost is not None and not p.skipped:
-            self.step_cost.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
-        accepted = set(path)
-        for i in range(1, len(tree)):
-            if tree.parents[i] in accepted:
-                self.stats.update(p.keys[i], i in accepted)
-        self.drafter.accepted([tree.tokens[i] for i in path[1:]])

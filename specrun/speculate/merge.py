@@ -1,0 +1,82 @@
+"""One tree from every drafter: the union of their tries, each node priced at its best.
+
+Drafters find candidates in different ways (prompt lookup, a suffix index, the
+target's recycled top-k, a draft model) and each is right at its own rate,
+learnt per key. A pass verifies one tree, so their trees are merged: a
+node is a path of tokens from the root, whoever proposed it, and it keeps every
+proposer's key, so each drafter learns from the nodes it proposed. Its chance
+of acceptance given its parent's is the best of its proposers' rates (two
+drafters agreeing is at least as good a sign as the surer one alone). The
+planner then keeps the likeliest nodes the cost curve pays for.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Mapping, Sequence
+
+from specrun.speculate.base import Draft, Proposers
+from specrun.speculate.planner import AcceptanceStats
+from specrun.speculate.tree import DraftTree
+
+
+@dataclass(frozen=True)
+class Merged:
+    tree: DraftTree
+    proposers: list[Proposers]  # per node: (source, key) of every drafter that proposed it; () for the root
+    prepared: list[bool]  # per node: some proposer found it during the previous pass
+
+
+def merge(drafts: Sequence[tuple[str, Draft]]) -> Merged:
+    """The union of the drafts' trees (all rooted at the same token), in the order the drafts
+    come: a node first proposed by a later draft is appended after the earlier drafts' nodes."""
+    if not drafts:
+        raise ValueError("nothing to merge")
+    root = drafts[0][1].tree.tokens[0]
+    tree, proposers, prepared = DraftTree.rooted(root), [()], [False]
+    for source, draft in drafts:
+        if draft.tree.tokens[0] != root:
+            raise ValueError(f"{source} drafted below {draft.tree.tokens[0]}, not the root {root}")
+        where = [0] * len(draft.tree)  # its node -> the merged node
+        for i in range(1, len(draft.tree)):
+            parent = where[draft.tree.parents[i]]
+            node = tree.child(parent, draft.tree.tokens[i])
+            if node is None:
+                node = tree.add(draft.tree.tokens[i], parent)
+                proposers.append(())
+                prepared.append(False)
+            where[i] = node
+            proposers[node] = proposers[node] + ((source, draft.keys[i]),)
+            prepared[node] = prepared[node] or (i < len(draft.prepared) and bool(draft.prepared[i]))
+    return Merged(tree, proposers, prepared)
+
+
+def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
+    """P(accepted | parent accepted): the best of its proposers' learnt rates."""
+    return max(stats[source].rate(key) for source, key in proposers)
+
+
+def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, AcceptanceStats]) -> list[float]:
+    """P(node accepted) for every node: 1 for the root, its parent's chance times its rate."""
+    out = [1.0] * len(tree)
+    for i in range(1, len(tree)):
+        out[i] = out[tree.parents[i]] * rate_of(proposers[i], stats)
+    return out
+
+
+def single(source: str, draft: Draft) -> list[Proposers]:
+    """The proposers of a draft standing alone."""
+    return [()] + [((source, key),) for key in list(draft.keys)[1:]]
+
+
+def counts(proposers: Sequence[Proposers], path: Sequence[int]) -> dict[str, tuple[int, int]]:
+    """Per source: (nodes it proposed in the verified tree, of them accepted on `path`)."""
+    accepted = set(path)
+    out: dict[str, list[int]] = {}
+    for i in range(1, len(proposers)):
+        for source in {s for s, _ in proposers[i]}:
+            c = out.setdefault(source, [0, 0])
+            c[0] += 1
+            c[1] += i in accepted
+    return {s: (v, a) for s, (v, a) in out.items()}
+

@@ -1,0 +1,216 @@
+"""The free drafters (suffix index, token recycling) and the merged tree, against slow references;
+speculative output with each source alone and all together against plain decoding."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+from specrun.generate import Generation, GenerationConfig
+from specrun.sampling import SamplingConfig
+from specrun.speculate.base import Draft, Verified
+from specrun.speculate.draft_model import ModelDrafter
+from specrun.speculate.merge import chances, merge, rate_of
+from specrun.speculate.ngram import NgramDrafter
+from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planner import AcceptanceStats, CostCurve
+from specrun.speculate.recycle import RecycleDrafter, RecycleTable
+from specrun.speculate.suffix import SEPARATOR, SuffixDrafter, SuffixIndex, scan_matches
+from specrun.speculate.tree import DraftTree
+from tests.fakes import ArrayLogits, add_path, path_to
+
+GREEDY = SamplingConfig(temperature=0)
+
+
+# --- the suffix index ------------------------------------------------------------------------
+
+@pytest.mark.parametrize("seed", range(30))
+def test_suffix_matches_agree_with_a_brute_force_scan(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    symbols = int(rng.integers(2, 6))  # few symbols: long and many matches
+    docs = [[int(t) for t in rng.integers(0, symbols, size=int(rng.integers(0, 60)))] for _ in range(rng.integers(1, 4))]
+    index = SuffixIndex(docs)
+    for _ in range(10):
+        if rng.random() < 0.5 and any(docs):  # a tail of a document: a long match exists
+            doc = max(docs, key=len)
+            end = int(rng.integers(1, len(doc) + 1))
+            context = [int(t) for t in rng.integers(0, symbols, size=3)] + doc[:end]
+        else:
+            context = [int(t) for t in rng.integers(0, symbols + 1, size=int(rng.integers(1, 20)))]
+        length, starts = index.matches(context, max_len=8, max_hits=10_000)
+        want_length, want_starts = scan_matches(list(index.stream), context, max_len=8)
+        assert (length, starts) == (want_length, want_starts), (docs, context)
+
+
+def test_suffix_matches_never_cross_documents() -> None:
+    index = SuffixIndex([[1, 2, 3], [4, 5]])
+    assert list(index.stream) == [1, 2, 3, SEPARATOR, 4, 5, SEPARATOR]
+    assert index.matches([3]) == (0, [])  # 3 ends its document: nothing follows it
+    assert index.matches([3, 4]) == (1, [5])  # only the 4 matches: "3 4" spans two documents
+    assert SuffixIndex([]).matches([1]) == (0, [])
+
+
+def test_the_suffix_drafter_builds_a_trie_with_counts() -> None:
+    # "7 8" was followed by 1 2 three times and by 1 3 once, and by 5 once.
+    context = [7, 8, 1, 2, 0, 7, 8, 1, 2, 0, 7, 8, 1, 3, 0, 7, 8, 5, 0, 7, 8, 1, 2, 0, 9, 7, 8]
+    draft = SuffixDrafter().draft(context, max_nodes=32, max_depth=2)
+    tree = draft.tree
+    one = tree.child(0, 1)
+    assert one is not None and tree.child(0, 5) is not None
+    assert tree.child(one, 2) is not None and tree.child(one, 3) is not None
+    two, three, five = tree.child(one, 2), tree.child(one, 3), tree.child(0, 5)
+    # keys: ("suffix", match bucket, share of the parent's occurrences bucket, depth)
+    assert draft.keys[one][2] == 3 and draft.keys[five][2] == 0  # 4 of 5 (0.8), 1 of 5 (0.2)
+    assert draft.keys[two][2] == 3 and draft.keys[three][2] == 1  # 3 of 4, 1 of 4
+    assert all(k[0] == "suffix" and k[1] == 2 for k in draft.keys[1:])  # "9 7 8" is only the end: "7 8"
+    small = SuffixDrafter().draft(context, max_nodes=3, max_depth=4)
+    assert [small.tree.tokens[i] for i in path_to(small.tree, 2)] == [8, 1, 2]  # the likeliest two nodes
+
+
+def test_the_suffix_drafter_reads_shared_indexes() -> None:
+    corpus = SuffixIndex([[10, 11, 12, 13, 14]])
+    drafter = SuffixDrafter(lambda: [corpus])
+    tree = drafter.draft([5, 10, 11], max_nodes=8, max_depth=3).tree
+    assert [tree.tokens[i] for i in path_to(tree, len(tree) - 1)] == [11, 12, 13, 14]
+    assert len(SuffixDrafter().draft([5, 10, 11], max_nodes=8, max_depth=3).tree) == 1
+
+
+# --- token recycling -------------------------------------------------------------------------
+
+def test_the_recycle_table_keeps_each_tokens_latest_top_k() -> None:
+    rng = np.random.default_rng(0)
+    table, reference = RecycleTable(k=4), {}
+    for _ in range(50):
+        logits = rng.normal(size=(6, 40)).astype(np.float32)
+        tokens = [int(t) for t in rng.integers(0, 10, size=3)]
+        rows = [int(r) for r in rng.choice(6, size=3, replace=False)]
+        table.learn(Verified(tokens, ArrayLogits(logits), rows))
+        for tok, row in zip(tokens, rows):  # the slow way: a full sort of the row
+            reference[tok] = list(np.argsort(-logits[row], kind="stable")[:4])
+    assert {t: list(v) for t, v in table.successors.items()} == reference
+
+
+def test_the_recycle_drafter_grows_breadth_first_through_the_table() -> None:
+    drafter = RecycleDrafter(RecycleTable(k=8))
+    drafter.table.successors = {1: np.arange(10, 18, dtype=np.int32), 10: np.array([20, 21, 22, 23], dtype=np.int32),
+                                11: np.array([30, 31], dtype=np.int32), 20: np.array([40], dtype=np.int32)}
+    draft = drafter.draft([5, 1], max_nodes=64, max_depth=8)
+    tree = draft.tree
+    assert [tree.tokens[i] for i in range(1, 9)] == list(range(10, 18))  # width 8 at the root
+    assert sorted(tree.tokens[i] for i in range(len(tree)) if tree.parents[i] == 1) == [20, 21, 22, 23]
+    assert sorted(tree.tokens[i] for i in range(len(tree)) if tree.parents[i] == 2) == [30, 31]
+    forty = tree.tokens.index(40)
+    assert [tree.tokens[i] for i in path_to(tree, forty)] == [1, 10, 20, 40]
+    assert draft.keys[1] == ("recycle", 0, 1) and draft.keys[8] == ("recycle", 4, 1)
+    assert len(drafter.draft([5, 1], max_nodes=5, max_depth=8).tree) == 5
+    assert len(drafter.draft([5, 2], max_nodes=5, max_depth=8).tree) == 1  # nothing recycled after 2
+
+
+# --- one tree from every drafter --------------------------------------------------------------
+
+def _random_draft(rng: np.random.Generator, root: int, key: str) -> Draft:
+    tree = DraftTree.rooted(root)
+    for _ in range(int(rng.integers(0, 12))):
+        parent = int(rng.integers(len(tree)))
+        if tree.child(parent, tok := int(rng.integers(0, 4))) is None:
+            tree.add(tok, parent)
+    return Draft(tree, [("root",)] + [(key, tree.depths[i] % 2) for i in range(1, len(tree))])
+
+
+def _paths(tree: DraftTree) -> set[tuple[int, ...]]:
+    return {tuple(tree.tokens[j] for j in path_to(tree, i)) for i in range(len(tree))}
+
+
+@pytest.mark.parametrize("seed", range(20))
+def test_a_merged_tree_is_the_union_of_its_sources_with_each_nodes_best_price(seed: int) -> None:
+    rng = np.random.default_rng(seed)
+    names = ["ngram", "suffix", "recycle", "model"][: int(rng.integers(1, 5))]
+    drafts = [(name, _random_draft(rng, 9, name)) for name in names]
+    stats = {}
+    for name in names:
+        stats[name] = AcceptanceStats(explore=0)
+        for parity in (0, 1):
+            stats[name].counts[(name, parity)] = [int(rng.integers(0, 20)), 20]
+    merged = merge(drafts)
+    assert _paths(merged.tree) == set().union(*(_paths(d.tree) for _, d in drafts))
+    assert len(merged.tree) == len(_paths(merged.tree))  # each path once
+    found = chances(merged.tree, merged.proposers, stats)
+    for i in range(1, len(merged.tree)):
+        path = tuple(merged.tree.tokens[j] for j in path_to(merged.tree, i))
+        who = {name for name, d in drafts if path in _paths(d.tree)}
+        assert {s for s, _ in merged.proposers[i]} == who
+        best = max(stats[name].rate(k) for name, k in merged.proposers[i])
+        assert found[i] == pytest.approx(found[merged.tree.parents[i]] * best)
+        assert rate_of(merged.proposers[i], stats) == best
+
+
+# --- speculative output equals plain output ---------------------------------------------------
+
+@pytest.fixture(scope="module")
+def engine(tiny_model: Path):
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=63)) as e:
+        yield e
+
+
+def _generate(engine, cache, prompt: list[int], sampling: SamplingConfig, speculator=None, max_tokens: int = 48):
+    engine.rewind(cache, 0)
+    gen = Generation(engine, cache, prompt, GenerationConfig(max_tokens, sampling), speculator)
+    for _ in gen:
+        pass
+    return gen
+
+
+def _sources(which: str, draft=None) -> list[Source]:
+    made = {"ngram": lambda: NgramDrafter(), "suffix": lambda: SuffixDrafter(),
+            "recycle": lambda: RecycleDrafter(), "model": lambda: ModelDrafter(draft)}
+    names = list(made) if which == "all" else [which]
+    return [Source(n, made[n](), AcceptanceStats()) for n in names if n != "model" or draft is not None]
+
+
+PROMPT = "def fib(n): return fib(n - 1) + fib(n"
+
+
+@pytest.mark.parametrize("which", ["ngram", "suffix", "recycle", "model", "all"])
+@pytest.mark.parametrize("planned", [False, True])
+def test_greedy_output_equals_plain_with_each_source_and_all(engine, pair, which: str, planned: bool) -> None:
+    cache = engine.new_cache(512)
+    prompt = engine.vocab.tokenize(PROMPT)
+    plain = _generate(engine, cache, prompt, GREEDY)
+    _, same, _ = pair
+    flat = CostCurve((1, 64), (0.01, 0.011)) if planned else None  # a pass over 64 tokens costs one's
+    spec = PlannedSpeculator(which, _sources(which, same), flat, 24, 8)
+    out = _generate(engine, cache, prompt, GREEDY, spec)
+    assert out.tokens == plain.tokens and out.text == plain.text
+    assert out.stats.drafted_tokens > 0
+    proposed = out.stats.sources
+    assert set(proposed) <= {s.name for s in spec.sources} and proposed
+    for name, c in proposed.items():
+        assert c.accepted <= c.verified and (planned or c.verified <= c.proposed)
+    if which in ("model", "all"):
+        assert out.stats.accepted_tokens > 0  # the same weights draft: their guesses come true
+
+
+@pytest.mark.parametrize("seed", [1, 2])
+def test_seeded_sampling_equals_plain_with_all_sources(engine, pair, seed: int) -> None:
+    cache = engine.new_cache(512)
+    prompt = engine.vocab.tokenize("hello world hello world hello")
+    sampling = SamplingConfig(temperature=0.9, top_p=0.95, seed=seed)
+    plain = _generate(engine, cache, prompt, sampling)
+    spec = PlannedSpeculator("all", _sources("all", pair[2]), None, 16, 6)
+    out = _generate(engine, cache, prompt, sampling, spec)
+    assert out.tokens == plain.tokens and out.stats.drafted_tokens > 0
+
+
+def test_recycled_rows_come_from_the_target_pass() -> None:
+    """After a pass, the table holds the target's top-k at every token on the accepted path."""
+    tree = DraftTree.rooted(3)
+    add_path(tree, [4, 5])
+    logits = np.zeros((3, 16), dtype=np.float32)
+    for row, best in enumerate((4, 5, 9)):
+        logits[row, best] = 5.0
+    drafter = RecycleDrafter()
+    drafter.accepted(Verified([3, 4, 5], ArrayLogits(logits), [0, 1, 2]))
+    assert [int(drafter.table.successors[t][0]) for t in (3, 4, 5)] == [4, 5, 9]
