@@ -120,6 +120,7 @@ class RunResult:
     differs_at: int | None = None  # first token that differs from plain, None if identical
     top2_margin: float | None = None  # target's top-2 logit margin there (greedy)
     failed: str | None = None  # the mode could not run this prompt (its worker was killed, ...)
+    sources: dict[str, list[int]] = field(default_factory=dict)  # per drafter: [proposed, verified, accepted]
 
 
 @dataclass(frozen=True)
@@ -187,7 +188,8 @@ class SessionRunner:
             tokens_per_call=s.tokens_per_call, depths=depths, bytes_per_pass=s.bytes_per_pass,
             read_s_per_pass=s.stream_busy_s / s.streamed_passes if s.streamed_passes else 0.0,
             overlap=overlap, parallel_s=s.parallel_s, prepared_used=s.prepared_used,
-            prepared_dropped=s.prepared_dropped)
+            prepared_dropped=s.prepared_dropped,
+            sources={name: [c.proposed, c.verified, c.accepted] for name, c in s.sources.items()})
 
     def margin(self, context: list[int]) -> float:
         self.session.forget()

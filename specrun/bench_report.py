@@ -4,11 +4,15 @@ from __future__ import annotations
 
 import os
 import statistics
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any
 
 from specrun.bench import BenchConfig, Mode, RunResult
 from specrun.session import Session
+
+SOURCE_NAMES = {"ngram": "prompt lookup", "suffix": "suffix index", "recycle": "recycled top-k",
+                "model": "draft model"}
+
 
 @dataclass(frozen=True)
 class ModeSummary:
@@ -36,6 +40,7 @@ class ModeSummary:
     accepted_histogram: dict[int, int]  # accepted drafted tokens per call -> calls
     failed: int = 0  # runs that could not finish (a worker killed under --memory-limit, ...)
     peak_bytes: int | None = None  # --memory-limit: the most memory its cgroup held, page cache included
+    sources: dict[str, list[int]] = field(default_factory=dict)  # per drafter: [proposed, verified, accepted]
 
 
 def summarize(results: list[RunResult], modes: list[Mode],
@@ -78,8 +83,17 @@ def summarize(results: list[RunResult], modes: list[Mode],
                           "top2_margin": r.top2_margin} for r in rs if r.differs_at is not None],
             accepted_histogram=dict(sorted(hist.items())),
             failed=sum(r.failed is not None for r in every), peak_bytes=peaks.get(mode.key) if peaks else None,
+            sources=_sources(rs),
         ))
     return out
+
+
+def _sources(results: list[RunResult]) -> dict[str, list[int]]:
+    out: dict[str, list[int]] = {}
+    for r in results:
+        for name, c in r.sources.items():
+            out[name] = [a + b for a, b in zip(out.get(name, [0, 0, 0]), c)]
+    return dict(sorted(out.items()))
 
 
 def _share(used: int, dropped: int) -> float | None:
@@ -101,8 +115,7 @@ def calibration_lines(session: Session) -> list[str]:
         accepted = sum(c[0] for c in stats.counts.values())
         tested = sum(c[1] for c in stats.counts.values())
         if tested:
-            rates.append(f"{'prompt lookup' if name == 'ngram' else 'draft model'} {accepted / tested:.0%} "
-                         f"of {tested}")
+            rates.append(f"{SOURCE_NAMES.get(name, name)} {accepted / tested:.0%} of {tested}")
     if rates:
         lines.append("drafted nodes accepted lately: " + ", ".join(rates))
     for name, step in sorted(cal.steps.items()):
@@ -117,7 +130,7 @@ def calibration_lines(session: Session) -> list[str]:
     model_speed = cal.speeds.get(draft.name) if draft else None
     if model_speed is not None and model_speed.rate:
         plain = 1.0 / cost.cost(1)
-        verdict = "pays" if model_speed.pays(plain) else "does not pay: auto keeps to prompt lookup"
+        verdict = "pays" if model_speed.pays(plain) else "does not pay: auto keeps to the free drafters"
         lines.append(f"the draft model's measured rate {model_speed.rate:.1f} tok/s, {model_speed.speedup(plain):.2f}x "
                      f"plain decoding measured with it: it {verdict}")
     return lines
@@ -125,7 +138,10 @@ def calibration_lines(session: Session) -> list[str]:
 
 def summary_lines(summaries: list[ModeSummary]) -> list[str]:
     """The tree sizes each mode verified, and what overlap prepared."""
-    lines = [f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average (at most "
+    lines = [f"{s.mode}: " + "; ".join(f"{SOURCE_NAMES.get(n, n)} proposed {p}, verified {v}, accepted {a}"
+                                       for n, (p, v, a) in s.sources.items())
+             for s in summaries if s.sources and s.mode != "plain"]
+    lines += [f"{s.mode}: verified {s.mean_tree:.2f} nodes per target call on average (at most "
              f"{s.max_tree}), trees {s.mean_depth:.1f} deep, {s.tokens_per_call or 0:.2f} tokens per call"
              for s in summaries if s.mean_tree is not None and s.mode != "plain"]
     return lines + [f"{s.mode}: the draft worked {s.parallel_s_per_pass:.3f} s during each target pass; "

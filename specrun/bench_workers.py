@@ -42,6 +42,7 @@ class WorkerSpec:
     needed_ctx: int
     target_placement: dict[str, Any] = field(default_factory=dict)  # Placement's fields
     draft_placement: dict[str, Any] = field(default_factory=dict)
+    corpus: str | None = None  # --corpus: its index is kept in the store, so the parent built it once
 
     def config(self) -> BenchConfig:
         return BenchConfig(self.max_tokens, 1, SamplingConfig(**self.sampling))
@@ -82,6 +83,11 @@ def serve(spec: WorkerSpec, inp: TextIO, out: TextIO) -> int:
             session = Session(config, lambda line: say({"notice": line}))
             closers.append(session.close)
             session.open(session.n_ctx)
+            if spec.corpus is not None:
+                from specrun.corpus import load_corpus
+
+                session.corpus = load_corpus(Path(spec.corpus), session.target.vocab, Path(spec.home) / "corpus",
+                                             lambda line: say({"notice": line}))
             if mode.spec.needs_costs:
                 session.calibrated()
             runner = SessionRunner(session, mode, spec.config())  # type: ignore[assignment]

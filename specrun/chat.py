@@ -216,4 +216,5 @@ class Chat:
             self.history.append({"role": "assistant", "content": gen.text})
             self.last = gen.stats
             self.totals.add(gen.stats)
+            self.session.remember(gen.tokens)  # for the suffix drafter of other conversations too
             self.session.save()

@@ -23,7 +23,8 @@ from specrun.memory_limit import MemoryLimit
 from specrun.planner_memory import PlannerMemory
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import DraftModel, VocabMismatch, check_vocab_compatible
-from specrun.speculate.factory import MODEL_MODES, SpecConfig, make_speculator
+from specrun.speculate.factory import MODEL_MODES, FreeSources, SpecConfig, make_speculator
+from specrun.speculate.suffix import SuffixIndex
 from specrun.speculate.overlap import measure_overlap, should_overlap
 
 
@@ -82,6 +83,9 @@ class Session:
         self.draft_cache: Cache | None = None  # the draft's, as long as the target's, once the draft loads
         self.calibration: PlannerMemory | None = None
         self.unsaved = False  # the store could not keep what was measured (said once)
+        self.corpus: SuffixIndex | None = None  # --corpus: what the suffix drafter reads beside the context
+        self._earlier: list[list[int]] = []  # this session's earlier generations (`remember`)
+        self._earlier_index: SuffixIndex | None = None
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -200,7 +204,20 @@ class Session:
             if speed.should_load(1.0 / cal.cost.cost(1)):
                 draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
-                               cal.steps if cal else None, self.overlaps(spec))
+                               cal.steps if cal else None, self.overlaps(spec), FreeSources(self._indexes))
+
+    def remember(self, tokens: list[int]) -> None:
+        """A generation this session made (a reply, with what it answered): the suffix drafter of
+        every later speculator reads it, as a conversation's own context does its earlier turns."""
+        if tokens:
+            self._earlier.append(list(tokens))
+            self._earlier_index = None
+
+    def _indexes(self) -> list[SuffixIndex]:
+        """What the free drafters read beside the context: the corpus, earlier generations."""
+        if self._earlier and self._earlier_index is None:
+            self._earlier_index = SuffixIndex(self._earlier)
+        return [i for i in (self.corpus, self._earlier_index) if i is not None]
 
     def overlaps(self, spec: SpecConfig) -> bool:
         """Whether to draft while the target verifies (overlap.should_overlap; never for plain

@@ -153,7 +153,12 @@ def test_every_spec_mode_prints_the_plain_greedy_text(tiny_model: Path) -> None:
         data = json.loads(result.stdout)
         assert data["text"] == plain["text"], extra
         assert set(data["speculation"]) == {"mode", "target_calls", "drafted", "accepted", "tokens_per_call",
-                                            "nodes_per_pass", "depth_per_pass"}
+                                            "nodes_per_pass", "depth_per_pass", "sources"}
+        sources = data["speculation"]["sources"]  # per drafter: what it proposed, got verified and accepted
+        assert sum(c["verified"] for c in sources.values()) >= data["speculation"]["drafted"]
+        assert all(0 <= c["accepted"] <= c["verified"] for c in sources.values()), sources
+        if extra[:2] == ["--spec", "auto"]:
+            assert {"ngram", "suffix", "recycle"} <= set(sources), sources
         assert data["timings"]["draft_s"] >= 0 and data["timings"]["verify_s"] > 0
 
 

@@ -19,7 +19,7 @@ from specrun.chat import ChatTemplate
 from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import echo, err, friendly, notice, print_stdout, write_report
-from specrun.cli.models import resolve
+from specrun.cli.models import resolve, use_corpus
 from specrun.engines import engine_for
 from specrun.errors import UsageError
 from specrun.memory_limit import gib
@@ -30,8 +30,9 @@ from specrun.workloads import load_workload
 @friendly
 def bench(
     model: str = typer.Argument(DEFAULT_TARGET, help="Target: catalog name or GGUF path."),
-    workload: str = typer.Option("humaneval", "--workload", "-w", help="humaneval, chat, or a JSONL file of "
-                                 "prompts ({\"prompt\": ...} or {\"messages\": [...]} per line)."),
+    workload: str = typer.Option("humaneval", "--workload", "-w", help="humaneval, chat, rewrite (code rewrites "
+                                 "whose output repeats the input: where prompt lookup and suffix drafting pay), or a "
+                                 "JSONL file of prompts ({\"prompt\": ...} or {\"messages\": [...]} per line)."),
     n_prompts: Optional[int] = typer.Option(10, "--n-prompts", min=1, help="Prompts from the workload."),
     max_tokens: int = typer.Option(128, "--max-tokens", "-n", min=1, help="Tokens per run."),
     repeats: int = typer.Option(1, "--repeats", min=1, help="Rounds over the prompts."),
@@ -55,6 +56,7 @@ def bench(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    corpus: Optional[Path] = O.CORPUS,
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Run every mode, llama.cpp's peer "
                                                "included, in a process of its own inside this much memory (e.g. "
                                                "1.1G; a child memory cgroup) and report each one's peak."),
@@ -86,9 +88,9 @@ def bench(
         notice("llama-cpp-python's prompt lookup drafts 2 tokens per step on a CPU (10 with a GPU), as its README "
                "advises")
     if limit is None:
-        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed)
+        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed, corpus)
     else:
-        summaries, results, planner = _in_limits(models, chosen, places, config, prompts, needed, limit)
+        summaries, results, planner = _in_limits(models, chosen, places, config, prompts, needed, limit, corpus)
     _print_bench(models.label, workload, len(prompts), config, summaries, planner, limit)
     if json_path is not None:
         data = R.to_json(config, workload, models.label, models.draft.name if models.draft else None, threads,
@@ -120,7 +122,7 @@ def _progress(total: int, n_modes: int) -> tuple[Progress, Callable[[str, str], 
 
 
 def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
-                needed: int) -> Any:
+                needed: int, corpus: Optional[Path]) -> Any:
     """Every mode on one session in this process (the peers beside it)."""
     specs = [m.spec for m in chosen if m.spec is not None]
     runners: dict[str, Any] = {}
@@ -129,6 +131,7 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
         template = ChatTemplate.of_model(models.target, vocab) if any(p.messages for p in prompts) else None
         tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]
         session.open(session.n_ctx)
+        use_corpus(session, corpus, models.store)
         session.calibrated()
         assert session.cache is not None
         n_ctx = session.cache.n_ctx
@@ -154,7 +157,7 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
 
 
 def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
-               needed: int, limit: int) -> Any:
+               needed: int, limit: int, corpus: Optional[Path]) -> Any:
     """Every mode in a worker process inside a child memory cgroup of `limit` bytes."""
     from specrun.bench_workers import WorkerRunner, WorkerSpec, placement_fields
     from specrun.engines.llamacpp import VocabOnly
@@ -170,12 +173,17 @@ def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchCo
         template = ChatTemplate.of_model(models.target, vocab_file.vocab) if any(p.messages for p in prompts) else None
         tokens = [(p.id, _tokens(p, vocab_file.vocab, template)) for p in prompts]
         piece = vocab_file.vocab.piece
+        if corpus is not None:  # indexed (and kept) here once, not by every worker in its limit
+            from specrun.corpus import load_corpus
+
+            load_corpus(corpus, vocab_file.vocab, models.store.root / "corpus", notice)
         evict_from_page_cache(*(f for f in (models.target, models.draft) if f is not None))  # each pays its own reads
         for m in chosen:
             notice(f"starting {m.label} in a {gib(limit)} memory cgroup…")
             spec = WorkerSpec(m.key, str(models.target), str(models.draft) if models.draft else None,
                               str(models.store.root), config.max_tokens, config.sampling.__dict__, needed,
-                              placement_fields(places[0]), placement_fields(places[1]))
+                              placement_fields(places[0]), placement_fields(places[1]),
+                              str(corpus.resolve()) if corpus is not None else None)
             runners[m.key] = WorkerRunner(spec, limit, notice)
             if runners[m.key].failed:
                 notice(f"{m.label}: {runners[m.key].failed}")

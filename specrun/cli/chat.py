@@ -12,7 +12,7 @@ from specrun.chat import Chat, ChatConfig, ChatTemplate
 from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import clean_text, err, friendly, notice, print_error, stats_line, stream
-from specrun.cli.models import resolve
+from specrun.cli.models import resolve, use_corpus
 from specrun.errors import UsageError
 from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
@@ -48,6 +48,7 @@ def chat(
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
+    corpus: Optional[Path] = O.CORPUS,
     budget: str = O.BUDGET,
     depth: Optional[int] = O.DEPTH,
     overlap: str = O.OVERLAP,
@@ -61,6 +62,7 @@ def chat(
     with models.session([spec_cfg], *places, ctx=ctx) as session:
         template = ChatTemplate.of_model(models.target, session.target.vocab)
         session.open(session.n_ctx)
+        use_corpus(session, corpus, models.store)
         config = ChatConfig(spec_cfg, GenerationConfig(max_tokens, SamplingConfig(temperature, top_p, seed)), system)
         conversation = Chat(session, template, config, notice=notice)
         interactive = sys.stdin.isatty()

@@ -152,6 +152,14 @@ def stats_line(s: GenerationStats, mode: str) -> str:
             f"call, {s.accepted_tokens}/{s.drafted_tokens} drafted tokens accepted{trees} ({mode})")
 
 
+def sources_line(s: GenerationStats) -> str | None:
+    """Per drafter: nodes proposed, verified and accepted (a node two drafters proposed counts for both)."""
+    if not s.sources:
+        return None
+    return "drafters: " + "; ".join(f"{name} {c.proposed} proposed, {c.verified} verified, {c.accepted} accepted"
+                                    for name, c in sorted(s.sources.items()))
+
+
 def stream_line(s: GenerationStats) -> str | None:
     """What streaming the weights cost (offloaded targets): bytes per pass, a verify pass's time
     against the time its reads were in flight, and the rate the disk or link delivered."""
@@ -195,7 +203,9 @@ def spec_json(mode: str, stats: GenerationStats) -> dict[str, Any]:
     nodes, depth = stats.tree_shape
     return {"mode": mode, "target_calls": stats.target_calls, "drafted": stats.drafted_tokens,
             "accepted": stats.accepted_tokens, "tokens_per_call": round(stats.tokens_per_call, 3),
-            "nodes_per_pass": round(nodes, 2), "depth_per_pass": round(depth, 2)}
+            "nodes_per_pass": round(nodes, 2), "depth_per_pass": round(depth, 2),
+            "sources": {name: {"proposed": c.proposed, "verified": c.verified, "accepted": c.accepted}
+                        for name, c in sorted(stats.sources.items())}}
 
 
 def timings_json(stats: GenerationStats) -> dict[str, float]:

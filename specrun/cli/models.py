@@ -104,6 +104,20 @@ def _draft_path(target: str, draft: str | None, spec: str, catalog: Catalog, sto
     return path
 
 
+def use_corpus(session: Session, folder: Path | None, store: Store) -> None:
+    """--corpus: the folder's index (built with a bar the first time, kept in the store) for
+    the session's suffix drafter."""
+    if folder is None:
+        return
+    from specrun.corpus import load_corpus
+
+    columns = (TextColumn("tokenizing the corpus"), BarColumn(), TextColumn("{task.completed}/{task.total} files"))
+    with Progress(*columns, console=err, transient=True, disable=not err.is_terminal) as bar:
+        task = bar.add_task("corpus", total=None)
+        session.corpus = load_corpus(folder, session.target.vocab, store.root / "corpus", notice,
+                                     lambda done, total: bar.update(task, completed=done, total=total))
+
+
 class _RichProgress:
     """The store's progress protocol drawn as a Rich bar on stderr (nothing when stderr is not a terminal)."""
 

@@ -38,6 +38,8 @@ SPEC = typer.Option("auto", "--spec", help="Speculation: auto, none, ngram (prom
                     "(draft model).")
 DRAFT = typer.Option(None, "--draft", help="Draft model (default: the catalog's recommended one).")
 NO_DRAFT = typer.Option(False, "--no-draft", help="Never use a draft model.")
+CORPUS = typer.Option(None, "--corpus", help="A folder of your own text or code: the suffix drafter also "
+                      "continues the way it does (indexed once with the target's tokenizer, kept in the store).")
 BUDGET = typer.Option("auto", "--budget", help="Draft tree nodes per step (root included), or auto.")
 OVERLAP = typer.Option("auto", "--overlap", help="Draft while the target verifies: on, off, or auto (on where "
                        "the target leaves the CPU to the draft, e.g. on a GPU; where both share the CPU, only "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sys
 import time
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -12,8 +13,9 @@ import typer
 from specrun.cli import options as O
 from specrun.cli.app import app
 from specrun.cli.console import (clean_text, echo, err, friendly, notice, overlap_json, overlap_line, spec_json,
-                                 stats_line, stream, stream_json, stream_line, timings_json, warn)
-from specrun.cli.models import resolve
+                                 sources_line, stats_line, stream, stream_json, stream_line, timings_json,
+                                 warn)
+from specrun.cli.models import resolve, use_corpus
 from specrun.engines.memory_plan import describe_plan_json
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
@@ -59,6 +61,7 @@ def run(
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
+    corpus: Optional[Path] = O.CORPUS,
     budget: str = O.BUDGET,
     depth: Optional[int] = O.DEPTH,
     overlap: str = O.OVERLAP,
@@ -78,6 +81,7 @@ def run(
     with models.session([spec_cfg], *places, ctx=ctx, needed_ctx=needed) as session:
         tokens = session.target.vocab.tokenize(text, parse_special=False)  # the user's text is text, as in chat
         check_prompt(tokens, session.open(session.n_ctx).n_ctx)  # before any calibration work
+        use_corpus(session, corpus, models.store)
         speculator = session.speculator(spec_cfg)
         sampling = SamplingConfig(temperature=temperature, top_p=top_p, seed=seed)
         config = GenerationConfig(max_tokens, sampling, overlap=session.overlaps(spec_cfg))
@@ -114,6 +118,8 @@ def run(
                   f"s, drafting {stats.draft_s:.2f} s, verifying {stats.verify_s:.2f} s[/]")
         notice("memory: " + "; ".join(plan.describe()))
         for line in replaced:
+            notice(line)
+        if (line := sources_line(stats)) is not None:
             notice(line)
         if (line := stream_line(stats)) is not None:
             notice(line)
