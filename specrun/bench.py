@@ -49,6 +49,7 @@ MODES = {m.key: m for m in (
     Mode("chain", "specrun chain", SpecConfig("chain"), needs_draft=True),
     Mode("tree", "specrun tree", SpecConfig("tree"), needs_draft=True),
     Mode("auto-seq", "specrun auto, no overlap", SpecConfig("auto", overlap="off")),
+    Mode("free", "specrun auto, no draft model", SpecConfig("auto", use_draft=False)),
     Mode("tree-seq", "specrun tree, no overlap", SpecConfig("tree", overlap="off"), needs_draft=True),
     Mode("lcp-lookup", "llama-cpp-python lookup", None),
     Mode("lcp-plain", "llama-cpp-python plain", None),

@@ -199,7 +199,7 @@ class Session:
         cal = self.calibrated() if spec.needs_costs else None
         speed = None
         draft = self._draft_model(separate) if spec.mode in MODEL_MODES else None
-        if spec.mode == "auto" and cal is not None and self.config.draft is not None:
+        if spec.mode == "auto" and spec.use_draft and cal is not None and self.config.draft is not None:
             speed = cal.speed_of(self.config.draft)
             if speed.should_load(1.0 / cal.cost.cost(1)):
                 draft = self._draft_model(separate)
@@ -225,7 +225,7 @@ class Session:
         measures once whether overlapping pays here, and keeps the answer."""
         if spec.max_nodes == 1:
             return False
-        drafts = spec.mode in MODEL_MODES + ("auto",) and self.draft is not None
+        drafts = (spec.mode in MODEL_MODES or (spec.mode == "auto" and spec.use_draft)) and self.draft is not None
         return should_overlap(spec.overlap, drafts, self.target.on_cpu, self._overlap_gain)
 
     def _overlap_gain(self) -> float:

@@ -77,14 +77,16 @@ def test_bench_reports_every_mode_and_figure(tiny_model: Path, tmp_path: Path) -
     assert [m["mode"] for m in data["modes"]] == list(MODES)
     for m in data["modes"]:
         assert set(m) == MODE_FIGURES and m["runs"] == 2 and m["tokens_per_s"] > 0
-        if m["mode"] in ("auto", "ngram", "chain", "tree", "auto-seq", "tree-seq"):
+        if m["mode"] in ("auto", "ngram", "chain", "tree", "auto-seq", "tree-seq", "free"):
             assert m["tokens_per_call"] >= 1 and 0 <= m["draft_share"] <= 1 and m["mean_tree"] >= 1
             assert m["identical"] == 2  # tiny f32 models: speculation never changes greedy output
             assert m["sources"] and all(0 <= a <= v for _, v, a in m["sources"].values())
         if m["mode"] == "auto":  # every drafter, per source: proposed, verified, accepted
             assert {"ngram", "suffix", "recycle"} <= set(m["sources"]) <= {"ngram", "suffix", "recycle", "model"}
+        if m["mode"] == "free":  # the same without the draft model
+            assert set(m["sources"]) == {"ngram", "suffix", "recycle"}
         # --overlap on: every speculative row overlapped but the -seq ones
-        assert (m["parallel_s_per_pass"] is not None) == (m["mode"] in ("auto", "ngram", "chain", "tree")), m
+        assert (m["parallel_s_per_pass"] is not None) == (m["mode"] in ("auto", "ngram", "chain", "tree", "free")), m
     assert len(data["runs"]) == 2 * len(MODES)
     assert {r["prompt_id"] for r in data["runs"]} == {"HumanEval/0", "HumanEval/1"}
     assert data["planner"] and data["max_tokens"] == 16

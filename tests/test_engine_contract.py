@@ -404,3 +404,18 @@ def test_top_k_of_matches_a_full_softmax() -> None:
     ids, probs = top_k_of(row, 7)
     np.testing.assert_array_equal(ids, np.argsort(-p, kind="stable")[:7])
     np.testing.assert_allclose(probs, p[ids], rtol=1e-5)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_top_k_of_a_vocabulary_sized_row_matches_a_full_sort(seed: int) -> None:
+    """The two-pass path (blocks first) against a full sort, ties and a ragged last block included."""
+    rng = np.random.default_rng(seed)
+    size = int(rng.integers(20_000, 160_000))
+    row = np.round(rng.standard_normal(size) * 4, 1).astype(np.float32)  # many ties
+    if seed % 2:
+        row[-3:] = row.max() + 1  # the best entries in the ragged last block
+    for k in (1, 4, 8, 32):
+        ids, _ = top_k_of(row, k)
+        want = np.argsort(-row, kind="stable")[:k]
+        np.testing.assert_array_equal(row[ids], row[want])  # the same values, likeliest first
+        assert list(ids) == sorted(ids, key=lambda i: (-row[i], i))  # lowest id among equals

@@ -40,7 +40,7 @@ def bench(
     top_p: float = O.TOP_P,
     seed: Optional[int] = typer.Option(0, "--seed", min=0, help="Sampling seed."),
     modes: str = typer.Option("", "--modes", help="Comma-separated: plain, auto, ngram, chain, tree, auto-seq, "
-                              "tree-seq (the same without overlap), tree:BxD (a fixed tree of B nodes, D deep), "
+                              "tree-seq (the same without overlap), free (auto on the free drafters alone, no draft model), tree:BxD (a fixed tree of B nodes, D deep), "
                               "lcp-lookup, lcp-plain (llama-cpp-python). "
                               "Default: plain, auto, ngram, chain, tree, lcp-lookup."),
     overlap: str = O.OVERLAP,

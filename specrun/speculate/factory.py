@@ -31,6 +31,7 @@ class SpecConfig:
     budget: int | None = None  # nodes per verified tree, root included
     depth: int | None = None  # deepest draft node; None: DEFAULT_DEPTH
     overlap: str = "auto"  # draft while the target verifies: on, off, or auto (where measured to pay)
+    use_draft: bool = True  # auto: the draft model may be a source (False: the free drafters alone)
 
     @property
     def needs_costs(self) -> bool:

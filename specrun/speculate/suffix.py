@@ -7,7 +7,9 @@ votes for what followed it. The continuations form a trie whose nodes carry
 their counts: a node followed by 9 of 10 occurrences is a better guess than
 one followed by 1 (SuffixDecoding, arXiv 2411.04975; REST, arXiv 2311.08252).
 
-The array is built over the stream reversed, so the pattern (the context read
+The context itself is searched through prompt lookup's n-gram index (it grows
+a token at a time); text that is read many times (a corpus, earlier
+generations) gets a suffix array. The array is built over the stream reversed, so the pattern (the context read
 backwards from its last token) grows at its end as the match lengthens and
 each longer match narrows the range of the shorter one by binary search; a
 match of length L in a stream of n tokens costs O(L log n) comparisons.
@@ -24,7 +26,7 @@ from typing import Callable, Iterable, Sequence
 import numpy as np
 
 from specrun.speculate.base import Draft, Verified
-from specrun.speculate.ngram import match_bucket
+from specrun.speculate.ngram import NgramConfig, NgramDrafter, match_bucket
 from specrun.speculate.tree import DraftTree
 
 SEPARATOR = -1  # between documents: equal to no token
@@ -109,50 +111,60 @@ class SuffixConfig:
 
 
 class SuffixDrafter:
-    """Drafts the trie of what followed the context's longest suffix in every index it reads:
-    the context itself (rebuilt as it grows), and `shared` ones (a session's earlier
-    generations, a corpus). Costs a suffix array over the context a step (under a
-    millisecond for a few thousand tokens) and a few binary searches."""
+    """Drafts the trie of what followed the context's longest suffix wherever it occurred:
+    in the context itself (through prompt lookup's n-gram index, extended as the context
+    grows: a suffix array rebuilt every step would cost an O(n) sort a step, and
+    libdivsufsort's OpenMP threads spinning after it slowed the target's next pass by a
+    fifth on 2 cores), and in `shared` suffix arrays built once (a session's earlier
+    generations, a corpus)."""
 
     costly = False
 
     def __init__(self, shared: Callable[[], Sequence[SuffixIndex]] = lambda: (),
                  config: SuffixConfig = SuffixConfig()) -> None:
         self.shared, self.config = shared, config
-        self._own: SuffixIndex | None = None  # over the context, as of the last draft
-        self._context: tuple[int, ...] = ()
+        self._own = NgramDrafter(NgramConfig(max_ngram=4, max_matches=config.max_hits, max_match=config.max_len))
+
+    def _occurrences(self, context: Sequence[int]) -> list[tuple[int, Sequence[int], list[int]]]:
+        """(match length, the stream it is in, where the continuations start) per place read."""
+        found = self._own.matches(context)
+        longest = found[0][0] if found else 0
+        out: list[tuple[int, Sequence[int], list[int]]] = [
+            (longest, context, [end for length, end in found if length == longest])] if found else []
+        for index in self.shared():
+            length, starts = index.matches(context, self.config.max_len, self.config.max_hits)
+            if starts:
+                out.append((length, index.stream, starts))
+        return out
 
     def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
         """The likeliest `max_nodes` nodes of the continuation trie (empirical probability:
         a node's occurrences over the match's), keyed ("suffix", match length bucket, share
-        of the parent's occurrences bucket, depth capped at 3)."""
+        of the parent's occurrences bucket, depth capped at 3). Only the longest match found
+        anywhere votes: a shorter one says less about what comes next."""
         tree, keys = DraftTree.rooted(context[-1]), [("root",)]
         if max_nodes <= 1 or max_depth <= 0:
             return Draft(tree, keys)
-        if tuple(context) != self._context:
-            self._context = tuple(context)
-            self._own = SuffixIndex([context])
-        counts: dict[int, int] = {0: 0}  # trie node -> occurrences through it
-        trie = DraftTree.rooted(context[-1])
-        length = 0
-        for index in (self._own, *self.shared()):
-            assert index is not None
-            found, starts = index.matches(context, self.config.max_len, self.config.max_hits)
-            if found < length or not starts:
-                continue  # a shorter match says less than the longest one found
-            if found > length:
-                trie, counts, length = DraftTree.rooted(context[-1]), {0: 0}, found
+        places = self._occurrences(context)
+        length = max((p[0] for p in places), default=0)
+        if length == 0:
+            return Draft(tree, keys)
+        trie, counts = DraftTree.rooted(context[-1]), [0]  # counts: occurrences through each node
+        for found, stream, starts in places:
+            if found < length:
+                continue
             for start in starts:
                 node = 0
                 counts[0] += 1
-                for tok in index.stream[start:start + max_depth]:
+                for tok in stream[start:start + max_depth]:
                     if tok == SEPARATOR:
                         break
                     child = trie.child(node, int(tok))
-                    node = trie.add(int(tok), node) if child is None else child
-                    counts[node] = counts.get(node, 0) + 1
-        if length == 0:
-            return Draft(tree, keys)
+                    if child is None:
+                        child = trie.add(int(tok), node)
+                        counts.append(0)
+                    node = child
+                    counts[node] += 1
         share = [1.0] + [counts[i] / counts[trie.parents[i]] for i in range(1, len(trie))]
         prob = [1.0] * len(trie)
         for i in range(1, len(trie)):
@@ -171,4 +183,3 @@ class SuffixDrafter:
 
     def prepare(self, until: Callable[[], bool], deadline: float | None = None) -> float:
         return 0.0
-
