@@ -79,7 +79,8 @@ def serve(spec: WorkerSpec, inp: TextIO, out: TextIO) -> int:
             uses_draft = mode.needs_draft or mode.spec.mode == "auto"
             config = SessionConfig(Path(spec.target), Path(spec.draft) if spec.draft and uses_draft else None,
                                    Path(spec.home), (mode.spec,), Placement(**spec.target_placement),
-                                   Placement(**spec.draft_placement), needed_ctx=spec.needed_ctx)
+                                   Placement(**spec.draft_placement), needed_ctx=spec.needed_ctx,
+                                   keep_recycled=False)
             session = Session(config, lambda line: say({"notice": line}))
             closers.append(session.close)
             session.open(session.n_ctx)

@@ -5,18 +5,25 @@ under the store root's calibration/: the target's cost curve as measured
 (calibrate.py measures it) and as runs corrected it, acceptance statistics per
 drafter, each draft model's measured speed, what a step costs in wall time per
 speculator, and whether drafting during target passes pays. Files of the first,
-unversioned format are still read.
+unversioned format are still read. Beside them, under recycle/, the target's
+recycled top-k per token (one table per model file), so token recycling starts
+a run from what earlier runs read instead of from nothing.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import os
+import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import numpy as np
+
 from specrun.files import model_bytes, write_atomic
 from specrun.speculate.auto import DraftSpeed
+from specrun.speculate.recycle import TOP_K, RecycleTable
 from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost
 
 VERSION = 2
@@ -103,3 +110,40 @@ def _load_v1(path: Path, data: dict) -> PlannerMemory:
     speeds = {str(draft): DraftSpeed.from_json(learnt) for draft, learnt in data.get("memory", {}).items()
               if isinstance(learnt, dict)}  # the oldest files kept one flat record: measure again
     return PlannerMemory(path, cost, stats, speeds, str(data.get("settings", "")))
+
+
+def recycle_path(root: Path, model: Path) -> Path:
+    """The target's recycled top-k table (speculate/recycle.py): one per model file, whatever
+    the engine settings, since it is what the model predicts, not what a pass costs."""
+    digest = hashlib.sha256(f"{model.name}|{model_bytes(model)}".encode()).hexdigest()[:16]
+    return root / "recycle" / f"{model.stem}-{digest}.npz"
+
+
+def load_recycled(path: Path, k: int = TOP_K) -> RecycleTable:
+    """The table kept at `path`; an empty one when there is none, or one that cannot be read
+    (it is a cache of what the target said: losing it costs a few runs' learning)."""
+    table = RecycleTable(k)
+    try:
+        with np.load(path, allow_pickle=False) as kept:
+            tokens, successors = kept["tokens"], kept["successors"]
+            if successors.ndim == 2 and successors.shape == (len(tokens), k):
+                table.successors = {int(t): successors[i].astype(np.int32) for i, t in enumerate(tokens)}
+    except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
+        pass
+    return table
+
+
+def save_recycled(path: Path, table: RecycleTable) -> None:
+    """Whole or nothing: written beside, then renamed into place."""
+    if not table.successors:
+        return
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tokens = np.fromiter(table.successors, dtype=np.int32, count=len(table.successors))
+    successors = np.stack([table.successors[int(t)] for t in tokens])  # [m, k]
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
+    try:
+        np.savez(tmp, tokens=tokens, successors=successors)
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -24,6 +24,7 @@ from specrun.planner_memory import PlannerMemory
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import DraftModel, VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, FreeSources, SpecConfig, make_speculator
+from specrun.speculate.recycle import RecycleTable
 from specrun.speculate.suffix import SuffixIndex
 from specrun.speculate.overlap import measure_overlap, should_overlap
 
@@ -38,6 +39,8 @@ class SessionConfig:
     draft_placement: Placement = Placement()
     ctx: int | None = None  # --ctx; None: the memory plan's (at least what `needed_ctx` says, 4096 where it fits)
     needed_ctx: int = 0  # tokens the requests may need at most (prompt plus tokens to generate)
+    keep_recycled: bool = True  # start token recycling from the table earlier runs kept, and keep it (bench
+    # does not: its prompts are measured unseen, every mode from an empty table)
 
     @property
     def max_tree_nodes(self) -> int:
@@ -86,6 +89,7 @@ class Session:
         self.corpus: SuffixIndex | None = None  # --corpus: what the suffix drafter reads beside the context
         self._earlier: list[list[int]] = []  # this session's earlier generations (`remember`)
         self._earlier_index: SuffixIndex | None = None
+        self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -204,7 +208,15 @@ class Session:
             if speed.should_load(1.0 / cal.cost.cost(1)):
                 draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
-                               cal.steps if cal else None, self.overlaps(spec), FreeSources(self._indexes))
+                               cal.steps if cal else None, self.overlaps(spec),
+                               FreeSources(self._indexes, self._recycled_for(spec)))
+
+    def _recycled_for(self, spec: SpecConfig) -> RecycleTable:
+        """The mode's recycled top-k table: what earlier runs kept (keep_recycled), else empty."""
+        if spec not in self._recycled:
+            path = planner_memory.recycle_path(self.config.calibration_root, self.config.target)
+            self._recycled[spec] = planner_memory.load_recycled(path) if self.config.keep_recycled else RecycleTable()
+        return self._recycled[spec]
 
     def remember(self, tokens: list[int]) -> None:
         """A generation this session made (a reply, with what it answered): the suffix drafter of
@@ -243,9 +255,17 @@ class Session:
         return gain
 
     def save(self) -> None:
-        """Keep what was learnt about acceptance (also after Ctrl-C)."""
+        """Keep what was learnt about acceptance and, unless told not to, the recycled top-k
+        (also after Ctrl-C)."""
         if self.calibration is not None:
             self._keep(self.calibration)
+        if self.config.keep_recycled:
+            path = planner_memory.recycle_path(self.config.calibration_root, self.config.target)
+            for table in self._recycled.values():
+                try:
+                    planner_memory.save_recycled(path, table)
+                except OSError:
+                    pass  # a cache of what the target said: the next run learns it again
 
     def _keep(self, cal: PlannerMemory) -> None:
         """Save `cal`. A store that cannot be written (read-only, full) costs the next run a new

@@ -214,3 +214,30 @@ def test_recycled_rows_come_from_the_target_pass() -> None:
     drafter = RecycleDrafter()
     drafter.accepted(Verified([3, 4, 5], ArrayLogits(logits), [0, 1, 2]))
     assert [int(drafter.table.successors[t][0]) for t in (3, 4, 5)] == [4, 5, 9]
+
+
+def test_a_session_keeps_the_recycled_table_for_the_next_run(tiny_model: Path, tmp_path: Path) -> None:
+    from specrun.planner_memory import load_recycled, recycle_path
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    def one_run(keep: bool) -> dict:
+        with Session(SessionConfig(tiny_model, None, tmp_path, (SpecConfig("auto"),), keep_recycled=keep)) as s:
+            s.open(256)
+            spec = s.speculator(SpecConfig("auto"))  # calibrates: may replace the cache (read it after)
+            assert isinstance(spec, PlannedSpeculator)
+            table = next(src.drafter.table for src in spec.sources if src.name == "recycle")
+            before = dict(table.successors)
+            _generate(s.target, s.cache, s.target.vocab.tokenize(PROMPT), GREEDY, spec, max_tokens=24)
+            s.save()
+            return before, {t: list(v) for t, v in table.successors.items()}
+
+    path = recycle_path(tmp_path, tiny_model)
+    before, after = one_run(keep=False)
+    assert before == {} and after and not path.exists()  # bench's way: learnt in the run, not kept
+    before, after = one_run(keep=True)
+    assert before == {} and path.exists()
+    again, _ = one_run(keep=True)
+    assert {t: list(v) for t, v in again.items()} == after  # the next run starts where this one ended
+    path.write_bytes(b"not a table")
+    assert load_recycled(path).successors == {}  # a damaged cache costs only the learning

@@ -126,7 +126,7 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
     """Every mode on one session in this process (the peers beside it)."""
     specs = [m.spec for m in chosen if m.spec is not None]
     runners: dict[str, Any] = {}
-    with models.session(specs, *places, needed_ctx=needed) as session:
+    with models.session(specs, *places, needed_ctx=needed, keep_recycled=False) as session:
         vocab = session.target.vocab
         template = ChatTemplate.of_model(models.target, vocab) if any(p.messages for p in prompts) else None
         tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]

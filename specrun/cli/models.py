@@ -39,13 +39,13 @@ class Resolved:
 
     def session(self, specs: list[SpecConfig], target: Placement = Placement(),
                 draft: Placement = Placement(), notice: Callable[[str], None] = notice, ctx: int | None = None,
-                needed_ctx: int = 0) -> Session:
+                needed_ctx: int = 0, keep_recycled: bool = True) -> Session:
         """A session on these files, its trees sized for `specs` (the modes it will serve) and its
         memory planned for a context of `ctx` tokens (None: at least `needed_ctx`, see
         memory_plan); its notices (what the plan gave up, what the engines noticed while
         loading, measurements started) go to `notice`."""
         return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft, ctx,
-                                     needed_ctx), notice)
+                                     needed_ctx, keep_recycled), notice)
 
 
 def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:

@@ -21,6 +21,7 @@ TRY_STEPS = 3  # steps with the draft model before its rate is trusted
 RETRY_EVERY = 64  # steps without the draft model before looking again, when it was close
 RETRY_RUNS = 10  # runs without loading it before its remembered rate is measured afresh
 CLOSE = 0.8  # a draft model this fraction of plain speed or faster is worth looking at again
+FREE_MARGIN = 1.5  # the free drafters' expected rate over the draft model's measured one that leaves it out
 
 
 @dataclass
@@ -103,7 +104,10 @@ class ModelGate:
             return True  # close enough that the text may have changed the verdict: look again
         if not self.speed.pays(plain):
             return False
-        return not (self.speed.known and free_rate >= (self.speed.rate or 0.0))
+        # Its nodes join the free ones rather than replace them, so only its drafting time is
+        # saved by leaving it out: worth it where the free plan alone is clearly faster (its
+        # expected rate leans on optimistic rates of keys seldom tested).
+        return not (self.speed.known and free_rate >= FREE_MARGIN * (self.speed.rate or 0.0))
 
     def observe(self, proposal: Proposal, path: list[int], wall_s: float) -> None:
         if proposal.costly:  # a new prompt's prefill in the draft is not what drafting costs

@@ -12,7 +12,7 @@ from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDra
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost
-from specrun.speculate.recycle import RecycleDrafter
+from specrun.speculate.recycle import RecycleDrafter, RecycleTable
 from specrun.speculate.suffix import SuffixDrafter, SuffixIndex
 
 SPEC_MODES = ("auto", "none", "ngram", "chain", "tree")
@@ -46,10 +46,11 @@ class SpecConfig:
 @dataclass
 class FreeSources:
     """What the free drafters read beyond the context, shared by the speculators a session
-    makes: indexes of a corpus and of earlier generations (`shared`). A recycle table
-    belongs to one speculator: a conversation's own, learnt as it goes."""
+    makes: indexes of a corpus and of earlier generations (`shared`), and the target's
+    recycled top-k (None: a table of the speculator's own, learnt as it goes)."""
 
     shared: Callable[[], Sequence[SuffixIndex]] = lambda: ()
+    recycled: RecycleTable | None = None
 
 
 def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, AcceptanceStats],
@@ -93,7 +94,7 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
         model = source("model", ModelDrafter(draft, config))
         return PlannedSpeculator(spec.mode, [model], plan, cap, depth, step(overlapped(spec.mode)))
     assert cost is not None
-    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), source("recycle", RecycleDrafter())]
+    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), source("recycle", RecycleDrafter(free.recycled))]
     if draft is not None:
         sources.append(source("model", ModelDrafter(draft)))
     return PlannedSpeculator("auto", sources, plan, cap, depth, step(overlapped("auto")),
