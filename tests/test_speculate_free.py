@@ -241,3 +241,36 @@ def test_a_session_keeps_the_recycled_table_for_the_next_run(tiny_model: Path, t
     assert {t: list(v) for t, v in again.items()} == after  # the next run starts where this one ended
     path.write_bytes(b"not a table")
     assert load_recycled(path).successors == {}  # a damaged cache costs only the learning
+
+
+def test_recycling_learns_from_the_whole_tree_and_the_path_wins() -> None:
+    """Rejected nodes' rows are the target's guess after their token too; where a token is both
+    on the path and off it, the path's row (the context that was kept) is what stays."""
+    tree = DraftTree.rooted(3)
+    add_path(tree, [4, 5])  # nodes 1, 2: the accepted path
+    add_path(tree, [7, 4])  # nodes 3, 4: rejected; node 4 holds token 4 again
+    logits = np.zeros((5, 16), dtype=np.float32)
+    for row, best in enumerate((4, 5, 9, 11, 12)):
+        logits[row, best] = 5.0
+    drafter = RecycleDrafter()
+    drafter.accepted(Verified([3, 4, 5], ArrayLogits(logits), [0, 1, 2], tree))
+    assert {t: int(v[0]) for t, v in drafter.table.successors.items()} == {3: 4, 4: 5, 5: 9, 7: 11}
+
+
+def test_recycling_grafts_below_the_leaves_of_other_drafters() -> None:
+    drafter = RecycleDrafter(RecycleTable(k=8))
+    drafter.table.successors = {6: np.array([20, 21, 22], dtype=np.int32), 20: np.array([30], dtype=np.int32),
+                                5: np.array([40, 41], dtype=np.int32)}
+    tree = DraftTree.rooted(1)
+    add_path(tree, [5, 6])  # a lookup's chain: leaf 6
+    add_path(tree, [7])  # a leaf with nothing recycled after it
+    graft = drafter.graft(tree, max_nodes=64, max_depth=8)
+    merged = merge([("ngram", Draft(tree, [("root",)] + [("ngram", 1, 1)] * 3)), ("recycle", graft)])
+    paths = {tuple(merged.tree.tokens[j] for j in path_to(merged.tree, i)): merged.proposers[i]
+             for i in range(len(merged.tree))}
+    assert set(paths) == {(1,), (1, 5), (1, 5, 6), (1, 7), (1, 5, 6, 20), (1, 5, 6, 21), (1, 5, 6, 20, 30)}
+    assert paths[(1, 5, 6)] == (("ngram", ("ngram", 1, 1)),)  # carried, not proposed by recycling
+    assert paths[(1, 5, 6, 21)] == (("recycle", ("recycle", "graft", 1, 1)),)
+    assert paths[(1, 5, 6, 20, 30)] == (("recycle", ("recycle", "graft", 0, 2)),)
+    with pytest.raises(ValueError, match="carried a node"):
+        merge([("recycle", graft)])  # carried nodes nobody proposed

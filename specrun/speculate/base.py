@@ -41,6 +41,7 @@ class Verified:
     tokens: Sequence[int]  # the root, then the accepted tokens
     logits: Logits | None = None  # the pass's (valid until the target's next pass)
     rows: Sequence[int] = ()  # per token, its row in `logits`
+    tree: DraftTree | None = None  # the whole tree verified: row i of `logits` is node i's
 
 
 @dataclass(frozen=True)

@@ -42,11 +42,14 @@ def merge(drafts: Sequence[tuple[str, Draft]]) -> Merged:
             parent = where[draft.tree.parents[i]]
             node = tree.child(parent, draft.tree.tokens[i])
             if node is None:
+                if draft.keys[i] is None:
+                    raise ValueError(f"{source} carried a node no draft proposed")
                 node = tree.add(draft.tree.tokens[i], parent)
                 proposers.append(())
                 prepared.append(False)
             where[i] = node
-            proposers[node] = proposers[node] + ((source, draft.keys[i]),)
+            if draft.keys[i] is not None:  # None: a node another draft proposed, carried to hang nodes below
+                proposers[node] = proposers[node] + ((source, draft.keys[i]),)
             prepared[node] = prepared[node] or (i < len(draft.prepared) and bool(draft.prepared[i]))
     return Merged(tree, proposers, prepared)
 

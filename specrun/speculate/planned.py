@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import chances, merge
+from specrun.speculate.merge import Merged, chances, merge
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost, best_subtree, learn_pass
 from specrun.speculate.tree import DraftTree
 
@@ -28,6 +28,7 @@ class Source:
     name: str  # "ngram", "suffix", "recycle" or "model": how -v and the calibration name it
     drafter: Drafter
     stats: AcceptanceStats  # how often its nodes were accepted, per key
+    grafts: bool = False  # it also grows below the merged tree's leaves (its drafter's `graft`)
 
 
 class Gate(Protocol):
@@ -101,7 +102,7 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, limit, max_depth)) for s in self.free]
         drafting_s = self.clock() - t0
-        catch_up_s, keep, merged, ch = 0.0, [0], merge(drafts) if drafts else None, [1.0]
+        catch_up_s, keep, merged, ch = 0.0, [0], self._merge(drafts, limit, max_depth) if drafts else None, [1.0]
         if merged is not None:
             ch = chances(merged.tree, merged.proposers, self.stats)
             keep = best_subtree(ch, self._step(False) or self.cost, limit)
@@ -119,7 +120,7 @@ class PlannedSpeculator:
             drafting_s += self.clock() - t1 - draft.catch_up_s
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
-            merged = merge(drafts)
+            merged = self._merge(drafts, limit, max_depth)
             ch = chances(merged.tree, merged.proposers, self.stats)
             assert self.step_cost is not None
             keep = best_subtree(ch, self.step_cost, limit)
@@ -143,6 +144,17 @@ class PlannedSpeculator:
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts), costly=costly is not None)
+
+    def _merge(self, drafts: Sequence[tuple[str, Draft]], limit: int, max_depth: int) -> Merged:
+        """The drafts merged, and grafted below its leaves by the sources that grow there
+        (recycling), to twice its size at most, within `limit`."""
+        merged = merge(drafts)
+        grafts = [s for s in self.free if s.grafts]
+        if len(merged.tree) <= 1 or not grafts:
+            return merged
+        room = min(limit, 2 * len(merged.tree))
+        return merge(list(drafts) + [(s.name, s.drafter.graft(merged.tree, room, max_depth))  # type: ignore[attr-defined]
+                                     for s in grafts])
 
     @staticmethod
     def _has(proposers: Sequence, keep: Sequence[int], source: str) -> bool:
@@ -193,7 +205,7 @@ class PlannedSpeculator:
             if tree.parents[i] in accepted:
                 for source, key in p.keys[i]:
                     self.stats[source].update(key, i in accepted)
-        verified = Verified([tree.tokens[i] for i in path], logits, path)
+        verified = Verified([tree.tokens[i] for i in path], logits, path, tree)
         for s in self.sources:
             if not s.drafter.costly or p.costly:  # a draft model hears only of the trees it drafted in
                 s.drafter.accepted(verified)
