@@ -102,8 +102,9 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, limit, max_depth)) for s in self.free]
         drafting_s = self.clock() - t0
-        catch_up_s, keep, merged, ch = 0.0, [0], self._merge(drafts, limit, max_depth) if drafts else None, [1.0]
-        if merged is not None:
+        catch_up_s, keep, merged, ch, grafts = 0.0, [0], None, [1.0], []
+        if drafts:
+            merged, grafts = self._merge(drafts, limit, max_depth)
             ch = chances(merged.tree, merged.proposers, self.stats)
             keep = best_subtree(ch, self._step(False) or self.cost, limit)
         costly, explored = self.costly, False
@@ -120,7 +121,7 @@ class PlannedSpeculator:
             drafting_s += self.clock() - t1 - draft.catch_up_s
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
-            merged = self._merge(drafts, limit, max_depth)
+            merged, grafts = self._merge(drafts, limit, max_depth)
             ch = chances(merged.tree, merged.proposers, self.stats)
             assert self.step_cost is not None
             keep = best_subtree(ch, self.step_cost, limit)
@@ -143,18 +144,20 @@ class PlannedSpeculator:
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
-                        explored=explored, source=self, proposed=self._proposed(drafts), costly=costly is not None)
+                        explored=explored, source=self, proposed=self._proposed(drafts + grafts),
+                        costly=costly is not None)
 
-    def _merge(self, drafts: Sequence[tuple[str, Draft]], limit: int, max_depth: int) -> Merged:
-        """The drafts merged, and grafted below its leaves by the sources that grow there
-        (recycling), to twice its size at most, within `limit`."""
+    def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
+               max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
+        """The drafts merged, and grafted below the leaves by the sources that grow there
+        (recycling), to twice its size at most, within `limit`; (the tree, the grafts)."""
         merged = merge(drafts)
-        grafts = [s for s in self.free if s.grafts]
-        if len(merged.tree) <= 1 or not grafts:
-            return merged
+        growers = [s for s in self.free if s.grafts]
+        if len(merged.tree) <= 1 or not growers:
+            return merged, []
         room = min(limit, 2 * len(merged.tree))
-        return merge(list(drafts) + [(s.name, s.drafter.graft(merged.tree, room, max_depth))  # type: ignore[attr-defined]
-                                     for s in grafts])
+        grafts = [(s.name, s.drafter.graft(merged.tree, room, max_depth)) for s in growers]  # type: ignore[attr-defined]
+        return merge(drafts + grafts), grafts
 
     @staticmethod
     def _has(proposers: Sequence, keep: Sequence[int], source: str) -> bool:
@@ -165,7 +168,11 @@ class PlannedSpeculator:
 
     @staticmethod
     def _proposed(drafts: Sequence[tuple[str, Draft]]) -> dict[str, int]:
-        return {name: len(d.tree) - 1 for name, d in drafts}
+        """Nodes each source proposed (a graft's carried nodes are not its own)."""
+        out: dict[str, int] = {}
+        for name, d in drafts:
+            out[name] = out.get(name, 0) + sum(k is not None for k in list(d.keys)[1:])
+        return out
 
     @staticmethod
     def _drafts_for(kept: int) -> int:
