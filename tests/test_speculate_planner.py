@@ -668,3 +668,16 @@ def test_a_generation_whose_passes_slow_mid_run_replaces_its_curve_and_shrinks_i
     sizes = [step.drafted + 1 for step in gen if step.target_calls]
     assert gen.tokens == [(4 + i) % 1000 for i in range(1000)]  # every drafted token accepted: output unchanged
     assert min(sizes[:6]) >= 32 and sizes[-1] <= 16 and curve.replaced
+
+
+def test_a_disk_that_speeds_up_moves_the_curve_without_bending_it() -> None:
+    """A streamed target's disk drifts: a fast spell seen first in 16-node passes, then in
+    1-token ones. Each replacement counts only passes measured against the curve it replaces;
+    counting the older ones as agreeing (ratio 1) bent a flat curve until 8 tokens cost 1.5x one."""
+    curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.30, 0.30, 0.30, 0.31, 0.32, 0.45)))
+    for _ in range(4):
+        curve.observe(16, 0.32 * 0.6)
+    for _ in range(4):
+        curve.observe(1, 0.30 * 0.6)
+    assert len(curve.replaced) == 2 and curve.cost(1) == pytest.approx(0.18, rel=0.05)
+    assert curve.cost(8) / curve.cost(1) < 1.1 and curve.cost(16) / curve.cost(1) < 1.1

@@ -140,8 +140,11 @@ class LearntCurve:
                              f"{self.max_size} tokens {self.seconds[-1] * 1000:.0f} -> {times[-1] * 1000:.0f} ms)")
         self.curve = CostCurve(self.sizes, tuple(times))
         self.version += 1
-        for i in self._seen:  # what they measured now agrees with the curve: ratios start again from 1
-            self._seen[i] = [self.seconds[i]] * len(self._seen[i])
+        # Only passes measured against the new curve say anything about it. Counting the old ones
+        # as agreeing with it (ratio 1) made a disk whose speed drifts whipsaw the curve's shape:
+        # a fast spell seen at one size replaced it against sizes "confirmed" at the old speed,
+        # and 2 tokens came to cost 1.5x one where the calibration had measured 1.0x.
+        self._seen = {}
 
 
 PassCost = CostCurve | LearntCurve  # seconds of a target pass over n tokens
