@@ -89,6 +89,7 @@ class Session:
         self.corpus: SuffixIndex | None = None  # --corpus: what the suffix drafter reads beside the context
         self._earlier: list[list[int]] = []  # this session's earlier generations (`remember`)
         self._earlier_index: SuffixIndex | None = None
+        self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
 
     @property
@@ -205,7 +206,11 @@ class Session:
         draft = self._draft_model(separate) if spec.mode in MODEL_MODES else None
         if spec.mode == "auto" and spec.use_draft and cal is not None and self.config.draft is not None:
             speed = cal.speed_of(self.config.draft)
-            if speed.should_load(1.0 / cal.cost.cost(1)):
+            # Loading is decided once a session (a run is a process, not each of bench's prompts);
+            # a draft another mode loaded is there anyway, and auto's gate decides step by step.
+            if self._auto_loads is None and self.draft is None:
+                self._auto_loads = speed.should_load(1.0 / cal.cost.cost(1))
+            if self.draft is not None or self._auto_loads:
                 draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
                                cal.steps if cal else None, self.overlaps(spec),
