@@ -80,14 +80,15 @@ class PlannedSpeculator:
         # about drafting costs may be stale (a busy hour, a draft paged out under a memory limit):
         # a run starts due for one verified tree, so its own first steps measure drafting afresh.
         self._unverified = self.EXPLORE_EVERY if step is not None and step.steps else 0
-        # Candidates per free drafter: twice what the last plan kept (in RAM on a CPU, where plans
-        # keep a node or none, drafting and merging hundreds cost 3-6% of a 36 ms step).
+        # Candidates per free drafter (FREE_FLOOR): in RAM on a CPU, where plans keep a node or none,
+        # drafting and merging hundreds cost 3-6% of a 36 ms step.
         self._free_candidates = max_nodes
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
     EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
-    FREE_FLOOR = 16  # candidates each free drafter drafts at least; else twice what the last plan kept
+    FREE_FLOOR = 16  # candidates each free drafter drafts at least; else twice what the last plan kept, or an
+    # eighth of the largest tree measured (a streamed target's flat curve: recycling's deeper chains need room)
 
     def _step(self, costly: bool) -> StepCost | None:
         return self.step_cost if costly or self.free_step_cost is None else self.free_step_cost
@@ -146,7 +147,7 @@ class PlannedSpeculator:
             needed = 1.0
         if merged is None:  # a costly source alone, resting: nothing was drafted
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
-        self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep))
+        self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), limit // 8)
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
