@@ -22,6 +22,7 @@ import numpy as np
 
 from specrun.engines.base import Vocab
 from specrun.errors import UsageError
+from specrun.files import write_whole
 from specrun.speculate.suffix import SuffixIndex
 
 MAX_FILE = 8 << 20  # bytes: larger files are data, not text to continue
@@ -130,13 +131,7 @@ def _load(path: Path, key: str) -> tuple[SuffixIndex | None, str]:
 
 
 def _keep(path: Path, key: str, index: SuffixIndex) -> None:
-    """Whole or nothing: written beside, then renamed into place."""
+    """Whole or nothing (files.write_whole)."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
     meta = json.dumps({"key": key, "checksum": _checksum(index.stream, index.order), "tokens": len(index)})
-    try:
-        np.savez(tmp, stream=index.stream, order=index.order, meta=np.array(meta))
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_whole(path, lambda tmp: np.savez(tmp, stream=index.stream, order=index.order, meta=np.array(meta)))

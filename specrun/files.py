@@ -18,9 +18,15 @@ _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 def write_atomic(path: Path, text: str) -> None:
     """Write a whole file or nothing: a temporary file beside it, renamed into place."""
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
+    write_whole(path, lambda tmp: tmp.write_text(text))
+
+
+def write_whole(path: Path, write: Callable[[Path], None]) -> None:
+    """`write(tmp)` fills a temporary file beside `path` (of the same suffix: numpy's savez
+    adds ".npz" to a name without it), then renamed into place; on any failure, nothing."""
+    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp{path.suffix}")
     try:
-        tmp.write_text(text)
+        write(tmp)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)

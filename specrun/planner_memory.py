@@ -14,14 +14,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import zipfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
-from specrun.files import model_bytes, write_atomic
+from specrun.files import model_bytes, write_atomic, write_whole
 from specrun.speculate.auto import DraftSpeed
 from specrun.speculate.recycle import TOP_K, RecycleTable
 from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost
@@ -134,16 +133,10 @@ def load_recycled(path: Path, k: int = TOP_K) -> RecycleTable:
 
 
 def save_recycled(path: Path, table: RecycleTable) -> None:
-    """Whole or nothing: written beside, then renamed into place."""
+    """Whole or nothing (files.write_whole)."""
     if not table.successors:
         return
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens = np.fromiter(table.successors, dtype=np.int32, count=len(table.successors))
     successors = np.stack([table.successors[int(t)] for t in tokens])  # [m, k]
-    tmp = path.with_name(f".{path.stem}.{os.getpid()}.tmp.npz")
-    try:
-        np.savez(tmp, tokens=tokens, successors=successors)
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    write_whole(path, lambda tmp: np.savez(tmp, tokens=tokens, successors=successors))

@@ -4,6 +4,7 @@ speculative output with each source alone and all together against plain decodin
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Sequence
 
 import numpy as np
 import pytest
@@ -18,7 +19,7 @@ from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, CostCurve
 from specrun.speculate.recycle import RecycleDrafter, RecycleTable
-from specrun.speculate.suffix import SEPARATOR, SuffixDrafter, SuffixIndex, scan_matches
+from specrun.speculate.suffix import SEPARATOR, SuffixDrafter, SuffixIndex
 from specrun.speculate.tree import DraftTree
 from tests.fakes import ArrayLogits, add_path, path_to
 
@@ -26,6 +27,21 @@ GREEDY = SamplingConfig(temperature=0)
 
 
 # --- the suffix index ------------------------------------------------------------------------
+
+
+def scan_matches(stream: Sequence[int], context: Sequence[int], max_len: int = 32) -> tuple[int, list[int]]:
+    """The slow, obviously right `SuffixIndex.matches` (every start, latest first): try every
+    position of the stream for every length."""
+    best, starts = 0, []
+    for length in range(1, min(max_len, len(context)) + 1):
+        tail = list(context[-length:])
+        hits = [e for e in range(length, len(stream)) if list(stream[e - length:e]) == tail
+                and stream[e] != SEPARATOR]
+        if not hits:
+            break
+        best, starts = length, sorted(hits, reverse=True)
+    return best, starts
+
 
 @pytest.mark.parametrize("seed", range(30))
 def test_suffix_matches_agree_with_a_brute_force_scan(seed: int) -> None:

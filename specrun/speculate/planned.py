@@ -199,10 +199,6 @@ class PlannedSpeculator:
         deadline = self.clock() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
         return self.costly.drafter.prepare(until, deadline)
 
-    def expected_tokens(self, proposal: Proposal) -> float:
-        """Tokens a proposal is expected to yield, its root's included."""
-        return sum(chances(proposal.tree, proposal.keys, self.stats))
-
     def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
                 logits: Logits | None = None) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not,

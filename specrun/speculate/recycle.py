@@ -48,9 +48,6 @@ class RecycleTable:
             ids, _ = verified.logits.top_k(row, self.k)
             self.successors[int(token)] = np.asarray(ids, dtype=np.int32)
 
-    def __len__(self) -> int:
-        return len(self.successors)
-
 
 class RecycleDrafter:
     """Grows a tree breadth-first through the table: each node's children are the recycled

@@ -90,20 +90,6 @@ class SuffixIndex:
         return r > 0 and self.stream[len(self.stream) - r] != SEPARATOR
 
 
-def scan_matches(stream: Sequence[int], context: Sequence[int], max_len: int = 32) -> tuple[int, list[int]]:
-    """The slow, obviously right `SuffixIndex.matches` (every start, latest first): try every
-    position of the stream for every length."""
-    best, starts = 0, []
-    for length in range(1, min(max_len, len(context)) + 1):
-        tail = list(context[-length:])
-        hits = [e for e in range(length, len(stream)) if list(stream[e - length:e]) == tail
-                and stream[e] != SEPARATOR]
-        if not hits:
-            break
-        best, starts = length, sorted(hits, reverse=True)
-    return best, starts
-
-
 @dataclass(frozen=True)
 class SuffixConfig:
     max_len: int = 32  # longest suffix matched
