@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from specrun.engines.base import top_k_of
+from specrun.engines.base import top_ids_of, top_k_of
 from specrun.speculate.tree import DraftTree
 
 
@@ -29,6 +29,9 @@ class ArrayLogits:
 
     def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return top_k_of(self.array[i], k)
+
+    def top_ids(self, i: int, k: int) -> np.ndarray:
+        return top_ids_of(self.array[i], k)
 
 
 def add_path(tree: DraftTree, tokens: Sequence[int], parent: int = 0) -> None:

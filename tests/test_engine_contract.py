@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from specrun.engines import Cache, Engine, Placement, open_engine
-from specrun.engines.base import top_k_of
+from specrun.engines.base import top_ids_of, top_k_of
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from tests.conftest import torch_devices
 
@@ -159,6 +159,7 @@ def test_logits_rows_agree_with_full_rows(engine: Engine, cache: Cache) -> None:
         ids, probs = logits.top_k(i, 5)
         np.testing.assert_array_equal(ids, np.argsort(-p, kind="stable")[:5])
         np.testing.assert_allclose(probs, p[ids], rtol=1e-5)
+        np.testing.assert_array_equal(logits.top_ids(i, 5), ids)
     engine.commit_path(cache, [])
     engine.eval(cache, [5])
     with pytest.raises(RuntimeError, match="next pass"):
@@ -406,16 +407,18 @@ def test_top_k_of_matches_a_full_softmax() -> None:
     np.testing.assert_allclose(probs, p[ids], rtol=1e-5)
 
 
-@pytest.mark.parametrize("seed", range(10))
+@pytest.mark.parametrize("seed", range(12))
 def test_top_k_of_a_vocabulary_sized_row_matches_a_full_sort(seed: int) -> None:
-    """The two-pass path (blocks first) against a full sort, ties and a ragged last block included."""
+    """The two-pass path (column maxima first) against a full sort, ties and a ragged tail
+    included, down to rows too small for it."""
     rng = np.random.default_rng(seed)
-    size = int(rng.integers(20_000, 160_000))
+    size = int(rng.integers(20_000, 160_000)) if seed < 10 else int(rng.integers(2, 3000))
     row = np.round(rng.standard_normal(size) * 4, 1).astype(np.float32)  # many ties
     if seed % 2:
         row[-3:] = row.max() + 1  # the best entries in the ragged last block
     for k in (1, 4, 8, 32):
         ids, _ = top_k_of(row, k)
+        np.testing.assert_array_equal(top_ids_of(row, k), ids)
         want = np.argsort(-row, kind="stable")[:k]
         np.testing.assert_array_equal(row[ids], row[want])  # the same values, likeliest first
         assert list(ids) == sorted(ids, key=lambda i: (-row[i], i))  # lowest id among equals

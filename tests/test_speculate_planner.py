@@ -6,6 +6,7 @@ import json
 from dataclasses import replace
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 from specrun.calibrate import measure_cost_curve
@@ -57,6 +58,16 @@ def test_cost_curve_interpolates_and_extrapolates() -> None:
     assert flat_tail.cost(5) == pytest.approx(5.0)  # the average slope, not the flat last segment
     with pytest.raises(ValueError):
         CostCurve((2, 4), (1.0, 2.0))
+
+
+def test_cost_curve_interpolation_matches_numpys() -> None:
+    rng = np.random.default_rng(3)
+    for _ in range(20):
+        sizes = tuple(sorted({1, *(int(x) for x in rng.integers(2, 300, size=int(rng.integers(0, 12))))}))
+        seconds = tuple(np.cumsum(rng.uniform(0.0, 1.0, size=len(sizes))) + 0.01)
+        c = CostCurve(sizes, seconds)
+        for n in range(0, sizes[-1] + 1):
+            assert c.cost(n) == pytest.approx(float(np.interp(n, sizes, seconds)), rel=1e-12)
 
 
 def test_flat_costs_choose_large_trees_and_steep_costs_small_ones() -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import json
 import time
 from dataclasses import dataclass
@@ -44,8 +45,13 @@ class Resolved:
         memory planned for a context of `ctx` tokens (None: at least `needed_ctx`, see
         memory_plan); its notices (what the plan gave up, what the engines noticed while
         loading, measurements started) go to `notice`."""
-        return Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft, ctx,
-                                     needed_ctx, keep_recycled), notice)
+        session = Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft, ctx,
+                                        needed_ctx, keep_recycled), notice)
+        # What loading made (the vocabulary's pieces, the modules, the engines) lives as long as
+        # the process. Python's full collections scanned all of it between decoding steps, 15 ms
+        # at a time (half a step in RAM on 2 cores); frozen, they scan only what came after.
+        gc.freeze()
+        return session
 
 
 def resolve(model: str, draft: str | None = None, spec: str = "none", no_draft: bool = True) -> Resolved:

@@ -20,7 +20,7 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import Cache, EngineMixin, check_keep, top_k_of
+from specrun.engines.base import Cache, EngineMixin, check_keep, top_ids_of, top_k_of
 from specrun.errors import EngineError, UsageError
 from specrun.memory_limit import locked_bytes, swap_enabled
 
@@ -137,6 +137,9 @@ class _Logits:
 
     def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
         return top_k_of(self._view(i), k)
+
+    def top_ids(self, i: int, k: int) -> np.ndarray:
+        return top_ids_of(self._view(i), k)
 
 
 class LlamaCppCache(Cache):

@@ -45,8 +45,7 @@ class RecycleTable:
             pairs = [(verified.tree.tokens[i], i) for i in range(len(verified.tree)) if i not in on_path]
             pairs = pairs[:max(0, MAX_ROWS - len(verified.rows))]
         for token, row in pairs + list(zip(verified.tokens, verified.rows)):
-            ids, _ = verified.logits.top_k(row, self.k)
-            self.successors[int(token)] = np.asarray(ids, dtype=np.int32)
+            self.successors[int(token)] = np.asarray(verified.logits.top_ids(row, self.k), dtype=np.int32)
 
 
 class RecycleDrafter:

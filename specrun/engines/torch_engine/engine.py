@@ -16,7 +16,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import Cache, EngineMixin, Transfer, ancestor_mask, check_keep, top_k_of
+from specrun.engines.base import Cache, EngineMixin, Transfer, ancestor_mask, check_keep, top_ids_of, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
@@ -56,6 +56,14 @@ class TorchLogits:
         ids_np, probs_np = ids.cpu().numpy(), probs.cpu().numpy()
         order = np.lexsort((ids_np, -probs_np))  # likeliest first, lowest id among equals
         return ids_np[order], probs_np[order]
+
+    def top_ids(self, i: int, k: int) -> np.ndarray:
+        row = self._view(i)
+        if row.device.type == "cpu":
+            return top_ids_of(row.numpy(), k)
+        values, ids = torch.topk(row, min(k, row.numel()))
+        ids_np, values_np = ids.cpu().numpy(), values.float().cpu().numpy()
+        return ids_np[np.lexsort((ids_np, -values_np))]  # likeliest first, lowest id among equals
 
 
 class TorchCache(Cache):
