@@ -574,7 +574,7 @@ def test_passes_within_the_curves_noise_change_nothing() -> None:
     for _ in range(LearntCurve.MIN_PASSES):  # a machine that became 1.5x slower
         curve.observe(8, 0.6)
     assert curve.cost(8) == pytest.approx(0.6, rel=0.01) and curve.cost(32) == pytest.approx(1.2, rel=0.01)
-    assert curve.cost(1) == 0.3
+    assert curve.cost(1) == pytest.approx(0.45, rel=0.01)  # nothing said only size 8 slowed: all of it moves
     assert curve.replaced and not curve.stale  # corrected, and kept: not so far off that it needs measuring
 
 
@@ -683,12 +683,40 @@ def test_a_generation_whose_passes_slow_mid_run_replaces_its_curve_and_shrinks_i
 
 def test_a_disk_that_speeds_up_moves_the_curve_without_bending_it() -> None:
     """A streamed target's disk drifts: a fast spell seen first in 16-node passes, then in
-    1-token ones. Each replacement counts only passes measured against the curve it replaces;
-    counting the older ones as agreeing (ratio 1) bent a flat curve until 8 tokens cost 1.5x one."""
+    1-token ones. The curve moves as a whole once; read size by size, it bent a flat curve
+    until 8 tokens cost 1.5x one."""
     curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.30, 0.30, 0.30, 0.31, 0.32, 0.45)))
     for _ in range(4):
         curve.observe(16, 0.32 * 0.6)
     for _ in range(4):
         curve.observe(1, 0.30 * 0.6)
-    assert len(curve.replaced) == 2 and curve.cost(1) == pytest.approx(0.18, rel=0.05)
+    assert len(curve.replaced) == 1 and "as a whole" in curve.replaced[0] and not curve.stale
+    assert curve.cost(1) == pytest.approx(0.18, rel=0.05)
     assert curve.cost(8) / curve.cost(1) < 1.1 and curve.cost(16) / curve.cost(1) < 1.1
+
+
+def test_a_drifting_disk_timed_at_changing_sizes_keeps_the_curves_shape() -> None:
+    """Slow and fast spells 2x apart (a streamed target's disk within a run) while the trees
+    change size from step to step: the curve moves, but 16 tokens keep costing what the
+    calibration said against one."""
+    rng = np.random.default_rng(5)
+    curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.30, 0.30, 0.30, 0.31, 0.32, 0.45)))
+    for spell in range(16):
+        speed = (0.7, 1.4)[spell % 2]
+        for _ in range(int(rng.integers(4, 10))):
+            n = int(rng.choice([1, 4, 16, 24]))
+            curve.observe(n, 0.30 * speed * (1.1 if n > 16 else 1.0) * rng.uniform(0.9, 1.1))
+    assert curve.replaced and all("as a whole" in r for r in curve.replaced)
+    assert curve.cost(16) / curve.cost(1) == pytest.approx(0.32 / 0.30, rel=0.01)
+
+
+def test_a_size_off_against_the_passes_around_it_reshapes_the_curve() -> None:
+    """A CPU's 16-token passes at 1.5x its calibration among one-token passes that agree: the
+    shape was wrong (not the machine's speed), and only the larger sizes move."""
+    curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.03, 0.06, 0.10, 0.20, 0.22, 0.33)))
+    for _ in range(LearntCurve.MIN_PASSES):
+        for _ in range(3):
+            curve.observe(1, 0.03)
+        curve.observe(16, 0.33)
+    assert len(curve.replaced) == 1 and "replaced it" in curve.replaced[0] and not curve.stale
+    assert curve.cost(1) == pytest.approx(0.03) and curve.cost(16) == pytest.approx(0.33, rel=0.05)

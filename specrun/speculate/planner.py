@@ -72,19 +72,35 @@ class LearntCurve:
     """The calibrated cost curve as runs correct it. Each pass a run times alone (nothing
     drafting beside it) is kept with its size (the last MIN_PASSES per measured size); where
     their median is off the curve by more than CONTRADICTED, the curve is replaced in this
-    run: each observed size costs what its passes measured, sizes between observed ones move
-    by the ratio between, sizes above the largest by its ratio, sizes below the smallest stay;
-    kept monotone. Off by more than FAR (a curve measured in another world: calibrated while
-    the machine was busy, 24 tokens 9.1 s where they take 0.8) also marks it `stale`, so the
-    next run measures it afresh instead of starting from it."""
+    run, in one of two ways.
+
+    - Reshaped where each pass of a size is off against the passes of other sizes timed
+      around it (within AROUND passes before it, and also after it: a CPU's 16-token passes
+      at 1.4x its calibration among one-token passes that agree with it), or where no other
+      size was timed around it and it is off by more than FAR (a busy CPU: each node beyond
+      a few costs 0.4 s). Each observed size costs what its passes measured, sizes between
+      observed ones move by the ratio between, sizes above the largest by its ratio, sizes
+      below the smallest stay; kept monotone.
+    - Moved as a whole, by the median of every kept pass, otherwise. A streamed target's disk
+      drifts (one-token passes from 0.22 to 0.45 s within a run) and moves every size alike,
+      but sizes are not timed at the same moments: read one by one, a drift seen at one size
+      bent a flat curve until 8 tokens cost 2.3-3.8x one, and the trees shrank where only the
+      disk's speed had changed.
+
+    Off by more than FAR also marks the curve `stale`, so the next run measures it afresh
+    instead of starting from it (calibrated while the machine was busy: 24 tokens 9.1 s where
+    they take 0.8)."""
 
     CONTRADICTED = (0.7, 1.4)  # observed / predicted
-    FAR = (0.5, 2.0)
+    FAR = (0.4, 2.5)  # beyond what a streamed target's disk drifts (2x within a run)
     MIN_PASSES = 4  # passes of a size before they may replace the curve
+    AROUND = 3  # passes before and after a pass that are timed "around" it
 
     def __init__(self, curve: CostCurve) -> None:
         self.curve = curve
-        self._seen: dict[int, list[float]] = {}  # index of a measured size -> its last passes, in seconds at that size
+        # index of a measured size -> its last passes: (seconds as if at that size, the pass's number)
+        self._seen: dict[int, list[tuple[float, int]]] = {}
+        self._recent: list[tuple[int, int, float]] = []  # (number, size index, seconds as if at that size), latest last
         self.replaced: list[str] = []  # one line per replacement, for -v
         self.stale = False
         self.version = 0  # replacements so far (what was learnt against an older curve is stale)
@@ -112,8 +128,12 @@ class LearntCurve:
     def observe(self, n: int, seconds: float) -> None:
         """A pass over n tokens took `seconds` with nothing beside it."""
         i = self._nearest(n)
+        q = seconds / self.curve.cost(n)  # its ratio to the curve
+        number = self._recent[-1][0] + 1 if self._recent else 0
+        self._recent.append((number, i, q * self.seconds[i]))
+        del self._recent[:-self.MIN_PASSES * (2 * self.AROUND + 1)]
         last = self._seen.setdefault(i, [])
-        last.append(seconds * self.seconds[i] / self.curve.cost(n))  # as if at the measured size
+        last.append((q * self.seconds[i], number))
         del last[:-self.MIN_PASSES]
         low, high = self.CONTRADICTED
         if len(last) == self.MIN_PASSES and not low <= self._ratio(i) <= high:
@@ -124,9 +144,38 @@ class LearntCurve:
         return min(range(len(self.sizes)), key=lambda k: (abs(math.log(self.sizes[k] / n)), k))
 
     def _ratio(self, i: int) -> float:
-        return (statistics.median(self._seen[i]) + JITTER) / (self.seconds[i] + JITTER)  # ms apart say little
+        at_size = statistics.median(t for t, _ in self._seen[i])
+        return (at_size + JITTER) / (self.seconds[i] + JITTER)  # ms apart say little
 
     def _replace(self, trigger: int) -> None:
+        ratio = self._ratio(trigger)
+        off = self._off_against_others(trigger)
+        if off if off is not None else not self.FAR[0] <= ratio <= self.FAR[1]:
+            self._install(trigger, ratio, self._reshaped(), "replaced it")
+        else:
+            level = statistics.median(t / self.seconds[i] for i, passes in self._seen.items() for t, _ in passes)
+            self._install(trigger, ratio, [t * level for t in self.seconds], "moved it as a whole")
+
+    def _off_against_others(self, i: int) -> bool | None:
+        """Whether each of size i's kept passes is off by more than CONTRADICTED, the same way,
+        both against the other sizes' passes timed just before it and against those just after
+        (None: fewer than MIN_PASSES - 1 had others on both sides). A drift that begins or
+        ends beside a pass moves one side with it, so the pass agrees with the other side."""
+        low, high = self.CONTRADICTED
+        sides = []
+        for t, number in self._seen[i]:
+            before = [u / self.seconds[k] for m, k, u in self._recent if k != i and number - self.AROUND <= m < number]
+            after = [u / self.seconds[k] for m, k, u in self._recent if k != i and number < m <= number + self.AROUND]
+            if before and after:
+                q = t / self.seconds[i]
+                contrasts = (q / statistics.median(before), q / statistics.median(after))
+                sides.append(1 if min(contrasts) > high else -1 if max(contrasts) < low else 0)
+        if len(sides) < self.MIN_PASSES - 1:
+            return None
+        return abs(sum(sides)) == len(sides)  # every one off, and the same way
+
+    def _reshaped(self) -> list[float]:
+        """The curve through each observed size's passes (see the class's docstring)."""
         seen = sorted(i for i, passes in self._seen.items() if len(passes) >= self.MIN_PASSES // 2)
         ratios = {i: self._ratio(i) for i in seen}
         logs = np.log(np.asarray(self.sizes, dtype=float))
@@ -142,10 +191,12 @@ class LearntCurve:
                 w = 0.0 if hi == lo else (logs[k] - logs[lo]) / (logs[hi] - logs[lo])
                 r = ratios[lo] ** (1 - w) * ratios[hi] ** w
             times.append(max(t * r, times[-1] if times else 0.0))
-        ratio = ratios[trigger]
+        return times
+
+    def _install(self, trigger: int, ratio: float, times: list[float], how: str) -> None:
         self.stale = self.stale or not self.FAR[0] <= ratio <= self.FAR[1]
         self.replaced.append(f"passes over {self.sizes[trigger]} tokens took {ratio:.2f}x what the stored cost curve "
-                             f"said: replaced it (1 token {self.seconds[0] * 1000:.0f} -> {times[0] * 1000:.0f} ms, "
+                             f"said: {how} (1 token {self.seconds[0] * 1000:.0f} -> {times[0] * 1000:.0f} ms, "
                              f"{self.max_size} tokens {self.seconds[-1] * 1000:.0f} -> {times[-1] * 1000:.0f} ms)")
         self.curve = CostCurve(self.sizes, tuple(times))
         self.version += 1
@@ -153,7 +204,7 @@ class LearntCurve:
         # as agreeing with it (ratio 1) made a disk whose speed drifts whipsaw the curve's shape:
         # a fast spell seen at one size replaced it against sizes "confirmed" at the old speed,
         # and 2 tokens came to cost 1.5x one where the calibration had measured 1.0x.
-        self._seen = {}
+        self._seen = {}  # (the recent passes stay: what is around a pass does not change with the curve)
 
 
 PassCost = CostCurve | LearntCurve  # seconds of a target pass over n tokens
