@@ -10,6 +10,7 @@ noisy. The planner's memory (planner_memory.py) keeps it, with what runs learn.
 
 from __future__ import annotations
 
+import os
 import time
 from typing import Callable
 
@@ -52,6 +53,45 @@ def measurement_tokens(n_vocab: int) -> list[int]:
 
 NOISY = 1.5  # repeats of one size further apart than this: something else was running
 DROP = 0.8  # a size costing less than this share of a smaller one: not a curve, noise
+BUSY = 0.2  # of the machine's CPU time, taken by other processes while measuring: it was not idle
+
+
+def cpu_ticks(stat: str = "/proc/stat") -> tuple[int, int] | None:
+    """(busy, total) CPU time of the whole machine so far, in clock ticks; None where the
+    machine does not say (not Linux)."""
+    try:
+        with open(stat) as f:
+            ticks = [int(x) for x in f.readline().split()[1:9]]  # user .. steal (guest is inside user)
+    except (OSError, ValueError):
+        return None
+    if len(ticks) < 5:
+        return None
+    return sum(ticks) - ticks[3] - ticks[4], sum(ticks)  # less idle and iowait
+
+
+class OthersLoad:
+    """The share of the machine's CPU time that other processes took over a span (`share`;
+    None where the machine does not say). A curve measured beside them measured them too:
+    a curve taken while a test suite ran made 4 tokens cost 1.6x one on a streamed target
+    whose passes cost the same to 16, it was kept, and every later run planned small trees
+    from it. Repeats of each size agreed, so the noise check did not catch it."""
+
+    def __init__(self, read: Callable[[], tuple[int, int] | None] = cpu_ticks,
+                 own: Callable[[], float] = time.process_time, tick: float | None = None) -> None:
+        self.read, self.own = read, own
+        self.tick = tick if tick is not None else 1.0 / os.sysconf("SC_CLK_TCK")  # seconds per tick
+        self.share: float | None = None
+
+    def __enter__(self) -> "OthersLoad":
+        self._start, self._own = self.read(), self.own()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        end, own = self.read(), self.own() - self._own
+        if self._start is None or end is None or end[1] <= self._start[1]:
+            return
+        busy, total = end[0] - self._start[0], end[1] - self._start[1]
+        self.share = max(0.0, busy - own / self.tick) / total
 
 
 def measure_cost_curve(engine: Engine, cache: Cache, sizes: tuple[int, ...] = SIZES, reps: int | None = None,
@@ -126,17 +166,26 @@ def curve_problem(runs: dict[int, list[float]]) -> str | None:
 
 
 def measure_checked(engine: Engine, cache: Cache, sizes: tuple[int, ...], notice: Callable[[str], None],
-                    max_ratio: float | None = MAX_RATIO,
-                    clock: Callable[[], float] = time.perf_counter) -> tuple[CostCurve, bool]:
-    """(the cost curve, whether to keep it): measured, and measured again when noisy or not
-    monotonic (something else was running: such a curve, stored, steered every later run);
-    when the second measurement is no better, used for this run only, with a notice."""
-    runs = measure_runs(engine, cache, sizes, max_ratio=max_ratio, clock=clock)
-    if (problem := curve_problem(runs)) is None:
+                    max_ratio: float | None = MAX_RATIO, clock: Callable[[], float] = time.perf_counter,
+                    load: Callable[[], OthersLoad] = OthersLoad) -> tuple[CostCurve, bool]:
+    """(the cost curve, whether to keep it): measured, and measured again when noisy, not
+    monotonic, or taken while other processes used the CPU (`load`): such a curve, stored,
+    steered every later run. When the second measurement is no better, it is used for this
+    run only, with a notice."""
+
+    def measured() -> tuple[dict[int, list[float]], str | None]:
+        with load() as others:
+            runs = measure_runs(engine, cache, sizes, max_ratio=max_ratio, clock=clock)
+        if others.share is not None and others.share > BUSY:
+            return runs, f"other processes took {others.share:.0%} of the CPU meanwhile"
+        return runs, curve_problem(runs)
+
+    runs, problem = measured()
+    if problem is None:
         return curve_of(runs), True
     notice(f"the cost curve looked noisy ({problem}): measuring it again…")
-    runs = measure_runs(engine, cache, sizes, max_ratio=max_ratio, clock=clock)
-    if (problem := curve_problem(runs)) is None:
+    runs, problem = measured()
+    if problem is None:
         return curve_of(runs), True
     notice(f"the cost curve is too noisy to keep ({problem}; is something else running?): this run plans "
            "from it, and the next one measures again")

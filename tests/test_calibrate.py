@@ -165,6 +165,54 @@ def checked(engine: FakeEngine, limit: int) -> tuple[CostCurve, bool, list[str]]
     return curve, keep, notices
 
 
+class _Load:
+    """Other processes' share of the CPU over each measurement, in turn."""
+
+    def __init__(self, *shares: float | None) -> None:
+        self.shares = iter(shares)
+
+    def __call__(self) -> "_Load":
+        self.share = next(self.shares)
+        return self
+
+    def __enter__(self) -> "_Load":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        pass
+
+
+def test_a_curve_measured_beside_other_processes_is_measured_again_and_refused_if_they_stay() -> None:
+    """Repeats agree (nothing looks noisy), but other processes took half the CPU meanwhile."""
+    engine = FakeEngine(lambda n: 0.1 + n / 1000, 64)
+    notices: list[str] = []
+    curve, keep = calibrate.measure_checked(engine, engine.new_cache(), sizes_up_to(64),  # type: ignore[arg-type]
+                                            notices.append, clock=engine.clock, load=_Load(0.5, 0.05))
+    assert keep and len(notices) == 1 and "other processes took 50% of the CPU" in notices[0]
+    notices.clear()
+    curve, keep = calibrate.measure_checked(engine, engine.new_cache(), sizes_up_to(64),  # type: ignore[arg-type]
+                                            notices.append, clock=engine.clock, load=_Load(0.5, 0.3))
+    assert not keep and "too noisy to keep (other processes took 30%" in notices[1]
+    curve, keep = calibrate.measure_checked(engine, engine.new_cache(), sizes_up_to(64),  # type: ignore[arg-type]
+                                            notices.append, clock=engine.clock, load=_Load(None))
+    assert keep  # a machine that does not say is judged by its repeats alone
+
+
+def test_others_load_is_the_machines_busy_time_less_this_process(tmp_path: Path) -> None:
+    stat = tmp_path / "stat"
+    stat.write_text("cpu  10 2 5 100 3 0 1 0 0 0\ncpu0 5 1 2 50 1 0 0 0 0 0\n")
+    assert calibrate.cpu_ticks(str(stat)) == (18, 121)  # idle and iowait are not busy
+    assert calibrate.cpu_ticks(str(tmp_path / "none")) is None
+    readings = iter([(100, 1000), (250, 1400)])  # 150 busy ticks of 400
+    own = iter([1.0, 1.5])  # 0.5 s of them ours: 50 ticks of 10 ms
+    with calibrate.OthersLoad(lambda: next(readings), lambda: next(own), tick=0.01) as load:
+        pass
+    assert load.share == pytest.approx(100 / 400)
+    with calibrate.OthersLoad(lambda: None) as unknown:
+        pass
+    assert unknown.share is None
+
+
 def test_a_noisy_curve_is_measured_again_and_refused_if_still_noisy(monkeypatch: pytest.MonkeyPatch) -> None:
     quiet = FakeEngine(lambda n: 0.1 + n / 1000, 64)
     curve, keep, notices = checked(quiet, 64)
