@@ -15,6 +15,7 @@ import pytest
 
 from specrun.engines import Cache, Engine, Placement, open_engine
 from specrun.engines.base import top_ids_of, top_k_of
+from specrun.engines.host_cpu import cpu_identity
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from tests.conftest import torch_devices
 
@@ -391,7 +392,7 @@ def test_open_engine_needs_no_backend_name(tiny_model: Path) -> None:
     e = open_engine(tiny_model, Placement(threads=1), max_tree_nodes=8)
     try:
         cache = e.new_cache(128)
-        assert e.max_tree_nodes == 8 and e.settings_key() and cache.n_ctx >= 128
+        assert e.max_tree_nodes == 8 and cpu_identity() in e.settings_key() and cache.n_ctx >= 128
         assert e.eval(cache, e.vocab.tokenize("hello")).argmax(0) >= 0
     finally:
         e.close()

@@ -21,6 +21,7 @@ import llama_cpp as C
 import numpy as np
 
 from specrun.engines.base import Cache, EngineMixin, check_keep, top_ids_of, top_k_of
+from specrun.engines.host_cpu import cpu_identity
 from specrun.errors import EngineError, UsageError
 from specrun.memory_limit import locked_bytes, swap_enabled
 
@@ -191,7 +192,7 @@ class LlamaCppEngine(EngineMixin):
     def settings_key(self) -> str:
         threads = self.config.n_threads or os.cpu_count()
         return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
-                f"gpu {bool(C.llama_supports_gpu_offload())}")
+                f"gpu {bool(C.llama_supports_gpu_offload())}, cpu {cpu_identity()}")
 
     # --- caches and decoding -------------------------------------------------------
 

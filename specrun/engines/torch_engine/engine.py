@@ -18,6 +18,7 @@ import torch
 
 from specrun.engines.base import Cache, EngineMixin, Transfer, ancestor_mask, check_keep, top_ids_of, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
+from specrun.engines.host_cpu import cpu_identity
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.config import TorchConfig, resolve_device, resolve_dtype
 from specrun.engines.torch_engine.loading import LoadedModel, load_model
@@ -106,7 +107,7 @@ class TorchEngine(EngineMixin):
             where += f" {torch.cuda.get_device_name(self.device_obj)}"
         threads = self.config.threads or os.cpu_count()
         return (f"torch {torch.__version__}, engine torch, device {where}, dtype {str(self.dtype)[6:]}, "
-                f"threads {threads}, weights {self.loaded.storage}")
+                f"threads {threads}, weights {self.loaded.storage}, cpu {cpu_identity()}")
 
     # --- streaming -------------------------------------------------------------------
 
