@@ -8,7 +8,7 @@ from typing import Sequence
 
 import numpy as np
 
-from specrun.engines.base import top_ids_of, top_k_of
+from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.speculate.tree import DraftTree
 
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 
 from specrun.engines import Cache, Engine, Placement, open_engine
-from specrun.engines.base import top_ids_of, top_k_of
+from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.host_cpu import cpu_identity
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from tests.conftest import torch_devices
@@ -386,6 +386,70 @@ def test_trees_are_bounded_by_what_the_engine_was_opened_for(factory: EngineFact
             e.eval_tree(cache, TREE_TOKENS, TREE_PARENTS, _depths(TREE_PARENTS))
     finally:
         e.close()
+
+
+def _shared_pass_requests(engine: Engine) -> list[tuple[Cache, list[int], list[int], list[int]]]:
+    """Three sequences of different lengths and trees: (cache, prefix, tokens, parents)."""
+    texts = ("def fib(n): return", "hello world, hello world", "the a")
+    trees = ((TREE_TOKENS, TREE_PARENTS), ([7], [-1]), ([50, 51, 52], [-1, 0, 0]))
+    out = []
+    for text, (tokens, parents) in zip(texts, trees):
+        cache, prefix = engine.new_cache(256), engine.vocab.tokenize(text)
+        engine.eval(cache, prefix)
+        out.append((cache, prefix, list(tokens), list(parents)))
+    return out
+
+
+def test_a_shared_pass_gives_each_cache_what_it_would_get_alone(factory: EngineFactory, engine: Engine,
+                                                                tiny_model: Path) -> None:
+    from specrun.engines import TreeRequest
+
+    seqs = _shared_pass_requests(engine)
+    alone = []
+    for cache, _, tokens, parents in seqs:
+        logits = engine.eval_tree(cache, tokens, parents, _depths(parents))
+        alone.append([logits.row(i) for i in range(len(logits))])
+        engine.commit_path(cache, [])
+    shared = engine.eval_trees([TreeRequest(c, t, p, _depths(p)) for c, _, t, p in seqs])
+    for k, (logits, rows) in enumerate(zip(shared, alone)):  # every result readable after the call
+        assert len(logits) == len(rows)
+        for i, row in enumerate(rows):
+            np.testing.assert_allclose(logits.row(i), row, **TOL, err_msg=f"sequence {k}, node {i}")
+    for cache, prefix, tokens, parents in seqs:  # each cache took its own tree and keeps its own path
+        path = _path(parents, len(parents) - 1)
+        engine.commit_path(cache, path)
+        assert list(cache.tokens) == prefix + [tokens[i] for i in path]
+    for cache, _, _, _ in seqs:
+        after = engine.eval(cache, [9]).row(0)
+        np.testing.assert_allclose(after, fresh_logits(factory, tiny_model, list(cache.tokens)), **TOL)
+
+
+def test_a_shared_pass_continues_grown_trees_and_can_be_submitted(engine: Engine) -> None:
+    from specrun.engines import TreeRequest
+
+    seqs = _shared_pass_requests(engine)
+    first = [(c, t[:2] if len(t) > 1 else t, p[:2] if len(p) > 1 else p) for c, _, t, p in seqs]
+    engine.eval_trees([TreeRequest(c, t, p, _depths(p)) for c, t, p in first])
+    grown = [TreeRequest(c, t, p, _depths(p), start=len(f[1])) for (c, _, t, p), f in zip(seqs, first)
+             if len(t) > len(f[1])]  # a sequence whose tree is whole sits this pass out
+    submitted = engine.submit_trees(grown).result()
+    rows = [[logits.row(i) for i in range(len(logits))] for logits in submitted]
+    for r, got in zip(grown, rows):
+        engine.commit_path(r.cache, [])
+        whole = engine.eval_tree(r.cache, r.tokens, r.parents, r.depths)
+        for i, row in enumerate(got):
+            np.testing.assert_allclose(row, whole.row(r.start + i), **TOL)
+        engine.commit_path(r.cache, [])
+
+
+def test_a_shared_pass_names_each_cache_once(engine: Engine, cache: Cache) -> None:
+    from specrun.engines import TreeRequest
+
+    engine.eval(cache, [5, 6])
+    with pytest.raises(ValueError, match="named twice"):
+        engine.eval_trees([TreeRequest(cache, [7], [-1], [0]), TreeRequest(cache, [8], [-1], [0])])
+    with pytest.raises(ValueError, match="no requests"):
+        engine.eval_trees([])
 
 
 def test_open_engine_needs_no_backend_name(tiny_model: Path) -> None:

@@ -13,7 +13,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from specrun.engines.base import Cache, Engine, Logits, Pending, Vocab
+from specrun.engines.base import Cache, Engine, Logits, Pending, TreeRequest, Vocab
 from specrun.engines.placement import (DEVICES, ENGINES, OFFLOADS, QUANTS, Placement, engine_for, llama_gpu,
                                        llama_gpu_layers, torch_device, torch_needed, tree_limit)
 from specrun.errors import UsageError
@@ -70,5 +70,5 @@ def device_of(model: Path, placement: Placement = Placement()) -> str:
     return "cpu" if layers == 0 or not llama_gpu() else "gpu"
 
 
-__all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Cache", "Engine", "Logits", "Pending", "Placement", "Vocab", "device_of",
+__all__ = ["DEVICES", "ENGINES", "OFFLOADS", "QUANTS", "Cache", "Engine", "Logits", "Pending", "Placement", "TreeRequest", "Vocab", "device_of",
            "engine_for", "open_engine", "torch_config", "tree_limit"]

@@ -143,6 +143,27 @@ class Cache:
             release()
 
 
+@dataclass(frozen=True)
+class TreeRequest:
+    """One sequence's share of a pass that several share (`Engine.eval_trees`): the arguments
+    `eval_tree` would take for it."""
+
+    cache: Cache
+    tokens: Sequence[int]
+    parents: Sequence[int]
+    depths: Sequence[int]
+    start: int = 0
+
+
+def check_requests(requests: Sequence[TreeRequest]) -> None:
+    """ValueError unless there is a request and no cache is named twice (one pass writes each
+    cache's tree once)."""
+    if not requests:
+        raise ValueError("eval_trees of no requests")
+    if len({id(r.cache) for r in requests}) != len(requests):
+        raise ValueError("a cache named twice in one eval_trees call")
+
+
 class Engine(Protocol):
     """A loaded model. Its caches (`new_cache`, any number) hold what sequences evaluated:
     `eval` appends to one, `rewind` cuts it back, `sync` does both to reach a wanted token
@@ -197,6 +218,17 @@ class Engine(Protocol):
 
     def submit_sync(self, cache: Cache, tokens: Sequence[int]) -> Pending:
         """`sync` (a prompt's prefill), started and returned at once."""
+        ...
+
+    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[Logits]:
+        """`eval_tree` for several caches, each named once, in as few passes as the engine can:
+        the weights are read once for all of them where the backend batches sequences (a streamed
+        pass costs its transfer whatever it carries). Result i is what request i alone would give
+        (rows equal within float rounding); every result stays valid until the engine's next call."""
+        ...
+
+    def submit_trees(self, requests: Sequence[TreeRequest]) -> Pending:
+        """`eval_trees`, started and returned at once (its result is the list)."""
         ...
 
     def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
@@ -281,44 +313,6 @@ def ancestor_mask(parents: Sequence[int]) -> np.ndarray:
     return mask
 
 
-GROUPS = 256  # rows of top_ids_of's strided view of a logits row
-
-
-def top_ids_of(row: np.ndarray, k: int) -> np.ndarray:
-    """Token ids [k] of a logits row's k largest entries, likeliest first (lowest id among equals).
-
-    Two passes, since a full partition of a 152k-entry row costs a millisecond and token
-    recycling reads a row per verified node. The row is seen as GROUPS rows of `cols`
-    columns (a view, no copy); the k columns with the largest maxima hold the k largest
-    entries (a column holding one of them ranks at most k-th by its maximum: each column
-    above it has a maximum above that entry), so only those and the ragged tail are
-    partitioned. Column maxima are a SIMD reduction across rows: 5x faster than block maxima."""
-    n = row.size
-    k = min(k, n)
-    cols = n // GROUPS
-    if k * 4 >= cols:  # a small row: one partition
-        ids = np.argpartition(-row, k - 1)[:k] if k < n else np.arange(n)
-    else:
-        tops = row[:GROUPS * cols].reshape(GROUPS, cols).max(axis=0)  # [cols]
-        chosen = np.argpartition(tops, cols - k)[cols - k:]  # the k best columns
-        span = (np.arange(GROUPS)[:, None] * cols + chosen).ravel()  # their entries [GROUPS * k]
-        if GROUPS * cols < n:
-            span = np.concatenate([span, np.arange(GROUPS * cols, n)])  # the tail: always a candidate
-        part = row[span]
-        ids = span[np.argpartition(part, part.size - k)[part.size - k:]]
-    return ids[np.lexsort((ids, -row[ids]))]
-
-
-def top_k_of(row: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:
-    """(ids [k], probabilities [k]) of the k likeliest entries of a logits row, likeliest first.
-    The probabilities cost a pass over the whole row (exp): a caller that needs only the
-    ids calls top_ids_of."""
-    ids = top_ids_of(row, k)
-    m = float(row.max())
-    probs = np.exp(row[ids].astype(np.float64) - m) / float(np.exp(row - m, dtype=np.float32).sum(dtype=np.float64))
-    return ids, probs
-
-
 class EngineMixin:
     """What every engine does the same way on top of its own eval, rewind and eval_tree:
     `sync`, the caches it made (closed with it), and `submit_tree` on one worker thread
@@ -371,6 +365,9 @@ class EngineMixin:
 
     def submit_sync(self, cache: Cache, tokens: Sequence[int]) -> Future:
         return self._submit(self.sync, cache, list(tokens))
+
+    def submit_trees(self, requests: Sequence[TreeRequest]) -> Future:
+        return self._submit(self.eval_trees, list(requests))  # type: ignore[attr-defined]
 
     def _submit(self, call: Callable[..., Logits], *args: Any) -> Future:
         self.settle()

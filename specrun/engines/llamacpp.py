@@ -20,7 +20,8 @@ from typing import Sequence
 import llama_cpp as C
 import numpy as np
 
-from specrun.engines.base import Cache, EngineMixin, check_keep, top_ids_of, top_k_of
+from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
+from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.host_cpu import cpu_identity
 from specrun.errors import EngineError, UsageError
 from specrun.memory_limit import locked_bytes, swap_enabled
@@ -315,6 +316,18 @@ class LlamaCppEngine(EngineMixin):
         self._decode(c, n - start, f"a {n - start}-node tree")
         c.evaluated_tree(tokens, parents)
         return _Logits(self, C.llama_get_logits(c.ctx), n - start)
+
+    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[_Logits]:
+        """One llama_decode per cache, in turn: each cache is a context of its own, so their
+        nodes cannot share a decode (that needs the caches as sequence ids of one context).
+        Each context keeps its own logits, so every result stays valid until the next call."""
+        check_requests(requests)
+        for r in requests:
+            self._ready(r.cache, "eval_trees")
+        out = [self.eval_tree(r.cache, r.tokens, r.parents, r.depths, r.start) for r in requests]
+        for logits in out:
+            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
+        return out
 
     def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         c = self._ready(cache, "commit_path")

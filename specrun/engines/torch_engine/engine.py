@@ -16,7 +16,9 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from specrun.engines.base import Cache, EngineMixin, Transfer, ancestor_mask, check_keep, top_ids_of, top_k_of
+from specrun.engines.base import (Cache, EngineMixin, Transfer, TreeRequest, ancestor_mask, check_keep,
+                                  check_requests)
+from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
 from specrun.engines.host_cpu import cpu_identity
 from specrun.engines.torch_engine.cache import KVCache
@@ -185,8 +187,23 @@ class TorchEngine(EngineMixin):
 
     def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                   start: int = 0) -> TorchLogits:
-        c = self._ready(cache)
-        n, base = len(tokens), c.kv_len
+        return self.eval_trees([TreeRequest(cache, tokens, parents, depths, start)])[0]
+
+    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[TorchLogits]:
+        """All the requests' new nodes in one forward pass: the weights are read (streamed) once."""
+        check_requests(requests)
+        parts = [self._tree_part(r) for r in requests]
+        self._epoch += 1
+        rows = self.model.forward_many([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
+        for (c, _), r in zip(parts, requests):
+            c.evaluated_tree(r.tokens, r.parents)
+        return [TorchLogits(self, x) for x in rows]
+
+    def _tree_part(self, r: TreeRequest) -> tuple[TorchCache, Batch]:
+        """One request's batch: node i writes slot kv_len + i, sits at position kv_len + depth[i],
+        and sees the committed slots and its ancestors' slots."""
+        c = self._ready(r.cache)
+        n, base, start = len(r.tokens), c.kv_len, r.start
         if start != len(c.tree):
             raise ValueError(f"{len(c.tree)} nodes are evaluated; cannot continue from {start}")
         if not start < n:
@@ -195,14 +212,11 @@ class TorchEngine(EngineMixin):
             raise ValueError(f"a tree of {n} nodes exceeds the {self.max_tree_nodes} this engine was opened for")
         if base + n > c.n_ctx:  # every node takes a slot of the cache
             raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
-        new = np.arange(start, n)
         mask = torch.ones((n - start, base + n), dtype=torch.bool)
-        mask[:, base:] = torch.from_numpy(ancestor_mask(parents)[start:])
-        batch = Batch(ids=self._tensor(tokens[start:]), positions=self._tensor(base + np.asarray(depths[start:])),
-                      slots=self._tensor(base + new), end=base + n, mask=mask.to(self.device_obj))
-        logits = self._forward(c, batch)
-        c.evaluated_tree(tokens, parents)
-        return logits
+        mask[:, base:] = torch.from_numpy(ancestor_mask(r.parents)[start:])
+        batch = Batch(ids=self._tensor(r.tokens[start:]), positions=self._tensor(base + np.asarray(r.depths[start:])),
+                      slots=self._tensor(base + np.arange(start, n)), end=base + n, mask=mask.to(self.device_obj))
+        return c, batch
 
     def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         c = self._ready(cache)

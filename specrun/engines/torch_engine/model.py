@@ -9,8 +9,9 @@ decoding, prefill and tree verification are the same call.
 
 from __future__ import annotations
 
+import itertools
 from dataclasses import dataclass
-from typing import Iterable, Protocol
+from typing import Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -93,22 +94,35 @@ class Transformer:
         self.source = source or ResidentSource(weights)
         self.rope = Rope(args, weights.rope_factors, device)
 
-    @torch.inference_mode()
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
-        """Activations are float32 between the matrix products, which run in the weights' dtype.
-        Logits [m, n_vocab] float32 for the batch's `out_rows` (m of n), after writing its
-        keys and values into the cache."""
-        a, w = self.args, self.weights
-        x = w.embed(batch.ids)  # [n, n_embd] float32: the residual stream stays in full precision
-        mask = None if batch.mask is None else _grouped_mask(batch.mask, a.n_head // a.n_head_kv)
-        for i, layer in enumerate(self.source.layers()):
-            x = self._layer(i, layer, x, batch, mask, cache)
-        if batch.out_rows is not None:
-            x = x[batch.out_rows]
-        return self.source.output(rms_norm(x, w.norm, a.norm_eps))
+        """One sequence's pass: `forward_many` with one part."""
+        return self.forward_many([(batch, cache)])[0]
 
-    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, batch: Batch, mask: torch.Tensor | None,
-               cache: KVCache) -> torch.Tensor:
+    @torch.inference_mode()
+    def forward_many(self, parts: Sequence[tuple[Batch, KVCache]]) -> list[torch.Tensor]:
+        """One pass for several sequences, each a batch in its own cache: the matrix products see
+        all their tokens at once (weights read once), attention each part in its cache.
+        Activations are float32 between the matrix products, which run in the weights' dtype.
+        Per part, logits [m, n_vocab] float32 for its `out_rows` (m of n), after writing its
+        keys and values into its cache."""
+        a, w = self.args, self.weights
+        batch = _joined([b for b, _ in parts])
+        x = w.embed(batch.ids)  # [N, n_embd] float32: the residual stream stays in full precision
+        spans = _spans([b.ids.shape[0] for b, _ in parts])
+        group = a.n_head // a.n_head_kv
+        attend = [(b, cache, None if b.mask is None else _grouped_mask(b.mask, group), span)
+                  for (b, cache), span in zip(parts, spans)]
+        for i, layer in enumerate(self.source.layers()):
+            x = self._layer(i, layer, x, batch.positions, attend)
+        rows = _out_rows(parts, spans, x.device)
+        logits = self.source.output(rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps))
+        if len(parts) == 1:
+            return [logits]
+        sizes = [b.ids.shape[0] if b.out_rows is None else b.out_rows.shape[0] for b, _ in parts]
+        return list(torch.split(logits, sizes))
+
+    def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
+               attend: list[tuple[Batch, KVCache, torch.Tensor | None, slice]]) -> torch.Tensor:
         a, n = self.args, x.shape[0]
         h = rms_norm(x, w.attn_norm, a.norm_eps)
         q = w.q(h).view(n, a.n_head, a.head_dim)
@@ -116,13 +130,39 @@ class Transformer:
         v = w.v(h).view(n, a.n_head_kv, a.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q, k = rms_norm(q, w.q_norm, a.norm_eps), rms_norm(k, w.k_norm, a.norm_eps)
-        q, k = self.rope(q, batch.positions), self.rope(k, batch.positions)
-        cache.write(i, batch.slots, k, v)
-        keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
-        attn = _attention(q, keys, values, mask)  # [n, n_head * head_dim]
+        q, k = self.rope(q, positions), self.rope(k, positions)
+        outs = []
+        for batch, cache, mask, span in attend:  # each sequence attends within its own cache
+            cache.write(i, batch.slots, k[span], v[span])
+            keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
+            outs.append(_attention(q[span], keys, values, mask))  # [n_part, n_head * head_dim]
+        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + w.o(attn)
         h = rms_norm(x, w.ffn_norm, a.norm_eps)
         return x + w.down(F.silu(w.gate(h)) * w.up(h))
+
+
+def _spans(sizes: list[int]) -> list[slice]:
+    """Each part's rows in the joined batch."""
+    ends = list(itertools.accumulate(sizes))
+    return [slice(e - n, e) for n, e in zip(sizes, ends)]
+
+
+def _joined(batches: list[Batch]) -> Batch:
+    """The parts' tokens and positions end to end (what the matrix products need of them); a
+    lone batch as it is, without a copy."""
+    if len(batches) == 1:
+        return batches[0]
+    return Batch(ids=torch.cat([b.ids for b in batches]), positions=torch.cat([b.positions for b in batches]),
+                 slots=torch.empty(0), end=0, mask=None)
+
+
+def _out_rows(parts: Sequence[tuple[Batch, KVCache]], spans: list[slice], device: torch.device) -> torch.Tensor | None:
+    """Rows of the joined batch whose logits are wanted (None: all)."""
+    if len(parts) == 1 or all(b.out_rows is None for b, _ in parts):
+        return parts[0][0].out_rows if len(parts) == 1 else None
+    return torch.cat([torch.arange(s.start, s.stop, device=device) if b.out_rows is None else b.out_rows + s.start
+                      for (b, _), s in zip(parts, spans)])
 
 
 def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
