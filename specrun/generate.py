@@ -176,6 +176,16 @@ def drawer(sampling: SamplingConfig) -> Draw:
     return lambda logits, i: sample(logits.row(i), sampling, rng)
 
 
+@dataclass(frozen=True)
+class Plan:
+    """One step's tree, before its pass: what was proposed and when (`Generation.plan`)."""
+
+    tree: DraftTree
+    proposal: Proposal | None
+    t_step: float  # the step began
+    t_draft: float  # drafting ended
+
+
 class Generation:
     """Iterate to generate; read `stats` (filled as it goes) and `text` afterwards.
 
@@ -192,16 +202,29 @@ class Generation:
         self.tokens: list[int] = []
         self._decoder = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self._text: list[str] = []
+        self.done: str | None = None  # why generation stopped, once it has
+        self._pending = -1  # the token drawn last, not yet evaluated
+        self._transfer_start: Transfer | None = None
+        self._draw: Draw = drawer(config.sampling)
 
     @property
     def text(self) -> str:
         return "".join(self._text)
 
     def __iter__(self) -> Iterator[Step]:
+        yield from self.start()
+        while (plan := self.plan()) is not None:
+            yield self.finish(plan, *self._verify(plan))
+        yield from self.end()
+
+    # A step in three parts, so that a batch (batched.py) can verify several sequences' plans in
+    # one target pass: plan() proposes the tree, a pass evaluates it, finish() walks and commits.
+
+    def start(self) -> Iterator[Step]:
+        """The prefill: the prompt into the cache, and the first token drawn (shown at once)."""
         engine, cache, cfg, stats = self.engine, self.cache, self.config, self.stats
-        draw = drawer(cfg.sampling)
         stats.stop_reason = "interrupted"  # until the loop ends by itself
-        transfer_start = engine.transfer()
+        self._transfer_start = engine.transfer()
         t0 = self.clock()
         stats.reused_tokens = min(common_prefix(cache.tokens, self.prompt), len(self.prompt) - 1)
         if cfg.overlap and self.speculator is not None:  # the draft's prefill during the target's
@@ -210,67 +233,83 @@ class Generation:
             prefilled = job.result()
         else:
             prefilled = engine.sync(cache, self.prompt)
-        pending = draw(prefilled, 0)
+        self._pending = self._draw(prefilled, 0)
         stats.prefill_s = self.clock() - t0
         stats.target_calls = 1  # the prefill drew the first token
-        committed, done = self._commit([pending])
+        committed, self.done = self._commit([self._pending])
         if committed:  # shown now, not after the next pass
             yield self._shown(Step(committed, target_calls=0))
-        while done is None:
-            if cache.kv_len + 1 > cache.n_ctx:
-                done = "context"  # no room left to evaluate the pending token
-                break
-            t_step = self.clock()
-            # Room below the root: in the cache (a node per cell) and in the token budget.
-            cells = cache.n_ctx - cache.kv_len
-            max_depth = min(cells - 1, cfg.max_tokens - stats.generated_tokens)
-            max_nodes = min(cells, engine.max_tree_nodes)
-            tree, proposal = DraftTree.rooted(pending), None
-            if self.speculator is not None and max_depth > 0 and max_nodes > 1:
-                proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
-                tree = proposal.tree
-                if tree.tokens[0] != pending:  # verifying another root would change the output
-                    raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
-                                       f"not at the pending token {pending}")
-            reused = proposal.reused if proposal is not None else None
-            t_draft = self.clock()
-            logits: Logits
-            parallel = 0.0
-            if len(tree) == 1:
-                logits = engine.eval(cache, [pending])  # [1, vocab]
-            elif cfg.overlap and self.speculator is not None and proposal is not None:
-                job = engine.submit_tree(cache, tree.tokens, tree.parents, tree.depths)
-                parallel = self.speculator.prepare(proposal, job.done)  # the draft works while the target does
-                logits = job.result()  # [n, vocab]
-            else:
-                logits = engine.eval_tree(cache, tree.tokens, tree.parents, tree.depths)  # [n, vocab]
-            path, pending = walk(tree, logits, draw)
-            if len(tree) > 1:
-                engine.commit_path(cache, path)
-            t_end = self.clock()
-            if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
-                alone = len(tree) == 1 or not cfg.overlap  # model must drop its draft; nothing drafted beside
-                self.speculator.observe(proposal, path, t_end - t_step, t_end - t_draft if alone else None, logits)
-            accepted = [tree.tokens[i] for i in path[1:]]
-            committed, done = self._commit(accepted + [pending])  # the pass's own token too: shown now
-            stats.target_calls += 1
-            stats.drafted_tokens += len(tree) - 1
-            stats.depth_sum += max(tree.depths)
-            stats.accepted_tokens += len(accepted)
-            stats.draft_s += t_draft - t_step
-            stats.verify_s += t_end - t_draft
-            stats.parallel_s += parallel
-            stats.prepared_used += reused is True
-            stats.prepared_dropped += reused is False
-            sources = source_counts(proposal, path) if proposal is not None else {}
-            stats.count(sources)
-            wall = self.clock() - t_step
-            stats.decode_s += wall
-            self._count_transfer(transfer_start)
-            yield self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),
-                                   draft_s=t_draft - t_step, verify_s=t_end - t_draft, wall_s=wall,
-                                   depth=max(tree.depths), parallel_s=parallel, reused=reused, sources=sources))
-        stats.stop_reason = done
+
+    def plan(self, max_nodes: int | None = None) -> Plan | None:
+        """The next pass's tree (the pending token alone, or a draft rooted at it, of at most
+        `max_nodes` nodes); None once generation has stopped (`done` says why)."""
+        cache, cfg, pending = self.cache, self.config, self._pending
+        if self.done is None and cache.kv_len + 1 > cache.n_ctx:
+            self.done = "context"  # no room left to evaluate the pending token
+        if self.done is not None:
+            return None
+        t_step = self.clock()
+        # Room below the root: in the cache (a node per cell) and in the token budget.
+        cells = cache.n_ctx - cache.kv_len
+        max_depth = min(cells - 1, cfg.max_tokens - self.stats.generated_tokens)
+        max_nodes = min(cells, self.engine.max_tree_nodes, cells if max_nodes is None else max_nodes)
+        tree, proposal = DraftTree.rooted(pending), None
+        if self.speculator is not None and max_depth > 0 and max_nodes > 1:
+            proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
+            tree = proposal.tree
+            if tree.tokens[0] != pending:  # verifying another root would change the output
+                raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
+                                   f"not at the pending token {pending}")
+        return Plan(tree, proposal, t_step, self.clock())
+
+    def _verify(self, plan: Plan) -> tuple[Logits, float]:
+        """This sequence's own pass over the plan's tree: (logits, drafting done meanwhile)."""
+        engine, cache, tree, proposal = self.engine, self.cache, plan.tree, plan.proposal
+        if len(tree) == 1:
+            return engine.eval(cache, [self._pending]), 0.0  # [1, vocab]
+        if self.config.overlap and self.speculator is not None and proposal is not None:
+            job = engine.submit_tree(cache, tree.tokens, tree.parents, tree.depths)
+            parallel = self.speculator.prepare(proposal, job.done)  # the draft works while the target does
+            return job.result(), parallel  # [n, vocab]
+        return engine.eval_tree(cache, tree.tokens, tree.parents, tree.depths), 0.0  # [n, vocab]
+
+    def finish(self, plan: Plan, logits: Logits, parallel: float = 0.0, shared: bool = False) -> Step:
+        """Walk the plan's tree with the pass's logits, keep the accepted path in the cache, and
+        count the step. `shared`: the pass verified other sequences too (its time is theirs as
+        well, so the speculator learns no cost from it)."""
+        engine, cache, stats, tree, proposal = self.engine, self.cache, self.stats, plan.tree, plan.proposal
+        path, self._pending = walk(tree, logits, self._draw)
+        if len(tree) > 1 or shared:
+            engine.commit_path(cache, path)
+        t_end = self.clock()
+        if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
+            alone = not shared and (len(tree) == 1 or not self.config.overlap)  # model must drop its draft
+            self.speculator.observe(proposal, path, None if shared else t_end - plan.t_step,
+                                    t_end - plan.t_draft if alone else None, logits)
+        accepted = [tree.tokens[i] for i in path[1:]]
+        committed, self.done = self._commit(accepted + [self._pending])  # the pass's own token too: shown now
+        stats.target_calls += 1
+        stats.drafted_tokens += len(tree) - 1
+        stats.depth_sum += max(tree.depths)
+        stats.accepted_tokens += len(accepted)
+        stats.draft_s += plan.t_draft - plan.t_step
+        stats.verify_s += t_end - plan.t_draft
+        stats.parallel_s += parallel
+        stats.prepared_used += proposal is not None and proposal.reused is True
+        stats.prepared_dropped += proposal is not None and proposal.reused is False
+        sources = source_counts(proposal, path) if proposal is not None else {}
+        stats.count(sources)
+        wall = self.clock() - plan.t_step
+        stats.decode_s += wall
+        self._count_transfer(self._transfer_start)
+        return self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),
+                                draft_s=plan.t_draft - plan.t_step, verify_s=t_end - plan.t_draft, wall_s=wall,
+                                depth=max(tree.depths), parallel_s=parallel,
+                                reused=proposal.reused if proposal is not None else None, sources=sources))
+
+    def end(self) -> Iterator[Step]:
+        """Record why generation stopped, and show the end of an incomplete UTF-8 character."""
+        self.stats.stop_reason = self.done or "interrupted"
         tail = self._decoder.decode(b"", final=True)
         if tail:
             self._text.append(tail)

@@ -41,6 +41,7 @@ class SessionConfig:
     needed_ctx: int = 0  # tokens the requests may need at most (prompt plus tokens to generate)
     keep_recycled: bool = True  # start token recycling from the table earlier runs kept, and keep it (bench
     # does not: its prompts are measured unseen, every mode from an empty table)
+    batched: bool = False  # sequences share passes (batched.py), each step a tree: even a plain one's node
 
     @property
     def max_tree_nodes(self) -> int:
@@ -48,7 +49,7 @@ class SessionConfig:
         memory plan caps it at what the engine and the memory allow); 0: none."""
         nodes = [s.max_nodes for s in self.specs]
         nodes += [max(calibrate.SIZES) for s in self.specs if s.needs_costs]
-        return max(nodes) if max(nodes) > 1 else 0
+        return max(nodes) if max(nodes) > 1 or self.batched else 0
 
     def plan_request(self) -> PlanRequest:
         return PlanRequest(self.target, self.draft, self.target_placement, self.draft_placement, self.ctx,

@@ -215,3 +215,21 @@ def test_rewrite_workload() -> None:
         assert prompt.id.startswith("rewrite/") and prompt.text is None and prompt.messages
         assert len(prompt.messages) == 1 and prompt.messages[0]["role"] == "user"
         assert "```python\n" in prompt.messages[0]["content"]
+
+
+def test_bench_batch_rows_share_passes_and_keep_the_output(tiny_model: Path, tmp_path: Path) -> None:
+    out = tmp_path / "bench.json"
+    done = specrun("bench", str(tiny_model), "--no-draft", "--n-prompts", "3", "-n", "16", "--modes",
+                   "plain,free", "--batch", "2", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    rows = {r["mode"]: r for r in json.loads(out.read_text())["batch"]}
+    assert set(rows) == {"plain", "free"}
+    for r in rows.values():
+        assert r["batch"] == 2 and len(r["outputs"]) == 3 and len(r["latency_s"]) == 3
+        assert r["passes"] > 0 and r["tokens_per_s"] > 0 and r["cost_ratio"] > 0
+    assert rows["plain"]["nodes_per_pass"] > 1  # two sequences in most passes
+    lines = [line for line in done.stdout.splitlines() if line.startswith("planner: batch of 2")]
+    assert len(lines) == 2 and all("outputs identical to single plain runs: 3/3" in line for line in lines)
+    assert "x single-sequence plain" in lines[0] and "x free alone" in lines[1]
+    refused = specrun("bench", str(tiny_model), "--batch", "2", "--memory-limit", "1G")
+    assert refused.returncode == 2 and "--batch" in refused.stderr

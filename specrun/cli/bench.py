@@ -14,6 +14,7 @@ from rich.table import Table
 
 from specrun import bench as B
 from specrun import bench_report as R
+from specrun.bench_batch import BatchRow, batch_lines, batch_spec, run_batched, single_rate
 from specrun.catalog import DEFAULT_TARGET
 from specrun.chat import ChatTemplate
 from specrun.cli import options as O
@@ -60,6 +61,8 @@ def bench(
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Run every mode, llama.cpp's peer "
                                                "included, in a process of its own inside this much memory (e.g. "
                                                "1.1G; a child memory cgroup) and report each one's peak."),
+    batch: int = typer.Option(1, "--batch", min=1, help="Also run the prompts N at a time sharing every target "
+                              "pass (plain, and auto on its free drafters), beside the single-sequence rows."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
                                              "needs matplotlib)."),
@@ -71,6 +74,9 @@ def bench(
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
     limit = O.parse_size(memory_limit, "--memory-limit")
+    if batch > 1 and limit is not None:
+        raise UsageError("--batch runs in this process, not in memory-limited workers",
+                         hint="leave out --memory-limit or --batch")
     if plot_path is not None:
         _need_matplotlib()
     for out in (json_path, plot_path):  # before minutes of work, not after
@@ -87,14 +93,18 @@ def bench(
     if any(m.key == "lcp-lookup" for m in chosen):
         notice("llama-cpp-python's prompt lookup drafts 2 tokens per step on a CPU (10 with a GPU), as its README "
                "advises")
+    batch_rows: list[Any] = []
     if limit is None:
-        summaries, results, planner = _in_process(models, chosen, places, config, prompts, needed, corpus)
+        summaries, results, planner, batch_rows = _in_process(models, chosen, places, config, prompts, needed,
+                                                              corpus, batch)
     else:
         summaries, results, planner = _in_limits(models, chosen, places, config, prompts, needed, limit, corpus)
     _print_bench(models.label, workload, len(prompts), config, summaries, planner, limit)
     if json_path is not None:
         data = R.to_json(config, workload, models.label, models.draft.name if models.draft else None, threads,
                          summaries, results, planner, limit)
+        data["batch"] = [{**vars(r), "tokens_per_s": r.tokens_per_s, "nodes_per_pass": r.nodes_per_pass}
+                         for r in batch_rows]
         write_report(json_path, json.dumps(data, indent=1))
         err.print(f"[dim]wrote {escape(str(json_path))}[/]")
     if plot_path is not None:
@@ -122,11 +132,11 @@ def _progress(total: int, n_modes: int) -> tuple[Progress, Callable[[str, str], 
 
 
 def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],
-                needed: int, corpus: Optional[Path]) -> Any:
-    """Every mode on one session in this process (the peers beside it)."""
+                needed: int, corpus: Optional[Path], batch: int = 1) -> Any:
+    """Every mode on one session in this process (the peers beside it), then the batched rows."""
     specs = [m.spec for m in chosen if m.spec is not None]
     runners: dict[str, Any] = {}
-    with models.session(specs, *places, needed_ctx=needed, keep_recycled=False) as session:
+    with models.session(specs, *places, needed_ctx=needed, keep_recycled=False, batched=batch > 1) as session:
         vocab = session.target.vocab
         template = ChatTemplate.of_model(models.target, vocab) if any(p.messages for p in prompts) else None
         tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]
@@ -153,7 +163,35 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
         summaries = R.summarize(runner.results, chosen)
         planner = (R.calibration_lines(session) + R.summary_lines(summaries)
                    + R.streaming_lines(session.target.measure_link(), summaries))
-    return summaries, runner.results, planner
+        rows = _batched(session, chosen, config, [t for _, t in tokens], runner.results, batch) if batch > 1 else []
+        planner += batch_lines(rows, _singles(runner.results, len(tokens)))
+    return summaries, runner.results, planner, rows
+
+
+def _batched(session: Any, chosen: list[B.Mode], config: B.BenchConfig, tokens: list[list[int]],
+             results: list[Any], batch: int) -> list[BatchRow]:
+    """Each of the chosen modes a batch can run (plain; auto and free as the free drafters; ngram),
+    once, the prompts `batch` at a time."""
+    rows: list[BatchRow] = []
+    for m in chosen:
+        spec = batch_spec(m.spec) if m.spec is not None else None
+        name = "free" if m.key in ("auto", "free") else m.key
+        if spec is None or any(r.mode == name for r in rows):
+            continue
+        notice(f"batches of {batch}: {name}…")
+        rows.append(run_batched(session, name, spec, tokens, batch, config.max_tokens, config.sampling,
+                                lambda done: notice(f"  {done}/{len(tokens)} prompts")))
+    return rows
+
+
+def _singles(results: list[Any], n_prompts: int) -> dict[str, tuple[float, list[list[int]]]]:
+    """Per mode, single-sequence runs' aggregate rate over every round, and the first round's outputs."""
+    out = {}
+    for mode in {r.mode for r in results}:
+        runs = [r for r in results if r.mode == mode and not r.failed]
+        out[mode] = (single_rate([(r.tokens_per_s, r.generated_tokens) for r in runs]),
+                     [r.tokens for r in runs if r.round == 0][:n_prompts])
+    return out
 
 
 def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchConfig, prompts: list[Any],

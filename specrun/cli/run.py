@@ -16,6 +16,7 @@ from specrun.cli.console import (clean_text, echo, err, friendly, notice, overla
                                  sources_line, stats_line, stream, stream_json, stream_line, timings_json,
                                  warn)
 from specrun.cli.models import resolve, use_corpus
+from specrun.cli.run_batch import BatchItem, BatchRun, check_batch_spec, read_batch, run_batch
 from specrun.engines.memory_plan import describe_plan_json
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
@@ -67,12 +68,25 @@ def run(
     overlap: str = O.OVERLAP,
     as_json: bool = typer.Option(False, "--json", help="Print one JSON object instead of streaming text."),
     verbose: bool = typer.Option(False, "--verbose", "-v", help="Print a stats line to stderr."),
+    batch: Optional[str] = typer.Option(None, "--batch", help="A file of prompts (- for stdin), one per line: "
+                                        'text, or JSON with "prompt" or "messages"; JSON lines out, in order.'),
+    samples: Optional[int] = typer.Option(None, "--samples", min=1, help="K completions of PROMPT sharing every "
+                                          "pass (JSON lines out; with --seed, sample k draws with seed + k)."),
+    parallel: int = typer.Option(8, "--parallel", min=1, help="With --batch: sequences decoding at once."),
 ) -> None:
     """Generate a completion of PROMPT and stream it to stdout."""
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
                           offload=offload, ram=ram, gpu_memory=gpu_memory)
+    if batch is not None or samples is not None:
+        items = batch_items(batch, samples, prompt)
+        check_batch_spec(spec_cfg, draft)
+        models = resolve(model, None, spec, no_draft=True)
+        run_batch(models, BatchRun(tuple(items), spec_cfg, *places, max_tokens,
+                                   SamplingConfig(temperature=temperature, top_p=top_p, seed=seed),
+                                   parallel if samples is None else samples, ctx, corpus))
+        return
     models = resolve(model, draft, spec, no_draft)
     text = read_prompt(prompt)
     t0 = time.perf_counter()
@@ -125,3 +139,22 @@ def run(
             notice(line)
         if (line := overlap_line(stats)) is not None:
             notice(line)
+
+
+def batch_items(batch: str | None, samples: int | None, prompt: str | None) -> list[BatchItem]:
+    """The requests of `--batch FILE` (- reads stdin), or `--samples K` copies of the prompt."""
+    if batch is not None and samples is not None:
+        raise UsageError("--batch and --samples contradict each other",
+                         hint="--samples takes one prompt; repeat a line of the batch file instead")
+    if samples is not None:
+        return [BatchItem(prompt=read_prompt(prompt))] * samples
+    if prompt is not None:
+        raise UsageError("--batch reads its prompts from the file, not from an argument",
+                         hint=f'put "{prompt[:20]}" on a line of the batch file')
+    assert batch is not None
+    if batch == "-":
+        return read_batch(sys.stdin.buffer.read().decode("utf-8", "replace"))
+    try:
+        return read_batch(Path(batch).read_bytes().decode("utf-8", "replace"))
+    except OSError as e:
+        raise UsageError(f"cannot read the batch file {batch}: {e.strerror}") from None

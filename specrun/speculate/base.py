@@ -85,10 +85,11 @@ class Speculator(Protocol):
         says the pass is back; the seconds spent (0.0: nothing worth doing)."""
         ...
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float | None, pass_s: float | None = None,
                 logits: Logits | None = None) -> None:
         """The target accepted `path` (node indices, root first) of the proposal's tree; the step
-        took `wall_s` seconds of wall time, drafting included, and the target's pass `pass_s`
+        took `wall_s` seconds of wall time, drafting included (None: its pass verified other
+        sequences' trees too, so its time is not this tree's), and the target's pass `pass_s`
         of them where nothing drafted beside it (None: the draft worked during the pass).
         `logits`: the pass's rows (row i: node i's), for drafters that recycle them."""
         ...

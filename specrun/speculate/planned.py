@@ -199,7 +199,7 @@ class PlannedSpeculator:
         deadline = self.clock() + self.cost.cost(len(proposal.tree)) if self.cost is not None else None
         return self.costly.drafter.prepare(until, deadline)
 
-    def observe(self, proposal: Proposal, path: list[int], wall_s: float, pass_s: float | None = None,
+    def observe(self, proposal: Proposal, path: list[int], wall_s: float | None, pass_s: float | None = None,
                 logits: Logits | None = None) -> None:
         """Each node whose parent was accepted was tested: it matched the target's draw or not,
         and every source that proposed it learns so. `pass_s`: the target's pass, where nothing
@@ -207,7 +207,7 @@ class PlannedSpeculator:
         tree, p = proposal.tree, proposal
         learn_pass(self.cost, len(tree), pass_s)
         step = self._step(p.costly)
-        if step is not None and not p.skipped:
+        if step is not None and not p.skipped and wall_s is not None:
             step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
         accepted = set(path)
         for i in range(1, len(tree)):
@@ -218,5 +218,5 @@ class PlannedSpeculator:
         for s in self.sources:
             if not s.drafter.costly or p.costly:  # a draft model hears only of the trees it drafted in
                 s.drafter.accepted(verified)
-        if self.gate is not None:
+        if self.gate is not None and wall_s is not None:
             self.gate.observe(proposal, path, wall_s)

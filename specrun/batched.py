@@ -1,0 +1,114 @@
+"""Several sequences share every target pass: each a `Generation` with its own cache (and
+speculator), their trees verified together by one `eval_trees` call.
+
+A pass whose weights stream costs its transfer whatever it carries (on an AVX-512
+machine's disk 48 tokens cost about what one does), so one sequence leaves most of
+it unused and several fill it. Each sequence's output is what it would be alone: its
+tree is walked on its own rows of the pass, drawn from its own random stream, and
+kept in its own cache. Prefills run one sequence at a time (prompts differ in length
+and are evaluated once); decoding passes are shared.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Callable, Iterator, Sequence
+
+from specrun.engines.base import Engine, TreeRequest
+from specrun.generate import Generation, Plan, Step
+
+
+@dataclass
+class BatchStats:
+    """The shared passes: how many, and the wall time from the first to the last."""
+
+    sequences: int = 0
+    passes: int = 0  # shared decoding passes
+    nodes: int = 0  # tree nodes they verified, over all sequences
+    prefill_s: float = 0.0
+    decode_s: float = 0.0
+
+    @property
+    def nodes_per_pass(self) -> float:
+        return self.nodes / self.passes if self.passes else 0.0
+
+
+def node_shares(budget: int, active: int) -> int:
+    """Tree nodes a sequence may use in a pass that `active` sequences share, of `budget` for the
+    whole pass: as the batch grows each sequence's tree shrinks, down to its pending token."""
+    return max(1, budget // max(active, 1))
+
+
+class BatchGeneration:
+    """Sequences sharing the target's passes, each a `Generation` on `engine` in a cache of its
+    own, iterated through here only. Sequences may join between passes (`join`: its prefill
+    runs then) and leave when they stop; `step` runs one shared pass. Iterating gives (sequence
+    index, step) pairs for the sequences given at the start: every prefill's step first, then,
+    pass by pass, one step per sequence still generating. `max_nodes`: tree nodes per pass over
+    all sequences."""
+
+    def __init__(self, engine: Engine, generations: Sequence[Generation], max_nodes: int,
+                 *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.engine, self.max_nodes, self.clock = engine, max_nodes, clock
+        self.generations: list[Generation] = []  # every sequence that joined, by index
+        self.active: list[int] = []  # the indices of those still generating
+        self.stats = BatchStats()
+        self._first = list(generations)
+
+    def join(self, generation: Generation) -> tuple[int, list[Step]]:
+        """Add a sequence: (its index, its prefill's steps)."""
+        if generation.engine is not self.engine:
+            raise ValueError("every sequence of a batch generates on the batch's engine")
+        if self.engine.max_tree_nodes < 1:
+            raise ValueError("a batch verifies every step as a tree: open the engine for trees")
+        if any(self.generations[i].cache is generation.cache for i in self.active):
+            raise ValueError("each sequence of a batch needs a cache of its own")
+        t0 = self.clock()
+        index = len(self.generations)
+        self.generations.append(generation)
+        steps = list(generation.start())
+        self.active.append(index)
+        self.stats.sequences += 1
+        self.stats.prefill_s += self.clock() - t0
+        return index, steps
+
+    def step(self) -> list[tuple[int, Step]]:
+        """One pass shared by the active sequences (none when every one has stopped): each
+        proposes a tree within its share of `max_nodes`, one `eval_trees` call verifies them
+        all, and each walks its own rows. A sequence that has stopped leaves with its last step."""
+        t0 = self.clock()
+        share = node_shares(self.max_nodes, len(self.active))
+        out: list[tuple[int, Step]] = []
+        plans: list[tuple[int, Plan]] = []
+        for i in self.active:
+            plan = self.generations[i].plan(share)
+            if plan is None:  # this sequence has stopped
+                out += [(i, step) for step in self.generations[i].end()]
+            else:
+                plans.append((i, plan))
+        self.active = [i for i, _ in plans]
+        if plans:
+            requests = [TreeRequest(self.generations[i].cache, p.tree.tokens, p.tree.parents, p.tree.depths)
+                        for i, p in plans]
+            rows = self.engine.eval_trees(requests)  # one pass for every sequence's tree
+            self.stats.passes += 1
+            self.stats.nodes += sum(len(p.tree) for _, p in plans)
+            for (i, plan), logits in zip(plans, rows):
+                g = self.generations[i]
+                out.append((i, g.finish(plan, logits, shared=True)))
+                if g.done is not None:  # it leaves now: a sequence waiting to join may take its place
+                    out += [(i, step) for step in g.end()]
+                    self.active.remove(i)
+        self.stats.decode_s += self.clock() - t0
+        return out
+
+    def __iter__(self) -> Iterator[tuple[int, Step]]:
+        if not self._first:
+            raise ValueError("a batch of no sequences")
+        first, self._first = self._first, []
+        for g in first:
+            index, steps = self.join(g)
+            yield from ((index, step) for step in steps)
+        while self.active:
+            yield from self.step()

@@ -1,0 +1,165 @@
+"""`specrun run --batch FILE` and `run --samples K`: many sequences sharing the target's passes.
+
+Prompts come one per line (text, or a JSON object with "prompt" or "messages");
+results go to stdout as JSON lines in input order, each as soon as the ones
+before it are done; progress and the summary go to stderr. Up to `--parallel`
+sequences decode at once, each in a cache of its own; one that ends makes room
+for the next prompt between passes (continuous batching).
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+import time
+from collections import deque
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from specrun.batched import BatchGeneration
+from specrun.chat import ChatTemplate, Message
+from specrun.cli.console import echo, notice
+from specrun.cli.models import Resolved, use_corpus
+from specrun.engines import Placement
+from specrun.engines.base import Cache, Vocab
+from specrun.errors import UsageError
+from specrun.generate import Generation, GenerationConfig, check_prompt
+from specrun.sampling import SamplingConfig
+from specrun.speculate.factory import MODEL_MODES, SpecConfig
+
+FORMAT_HINT = 'each line is a prompt, or a JSON object with "prompt" (text) or "messages" (a chat)'
+
+
+@dataclass(frozen=True)
+class BatchItem:
+    """One request of a batch: a completion of `prompt`, or a chat reply to `messages`."""
+
+    prompt: str | None = None
+    messages: tuple[Message, ...] | None = None
+
+
+def read_batch(text: str) -> list[BatchItem]:
+    """The requests in a batch file, in order (blank lines skipped); UsageError naming the line
+    of the first bad one."""
+    items = []
+    for number, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        if not line.lstrip().startswith("{"):
+            items.append(BatchItem(prompt=line))
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as e:
+            raise UsageError(f"line {number} of the batch is not valid JSON ({e.msg})", hint=FORMAT_HINT) from None
+        items.append(_item(obj, number))
+    if not items:
+        raise UsageError("the batch has no prompts", hint=FORMAT_HINT)
+    return items
+
+
+def _item(obj: dict, number: int) -> BatchItem:
+    prompt, messages = obj.get("prompt"), obj.get("messages")
+    if isinstance(prompt, str) and prompt and messages is None:
+        return BatchItem(prompt=prompt)
+    if prompt is None and isinstance(messages, list) and messages and all(
+            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+            for m in messages):
+        return BatchItem(messages=tuple({"role": m["role"], "content": m["content"]} for m in messages))
+    raise UsageError(f'line {number} of the batch has neither a "prompt" string nor a "messages" list of '
+                     '{"role", "content"} objects', hint=FORMAT_HINT)
+
+
+@dataclass(frozen=True)
+class BatchRun:
+    """What `run --batch` / `--samples` was asked for."""
+
+    items: tuple[BatchItem, ...]
+    spec: SpecConfig
+    target: Placement
+    draft: Placement
+    max_tokens: int
+    sampling: SamplingConfig  # its seed, when set, is the first sequence's; sequence i draws with seed + i
+    parallel: int  # sequences decoding at once
+    ctx: int | None  # per sequence (--ctx)
+    corpus: Path | None = None  # --corpus: what the suffix drafter reads beside each context
+
+
+def check_batch_spec(spec: SpecConfig, draft: str | None) -> None:
+    """Batches draft with the free sources (a draft model would need a cache per sequence)."""
+    if draft is not None:
+        raise UsageError("--draft with --batch or --samples: batches draft with the free sources only",
+                         hint="leave --draft out")
+    if spec.mode in MODEL_MODES:
+        raise UsageError(f"--spec {spec.mode} drafts with a model, and batches draft with the free sources only",
+                         hint="use --spec auto or ngram with --batch and --samples")
+
+
+def run_batch(models: Resolved, job: BatchRun) -> None:
+    """Generate every item, `job.parallel` at a time sharing each pass; JSON lines on stdout."""
+    longest = max(len((i.prompt or json.dumps(i.messages)).encode("utf-8", "replace")) for i in job.items)
+    per_sequence = longest + 2 + job.max_tokens + 64  # bytes bound tokens; room for a tree at the end
+    parallel = min(job.parallel, len(job.items))
+    with models.session([job.spec], job.target, job.draft, ctx=None if job.ctx is None else job.ctx * parallel,
+                        needed_ctx=per_sequence * parallel, batched=True) as session:
+        engine = session.target
+        n_each = job.ctx or max(session.n_ctx // parallel, 16)
+        prompts = [_tokens(models, engine.vocab, item) for item in job.items]
+        for tokens in prompts:
+            check_prompt(tokens, n_each)
+        session.open(n_each)
+        use_corpus(session, job.corpus, models.store)
+        speculate = job.spec.mode != "none"
+        if speculate:
+            session.speculator(job.spec)  # measures the cost curve first, if this machine has none
+        assert session.cache is not None  # (calibrating may have replaced the one opened)
+        free: list[Cache] = [session.cache]  # caches of sequences that ended, for the next ones
+        batch = BatchGeneration(engine, [], max(session.plan.tree_nodes, 1))
+        queue, owner, done = deque(range(len(prompts))), {}, {}
+        shown, t0 = 0, time.perf_counter()
+        try:
+            while queue or batch.active:
+                while queue and len(batch.active) < parallel:
+                    k = queue.popleft()
+                    cache = free.pop() if free else engine.new_cache(n_each)
+                    sampling = job.sampling if job.sampling.seed is None else replace(
+                        job.sampling, seed=job.sampling.seed + k)
+                    spec = session.speculator(job.spec, separate=cache) if speculate else None
+                    gen = Generation(engine, cache, prompts[k], GenerationConfig(job.max_tokens, sampling), spec)
+                    index, _ = batch.join(gen)
+                    owner[index] = (k, time.perf_counter())
+                batch.step()
+                for index in [i for i in owner if i not in batch.active]:  # ended in this pass
+                    k, started = owner.pop(index)
+                    g = batch.generations[index]
+                    done[k] = _result(k, g, time.perf_counter() - started)
+                    free.append(g.cache)
+                    notice(f"{len(done) + shown}/{len(prompts)} done")
+                while shown in done:  # in input order, each as soon as those before it are out
+                    echo(json.dumps(done.pop(shown)))
+                    shown += 1
+        finally:
+            session.save()
+        _summary(batch, time.perf_counter() - t0)
+
+
+def _tokens(models: Resolved, vocab: Vocab, item: BatchItem) -> list[int]:
+    if item.messages is None:
+        assert item.prompt is not None
+        return vocab.tokenize(item.prompt, parse_special=False)  # the user's text is text
+    return ChatTemplate.of_model(models.target, vocab).tokens(list(item.messages), vocab)
+
+
+def _result(k: int, g: Generation, latency_s: float) -> dict:
+    s = g.stats
+    return {"index": k, "text": g.text, "prompt_tokens": s.prompt_tokens, "generated_tokens": s.generated_tokens,
+            "stop_reason": s.stop_reason, "latency_s": round(latency_s, 4),
+            "tokens_per_call": round(s.tokens_per_call, 3)}
+
+
+def _summary(batch: BatchGeneration, wall_s: float) -> None:
+    tokens = sum(g.stats.generated_tokens for g in batch.generations)
+    st = batch.stats
+    notice(f"{st.sequences} sequences, {tokens} tokens in {wall_s:.1f} s ({tokens / max(wall_s, 1e-9):.1f} tok/s "
+           f"over all); {st.passes} shared passes, {st.nodes_per_pass:.1f} nodes a pass; prefill {st.prefill_s:.1f} "
+           f"s, decoding {st.decode_s:.1f} s")

@@ -1,0 +1,116 @@
+"""Several sequences sharing every target pass against each generated alone (tiny f32 models).
+
+Greedy and seeded sampling: every sequence's tokens equal its own run, plain and
+speculative, on every engine, while the passes are shared.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from specrun.batched import BatchGeneration, node_shares
+from specrun.engines.base import Engine
+from specrun.generate import Generation, GenerationConfig
+from specrun.sampling import SamplingConfig
+from tests.test_speculate_generate import NgramSpeculator, RandomSpeculator, _open_target
+
+PROMPTS = ["def fib(n): return fib(n", "hello world hello world hello", "the a the a def", "x"]
+MAX_TOKENS = [40, 24, 64, 9]  # sequences leave the batch at different passes
+GREEDY = SamplingConfig(temperature=0)
+
+
+@pytest.fixture(scope="module", params=["llama.cpp", "torch"])
+def engine(request: pytest.FixtureRequest, tiny_model: Path):
+    e = _open_target(request.param, tiny_model)
+    yield e
+    e.close()
+
+
+def _speculator(kind: str, i: int):
+    return {"plain": lambda: None, "ngram": lambda: NgramSpeculator(16, 8),
+            "random": lambda: RandomSpeculator(7, seed=i)}[kind]()
+
+
+def _generations(engine: Engine, kind: str, sampling: list[SamplingConfig]) -> list[Generation]:
+    return [Generation(engine, engine.new_cache(256), engine.vocab.tokenize(p), GenerationConfig(n, s),
+                       _speculator(kind, i))
+            for i, (p, n, s) in enumerate(zip(PROMPTS, MAX_TOKENS, sampling))]
+
+
+def _alone(engine: Engine, kind: str, sampling: list[SamplingConfig]) -> list[Generation]:
+    gens = _generations(engine, kind, sampling)
+    for g in gens:
+        for _ in g:
+            pass
+        g.cache.close()
+    return gens
+
+
+def _together(engine: Engine, kind: str, sampling: list[SamplingConfig],
+              max_nodes: int = 48) -> tuple[BatchGeneration, list[str]]:
+    gens = _generations(engine, kind, sampling)
+    batch = BatchGeneration(engine, gens, max_nodes)
+    texts = ["" for _ in gens]
+    for i, step in batch:
+        texts[i] += step.text
+    for g in gens:
+        g.cache.close()
+    return batch, texts
+
+
+@pytest.mark.parametrize("kind", ["plain", "ngram", "random"])
+def test_greedy_sequences_sharing_passes_equal_each_alone(engine: Engine, kind: str) -> None:
+    sampling = [GREEDY] * len(PROMPTS)
+    alone = _alone(engine, kind, sampling)
+    batch, texts = _together(engine, kind, sampling)
+    for a, b, text in zip(alone, batch.generations, texts):
+        assert b.tokens == a.tokens and b.stats.stop_reason == a.stats.stop_reason
+        assert text == b.text == a.text
+    longest = max(g.stats.target_calls for g in batch.generations) - 1  # the prefill's pass is not shared
+    assert batch.stats.passes == longest < sum(g.stats.target_calls - 1 for g in batch.generations)
+
+
+@pytest.mark.parametrize("kind", ["plain", "ngram"])
+def test_seeded_sampling_sharing_passes_equals_each_alone(engine: Engine, kind: str) -> None:
+    sampling = [SamplingConfig(temperature=0.9, top_p=0.95, seed=10 + i) for i in range(len(PROMPTS))]
+    alone = _alone(engine, kind, sampling)
+    batch, _ = _together(engine, kind, sampling)
+    for a, b in zip(alone, batch.generations):
+        assert b.tokens == a.tokens
+
+
+def test_a_small_budget_shrinks_each_tree_to_its_share(engine: Engine) -> None:
+    batch, _ = _together(engine, "random", [GREEDY] * len(PROMPTS), max_nodes=8)
+    assert batch.stats.nodes_per_pass <= 8
+    assert [node_shares(64, n) for n in (1, 2, 8, 100)] == [64, 32, 8, 1]
+
+
+def test_a_batch_needs_one_engine_and_a_cache_per_sequence(engine: Engine) -> None:
+    cache = engine.new_cache(64)
+    gens = [Generation(engine, cache, [5, 6], GenerationConfig(4)) for _ in range(2)]
+    with pytest.raises(ValueError, match="cache of its own"):
+        list(BatchGeneration(engine, gens, 16))
+    with pytest.raises(ValueError, match="no sequences"):
+        list(BatchGeneration(engine, [], 16))
+    cache.close()
+
+
+def test_sequences_joining_between_passes_equal_each_alone(engine: Engine) -> None:
+    sampling = [GREEDY] * len(PROMPTS)
+    alone = _alone(engine, "ngram", sampling)
+    gens = _generations(engine, "ngram", sampling)
+    batch = BatchGeneration(engine, [], 48)
+    for g in gens[:2]:
+        batch.join(g)
+    for _ in range(4):
+        batch.step()
+    for g in gens[2:]:  # two more join the passes under way
+        batch.join(g)
+    while batch.active:
+        batch.step()
+    for a, b in zip(alone, gens):
+        assert b.tokens == a.tokens and b.stats.stop_reason == a.stats.stop_reason
+        b.cache.close()
+    assert batch.stats.sequences == 4 and batch.stats.passes < sum(g.stats.target_calls - 1 for g in gens)
