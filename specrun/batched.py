@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 from specrun.engines.base import Engine, TreeRequest
 from specrun.generate import Generation, Plan, Step
+from specrun.speculate.planner import PassCost, learn_pass
 
 
 @dataclass
@@ -26,12 +27,23 @@ class BatchStats:
     sequences: int = 0
     passes: int = 0  # shared decoding passes
     nodes: int = 0  # tree nodes they verified, over all sequences
+    drafted: int = 0  # of them, drafted nodes (not a sequence's pending token)
+    accepted: int = 0  # drafted nodes the target accepted
     prefill_s: float = 0.0
     decode_s: float = 0.0
 
     @property
+    def acceptance(self) -> float:
+        """The share of drafted nodes accepted so far, smoothed toward PRIOR_ACCEPTANCE while few
+        were tested."""
+        return (self.accepted + PRIOR_ACCEPTANCE * PRIOR_WEIGHT) / (self.drafted + PRIOR_WEIGHT)
+
+    @property
     def nodes_per_pass(self) -> float:
         return self.nodes / self.passes if self.passes else 0.0
+
+
+PRIOR_ACCEPTANCE, PRIOR_WEIGHT = 0.25, 8  # the free drafters' first guesses: right 20-50% on code
 
 
 def node_shares(budget: int, active: int) -> int:
@@ -40,17 +52,34 @@ def node_shares(budget: int, active: int) -> int:
     return max(1, budget // max(active, 1))
 
 
+def pass_budget(cost: Callable[[int], float], active: int, most: int, acceptance: float) -> int:
+    """Nodes for a pass `active` sequences share (at least one each, at most `most`): the total n
+    that maximises expected tokens per second, (active + acceptance * (n - active)) / cost(n),
+    where every drafted node is worth its measured acceptance and `cost` is the pass's cost
+    curve. Each sequence's own planner prices its tree as if it were alone; only the batch
+    knows what the others add, so this is where a pass stops growing (on a disk-streamed
+    pass, where it stops being nearly free)."""
+    best, best_rate = active, active / cost(active)
+    for n in range(active + 1, max(most, active) + 1):
+        rate = (active + acceptance * (n - active)) / cost(n)
+        if rate > best_rate:
+            best, best_rate = n, rate
+    return best
+
+
 class BatchGeneration:
     """Sequences sharing the target's passes, each a `Generation` on `engine` in a cache of its
     own, iterated through here only. Sequences may join between passes (`join`: its prefill
     runs then) and leave when they stop; `step` runs one shared pass. Iterating gives (sequence
     index, step) pairs for the sequences given at the start: every prefill's step first, then,
     pass by pass, one step per sequence still generating. `max_nodes`: tree nodes per pass over
-    all sequences."""
+    all sequences, at most; `cost` (the target's pass cost curve) sizes each pass within it
+    (`pass_budget`; None: always `max_nodes`), and a learnt curve learns from the shared passes
+    (nothing drafts beside them)."""
 
     def __init__(self, engine: Engine, generations: Sequence[Generation], max_nodes: int,
-                 *, clock: Callable[[], float] = time.perf_counter) -> None:
-        self.engine, self.max_nodes, self.clock = engine, max_nodes, clock
+                 cost: PassCost | None = None, *, clock: Callable[[], float] = time.perf_counter) -> None:
+        self.engine, self.max_nodes, self.cost, self.clock = engine, max_nodes, cost, clock
         self.generations: list[Generation] = []  # every sequence that joined, by index
         self.active: list[int] = []  # the indices of those still generating
         self.stats = BatchStats()
@@ -77,8 +106,12 @@ class BatchGeneration:
         """One pass shared by the active sequences (none when every one has stopped): each
         proposes a tree within its share of `max_nodes`, one `eval_trees` call verifies them
         all, and each walks its own rows. A sequence that has stopped leaves with its last step."""
+        if not self.active:
+            return []
         t0 = self.clock()
-        share = node_shares(self.max_nodes, len(self.active))
+        budget = self.max_nodes if self.cost is None else pass_budget(self.cost.cost, len(self.active),
+                                                                     self.max_nodes, self.stats.acceptance)
+        share = node_shares(budget, len(self.active))
         out: list[tuple[int, Step]] = []
         plans: list[tuple[int, Plan]] = []
         for i in self.active:
@@ -91,12 +124,18 @@ class BatchGeneration:
         if plans:
             requests = [TreeRequest(self.generations[i].cache, p.tree.tokens, p.tree.parents, p.tree.depths)
                         for i, p in plans]
+            t_pass = self.clock()
             rows = self.engine.eval_trees(requests)  # one pass for every sequence's tree
+            rows[-1].argmax(0)  # a row read: the pass has finished (a GPU's runs on after the call)
+            learn_pass(self.cost, sum(len(p.tree) for _, p in plans), self.clock() - t_pass)
             self.stats.passes += 1
             self.stats.nodes += sum(len(p.tree) for _, p in plans)
             for (i, plan), logits in zip(plans, rows):
                 g = self.generations[i]
-                out.append((i, g.finish(plan, logits, shared=True)))
+                step = g.finish(plan, logits, shared=True)
+                self.stats.drafted += step.drafted
+                self.stats.accepted += step.accepted
+                out.append((i, step))
                 if g.done is not None:  # it leaves now: a sequence waiting to join may take its place
                     out += [(i, step) for step in g.end()]
                     self.active.remove(i)

@@ -75,7 +75,8 @@ def run_batched(session: Session, mode: str, spec: SpecConfig, prompts: list[lis
             gens = [Generation(engine, cache, tokens, GenerationConfig(max_tokens, sampling),
                                session.speculator(spec, separate=cache) if spec.mode != "none" else None)
                     for cache, tokens in zip(caches, group)]
-            together = BatchGeneration(engine, gens, max(engine.max_tree_nodes, 1))
+            cost = session.calibration.cost if session.calibration is not None else None
+            together = BatchGeneration(engine, gens, max(engine.max_tree_nodes, 1), cost)
             ended: dict[int, float] = {}
             for i, _ in together:
                 if together.generations[i].done is not None and i not in ended:
@@ -119,8 +120,10 @@ def batch_lines(rows: list[BatchRow], single: dict[str, tuple[float, list[list[i
             parts.append(f"latency per sequence median {statistics.median(r.latency_s):.1f} s, "
                          f"max {max(r.latency_s):.1f} s")
         reference = single.get("plain", (0.0, []))[1]
-        same = sum(a == b for a, b in zip(r.outputs, reference))
-        parts.append(f"outputs identical to single plain runs: {same}/{len(r.outputs)}")
+        same = f"outputs identical to single plain runs: {_same(r.outputs, reference)}/{len(r.outputs)}"
+        if r.mode != "plain" and alone_out:
+            same += f" (to {r.mode} alone: {_same(r.outputs, alone_out)}/{len(r.outputs)})"
+        parts.append(same)
         lines.append("; ".join(parts))
     return lines
 
@@ -131,3 +134,7 @@ def single_rate(rates_and_tokens: list[tuple[float, int]]) -> float:
     decoded = [max(n - 1, 0) for _, n in rates_and_tokens]
     seconds = sum(d / rate for d, (rate, _) in zip(decoded, rates_and_tokens) if rate > 0)
     return sum(decoded) / seconds if seconds > 0 else 0.0
+
+
+def _same(outputs: list[list[int]], reference: list[list[int]]) -> int:
+    return sum(a == b for a, b in zip(outputs, reference))

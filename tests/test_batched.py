@@ -114,3 +114,28 @@ def test_sequences_joining_between_passes_equal_each_alone(engine: Engine) -> No
         assert b.tokens == a.tokens and b.stats.stop_reason == a.stats.stop_reason
         b.cache.close()
     assert batch.stats.sequences == 4 and batch.stats.passes < sum(g.stats.target_calls - 1 for g in gens)
+
+
+def test_a_pass_grows_while_its_nodes_pay_for_what_they_cost() -> None:
+    from specrun.batched import pass_budget
+
+    flat_then_steep = lambda n: 1.0 if n <= 16 else n / 16  # noqa: E731 - a disk-streamed curve's shape
+    assert pass_budget(flat_then_steep, 4, 64, 0.25) == 16  # free up to 16, then a node costs more than it gives
+    assert pass_budget(flat_then_steep, 20, 64, 0.25) == 20  # already past the knee: one node each
+    assert pass_budget(lambda n: 1.0 + 0.6 * (n - 1), 2, 32, 0.3) == 2  # a CPU in RAM: drafts do not pay
+    assert pass_budget(lambda n: 1.0, 2, 32, 0.01) == 32  # a free pass: every node it may carry
+
+
+def test_a_batch_sized_by_a_cost_curve_keeps_the_output(engine: Engine) -> None:
+    from specrun.speculate.planner import CostCurve
+
+    sampling = [GREEDY] * len(PROMPTS)
+    alone = _alone(engine, "ngram", sampling)
+    gens = _generations(engine, "ngram", sampling)
+    batch = BatchGeneration(engine, gens, 48, CostCurve((1, 8, 16), (1.0, 1.0, 2.0)))
+    for _ in batch:
+        pass
+    assert [g.tokens for g in gens] == [a.tokens for a in alone]
+    assert batch.stats.nodes_per_pass <= 8 + 1e-9 and 0 < batch.stats.acceptance < 1
+    for g in gens:
+        g.cache.close()

@@ -45,10 +45,12 @@ def test_samples_share_passes_and_each_equals_its_seeded_run(tiny_model: Path) -
     assert len(set(texts)) > 1
 
 
-def test_a_batch_on_stdin(tiny_model: Path) -> None:
-    result = invoke("run", str(tiny_model), "--batch", "-", "-n", "4", "-t", "0", input="a\nb\n")
+def test_a_batch_on_stdin_with_a_chat(tiny_model: Path) -> None:
+    chat = '{"messages": [{"role": "user", "content": "hi"}]}'
+    result = invoke("run", str(tiny_model), "--batch", "-", "-n", "4", "-t", "0", input=f"a\n{chat}\n")
     assert result.exit_code == 0, result.output
-    assert len(result.stdout.splitlines()) == 2
+    rows = [json.loads(line) for line in result.stdout.splitlines()]
+    assert len(rows) == 2 and rows[1]["prompt_tokens"] > 5  # the template's turns around "hi"
 
 
 def test_batch_files_are_read_line_by_line() -> None:

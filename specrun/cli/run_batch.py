@@ -104,7 +104,8 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
                         needed_ctx=per_sequence * parallel, batched=True) as session:
         engine = session.target
         n_each = job.ctx or max(session.n_ctx // parallel, 16)
-        prompts = [_tokens(models, engine.vocab, item) for item in job.items]
+        template = ChatTemplate.of_model(models.target, engine.vocab) if any(i.messages for i in job.items) else None
+        prompts = [_tokens(engine.vocab, template, item) for item in job.items]
         for tokens in prompts:
             check_prompt(tokens, n_each)
         session.open(n_each)
@@ -114,7 +115,8 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
             session.speculator(job.spec)  # measures the cost curve first, if this machine has none
         assert session.cache is not None  # (calibrating may have replaced the one opened)
         free: list[Cache] = [session.cache]  # caches of sequences that ended, for the next ones
-        batch = BatchGeneration(engine, [], max(session.plan.tree_nodes, 1))
+        cost = session.calibration.cost if session.calibration is not None else None
+        batch = BatchGeneration(engine, [], max(session.plan.tree_nodes, 1), cost)
         queue, owner, done = deque(range(len(prompts))), {}, {}
         shown, t0 = 0, time.perf_counter()
         try:
@@ -143,11 +145,12 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
         _summary(batch, time.perf_counter() - t0)
 
 
-def _tokens(models: Resolved, vocab: Vocab, item: BatchItem) -> list[int]:
+def _tokens(vocab: Vocab, template: ChatTemplate | None, item: BatchItem) -> list[int]:
     if item.messages is None:
         assert item.prompt is not None
         return vocab.tokenize(item.prompt, parse_special=False)  # the user's text is text
-    return ChatTemplate.of_model(models.target, vocab).tokens(list(item.messages), vocab)
+    assert template is not None
+    return template.tokens(list(item.messages), vocab)
 
 
 def _result(k: int, g: Generation, latency_s: float) -> dict:
