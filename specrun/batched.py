@@ -80,7 +80,7 @@ class BatchGeneration:
     def __init__(self, engine: Engine, generations: Sequence[Generation], max_nodes: int,
                  cost: PassCost | None = None, *, clock: Callable[[], float] = time.perf_counter) -> None:
         self.engine, self.max_nodes, self.cost, self.clock = engine, max_nodes, cost, clock
-        self.generations: list[Generation] = []  # every sequence that joined, by index
+        self.generations: dict[int, Generation] = {}  # every sequence that joined and is not released, by index
         self.active: list[int] = []  # the indices of those still generating
         self.stats = BatchStats()
         self._first = list(generations)
@@ -94,13 +94,28 @@ class BatchGeneration:
         if any(self.generations[i].cache is generation.cache for i in self.active):
             raise ValueError("each sequence of a batch needs a cache of its own")
         t0 = self.clock()
-        index = len(self.generations)
-        self.generations.append(generation)
+        index = self.stats.sequences
+        self.generations[index] = generation
         steps = list(generation.start())
         self.active.append(index)
         self.stats.sequences += 1
         self.stats.prefill_s += self.clock() - t0
         return index, steps
+
+    def release(self, index: int) -> None:
+        """Forget a sequence that has stopped (a server's finished requests would pile up)."""
+        if index in self.active:
+            raise ValueError("release of a sequence still generating: leave() it first")
+        self.generations.pop(index, None)
+
+    def leave(self, index: int) -> None:
+        """Drop a sequence before it stops by itself (a client that went away): it takes no part
+        in later passes, and its cache may serve another sequence."""
+        if index in self.active:
+            self.active.remove(index)
+            g = self.generations[index]
+            g.done = g.done or "interrupted"
+            list(g.end())
 
     def step(self) -> list[tuple[int, Step]]:
         """One pass shared by the active sequences (none when every one has stopped): each

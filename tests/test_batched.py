@@ -65,11 +65,11 @@ def test_greedy_sequences_sharing_passes_equal_each_alone(engine: Engine, kind: 
     sampling = [GREEDY] * len(PROMPTS)
     alone = _alone(engine, kind, sampling)
     batch, texts = _together(engine, kind, sampling)
-    for a, b, text in zip(alone, batch.generations, texts):
+    for a, b, text in zip(alone, batch.generations.values(), texts):
         assert b.tokens == a.tokens and b.stats.stop_reason == a.stats.stop_reason
         assert text == b.text == a.text
-    longest = max(g.stats.target_calls for g in batch.generations) - 1  # the prefill's pass is not shared
-    assert batch.stats.passes == longest < sum(g.stats.target_calls - 1 for g in batch.generations)
+    longest = max(g.stats.target_calls for g in batch.generations.values()) - 1  # the prefill's pass is not shared
+    assert batch.stats.passes == longest < sum(g.stats.target_calls - 1 for g in batch.generations.values())
 
 
 @pytest.mark.parametrize("kind", ["plain", "ngram"])
@@ -77,7 +77,7 @@ def test_seeded_sampling_sharing_passes_equals_each_alone(engine: Engine, kind: 
     sampling = [SamplingConfig(temperature=0.9, top_p=0.95, seed=10 + i) for i in range(len(PROMPTS))]
     alone = _alone(engine, kind, sampling)
     batch, _ = _together(engine, kind, sampling)
-    for a, b in zip(alone, batch.generations):
+    for a, b in zip(alone, batch.generations.values()):
         assert b.tokens == a.tokens
 
 

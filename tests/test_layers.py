@@ -21,7 +21,7 @@ ROOT = Path(__file__).resolve().parents[1]
 FLOORS: tuple[tuple[str, ...], ...] = (
     ("specrun.__main__",),
     ("specrun.cli.*",),
-    ("specrun.bench_workers", "specrun.plot"),
+    ("specrun.bench_workers", "specrun.plot", "specrun.server.*"),
     ("specrun.bench_report",),
     ("specrun.bench", "specrun.bench_batch", "specrun.chat"),
     ("specrun.pulls", "specrun.file_identity"),

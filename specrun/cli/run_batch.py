@@ -161,7 +161,7 @@ def _result(k: int, g: Generation, latency_s: float) -> dict:
 
 
 def _summary(batch: BatchGeneration, wall_s: float) -> None:
-    tokens = sum(g.stats.generated_tokens for g in batch.generations)
+    tokens = sum(g.stats.generated_tokens for g in batch.generations.values())
     st = batch.stats
     notice(f"{st.sequences} sequences, {tokens} tokens in {wall_s:.1f} s ({tokens / max(wall_s, 1e-9):.1f} tok/s "
            f"over all); {st.passes} shared passes, {st.nodes_per_pass:.1f} nodes a pass; prefill {st.prefill_s:.1f} "
