@@ -12,7 +12,9 @@ ROOT = Path(__file__).resolve().parent.parent
 def test_every_package_is_listed_and_kernels_ship_inside_specrun() -> None:
     tool = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
     listed = set(tool["packages"])
-    on_disk = {".".join(p.parent.relative_to(ROOT).parts) for p in (ROOT / "specrun").rglob("__init__.py")}
+    folders = {p.parent for p in (ROOT / "specrun").rglob("*.py")}  # a folder of modules is a package ...
+    assert all((f / "__init__.py").is_file() for f in folders)  # ... with an __init__ (a wheel skips it otherwise)
+    on_disk = {".".join(f.relative_to(ROOT).parts) for f in folders}
     assert listed == on_disk | {"specrun.kernels"}
     assert tool["package-dir"] == {"specrun.kernels": "kernels"}
     assert (ROOT / "kernels" / "__init__.py").is_file() and "kernels" not in listed

@@ -1,0 +1,1 @@
+"""`specrun serve`: the scheduler that runs shared passes, and the HTTP side in front of it."""
