@@ -257,11 +257,12 @@ def _usage(event: Event) -> dict[str, int]:
             "total_tokens": event.prompt_tokens + event.completion_tokens}
 
 
-def _choice(job: Job, text: str, finish: str | None, delta: bool) -> dict[str, Any]:
+def _choice(job: Job, text: str, finish: str | None, delta: bool, role: bool = False) -> dict[str, Any]:
     if not job.chat:
         return {"index": 0, "text": text, "logprobs": None, "finish_reason": finish}
-    if delta:
-        return {"index": 0, "delta": {"content": text} if text else {}, "finish_reason": finish}
+    if delta:  # a chat stream's first chunk names the role; later ones carry text
+        return {"index": 0, "delta": {"role": "assistant"} if role else {"content": text} if text else {},
+                "finish_reason": finish}
     return {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}
 
 
@@ -295,16 +296,16 @@ async def _sse(events: AsyncIterator[Event], job: Job, request_id: str, config: 
     stops = _Stops(job.stop)
     kind = "chat.completion.chunk" if job.chat else "text_completion"
 
-    def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None) -> str:
+    def chunk(text: str, finish: str | None, usage: dict[str, int] | None = None, role: bool = False) -> str:
         body = {"id": request_id, "object": kind, "created": int(time.time()), "model": config.model,
-                "choices": [_choice(job, text, finish, delta=True)]}
+                "choices": [_choice(job, text, finish, delta=True, role=role)]}
         if usage is not None:
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
     try:
         if job.chat:
-            yield chunk("", None).replace('"delta": {}', '"delta": {"role": "assistant"}')
+            yield chunk("", None, role=True)
         async for event in events:
             if event.error:
                 yield f"data: {json.dumps({'error': {'message': event.error, 'type': 'server_error'}})}\n\n"
