@@ -165,7 +165,7 @@ def test_the_limit_on_requests_and_sigterm_drains_what_is_in_flight(tiny_model: 
         proc.send_signal(signal.SIGTERM)  # the stream in flight still ends whole
         rest = response.read()
         assert rest.rstrip().endswith(b"data: [DONE]") and b'"finish_reason": "length"' in rest
-        assert proc.wait(timeout=60) in (0, -signal.SIGTERM)
+        assert proc.wait(timeout=60) == 0  # drained, what was learnt saved, and a clean exit
 
 
 def test_serving_beyond_loopback_needs_an_api_key(tiny_model: Path) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import signal
 from pathlib import Path
 from typing import Optional
 
@@ -73,8 +74,22 @@ def serve(
         bound_host, bound_port = sock.getsockname()[:2]
         notice(f"serving {models.label} on http://{bound_host}:{bound_port}/v1 ({parallel} requests at once, "
                f"{n_each} tokens each; pid {os.getpid()}; Ctrl-C or SIGTERM stops after the requests in flight)")
+        # uvicorn drains the requests in flight on SIGTERM, then raises the signal again with the
+        # handler found before it: this one, so what was learnt is saved and the exit is 0.
+        previous = signal.signal(signal.SIGTERM, _terminated)
         try:
             server_for(build_app(scheduler, vocab, template, config)).run(sockets=[sock])
+        except _Terminated:
+            pass
         finally:
+            signal.signal(signal.SIGTERM, previous)
             scheduler.close()
             session.save()
+
+
+class _Terminated(Exception):
+    """SIGTERM, after the server's graceful shutdown."""
+
+
+def _terminated(signum: int, frame: object) -> None:
+    raise _Terminated
