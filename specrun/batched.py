@@ -17,7 +17,8 @@ from typing import Callable, Iterator, Sequence
 
 from specrun.engines.base import Engine, TreeRequest
 from specrun.generate import Generation, Plan, Step
-from specrun.speculate.planner import PassCost, learn_pass
+from specrun.speculate.planned import Candidates
+from specrun.speculate.planner import PassCost, best_subtrees, learn_pass
 
 
 @dataclass
@@ -118,9 +119,11 @@ class BatchGeneration:
             list(g.end())
 
     def step(self) -> list[tuple[int, Step]]:
-        """One pass shared by the active sequences (none when every one has stopped): each
-        proposes a tree within its share of `max_nodes`, one `eval_trees` call verifies them
-        all, and each walks its own rows. A sequence that has stopped leaves with its last step."""
+        """One pass shared by the active sequences (none when every one has stopped). Sequences
+        whose speculators offer candidates (the free drafters, with a cost curve) get the pass's
+        nodes where they are likeliest over all of them (planner.best_subtrees); the others
+        propose within an equal share of `pass_budget`. One `eval_trees` call verifies every
+        tree, and each walks its own rows. A sequence that has stopped leaves with its last step."""
         if not self.active:
             return []
         t0 = self.clock()
@@ -128,13 +131,24 @@ class BatchGeneration:
                                                                      self.max_nodes, self.stats.acceptance)
         share = node_shares(budget, len(self.active))
         out: list[tuple[int, Step]] = []
-        plans: list[tuple[int, Plan]] = []
+        planned: dict[int, Plan] = {}
+        offered: dict[int, Candidates] = {}  # sequences whose candidates the batch plans together
         for i in self.active:
-            plan = self.generations[i].plan(share)
-            if plan is None:  # this sequence has stopped
-                out += [(i, step) for step in self.generations[i].end()]
-            else:
-                plans.append((i, plan))
+            g = self.generations[i]
+            c = g.candidates(self.max_nodes) if self.cost is not None else None
+            if c is not None:
+                offered[i] = c
+            elif (plan := g.plan(share)) is not None:
+                planned[i] = plan
+            else:  # this sequence has stopped
+                out += [(i, step) for step in g.end()]
+        if offered:  # TETRIS: the pass's nodes go to the likeliest candidates over all sequences
+            assert self.cost is not None
+            keeps = best_subtrees([c.chances for c in offered.values()], self.cost, self.max_nodes,
+                                  fixed=sum(len(p.tree) for p in planned.values()))
+            for (i, c), keep in zip(offered.items(), keeps):
+                planned[i] = self.generations[i].plan_of(c, keep)
+        plans = [(i, planned[i]) for i in self.active if i in planned]
         self.active = [i for i, _ in plans]
         if plans:
             requests = [TreeRequest(self.generations[i].cache, p.tree.tokens, p.tree.parents, p.tree.depths)

@@ -24,6 +24,7 @@ from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
 from specrun.speculate.base import Proposal, Speculator
 from specrun.speculate.merge import counts
+from specrun.speculate.planned import Candidates
 from specrun.speculate.tree import DraftTree
 from specrun.speculate.verify import Draw, walk
 
@@ -206,6 +207,7 @@ class Generation:
         self._pending = -1  # the token drawn last, not yet evaluated
         self._transfer_start: Transfer | None = None
         self._draw: Draw = drawer(config.sampling)
+        self._t_candidates = 0.0  # when `candidates` began the step a batch plans
 
     @property
     def text(self) -> str:
@@ -240,26 +242,51 @@ class Generation:
         if committed:  # shown now, not after the next pass
             yield self._shown(Step(committed, target_calls=0))
 
-    def plan(self, max_nodes: int | None = None) -> Plan | None:
-        """The next pass's tree (the pending token alone, or a draft rooted at it, of at most
-        `max_nodes` nodes); None once generation has stopped (`done` says why)."""
-        cache, cfg, pending = self.cache, self.config, self._pending
+    def _room(self, max_nodes: int | None) -> tuple[int, int] | None:
+        """(deepest node, most nodes) the next tree may have below and with its root: room in the
+        cache (a node per cell) and in the token budget; None once generation has stopped."""
+        cache = self.cache
         if self.done is None and cache.kv_len + 1 > cache.n_ctx:
             self.done = "context"  # no room left to evaluate the pending token
         if self.done is not None:
             return None
-        t_step = self.clock()
-        # Room below the root: in the cache (a node per cell) and in the token budget.
         cells = cache.n_ctx - cache.kv_len
-        max_depth = min(cells - 1, cfg.max_tokens - self.stats.generated_tokens)
-        max_nodes = min(cells, self.engine.max_tree_nodes, cells if max_nodes is None else max_nodes)
-        tree, proposal = DraftTree.rooted(pending), None
+        return (min(cells - 1, self.config.max_tokens - self.stats.generated_tokens),
+                min(cells, self.engine.max_tree_nodes, cells if max_nodes is None else max_nodes))
+
+    def plan(self, max_nodes: int | None = None) -> Plan | None:
+        """The next pass's tree (the pending token alone, or a draft rooted at it, of at most
+        `max_nodes` nodes); None once generation has stopped (`done` says why)."""
+        t_step = self.clock()
+        if (room := self._room(max_nodes)) is None:
+            return None
+        max_depth, max_nodes = room
+        proposal = None
         if self.speculator is not None and max_depth > 0 and max_nodes > 1:
             proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
-            tree = proposal.tree
-            if tree.tokens[0] != pending:  # verifying another root would change the output
-                raise RuntimeError(f"{self.speculator.name} proposed a tree rooted at {tree.tokens[0]}, "
-                                   f"not at the pending token {pending}")
+        return self._planned(proposal, t_step)
+
+    def candidates(self, max_nodes: int) -> Candidates | None:
+        """The speculator's uncut candidates for the next pass, where it offers them (a batch
+        plans them together with the other sequences', then calls `plan_of`); None where it
+        plans alone, drafts nothing, or generation has stopped (`plan` then says which)."""
+        self._t_candidates = self.clock()
+        room = self._room(max_nodes)
+        make = getattr(self.speculator, "candidates", None)
+        if room is None or make is None or room[0] <= 0 or room[1] <= 1:
+            return None
+        return make(self.prompt + self.tokens, *room)
+
+    def plan_of(self, candidates: Candidates, keep: list[int]) -> Plan:
+        """The plan of the candidates' nodes `keep` (root first, connected)."""
+        return self._planned(self.speculator.proposal(candidates, keep), self._t_candidates)  # type: ignore[union-attr]
+
+    def _planned(self, proposal: Proposal | None, t_step: float) -> Plan:
+        tree = DraftTree.rooted(self._pending) if proposal is None else proposal.tree
+        if tree.tokens[0] != self._pending:  # verifying another root would change the output
+            name = self.speculator.name if self.speculator is not None else "?"
+            raise RuntimeError(f"{name} proposed a tree rooted at {tree.tokens[0]}, not at the pending token "
+                               f"{self._pending}")
         return Plan(tree, proposal, t_step, self.clock())
 
     def _verify(self, plan: Plan) -> tuple[Logits, float]:

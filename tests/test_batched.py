@@ -139,3 +139,23 @@ def test_a_batch_sized_by_a_cost_curve_keeps_the_output(engine: Engine) -> None:
     assert batch.stats.nodes_per_pass <= 8 + 1e-9 and 0 < batch.stats.acceptance < 1
     for g in gens:
         g.cache.close()
+
+
+def test_a_batch_plans_the_free_drafters_candidates_together_and_keeps_the_output(engine: Engine) -> None:
+    from specrun.speculate.ngram import NgramDrafter
+    from specrun.speculate.planned import PlannedSpeculator, Source
+    from specrun.speculate.planner import AcceptanceStats, CostCurve
+
+    curve = CostCurve((1, 8, 32), (1.0, 1.0, 3.0))
+    sampling = [GREEDY] * len(PROMPTS)
+    alone = _alone(engine, "plain", sampling)
+    gens = [Generation(engine, engine.new_cache(256), engine.vocab.tokenize(p), GenerationConfig(n, GREEDY),
+                       PlannedSpeculator("free", [Source("ngram", NgramDrafter(), AcceptanceStats())], curve, 32, 8))
+            for p, n in zip(PROMPTS, MAX_TOKENS)]
+    batch = BatchGeneration(engine, gens, 48, curve)
+    for _ in batch:
+        pass
+    assert [g.tokens for g in gens] == [a.tokens for a in alone]
+    assert batch.stats.drafted > 0 and batch.stats.accepted > 0  # trees were planned and verified
+    for g in gens:
+        g.cache.close()

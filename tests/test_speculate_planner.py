@@ -720,3 +720,33 @@ def test_a_size_off_against_the_passes_around_it_reshapes_the_curve() -> None:
         curve.observe(16, 0.33)
     assert len(curve.replaced) == 1 and "replaced it" in curve.replaced[0] and not curve.stale
     assert curve.cost(1) == pytest.approx(0.03) and curve.cost(16) == pytest.approx(0.33, rel=0.05)
+
+
+@pytest.mark.parametrize("seed", range(10))
+def test_best_subtrees_of_one_tree_is_best_subtree_and_of_several_takes_the_likeliest(seed: int) -> None:
+    from specrun.speculate.planner import best_subtrees
+
+    rng = np.random.default_rng(seed)
+    curve = CostCurve((1, 4, 16, 64), (1.0, 1.0, 1.3 + rng.random(), 4.0))
+
+    def tree_chances(n: int) -> list[float]:
+        parents = [-1] + [int(rng.integers(i)) for i in range(1, n)]
+        out = [1.0]
+        for i in range(1, n):
+            out.append(out[parents[i]] * float(rng.uniform(0.2, 0.99)))
+        return out
+
+    one = tree_chances(30)
+    assert best_subtrees([one], curve, 64) == [best_subtree(one, curve, 64)]
+    several = [tree_chances(int(rng.integers(1, 20))) for _ in range(4)]
+    keeps = best_subtrees(several, curve, 64, fixed=2)
+    chosen = sorted((c[i] for c, k in zip(several, keeps) for i in k[1:]), reverse=True)
+    left = [c[i] for c, k in zip(several, keeps) for i in range(1, len(c)) if i not in k]
+    assert not left or not chosen or max(left) <= min(chosen)  # nothing left out is likelier than what was kept
+    total = 4 + 2 + len(chosen)
+    rate = (6 + sum(chosen)) / curve.cost(total)
+    for extra in (1, -1):  # one node more or fewer pays less
+        k = len(chosen) + extra
+        if 0 <= k <= len(chosen) + len(left):
+            pool = sorted(chosen + left, reverse=True)[:k]
+            assert (6 + sum(pool)) / curve.cost(6 + k) <= rate * (1 + 1e-9)

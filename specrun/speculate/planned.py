@@ -31,6 +31,18 @@ class Source:
     grafts: bool = False  # it also grows below the merged tree's leaves (its drafter's `graft`)
 
 
+@dataclass(frozen=True)
+class Candidates:
+    """A free-source plan before it is cut (PlannedSpeculator.candidates)."""
+
+    merged: Merged
+    chances: list[float]  # per node of merged.tree: the chance the target accepts it
+    drafts: list[tuple[str, Draft]]
+    grafts: list[tuple[str, Draft]]
+    drafting_s: float
+    limit: int  # the most nodes one tree of it may keep
+
+
 class Gate(Protocol):
     """Whether a costly source drafts this step (auto's: the draft model's measured speed)."""
 
@@ -152,6 +164,29 @@ class PlannedSpeculator:
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
                         costly=costly is not None)
+
+    def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
+        """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
+        plans over all its sequences' candidates at once (planner.best_subtrees), then hands each
+        its nodes (`proposal`). None where this speculator plans alone (a costly source, or a
+        fixed budget)."""
+        if self.costly is not None or self.cost is None or not self.free:
+            return None
+        self._unverified += 1
+        max_depth, limit = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes, self.cost.max_size)
+        t0 = self.clock()
+        drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
+        merged, grafts = self._merge(drafts, limit, max_depth)
+        return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
+                          self.clock() - t0, limit)
+
+    def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
+        """The proposal of the candidates' nodes `keep` (root first, connected)."""
+        m = c.merged
+        self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), c.limit // 8)
+        return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
+                        free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
+                        proposed=self._proposed(c.drafts + c.grafts))
 
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:

@@ -327,3 +327,24 @@ def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes:
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     return [0] + sorted(order[:best_k])
+
+
+def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost, max_nodes: int, fixed: int = 0) -> list[list[int]]:
+    """best_subtree for several sequences sharing one pass (TETRIS): every tree's root is
+    verified, then the likeliest non-root nodes over all the trees, the k of them maximising
+    (roots + fixed + their chances) / cost(roots + fixed + k), within `max_nodes` for the pass;
+    `fixed`: nodes of other sequences already in it. Per tree, its node indices (root first, a
+    connected subtree: a node's chance is at most its parent's, and ties go to lower indices)."""
+    base = len(chances) + fixed
+    order = sorted(((c[i], s, i) for s, c in enumerate(chances) for i in range(1, len(c))),
+                   key=lambda t: (-t[0], t[1], t[2]))[:max(min(max_nodes, cost.max_size) - base, 0)]
+    best_k, best_rate, expected = 0, base / cost.cost(max(base, 1)), float(base)
+    for k, (chance, _, _) in enumerate(order, 1):
+        expected += chance
+        rate = expected / cost.cost(base + k)
+        if rate > best_rate * (1 + 1e-9):
+            best_k, best_rate = k, rate
+    keep: list[list[int]] = [[] for _ in chances]
+    for _, s, i in order[:best_k]:
+        keep[s].append(i)
+    return [[0] + sorted(k) for k in keep]
