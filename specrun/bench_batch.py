@@ -113,8 +113,8 @@ def batch_lines(rows: list[BatchRow], single: dict[str, tuple[float, list[list[i
             parts.append(f"{r.tokens_per_s / alone_rate:.2f}x {r.mode} alone ({alone_rate:.1f} tok/s)")
         shape = f"{r.nodes_per_pass:.1f} nodes and {r.tokens_per_pass:.1f} tokens a pass"
         if r.cost_ratio:
-            shape += (f"; the cost curve prices such a pass at {r.cost_ratio:.2f}x a one-token pass, so at most "
-                      f"{r.tokens_per_pass / r.cost_ratio:.2f}x plain")
+            shape += (f"; the cost curve prices such a pass at {r.cost_ratio:.2f}x a one-token pass: "
+                      f"{r.tokens_per_pass / r.cost_ratio:.2f}x a plain pass's tokens per second")
         parts.append(shape)
         if r.latency_s:
             parts.append(f"latency per sequence median {statistics.median(r.latency_s):.1f} s, "
