@@ -115,6 +115,9 @@ def test_chat_whole_and_streamed_agree_and_stop_strings_cut(served: int, tiny_mo
     cut = c.chat.completions.create(model=tiny_model.name, messages=messages, max_tokens=20, temperature=0,
                                     stop=[stop])
     assert cut.choices[0].message.content == text[:text.index(stop)] and cut.choices[0].finish_reason == "stop"
+    parts = c.chat.completions.create(model=tiny_model.name, max_tokens=20, temperature=0, messages=[
+        {"role": "user", "content": [{"type": "text", "text": "h"}, {"type": "text", "text": "i"}]}])
+    assert parts.choices[0].message.content == text  # text parts read as the text they join to
     seeded = [c.completions.create(model=tiny_model.name, prompt="hi", max_tokens=16, seed=7).choices[0].text
               for _ in range(2)]
     assert seeded[0] == seeded[1]
@@ -126,6 +129,8 @@ def test_chat_whole_and_streamed_agree_and_stop_strings_cut(served: int, tiny_mo
     (b'{"prompt": "x", "n": 2}', KEY, 400, "n must be 1"),
     (b'{"prompt": "x", "max_tokens": 100000}', KEY, 400, "max_tokens must be between"),
     (b'{"prompt": "x", "temperature": "hot"}', KEY, 400, "temperature must be a number"),
+    (b'{"prompt": "x", "max_tokens": 2.5}', KEY, 400, "max_tokens must be an integer"),
+    (b'{"messages": [{"role": "user", "content": 3}]}', KEY, 400, "messages must be"),
     (b'{"prompt": ""}', KEY, 400, "prompt must be"),
     (b'{"prompt": "x"}', None, 401, "API key"),
     (b'{"prompt": "x"}', "wrong", 401, "API key"),
@@ -133,7 +138,7 @@ def test_chat_whole_and_streamed_agree_and_stop_strings_cut(served: int, tiny_mo
 ])
 def test_bad_requests_get_an_openai_error_and_a_4xx(served: int, body: bytes, key: str | None, status: int,
                                                     needle: str) -> None:
-    got, data = post(served, "/v1/completions", body, key)
+    got, data = post(served, "/v1/chat/completions" if b'"messages"' in body else "/v1/completions", body, key)
     assert got == status and needle in data["error"]["message"], data
     assert set(data["error"]) == {"message", "type", "param", "code"}
 

@@ -180,7 +180,7 @@ def _number(body: dict[str, Any], name: str, kind: type, default: float, low: fl
     if value is None:
         return kind(default)
     if isinstance(value, bool) or not isinstance(value, (int, float)) or (kind is int and not isinstance(value, int)):
-        raise ApiError(400, f"{name} must be a number", param=name)
+        raise ApiError(400, f"{name} must be {'an integer' if kind is int else 'a number'}", param=name)
     if not low <= value <= high:
         raise ApiError(400, f"{name} must be between {low:g} and {high:g}", param=name)
     return kind(value)
@@ -197,14 +197,24 @@ def _prompt_tokens(body: dict[str, Any], vocab: Vocab) -> list[int]:
 
 def _chat_tokens(body: dict[str, Any], vocab: Vocab, template: ChatTemplate | None) -> list[int]:
     messages = body.get("messages")
-    if not isinstance(messages, list) or not messages or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        raise ApiError(400, "messages must be a non-empty list of {role, content} objects with string content",
-                       param="messages")
+    texts = [_content(m) for m in messages] if isinstance(messages, list) else []
+    if not texts or any(t is None for t in texts) or not all(isinstance(m.get("role"), str) for m in messages):
+        raise ApiError(400, "messages must be a non-empty list of {role, content} objects, content a string or "
+                       "a list of text parts", param="messages")
     if template is None:
         raise ApiError(400, "this model has no chat template; use /v1/completions")
-    return template.tokens([{"role": m["role"], "content": m["content"]} for m in messages], vocab)
+    return template.tokens([{"role": m["role"], "content": t} for m, t in zip(messages, texts)], vocab)
+
+
+def _content(message: Any) -> str | None:
+    """A message's text: its content string, or its text parts joined (OpenAI's newer form)."""
+    content = message.get("content") if isinstance(message, dict) else None
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                         and isinstance(p.get("text"), str) for p in content):
+        return "".join(p["text"] for p in content)
+    return None
 
 
 async def _events(scheduler: Scheduler, job: Job) -> AsyncIterator[Event]:
