@@ -79,11 +79,11 @@ def build_app(scheduler: Scheduler, vocab: Vocab, template: ChatTemplate | None,
                                "rate_limit_error", "too_many_requests")
         except ApiError as e:
             return e.response()
-        in_flight[0] += 1
         request_id = ("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24]
         events = _events(scheduler, job)
-        if job.stream:
+        if job.stream:  # counted from its first chunk: a body never started never ends either
             return StreamingResponse(_sse(events, job, request_id, config, in_flight), media_type="text/event-stream")
+        in_flight[0] += 1
         try:
             return await _whole(events, job, request_id, config)
         finally:
@@ -313,6 +313,7 @@ async def _sse(events: AsyncIterator[Event], job: Job, request_id: str, config: 
             body["usage"] = usage
         return f"data: {json.dumps(body)}\n\n"
 
+    in_flight[0] += 1
     try:
         if job.chat:
             yield chunk("", None, role=True)
