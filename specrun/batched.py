@@ -74,9 +74,10 @@ class BatchGeneration:
     runs then) and leave when they stop; `step` runs one shared pass. Iterating gives (sequence
     index, step) pairs for the sequences given at the start: every prefill's step first, then,
     pass by pass, one step per sequence still generating. `max_nodes`: tree nodes per pass over
-    all sequences, at most; `cost` (the target's pass cost curve) sizes each pass within it
-    (`pass_budget`; None: always `max_nodes`), and a learnt curve learns from the shared passes
-    (nothing drafts beside them)."""
+    all sequences, at most; `cost` (the target's pass cost curve) plans each pass within it:
+    over all sequences' candidates where their speculators offer them (`step`), else in equal
+    shares of `pass_budget` (None: equal shares of `max_nodes`). A learnt curve learns from the
+    shared passes (nothing drafts beside them)."""
 
     def __init__(self, engine: Engine, generations: Sequence[Generation], max_nodes: int,
                  cost: PassCost | None = None, *, clock: Callable[[], float] = time.perf_counter) -> None:
