@@ -128,25 +128,25 @@ class BatchGeneration:
         if not self.active:
             return []
         t0 = self.clock()
-        budget = self.max_nodes if self.cost is None else pass_budget(self.cost.cost, len(self.active),
-                                                                     self.max_nodes, self.stats.acceptance)
-        share = node_shares(budget, len(self.active))
         out: list[tuple[int, Step]] = []
         planned: dict[int, Plan] = {}
         offered: dict[int, Candidates] = {}  # sequences whose candidates the batch plans together
+        share = 0  # an equal share of the pass, worked out once a sequence needs it
         for i in self.active:
             g = self.generations[i]
             c = g.candidates(self.max_nodes) if self.cost is not None else None
             if c is not None:
                 offered[i] = c
-            elif (plan := g.plan(share)) is not None:
+                continue
+            share = share or self._share()
+            if (plan := g.plan(share)) is not None:
                 planned[i] = plan
             else:  # this sequence has stopped
                 out += [(i, step) for step in g.end()]
         if offered:  # TETRIS: the pass's nodes go to the likeliest candidates over all sequences
             assert self.cost is not None
-            keeps = best_subtrees([c.chances for c in offered.values()], self.cost, self.max_nodes,
-                                  fixed=sum(len(p.tree) for p in planned.values()))
+            keeps = best_subtrees([c.chances for c in offered.values()], self.cost,
+                                  min(self.max_nodes, self.cost.max_size), fixed=sum(len(p.tree) for p in planned.values()))
             for (i, c), keep in zip(offered.items(), keeps):
                 planned[i] = self.generations[i].plan_of(c, keep)
         plans = [(i, planned[i]) for i in self.active if i in planned]
@@ -154,12 +154,12 @@ class BatchGeneration:
         if plans:
             requests = [TreeRequest(self.generations[i].cache, p.tree.tokens, p.tree.parents, p.tree.depths)
                         for i, p in plans]
-            t_pass = self.clock()
+            nodes, t_pass = sum(len(p.tree) for _, p in plans), self.clock()
             rows = self.engine.eval_trees(requests)  # one pass for every sequence's tree
             rows[-1].argmax(0)  # a row read: the pass has finished (a GPU's runs on after the call)
-            learn_pass(self.cost, sum(len(p.tree) for _, p in plans), self.clock() - t_pass)
+            learn_pass(self.cost, nodes, self.clock() - t_pass)
             self.stats.passes += 1
-            self.stats.nodes += sum(len(p.tree) for _, p in plans)
+            self.stats.nodes += nodes
             for (i, plan), logits in zip(plans, rows):
                 g = self.generations[i]
                 step = g.finish(plan, logits, shared=True)
@@ -171,6 +171,12 @@ class BatchGeneration:
                     self.active.remove(i)
         self.stats.decode_s += self.clock() - t0
         return out
+
+    def _share(self) -> int:
+        """Nodes for one tree of a sequence that plans alone: an equal share of the pass."""
+        budget = self.max_nodes if self.cost is None else pass_budget(self.cost.cost, len(self.active),
+                                                                     self.max_nodes, self.stats.acceptance)
+        return node_shares(budget, len(self.active))
 
     def __iter__(self) -> Iterator[tuple[int, Step]]:
         if not self._first:

@@ -318,26 +318,20 @@ class AcceptanceStats:
 def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None) -> list[int]:
     """Node indices to verify (root first, a connected subtree): the k likeliest non-root
     nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
-    limit = min(len(chances), max_nodes or cost.max_size)  # no plans beyond what was measured
-    order = sorted(range(1, len(chances)), key=lambda i: (-chances[i], i))[: limit - 1]
-    best_k, best_rate, expected = 0, 1.0 / cost.cost(1), 1.0
-    for k, i in enumerate(order, 1):
-        expected += chances[i]
-        rate = expected / cost.cost(k + 1)
-        if rate > best_rate * (1 + 1e-9):
-            best_k, best_rate = k, rate
-    return [0] + sorted(order[:best_k])
+    return best_subtrees([chances], cost, max_nodes)[0]
 
 
-def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost, max_nodes: int, fixed: int = 0) -> list[list[int]]:
+def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost | StepCost, max_nodes: int | None = None,
+                  fixed: int = 0) -> list[list[int]]:
     """best_subtree for several sequences sharing one pass (TETRIS): every tree's root is
     verified, then the likeliest non-root nodes over all the trees, the k of them maximising
-    (roots + fixed + their chances) / cost(roots + fixed + k), within `max_nodes` for the pass;
-    `fixed`: nodes of other sequences already in it. Per tree, its node indices (root first, a
-    connected subtree: a node's chance is at most its parent's, and ties go to lower indices)."""
+    (roots + fixed + their chances) / cost(roots + fixed + k), within `max_nodes` for the pass
+    (None: the largest size measured; no plans beyond it); `fixed`: nodes of other sequences
+    already in it. Ties keep fewer nodes. Per tree, its node indices (root first, a connected
+    subtree: a node's chance is at most its parent's, and ties go to lower indices)."""
     base = len(chances) + fixed
     order = sorted(((c[i], s, i) for s, c in enumerate(chances) for i in range(1, len(c))),
-                   key=lambda t: (-t[0], t[1], t[2]))[:max(min(max_nodes, cost.max_size) - base, 0)]
+                   key=lambda t: (-t[0], t[1], t[2]))[:max((max_nodes or cost.max_size) - base, 0)]
     best_k, best_rate, expected = 0, base / cost.cost(max(base, 1)), float(base)
     for k, (chance, _, _) in enumerate(order, 1):
         expected += chance
