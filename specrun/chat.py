@@ -28,6 +28,24 @@ _MARK = "\ue000{}\ue001"  # a message's place in a rendering (private-use charac
 _MARKS = re.compile("\ue000(\\d+)\ue001")
 
 
+def messages_of(value: object) -> list[Message] | None:
+    """A request's messages as a template takes them: a non-empty list of {role, content}
+    objects, content a string or a list of text parts (OpenAI's newer form, joined); None when
+    `value` is not one (run --batch lines and serve's requests read them so)."""
+    if not isinstance(value, list) or not value:
+        return None
+    out = []
+    for m in value:
+        content = m.get("content") if isinstance(m, dict) else None
+        if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
+                                             and isinstance(p.get("text"), str) for p in content):
+            content = "".join(p["text"] for p in content)
+        if not isinstance(content, str) or not isinstance(m.get("role"), str):
+            return None
+        out.append({"role": m["role"], "content": content})
+    return out
+
+
 def template_of(path: Path) -> str | None:
     """A model's chat template: a GGUF file's `tokenizer.chat_template`, or a Hugging Face
     directory's chat_template.jinja / tokenizer_config.json `chat_template`."""

@@ -17,7 +17,7 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 
 from specrun.batched import BatchGeneration
-from specrun.chat import ChatTemplate, Message
+from specrun.chat import ChatTemplate, Message, messages_of
 from specrun.cli.console import echo, notice
 from specrun.cli.models import Resolved, use_corpus
 from specrun.engines import Placement
@@ -59,13 +59,11 @@ def read_batch(text: str) -> list[BatchItem]:
 
 
 def _item(obj: dict, number: int) -> BatchItem:
-    prompt, messages = obj.get("prompt"), obj.get("messages")
-    if isinstance(prompt, str) and prompt and messages is None:
+    prompt, messages = obj.get("prompt"), messages_of(obj.get("messages"))
+    if isinstance(prompt, str) and prompt and obj.get("messages") is None:
         return BatchItem(prompt=prompt)
-    if prompt is None and isinstance(messages, list) and messages and all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in messages):
-        return BatchItem(messages=tuple({"role": m["role"], "content": m["content"]} for m in messages))
+    if prompt is None and messages is not None:
+        return BatchItem(messages=tuple(messages))
     raise UsageError(f'line {number} of the batch has neither a "prompt" string nor a "messages" list of '
                      '{"role", "content"} objects', hint=FORMAT_HINT)
 

@@ -26,7 +26,7 @@ from starlette.requests import Request as HttpRequest
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from specrun.chat import ChatTemplate
+from specrun.chat import ChatTemplate, messages_of
 from specrun.engines.base import Vocab
 from specrun.sampling import SamplingConfig
 from specrun.server.scheduler import Event, Request, Scheduler
@@ -196,25 +196,13 @@ def _prompt_tokens(body: dict[str, Any], vocab: Vocab) -> list[int]:
 
 
 def _chat_tokens(body: dict[str, Any], vocab: Vocab, template: ChatTemplate | None) -> list[int]:
-    messages = body.get("messages")
-    texts = [_content(m) for m in messages] if isinstance(messages, list) else []
-    if not texts or any(t is None for t in texts) or not all(isinstance(m.get("role"), str) for m in messages):
+    messages = messages_of(body.get("messages"))
+    if messages is None:
         raise ApiError(400, "messages must be a non-empty list of {role, content} objects, content a string or "
                        "a list of text parts", param="messages")
     if template is None:
         raise ApiError(400, "this model has no chat template; use /v1/completions")
-    return template.tokens([{"role": m["role"], "content": t} for m, t in zip(messages, texts)], vocab)
-
-
-def _content(message: Any) -> str | None:
-    """A message's text: its content string, or its text parts joined (OpenAI's newer form)."""
-    content = message.get("content") if isinstance(message, dict) else None
-    if isinstance(content, str):
-        return content
-    if isinstance(content, list) and all(isinstance(p, dict) and p.get("type") == "text"
-                                         and isinstance(p.get("text"), str) for p in content):
-        return "".join(p["text"] for p in content)
-    return None
+    return template.tokens(messages, vocab)
 
 
 async def _events(scheduler: Scheduler, job: Job) -> AsyncIterator[Event]:
