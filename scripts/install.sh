@@ -11,7 +11,8 @@
 # llama.cpp's AMX path has crashed (a decode aborted in its AMX kernels) and the build targets
 # the CPU's AVX/AVX-512 features without AMX. Either way a quick decode of a tiny
 # quantized model proves the build before specrun is used; a build that fails it
-# is rebuilt once with the portable flags.
+# is rebuilt once with the portable flags. Every build includes llama.cpp's RPC backend
+# (-DGGML_RPC=ON, a small socket client and server) so `specrun worker` and `--rpc` work.
 #
 # torch (--torch): PyPI's Linux wheel is the CUDA build, several GB with its NVIDIA
 # libraries, worth fetching only where there is an NVIDIA GPU. So: a torch already
@@ -41,7 +42,7 @@ say() {  # to stderr, bold only on a terminal without NO_COLOR
 
 # Flags for the CPU's own vector extensions, never AMX.
 portable_flags() {
-  local flags="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF" cpu
+  local flags="-DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DGGML_RPC=ON" cpu
   cpu=$(grep -m1 '^flags' /proc/cpuinfo 2>/dev/null || true)
   for pair in avx:AVX avx2:AVX2 fma:FMA f16c:F16C avx512f:AVX512 avx512_vnni:AVX512_VNNI \
               avx512_bf16:AVX512_BF16 avx_vnni:AVX_VNNI; do
@@ -122,7 +123,7 @@ if [ -n "${CMAKE_ARGS:-}" ]; then
 elif grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   build_flags=$(portable_flags)
 else
-  build_flags="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF"
+  build_flags="-DGGML_NATIVE=ON -DLLAVA_BUILD=OFF -DGGML_RPC=ON"
 fi
 
 [ -x .venv/bin/python ] || "$PYTHON" -m venv .venv

@@ -7,6 +7,7 @@ import os
 from pathlib import Path
 from typing import Callable, Iterator
 
+from specrun.engines.placement import llama_gpu
 from specrun.sampling import SamplingConfig
 
 
@@ -20,7 +21,7 @@ class LlamaCppPythonPeer:
 
         # Tokens drafted per step as llama-cpp-python's README recommends: 10 with a GPU,
         # 2 on a CPU alone (its default of 10 runs far slower there).
-        on_gpu = llama_cpp.llama_supports_gpu_offload() and gpu_layers != 0
+        on_gpu = llama_gpu() and gpu_layers != 0
         self.num_pred_tokens = 10 if on_gpu else 2
         with _quiet_stderr():
             # With a draft model, Llama keeps logits for every position but sizes that buffer

@@ -21,6 +21,7 @@ import llama_cpp as C
 import numpy as np
 
 from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
+from specrun.engines.ggml_devices import has_gpu
 from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.host_cpu import cpu_identity
 from specrun.errors import EngineError, UsageError
@@ -188,12 +189,12 @@ class LlamaCppEngine(EngineMixin):
 
     @property
     def on_cpu(self) -> bool:
-        return _gpu_layers(self.config.n_gpu_layers) == 0 or not C.llama_supports_gpu_offload()
+        return _gpu_layers(self.config.n_gpu_layers) == 0 or not has_gpu()
 
     def settings_key(self) -> str:
         threads = self.config.n_threads or os.cpu_count()
         return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
-                f"gpu {bool(C.llama_supports_gpu_offload())}, cpu {cpu_identity()}")
+                f"gpu {has_gpu()}, cpu {cpu_identity()}")
 
     # --- caches and decoding -------------------------------------------------------
 
@@ -383,9 +384,9 @@ def tree_seq_ids(parents: Sequence[int]) -> list[list[int]]:
 
 
 def _gpu_layers(requested: int | None) -> int:
-    """-1 (or None on a GPU build) offloads every layer; a CPU build ignores the value."""
+    """-1 (or None where llama.cpp sees a GPU) offloads every layer; with no GPU the value is moot."""
     if requested is None:
-        return -1 if C.llama_supports_gpu_offload() else 0
+        return -1 if has_gpu() else 0
     return requested
 
 

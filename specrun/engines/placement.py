@@ -150,10 +150,10 @@ def torch_device(placement: Placement) -> str:
 
 
 def llama_gpu() -> bool:
-    """Whether this llama.cpp build can offload layers to a GPU (CUDA, Metal, ...)."""
-    import llama_cpp
+    """Whether this llama.cpp build sees a GPU of this machine to offload layers to (CUDA, Metal...)."""
+    from specrun.engines.ggml_devices import has_gpu
 
-    return bool(llama_cpp.llama_supports_gpu_offload())
+    return has_gpu()
 
 
 def install_error(e: ModuleNotFoundError) -> UsageError | None:
