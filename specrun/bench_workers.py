@@ -66,7 +66,7 @@ def serve(spec: WorkerSpec, inp: TextIO, out: TextIO) -> int:
         mode = mode_of(spec.mode)
         assert mode is not None, spec.mode
         if mode.spec is None:
-            from specrun.engines.llamacpp import VocabOnly
+            from specrun.engines.llamacpp_backend import VocabOnly
 
             vocab = VocabOnly(Path(spec.target))
             closers.append(vocab.close)

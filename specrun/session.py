@@ -41,7 +41,8 @@ class SessionConfig:
     needed_ctx: int = 0  # tokens the requests may need at most (prompt plus tokens to generate)
     keep_recycled: bool = True  # start token recycling from the table earlier runs kept, and keep it (bench
     # does not: its prompts are measured unseen, every mode from an empty table)
-    batched: bool = False  # sequences share passes (batched.py), each step a tree: even a plain one's node
+    batched: int = 0  # sequences sharing the target's passes at most (batched.py), each step a tree: even a
+    # plain one's node; 0: one sequence, not batched
 
     @property
     def max_tree_nodes(self) -> int:
@@ -55,7 +56,8 @@ class SessionConfig:
         return PlanRequest(self.target, self.draft, self.target_placement, self.draft_placement, self.ctx,
                            self.needed_ctx, self.max_tree_nodes,
                            draft_required=any(s.mode in MODEL_MODES for s in self.specs),
-                           fixed_nodes=max((s.budget or 0 for s in self.specs if s.mode != "none"), default=0))
+                           fixed_nodes=max((s.budget or 0 for s in self.specs if s.mode != "none"), default=0),
+                           sequences=max(self.batched, 1))
 
 
 class Session:
@@ -79,7 +81,8 @@ class Session:
                          draft=config.draft if self.plan.draft is not None else None,
                          draft_placement=self.plan.draft or config.draft_placement)
         self.config, self.notice = config, notice
-        self.target: Engine = open_engine(config.target, config.target_placement, self.plan.tree_nodes)
+        self.target: Engine = open_engine(config.target, config.target_placement, self.plan.tree_nodes,
+                                           max(config.batched, 1))
         for line in self.target.notices:
             notice(line)
         self.draft: Engine | None = None

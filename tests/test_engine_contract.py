@@ -24,8 +24,12 @@ TOL = dict(rtol=1e-3, atol=2e-3)  # batch shapes change f32 rounding only
 EngineFactory = Callable[[Path, int], Engine]
 
 
-def _llamacpp(path: Path, max_tree_nodes: int) -> Engine:
-    return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes))
+def _llamacpp(sequences: int = 1) -> EngineFactory:
+    def factory(path: Path, max_tree_nodes: int) -> Engine:
+        return LlamaCppEngine(path, LlamaCppConfig(n_threads=1, n_batch=64, max_tree_nodes=max_tree_nodes,
+                                                   sequences=sequences))
+
+    return factory
 
 
 def _torch(device: str, offload: str = "none") -> EngineFactory:
@@ -39,8 +43,10 @@ def _torch(device: str, offload: str = "none") -> EngineFactory:
     return factory
 
 
+# llama.cpp-shared: up to 3 caches in one context (sequence-id ranges), the rest in contexts of their own;
 # torch-disk: every layer read from the file each pass, through two buffers
-ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp, "torch": _torch("cpu"), "torch-disk": _torch("cpu", "disk")}
+ENGINES: dict[str, EngineFactory] = {"llama.cpp": _llamacpp(), "llama.cpp-shared": _llamacpp(3), "torch": _torch("cpu"),
+                                     "torch-disk": _torch("cpu", "disk")}
 if torch_devices()[1:]:  # on a machine with a GPU, the torch engine there too, resident and streamed from RAM
     ENGINES["torch-cuda"] = _torch("cuda")
     ENGINES["torch-cuda-ram"] = _torch("cuda", "ram")
@@ -326,6 +332,10 @@ def test_caches_on_one_engine_are_independent_sequences(factory: EngineFactory, 
                 if i < len(scripts[seq]):
                     rows = _apply(shared, caches[seq], scripts[seq][i])
                     got[seq].append((rows, caches[seq].tokens))
+        # Caches sharing a llama.cpp context attend over each other's (masked) cells too, which
+        # changes f32 rounding only; elsewhere the rows are equal to the last bits.
+        pooled = isinstance(shared, LlamaCppEngine) and shared.config.sequences > 1
+        tol = TOL if pooled else dict(rtol=1e-6, atol=1e-6)
         for seq in (0, 1):
             for i, step in enumerate(scripts[seq]):
                 rows = _apply(alone[seq], own[seq], step)
@@ -334,7 +344,7 @@ def test_caches_on_one_engine_are_independent_sequences(factory: EngineFactory, 
                 assert got_tokens == want_tokens, f"sequence {seq}, step {i} {step[0]}"
                 assert len(got_rows) == len(want_rows)
                 for r, (a, b) in enumerate(zip(got_rows, want_rows)):
-                    assert np.allclose(a, b, rtol=1e-6, atol=1e-6), f"sequence {seq}, step {i} {step[0]}, row {r}"
+                    assert np.allclose(a, b, **tol), f"sequence {seq}, step {i} {step[0]}, row {r}"
         assert caches[0].tokens != caches[1].tokens and caches[0].n_ctx == caches[1].n_ctx == own[0].n_ctx
     finally:
         for e in [shared] + alone:

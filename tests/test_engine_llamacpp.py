@@ -59,3 +59,53 @@ def test_default_ctx() -> None:
     assert default_ctx(32768, 100) == 4096
     assert default_ctx(32768, 9000) == 9000
     assert default_ctx(2048, 100) == 2048
+
+
+def test_a_batchs_caches_share_one_context_and_one_decode_per_pass(tiny_model: Path) -> None:
+    """Up to `sequences` caches take slots of one context, and eval_trees verifies their trees
+    in one llama_decode; a cache beyond them gets a context of its own (one decode more)."""
+    from specrun.engines.base import TreeRequest
+
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=64, sequences=8)) as e:
+        assert e.max_tree_nodes == MAX_SEQ // 8 - 1  # the ids are shared out among the slots
+        caches = [e.new_cache(64) for _ in range(9)]
+        assert len({id(c.context) for c in caches[:8]}) == 1 and caches[8].context is not caches[0].context
+        for k, c in enumerate(caches):
+            e.eval(c, [1, 5 + k, 6])
+        requests = [TreeRequest(c, [7, 8, 9], [-1, 0, 0], [0, 1, 1]) for c in caches]
+        before = e._epoch
+        rows = e.eval_trees(requests)
+        assert e._epoch - before == 2  # the shared context's decode, and the lone cache's
+        alone = LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=8))
+        try:
+            for k, got in enumerate(rows):
+                ref = alone.new_cache(64)
+                alone.eval(ref, [1, 5 + k, 6])
+                want = alone.eval_tree(ref, [7, 8, 9], [-1, 0, 0], [0, 1, 1])
+                for i in range(3):
+                    assert np.allclose(got.row(i), want.row(i), rtol=1e-3, atol=2e-3), (k, i)
+        finally:
+            alone.close()
+
+
+def test_a_closed_caches_slot_serves_the_next_cache_empty(tiny_model: Path) -> None:
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=4, sequences=2)) as e:
+        a, b = e.new_cache(32), e.new_cache(32)
+        e.eval(a, [1, 2, 3, 4])
+        e.eval_tree(a, [5, 6], [-1, 0], [0, 1])  # a tree left open when the cache closes
+        want = e.eval(b, [1, 9]).row(0)
+        a.close()
+        c = e.new_cache(32)
+        assert c.context is b.context and c.seq0 == a.seq0 and c.tokens == ()
+        assert np.allclose(e.eval(c, [1, 9]).row(0), want, rtol=1e-3, atol=2e-3)  # none of a's cells seen
+
+
+def test_the_shared_context_is_remade_larger_while_it_holds_no_cache(tiny_model: Path) -> None:
+    """A small first cache (a calibration's) must not fix the size of the batch's context."""
+    with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, max_tree_nodes=4, sequences=2)) as e:
+        small = e.new_cache(16)
+        first = small.context
+        small.close()
+        big = [e.new_cache(256), e.new_cache(256)]
+        assert big[0].context is big[1].context is not first and big[0].context.cells >= 512
+        e.eval(big[1], list(range(1, 200)))

@@ -136,7 +136,7 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
     """Every mode on one session in this process (the peers beside it), then the batched rows."""
     specs = [m.spec for m in chosen if m.spec is not None]
     runners: dict[str, Any] = {}
-    with models.session(specs, *places, needed_ctx=needed, keep_recycled=False, batched=batch > 1) as session:
+    with models.session(specs, *places, needed_ctx=needed, keep_recycled=False, batched=batch if batch > 1 else 0) as session:
         vocab = session.target.vocab
         template = ChatTemplate.of_model(models.target, vocab) if any(p.messages for p in prompts) else None
         tokens = [(p.id, _tokens(p, vocab, template)) for p in prompts]
@@ -198,7 +198,7 @@ def _in_limits(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchCo
                needed: int, limit: int, corpus: Optional[Path]) -> Any:
     """Every mode in a worker process inside a child memory cgroup of `limit` bytes."""
     from specrun.bench_workers import WorkerRunner, WorkerSpec, placement_fields
-    from specrun.engines.llamacpp import VocabOnly
+    from specrun.engines.llamacpp_backend import VocabOnly
     from specrun.memory_cgroup import ChildCgroup, evict_from_page_cache
 
     if models.target.is_dir():

@@ -40,11 +40,12 @@ class Resolved:
 
     def session(self, specs: list[SpecConfig], target: Placement = Placement(),
                 draft: Placement = Placement(), notice: Callable[[str], None] = notice, ctx: int | None = None,
-                needed_ctx: int = 0, keep_recycled: bool = True, batched: bool = False) -> Session:
+                needed_ctx: int = 0, keep_recycled: bool = True, batched: int = 0) -> Session:
         """A session on these files, its trees sized for `specs` (the modes it will serve) and its
         memory planned for a context of `ctx` tokens (None: at least `needed_ctx`, see
-        memory_plan); its notices (what the plan gave up, what the engines noticed while
-        loading, measurements started) go to `notice`."""
+        memory_plan; `batched`: how many sequences share its passes at most, 0 for one unbatched);
+        its notices (what the plan gave up, what the engines noticed while loading, measurements
+        started) go to `notice`."""
         session = Session(SessionConfig(self.target, self.draft, self.store.root, tuple(specs), target, draft, ctx,
                                         needed_ctx, keep_recycled, batched), notice)
         # What loading made (the vocabulary's pieces, the modules, the engines) lives as long as

@@ -99,7 +99,7 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
     per_sequence = longest + 2 + job.max_tokens + 64  # bytes bound tokens; room for a tree at the end
     parallel = min(job.parallel, len(job.items))
     with models.session([job.spec], job.target, job.draft, ctx=None if job.ctx is None else job.ctx * parallel,
-                        needed_ctx=per_sequence * parallel, batched=True) as session:
+                        needed_ctx=per_sequence * parallel, batched=parallel) as session:
         engine = session.target
         n_each = job.ctx or max(session.n_ctx // parallel, 16)
         template = ChatTemplate.of_model(models.target, engine.vocab) if any(i.messages for i in job.items) else None

@@ -60,7 +60,7 @@ def serve(
         raise UsageError(f"cannot listen on {host}:{port}: {e.strerror}", hint="pick another --port") from None
     per_request = ctx or min(4096, max_tokens + 1024)
     with sock, models.session([spec_cfg], *places, ctx=None if ctx is None else ctx * parallel,
-                              needed_ctx=per_request * parallel, batched=True) as session:
+                              needed_ctx=per_request * parallel, batched=parallel) as session:
         n_each = ctx or max(min(session.n_ctx // parallel, 4096), 16)
         session.open(n_each)
         use_corpus(session, corpus, models.store)

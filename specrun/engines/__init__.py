@@ -22,9 +22,11 @@ if TYPE_CHECKING:  # torch is imported only when the torch engine is picked
     from specrun.engines.torch_engine import TorchConfig
 
 
-def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes: int = 0) -> Engine:
+def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes: int = 0,
+                sequences: int = 1) -> Engine:
     """A loaded engine for `model` (no cache yet: `new_cache` makes them) that verifies trees of up to
-    `max_tree_nodes` nodes in one pass, placed as the memory plan resolved `placement`."""
+    `max_tree_nodes` nodes in one pass, placed as the memory plan resolved `placement`; up to
+    `sequences` caches share its passes (llama.cpp puts them in one context)."""
     if engine_for(model, placement) == "torch":
         config = torch_config(model, placement, max_tree_nodes)
         with torch_needed():
@@ -34,7 +36,8 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
     from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 
     config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=llama_gpu_layers(placement),
-                            max_tree_nodes=max_tree_nodes, load=placement.load, repack=placement.repack)
+                            max_tree_nodes=max_tree_nodes, load=placement.load, repack=placement.repack,
+                            sequences=sequences)
     return LlamaCppEngine(model, config)
 
 

@@ -3,16 +3,16 @@
 The C API rather than the `Llama` class because speculative decoding needs what
 that class hides: batches with per-token sequence ids and positions, logits for
 chosen rows, and KV cache surgery (`llama_memory_seq_*`). The engine holds the
-model and its vocabulary; each cache is a llama.cpp context of its own on that
-model (its KV cells, batch and logits), so one loaded model serves any number
-of sequences.
+model and its vocabulary; a cache is a range of sequence ids in a llama.cpp
+context on that model: a context of its own (its KV cells, batch and logits), or
+one that a batch's caches share (`sequences`), so that one llama_decode verifies
+all their trees and the weights are read once for them.
 """
 
 from __future__ import annotations
 
 import ctypes
 import os
-import threading
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
@@ -22,6 +22,8 @@ import numpy as np
 
 from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
 from specrun.engines.ggml_devices import has_gpu
+from specrun.engines.llamacpp_cache import LlamaCppCache, LlamaCppContext
+from specrun.engines.llamacpp_backend import LlamaCppVocab, init_backend, last_log_error
 from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.host_cpu import cpu_identity
 from specrun.errors import EngineError, UsageError
@@ -29,36 +31,6 @@ from specrun.memory_limit import locked_bytes, swap_enabled
 
 MAX_SEQ = 256  # llama.cpp's LLAMA_MAX_SEQ: a tree node needs a sequence id of its own, so trees hold <= 255
 LOAD_MODES = {"mmap": C.LLAMA_LOAD_MODE_MMAP, "resident": C.LLAMA_LOAD_MODE_NONE, "locked": C.LLAMA_LOAD_MODE_MLOCK}
-
-_log_lock = threading.Lock()
-_recent_log: list[str] = []
-
-
-@C.llama_log_callback
-def _log_to_buffer(level: int, text: bytes, user_data: ctypes.c_void_p) -> None:
-    """llama.cpp writes a lot to stderr; keep the last lines for error messages instead."""
-    with _log_lock:
-        _recent_log.append(text.decode("utf-8", "replace"))
-        del _recent_log[:-50]
-
-
-_backend_ready = False
-
-
-def init_backend() -> None:
-    global _backend_ready
-    if not _backend_ready:
-        C.llama_log_set(_log_to_buffer, ctypes.c_void_p(0))
-        C.llama_backend_init()
-        _backend_ready = True
-
-
-def _last_log_error() -> str:
-    with _log_lock:
-        lines = "".join(_recent_log).strip().splitlines()
-    errors = [ln for ln in lines if "error" in ln.lower() or "failed" in ln.lower()]
-    return (errors or lines or [""])[-1].strip()
-
 
 @dataclass(frozen=True)
 class LlamaCppConfig:
@@ -70,59 +42,18 @@ class LlamaCppConfig:
     max_tree_nodes: int = 0  # nodes per eval_tree call (0: no trees); each needs a KV sequence id
     load: str = "mmap"  # "mmap": the page cache holds the file (shared, evictable); "resident": read into
     # anonymous memory, which other reads cannot evict; "locked": that, and mlock'd (Placement.load)
+    sequences: int = 1  # caches sharing one context, their trees verified in one llama_decode (a batch's)
     repack: bool = True  # llama.cpp's repacked copies for its CPU kernels (anonymous memory): off when
     # the file is paged from disk because it does not fit, where such copies would not fit either
-
-
-class LlamaCppVocab:
-    """The vocabulary of a loaded llama.cpp model."""
-
-    def __init__(self, vocab: ctypes.c_void_p) -> None:
-        self._vocab = vocab
-        self.n_vocab: int = C.llama_vocab_n_tokens(vocab)
-        self._pieces: dict[int, bytes] = {}
-
-    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = True) -> list[int]:
-        data = text.encode("utf-8", "replace")  # lone surrogates (undecodable input bytes) become '?'
-        cap = len(data) + 8
-        for _ in range(2):
-            buf = (C.llama_token * cap)()
-            n = C.llama_tokenize(self._vocab, data, len(data), buf, cap, add_special, parse_special)
-            if n >= 0:
-                return list(buf[:n])
-            cap = -n
-        raise EngineError("tokenization failed")
-
-    def piece(self, token: int) -> bytes:
-        cached = self._pieces.get(token)
-        if cached is None:
-            buf = ctypes.create_string_buffer(64)
-            n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            if n < 0:
-                buf = ctypes.create_string_buffer(-n)
-                n = C.llama_token_to_piece(self._vocab, token, buf, len(buf), 0, False)
-            cached = self._pieces[token] = buf.raw[:n]
-        return cached
-
-    def is_eog(self, token: int) -> bool:
-        return bool(C.llama_vocab_is_eog(self._vocab, token))
-
-    def vocab_type(self) -> int:
-        return int(C.llama_vocab_type(self._vocab))
-
-    def special_tokens(self) -> tuple[int, int]:
-        return int(C.llama_vocab_bos(self._vocab)), int(C.llama_vocab_eos(self._vocab))
-
-    def token_text(self, token: int) -> bytes:
-        return C.llama_vocab_get_text(self._vocab, token) or b""
 
 
 class _Logits:
     """Rows of llama.cpp's own logits buffer, read in place; stale after the engine's next pass."""
 
-    def __init__(self, engine: "LlamaCppEngine", ptr: ctypes._Pointer, n: int) -> None:
+    def __init__(self, engine: "LlamaCppEngine", ptr: ctypes._Pointer, n: int, first: int = 0) -> None:
         self._engine, self._epoch = engine, engine._epoch
-        self._rows = np.ctypeslib.as_array(ptr, shape=(n, engine.vocab.n_vocab))  # [n, n_vocab] float32, a view
+        rows = np.ctypeslib.as_array(ptr, shape=(first + n, engine.vocab.n_vocab))  # float32, a view
+        self._rows = rows[first:]  # [n, n_vocab]: rows first.. of the context's outputs
 
     def _view(self, i: int) -> np.ndarray:
         if self._engine._epoch != self._epoch:
@@ -145,30 +76,14 @@ class _Logits:
         return top_ids_of(self._view(i), k)
 
 
-class LlamaCppCache(Cache):
-    """A llama.cpp context on the engine's model: sequence 0 holds the committed tokens, and
-    sequences 1.. a draft tree's nodes (`eval_tree`)."""
-
-    def __init__(self, n_ctx: int, ctx: ctypes.c_void_p, batch: C.llama_batch, n_batch: int) -> None:
-        super().__init__(n_ctx)
-        self.ctx: ctypes.c_void_p | None = ctx
-        self.batch: C.llama_batch | None = batch
-        self.n_batch = n_batch  # tokens per llama_decode
-
-    def free(self) -> None:
-        if self.batch is not None:
-            C.llama_batch_free(self.batch)
-            self.batch = None
-        if self.ctx is not None:
-            C.llama_free(self.ctx)
-            self.ctx = None
-
-
 class LlamaCppEngine(EngineMixin):
     def __init__(self, path: Path, config: LlamaCppConfig = LlamaCppConfig()) -> None:
         if not 0 <= config.max_tree_nodes < MAX_SEQ:
             raise UsageError(f"llama.cpp verifies trees of at most {MAX_SEQ - 1} nodes, not {config.max_tree_nodes}",
                              hint=f"use --budget {MAX_SEQ - 1} or less")
+        if not 1 <= config.sequences <= MAX_SEQ // 2:
+            raise UsageError(f"llama.cpp decodes at most {MAX_SEQ // 2} sequences together, not {config.sequences}",
+                             hint=f"use --parallel {MAX_SEQ // 2} or less")
         init_backend()
         self.config, self.path = config, path
         params = C.llama_model_default_params()
@@ -177,7 +92,7 @@ class LlamaCppEngine(EngineMixin):
         params.use_extra_bufts = config.repack
         self._model = C.llama_model_load_from_file(str(path).encode(), params)
         if not self._model:
-            raise EngineError(f"llama.cpp could not load {path}: {_last_log_error() or 'unknown error'}")
+            raise EngineError(f"llama.cpp could not load {path}: {last_log_error() or 'unknown error'}")
         self.notices: list[str] = []
         if config.load == "locked" and locked_bytes() < path.stat().st_size // 2 and swap_enabled():
             self.notices.append(f"{path.name} could not be locked in RAM (mlock refused): it is held in memory, "
@@ -185,7 +100,8 @@ class LlamaCppEngine(EngineMixin):
         self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
         self.n_ctx_train: int = C.llama_model_n_ctx_train(self._model)
         self._epoch = 0  # passes so far: a Logits handle is valid only within its own
-        self._n_seq = config.max_tree_nodes + 1 if config.max_tree_nodes else 1  # sequence 0 is the cache
+        self._ids = slot_ids(config.max_tree_nodes, config.sequences)
+        self._shared: LlamaCppContext | None = None  # the context a batch's caches share (config.sequences > 1)
 
     @property
     def on_cpu(self) -> bool:
@@ -199,18 +115,45 @@ class LlamaCppEngine(EngineMixin):
     # --- caches and decoding -------------------------------------------------------
 
     def new_cache(self, n_ctx: int) -> LlamaCppCache:
+        """A slot of the shared context where the engine serves a batch (made for `sequences`
+        caches of this size when the first is asked for, or remade larger while it holds none),
+        else a context of its own."""
         self.settle()
         if not self._model:
             raise RuntimeError("new_cache after close()")
+        context, seq0 = None, None
+        if self.config.sequences > 1:
+            shared = self._shared
+            if shared is not None and shared.empty and shared.cells < n_ctx * self.config.sequences:
+                shared.close()  # too small for this batch's caches, and holding none
+                shared = self._shared = None
+            if shared is None:
+                shared = self._shared = self._context(n_ctx * self.config.sequences, self.config.sequences)
+            if (seq0 := shared.take(n_ctx)) is not None:
+                context = shared
+        if context is None or seq0 is None:
+            context, seq0 = self._context(n_ctx, 1), 0
+            n_ctx = context.cells  # all of it: llama.cpp may round a context up, or make room for a tree
+            context.take(n_ctx)
+        cache = LlamaCppCache(n_ctx, context, seq0)
+
+        def free() -> None:
+            context.give_back(seq0, n_ctx)
+            if context is not self._shared:
+                context.close()
+
+        return self._made(cache, free)  # type: ignore[return-value]
+
+    def _context(self, cells: int, slots: int) -> LlamaCppContext:
         params = C.llama_context_default_params()
-        n_seq = self._n_seq
+        n_seq = slots * self._ids
         # llama.cpp reserves outputs for n_seq_max tokens per batch, clamps the batch to the
         # context, and aborts (GGML_ASSERT) when a batch outgrows either: so even a small
-        # context gets a batch, and room, for a whole tree.
-        batch = max(min(self.config.n_batch, n_ctx), n_seq)
-        params.n_ctx = max(n_ctx, batch)
+        # context gets a batch, and room, for every slot's whole tree.
+        batch = max(min(self.config.n_batch, cells), n_seq)
+        params.n_ctx = max(cells, batch)
         params.n_batch = params.n_ubatch = batch
-        params.n_outputs_max = n_seq  # logits for every node of a tree (a row is n_vocab floats)
+        params.n_outputs_max = n_seq  # logits for every node of every tree (a row is n_vocab floats)
         params.n_seq_max = n_seq
         threads = self.config.n_threads or os.cpu_count() or 1
         params.n_threads = params.n_threads_batch = threads
@@ -219,18 +162,17 @@ class LlamaCppEngine(EngineMixin):
         ctx = C.llama_init_from_model(self._model, params)
         if not ctx:
             raise EngineError(
-                f"llama.cpp could not create a {n_ctx}-token context: {_last_log_error() or 'out of memory?'}",
+                f"llama.cpp could not create a {cells}-token context: {last_log_error() or 'out of memory?'}",
                 hint="try a smaller --ctx",
             )
-        cache = LlamaCppCache(C.llama_n_ctx(ctx), ctx, C.llama_batch_init(params.n_batch, 0, n_seq),
-                              min(C.llama_n_batch(ctx), batch))
-        return self._made(cache, cache.free)  # type: ignore[return-value]
+        return LlamaCppContext(ctx, C.llama_batch_init(params.n_batch, 0, self._ids), min(C.llama_n_batch(ctx), batch),
+                        C.llama_n_ctx(ctx), slots, self._ids)
 
     @property
     def max_tree_nodes(self) -> int:
         """Sequence ids bound a tree (its nodes go in one llama_decode, and every cache's batch
         has room for them)."""
-        return self._n_seq - 1
+        return self._ids - 1
 
     def _ready(self, cache: Cache, call: str) -> LlamaCppCache:
         self.settle()
@@ -238,13 +180,13 @@ class LlamaCppEngine(EngineMixin):
         assert isinstance(cache, LlamaCppCache) and cache.ctx is not None, call
         return cache
 
-    def _decode(self, cache: LlamaCppCache, n_tokens: int, what: str) -> None:
-        assert cache.batch is not None
-        cache.batch.n_tokens = n_tokens
+    def _decode(self, context: LlamaCppContext, n_tokens: int, what: str) -> None:
+        assert context.batch is not None
+        context.batch.n_tokens = n_tokens
         self._epoch += 1
-        rc = C.llama_decode(cache.ctx, cache.batch)
+        rc = C.llama_decode(context.ctx, context.batch)
         if rc != 0:
-            raise EngineError(f"llama_decode of {what} failed ({rc}): {_last_log_error()}")
+            raise EngineError(f"llama_decode of {what} failed ({rc}): {last_log_error()}")
 
     def eval(self, cache: Cache, tokens: Sequence[int]) -> _Logits:
         c = self._ready(cache, "eval")
@@ -253,7 +195,7 @@ class LlamaCppEngine(EngineMixin):
         self._drop_tree(c)
         if c.kv_len + len(tokens) > c.n_ctx:
             raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
-        batch, step = c.batch, c.n_batch
+        batch, step = c.context.batch, c.n_batch
         assert batch is not None
         for start in range(0, len(tokens), step):
             chunk = tokens[start:start + step]
@@ -261,10 +203,10 @@ class LlamaCppEngine(EngineMixin):
                 batch.token[i] = tok
                 batch.pos[i] = c.kv_len + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = c.seq0
                 batch.logits[i] = False
             batch.logits[len(chunk) - 1] = start + len(chunk) == len(tokens)
-            self._decode(c, len(chunk), f"{len(chunk)} tokens")
+            self._decode(c.context, len(chunk), f"{len(chunk)} tokens")
             c.appended(chunk)
         return _Logits(self, C.llama_get_logits_ith(c.ctx, -1), 1)
 
@@ -274,79 +216,102 @@ class LlamaCppEngine(EngineMixin):
         if n_tokens >= c.kv_len:
             return
         mem = C.llama_get_memory(c.ctx)
-        if not C.llama_memory_seq_rm(mem, 0, n_tokens, -1):
+        if not C.llama_memory_seq_rm(mem, c.seq0, n_tokens, -1):
             raise EngineError("llama.cpp could not trim the KV cache")
         c.cut(n_tokens)
 
-    # --- trees: one llama_decode for a whole draft tree -----------------------
+    # --- trees: one llama_decode for a whole draft tree, or for several caches' trees ----
 
     def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                   start: int = 0) -> _Logits:
-        """Node i gets sequence id i + 1 and its cell is tagged with the ids of i and all its
-        descendants. A query attends to the cells carrying its first id at positions <= its
+        """Node i gets sequence id seq0 + i + 1 and its cell is tagged with the ids of i and all
+        its descendants. A query attends to the cells carrying its first id at positions <= its
         own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
         calls since the last commit (a tree grown step by step, as a drafter does); each new
         node's sequence starts as a copy of its nearest evaluated ancestor's (or the prefix)."""
         c = self._ready(cache, "eval_tree")
+        n = self._put_tree(c, TreeRequest(c, tokens, parents, depths, start), 0)
+        self._decode(c.context, n, f"a {n}-node tree")
+        c.evaluated_tree(tokens, parents)
+        return _Logits(self, C.llama_get_logits(c.ctx), n)
+
+    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[_Logits]:
+        """One llama_decode per context: the caches of a batch share one (`sequences`), so their
+        trees go in one decode, each under its own sequence ids; a cache with a context of its
+        own is decoded in turn. Each context keeps its own logits, so every result stays valid
+        until the next call."""
+        check_requests(requests)
+        caches = [self._ready(r.cache, "eval_trees") for r in requests]
+        out: list[_Logits | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}  # requests by the context their caches are in
+        for k, c in enumerate(caches):
+            groups.setdefault(id(c.context), []).append(k)
+        for ks in groups.values():
+            context, rows, spans = caches[ks[0]].context, 0, []
+            for k in ks:
+                n = self._put_tree(caches[k], requests[k], rows)
+                spans.append((k, rows, n))
+                rows += n
+            self._decode(context, rows, f"{len(ks)} trees of {rows} nodes")
+            base = C.llama_get_logits(context.ctx)
+            for k, first, n in spans:
+                caches[k].evaluated_tree(requests[k].tokens, requests[k].parents)
+                out[k] = _Logits(self, base, n, first)
+        for logits in out:
+            assert logits is not None
+            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
+        return out  # type: ignore[return-value]
+
+    def _put_tree(self, c: LlamaCppCache, r: TreeRequest, row: int) -> int:
+        """Check a tree against the cache's limits, give each new node's sequence the cells of
+        its nearest evaluated ancestor, and write the new nodes into the context's batch from
+        `row`: how many rows they take."""
+        tokens, parents, depths, start = r.tokens, r.parents, r.depths, r.start
         n = len(tokens)
-        if n > self._n_seq - 1 or n - start > c.n_batch:
+        if n > self._ids - 1 or row + n - start > c.n_batch:
             raise ValueError(f"a tree of {n} nodes ({n - start} new) exceeds this engine's limits "
-                             f"({self._n_seq - 1} nodes, {c.n_batch} per call)")
+                             f"({self._ids - 1} nodes, {c.n_batch - row} more in this call)")
         if start != len(c.tree):
             raise ValueError(f"{len(c.tree)} nodes are evaluated; cannot continue from {start}")
         if c.kv_len + n > c.n_ctx:  # every node takes a cell of the cache
             raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
-        mem = C.llama_get_memory(c.ctx)
+        mem, s0 = C.llama_get_memory(c.ctx), c.seq0
         for i in range(start, n):
             source = parents[i]
             while source >= start:  # nearest ancestor from an earlier call, or the prefix
                 source = parents[source]
-            C.llama_memory_seq_rm(mem, i + 1, -1, -1)
-            C.llama_memory_seq_cp(mem, source + 1, i + 1, -1, -1)
+            C.llama_memory_seq_rm(mem, s0 + i + 1, -1, -1)
+            C.llama_memory_seq_cp(mem, s0 + source + 1, s0 + i + 1, -1, -1)
         seq_ids = tree_seq_ids(parents)
-        batch, base = c.batch, c.kv_len
+        batch, base = c.context.batch, c.kv_len
         assert batch is not None
-        for b, i in enumerate(range(start, n)):
+        for b, i in enumerate(range(start, n), row):
             batch.token[b] = tokens[i]
             batch.pos[b] = base + depths[i]
             ids = [s for s in seq_ids[i] if s > start]  # this node and its descendants in this call
             batch.n_seq_id[b] = len(ids)
             for k, s in enumerate(ids):
-                batch.seq_id[b][k] = s
+                batch.seq_id[b][k] = s0 + s
             batch.logits[b] = True
-        self._decode(c, n - start, f"a {n - start}-node tree")
-        c.evaluated_tree(tokens, parents)
-        return _Logits(self, C.llama_get_logits(c.ctx), n - start)
-
-    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[_Logits]:
-        """One llama_decode per cache, in turn: each cache is a context of its own, so their
-        nodes cannot share a decode (that needs the caches as sequence ids of one context).
-        Each context keeps its own logits, so every result stays valid until the next call."""
-        check_requests(requests)
-        for r in requests:
-            self._ready(r.cache, "eval_trees")
-        out = [self.eval_tree(r.cache, r.tokens, r.parents, r.depths, r.start) for r in requests]
-        for logits in out:
-            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
-        return out
+        return n - start
 
     def commit_path(self, cache: Cache, path: Sequence[int], keep: Sequence[int] = ()) -> None:
         c = self._ready(cache, "commit_path")
         check_keep(c.tree_parents, path, keep)
-        mem = C.llama_get_memory(c.ctx)
+        mem, s0 = C.llama_get_memory(c.ctx), c.seq0
         if path:
-            C.llama_memory_seq_cp(mem, path[-1] + 1, 0, c.kv_len, -1)  # the path's cells join seq 0
+            C.llama_memory_seq_cp(mem, s0 + path[-1] + 1, s0, c.kv_len, -1)  # the path's cells join the cache's
         kept = set(keep)
         for s in range(1, len(c.tree) + 1):
             if s - 1 not in kept:
-                C.llama_memory_seq_rm(mem, s, -1, -1)
+                C.llama_memory_seq_rm(mem, s0 + s, -1, -1)
         # A kept node's sequence (the cells it sees: the prefix, the path, its kept ancestors)
         # moves to its new index's id. In increasing order every target id is free by then:
         # it belonged to a dropped node or to a kept one already moved down.
         for new, old in enumerate(keep):
             if new != old:
-                C.llama_memory_seq_cp(mem, old + 1, new + 1, -1, -1)
-                C.llama_memory_seq_rm(mem, old + 1, -1, -1)
+                C.llama_memory_seq_cp(mem, s0 + old + 1, s0 + new + 1, -1, -1)
+                C.llama_memory_seq_rm(mem, s0 + old + 1, -1, -1)
         c.committed(path, keep)
 
     def _drop_tree(self, cache: LlamaCppCache) -> None:
@@ -360,6 +325,9 @@ class LlamaCppEngine(EngineMixin):
         self.close_worker()
         self._epoch += 1  # logits handles into freed contexts go stale
         self.close_caches()
+        if self._shared is not None:
+            self._shared.close()
+            self._shared = None
         if self._model:
             C.llama_model_free(self._model)
             self._model = None
@@ -369,6 +337,12 @@ class LlamaCppEngine(EngineMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def slot_ids(max_tree_nodes: int, sequences: int) -> int:
+    """Sequence ids per cache: its own and one per tree node. The sequences of a batch share one
+    context, and so llama.cpp's MAX_SEQ ids, so each one's tree is smaller."""
+    return min(max_tree_nodes, MAX_SEQ // sequences - 1) + 1
 
 
 def tree_seq_ids(parents: Sequence[int]) -> list[list[int]]:
@@ -388,24 +362,3 @@ def _gpu_layers(requested: int | None) -> int:
     if requested is None:
         return -1 if has_gpu() else 0
     return requested
-
-
-
-class VocabOnly:
-    """A GGUF file's vocabulary through llama.cpp without its weights (`vocab_only`): another
-    engine running the same file tokenizes exactly as the llama.cpp engine does."""
-
-    def __init__(self, path: Path) -> None:
-        init_backend()
-        params = C.llama_model_default_params()
-        params.vocab_only = True
-        params.n_gpu_layers = 0
-        self._model = C.llama_model_load_from_file(str(path).encode(), params)
-        if not self._model:
-            raise EngineError(f"llama.cpp could not read the vocabulary of {path}: {_last_log_error() or 'unknown error'}")
-        self.vocab = LlamaCppVocab(C.llama_model_get_vocab(self._model))
-
-    def close(self) -> None:
-        if self._model:
-            C.llama_model_free(self._model)
-            self._model = None

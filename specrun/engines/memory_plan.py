@@ -76,6 +76,7 @@ class PlanRequest:
     tree_nodes: int = 0
     draft_required: bool = False  # chain and tree cannot go without it; auto can
     fixed_nodes: int = 0  # the largest --budget asked for: trees never shrink below it
+    sequences: int = 1  # sequences sharing the target's passes at most (a batch's, in one llama.cpp context)
 
 
 @dataclass(frozen=True)
@@ -247,8 +248,11 @@ def _plan(request: PlanRequest, placed: _Placed, shape: ModelShape, draft: Model
     cells = max(n_ctx, 64 + nodes + 1)  # calibration measures a tree of `nodes` after a 64-token prefix
     items = list(placed.items)
     if placed.kind in ("llama.cpp", "paged"):
+        from specrun.engines.llamacpp import slot_ids
+
+        outputs = request.sequences * slot_ids(nodes, request.sequences)  # a row per sequence id
         items.append(Item(f"target KV cache and buffers ({cells} tokens, trees of {nodes})",
-                          shape.llama_context_bytes(cells, nodes + 1), "--ctx", "cache"))
+                          shape.llama_context_bytes(cells, outputs), "--ctx", "cache"))
     elif not placed.on_gpu:
         items.append(Item(f"target KV cache ({cells} tokens)", shape.kv_bytes(cells, 4), "--ctx", "cache"))
         items.append(Item(f"target pass buffers (trees of {nodes})", shape.torch_pass_bytes(cells, nodes),
@@ -376,7 +380,7 @@ def _room_for_torch(limit: MemoryLimit) -> bool:
 def measure_runtime(with_torch: bool) -> int:
     """What this process holds once its runtime is up (measured: resident memory after importing
     and starting llama.cpp and, when the torch engine is picked, torch and its thread pool)."""
-    from specrun.engines.llamacpp import init_backend
+    from specrun.engines.llamacpp_backend import init_backend
 
     init_backend()
     if with_torch:

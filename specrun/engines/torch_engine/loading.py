@@ -52,7 +52,7 @@ def load_model(path: Path, device: torch.device, dtype: torch.dtype, quant: str 
 
 
 def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload: OffloadConfig) -> LoadedModel:
-    from specrun.engines.llamacpp import VocabOnly
+    from specrun.engines.llamacpp_backend import VocabOnly
     from specrun.engines.torch_engine.streamed import open_streamed
 
     info = read_gguf(path)
@@ -74,7 +74,7 @@ def _load_streamed(path: Path, device: torch.device, dtype: torch.dtype, offload
 
 
 def _load_gguf(path: Path, device: torch.device, dtype: torch.dtype) -> LoadedModel:
-    from specrun.engines.llamacpp import VocabOnly
+    from specrun.engines.llamacpp_backend import VocabOnly
 
     info = read_gguf(path)
     tensors = GgufTensors(path, info)
