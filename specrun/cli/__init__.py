@@ -11,7 +11,7 @@ which files a command uses), `run`, `chat` (the REPL), `bench`, `inspect`
 
 from __future__ import annotations
 
-from specrun.cli import bench, chat, inspect, models, run, serve  # noqa: F401 - each registers its commands
+from specrun.cli import bench, chat, inspect, models, run, serve, worker  # noqa: F401 - each registers its commands
 from specrun.cli.app import app
 
 

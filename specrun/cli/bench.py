@@ -57,6 +57,7 @@ def bench(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    rpc: Optional[str] = O.RPC,
     corpus: Optional[Path] = O.CORPUS,
     memory_limit: Optional[str] = typer.Option(None, "--memory-limit", help="Run every mode, llama.cpp's peer "
                                                "included, in a process of its own inside this much memory (e.g. "
@@ -72,7 +73,7 @@ def bench(
     O.check_draft_flags(draft, no_draft)
     O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
     limit = O.parse_size(memory_limit, "--memory-limit")
     if batch > 1 and limit is not None:
         raise UsageError("--batch runs in this process, not in memory-limited workers",
@@ -85,7 +86,8 @@ def bench(
     prompts = load_workload(workload, n_prompts)
     models = resolve(model, draft, "auto", no_draft)
     engine_for(models.target, places[0])  # a placement no engine serves stops here, before any notice
-    chosen = _peers_need_gguf(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes))
+    chosen = _peers_runnable(B.parse_modes(modes, models.draft is not None, notice), models.target, bool(modes),
+                             bool(places[0].rpc))
     chosen = [replace(m, spec=replace(m.spec, overlap=overlap)) if m.spec is not None and m.spec.overlap == "auto"
               else m for m in chosen]  # the -seq and fixed-tree rows keep overlap off
     config = B.BenchConfig(max_tokens, repeats, SamplingConfig(temperature, top_p, seed))
@@ -162,7 +164,7 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
                     r.close()
         summaries = R.summarize(runner.results, chosen)
         planner = (R.calibration_lines(session) + R.summary_lines(summaries)
-                   + R.streaming_lines(session.target.measure_link(), summaries))
+                   + R.streaming_lines(session.target.measure_link(), summaries) + _rpc_lines(places[0].rpc))
         rows = _batched(session, chosen, config, [t for _, t in tokens], runner.results, batch) if batch > 1 else []
         planner += batch_lines(rows, _singles(runner.results, len(tokens)))
     return summaries, runner.results, planner, rows
@@ -257,16 +259,25 @@ def _tokens(prompt: Any, vocab: Any, template: Any) -> list[int]:
     return template.tokens(prompt.messages, vocab)
 
 
-def _peers_need_gguf(chosen: list[Any], target: Path, asked: bool) -> list[Any]:
-    """llama-cpp-python's rows run the target's GGUF file: none for a safetensors directory
-    (an error when asked for by name, skipped with a notice by default)."""
+def _rpc_lines(workers: tuple[str, ...]) -> list[str]:
+    """The network's part of a pass over --rpc workers: a round trip to each, measured now."""
+    from specrun.engines.rpc import parse_endpoint, round_trip_s
+
+    return [f"rpc: a round trip to the worker at {w} takes {round_trip_s(parse_endpoint(w, '--rpc')) * 1000:.2f} ms "
+            "(a pass makes a few per worker)" for w in workers]
+
+
+def _peers_runnable(chosen: list[Any], target: Path, asked: bool, rpc: bool) -> list[Any]:
+    """llama-cpp-python's rows run the target's GGUF file here: none for a safetensors directory,
+    nor beside --rpc (they would not run over the workers); an error when asked for by name,
+    skipped with a notice by default."""
     peers = [m.key for m in chosen if m.spec is None]
-    if not peers or not target.is_dir():
+    if not peers or not (target.is_dir() or rpc):
         return chosen
+    why = "needs a GGUF file, not a directory" if target.is_dir() else "runs on this machine, not over --rpc workers"
     if asked:
-        raise UsageError(f"mode {peers[0]} runs llama-cpp-python, which needs a GGUF file, not a directory",
-                         hint="leave the lcp-* modes out of --modes")
-    notice(f"{target.name} is a safetensors directory: skipping {', '.join(peers)}")
+        raise UsageError(f"mode {peers[0]} runs llama-cpp-python, which {why}", hint="leave the lcp-* modes out of --modes")
+    notice(f"llama-cpp-python {why}: skipping {', '.join(peers)}")
     return [m for m in chosen if m.spec is not None]
 
 

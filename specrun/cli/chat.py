@@ -45,6 +45,7 @@ def chat(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    rpc: Optional[str] = O.RPC,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -57,7 +58,7 @@ def chat(
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
     models = resolve(model, draft, spec, no_draft)
     with models.session([spec_cfg], *places, ctx=ctx) as session:
         template = ChatTemplate.of_model(models.target, session.target.vocab)

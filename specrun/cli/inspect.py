@@ -36,11 +36,12 @@ def calibrate_cmd(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    rpc: Optional[str] = O.RPC,
     as_json: bool = typer.Option(False, "--json", help="Print JSON instead of a table."),
 ) -> None:
     """Measure what a target pass over n tokens costs here, for the speculation planner."""
     placement = O.placements(threads, gpu_layers, engine=engine, device=device, quant=quant, offload=offload,
-                              ram=ram, gpu_memory=gpu_memory)[0]
+                              ram=ram, gpu_memory=gpu_memory, rpc=rpc)[0]
     models = resolve(model)
     label = models.label
     with models.session([SpecConfig()], placement) as session:
@@ -96,7 +97,7 @@ def info(
         "engine": plan.target.engine, "device": device_of(path, plan.target), "offload": plan.target.offload,
         "weight_bytes": sum(i.bytes for i in plan.items if i.part == "weights"),
         "memory_limit": plan.limit.describe(), "memory_plan": describe_plan_json(plan),
-        "draft": entry.draft if entry else None,
+        "draft": entry.draft if entry else None, "rpc": _rpc_line(),
         "sha256": expected, "checksum": "verified when pulled" if pulled and pulled.source != "local" else "unknown",
     }
     if verify:
@@ -117,7 +118,7 @@ def info(
         table.add_column()
         for key in ("name", "path", "size", "architecture", "model_name", "quantization", "engine", "device",
                     "offload", "weight_bytes", "memory_limit", "layers", "embedding_length", "vocabulary",
-                    "context_length", "chat_template", "draft", "sha256", "checksum"):
+                    "context_length", "chat_template", "draft", "rpc", "sha256", "checksum"):
             value = data[key]
             text = human(value) if key in ("size", "weight_bytes") else (
                 "yes" if value is True else "no" if value is False else "" if value is None else str(value))
@@ -139,6 +140,15 @@ def info(
     if data["checksum"] == "MISMATCH":
         raise ModelFileError(f"{path.name} does not match its sha256", hint=f"pull it again: specrun rm {model} "
                              f"&& specrun pull {model}")
+
+
+def _rpc_line() -> str:
+    """Whether this llama.cpp build can spread a target over RPC workers (specrun worker, --rpc)."""
+    from specrun.engines.rpc import rpc_built
+
+    if rpc_built():
+        return "built in: specrun worker on other machines, --rpc HOST:PORT,... here"
+    return "not in this llama.cpp build (bash scripts/install.sh builds it with -DGGML_RPC=ON)"
 
 
 def _pulled_draft(entry: Any, catalog: Any, store: Store) -> Path | None:

@@ -9,6 +9,7 @@ from typing import Optional
 import typer
 
 from specrun.engines import DEVICES, ENGINES, OFFLOADS, QUANTS, Placement
+from specrun.engines.rpc import parse_endpoints
 from specrun.errors import UsageError
 from specrun.speculate.factory import MODEL_MODES, OVERLAPS, SPEC_MODES, SpecConfig
 
@@ -44,6 +45,8 @@ BUDGET = typer.Option("auto", "--budget", help="Draft tree nodes per step (root 
 OVERLAP = typer.Option("auto", "--overlap", help="Draft while the target verifies: on, off, or auto (on where "
                        "the target leaves the CPU to the draft, e.g. on a GPU; where both share the CPU, only "
                        "if measured to pay).")
+RPC = typer.Option(None, "--rpc", help="Spread the target's layers over llama.cpp RPC workers "
+                   "(HOST:PORT,HOST:PORT...: each started with specrun worker); the draft stays here.")
 DEPTH = typer.Option(None, "--depth", min=1, max=64, help="Deepest draft node (default 16).")
 
 
@@ -132,7 +135,7 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
                draft_gpu_layers: Optional[int] = None, engine: str = "auto", device: Optional[str] = None,
                quant: Optional[str] = None, draft_engine: str = "auto", draft_device: Optional[str] = None,
                offload: str = "auto", ram: Optional[str] = None,
-               gpu_memory: Optional[str] = None) -> tuple[Placement, Placement]:
+               gpu_memory: Optional[str] = None, rpc: Optional[str] = None) -> tuple[Placement, Placement]:
     """(target, draft) placements, checked. The draft follows the target's threads and GPU layers
     where not told otherwise, but not its engine, device, quantization or offloading: a small
     draft stays on llama.cpp in memory unless told."""
@@ -142,7 +145,8 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
     check_threads("--draft-threads", draft_threads)
     target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant,
                        offload=offload, ram=parse_size(ram, "--ram", physical_ram()),
-                       gpu_memory=parse_size(gpu_memory, "--gpu-memory"))
+                       gpu_memory=parse_size(gpu_memory, "--gpu-memory"),
+                       rpc=tuple(str(e) for e in parse_endpoints(rpc)))
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
                       gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers,
                       engine=draft_engine, device=draft_device)

@@ -59,6 +59,7 @@ def run(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    rpc: Optional[str] = O.RPC,
     spec: str = O.SPEC,
     draft: Optional[str] = O.DRAFT,
     no_draft: bool = O.NO_DRAFT,
@@ -78,7 +79,7 @@ def run(
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
     if batch is not None or samples is not None:
         items = batch_items(batch, samples, prompt)
         check_batch_spec(spec_cfg, draft)

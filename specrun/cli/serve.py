@@ -39,6 +39,7 @@ def serve(
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
+    rpc: Optional[str] = O.RPC,
     spec: str = O.SPEC,
     corpus: Optional[Path] = O.CORPUS,
 ) -> None:
@@ -52,7 +53,7 @@ def serve(
     spec_cfg = O.spec_config(spec, "auto", None, None, True)
     check_batch_spec(spec_cfg, None)
     places = O.placements(threads, None, None, None, engine, device, quant, offload=offload, ram=ram,
-                          gpu_memory=gpu_memory)
+                          gpu_memory=gpu_memory, rpc=rpc)
     models = resolve(model, None, spec, no_draft=True)
     try:
         sock = bind(host, port)

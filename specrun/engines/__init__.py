@@ -37,7 +37,7 @@ def open_engine(model: Path, placement: Placement = Placement(), max_tree_nodes:
 
     config = LlamaCppConfig(n_threads=placement.threads, n_gpu_layers=llama_gpu_layers(placement),
                             max_tree_nodes=max_tree_nodes, load=placement.load, repack=placement.repack,
-                            sequences=sequences)
+                            sequences=sequences, rpc=placement.rpc)
     return LlamaCppEngine(model, config)
 
 

@@ -10,7 +10,7 @@ device's type, and the backend that registered it.
 from __future__ import annotations
 
 import ctypes
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from functools import cache
 
 DEVICE_CPU, DEVICE_GPU, DEVICE_IGPU = 0, 1, 2  # enum ggml_backend_dev_type (ggml-backend.h)
@@ -22,11 +22,17 @@ class Device:
     description: str
     type: int  # DEVICE_CPU, DEVICE_GPU, ...
     backend: str  # the registering backend: "CPU", "CUDA", "RPC"...
+    handle: int = field(default=0, compare=False)  # its ggml_backend_dev_t
+
+    @property
+    def remote(self) -> bool:
+        """An RPC worker's device (`specrun worker`), on another machine or process."""
+        return self.backend.startswith("RPC")
 
     @property
     def is_gpu(self) -> bool:
         """A GPU of this machine (an RPC worker's device is remote, whatever it reports)."""
-        return self.type in (DEVICE_GPU, DEVICE_IGPU) and self.backend != "RPC"
+        return self.type in (DEVICE_GPU, DEVICE_IGPU) and not self.remote
 
 
 @cache
@@ -58,7 +64,7 @@ def devices() -> list[Device]:
         out.append(Device(name=(lib.ggml_backend_dev_name(dev) or b"").decode(),
                           description=(lib.ggml_backend_dev_description(dev) or b"").decode(),
                           type=lib.ggml_backend_dev_type(dev),
-                          backend=(lib.ggml_backend_reg_name(reg) or b"").decode() if reg else ""))
+                          backend=(lib.ggml_backend_reg_name(reg) or b"").decode() if reg else "", handle=dev))
     return out
 
 

@@ -21,7 +21,8 @@ import llama_cpp as C
 import numpy as np
 
 from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
-from specrun.engines.ggml_devices import has_gpu
+from specrun.engines.ggml_devices import devices, has_gpu
+from specrun.engines.rpc import is_loopback, on_lost_worker, parse_endpoint, worker_devices
 from specrun.engines.llamacpp_cache import LlamaCppCache, LlamaCppContext
 from specrun.engines.llamacpp_backend import LlamaCppVocab, init_backend, last_log_error
 from specrun.engines.top_k import top_ids_of, top_k_of
@@ -42,6 +43,7 @@ class LlamaCppConfig:
     max_tree_nodes: int = 0  # nodes per eval_tree call (0: no trees); each needs a KV sequence id
     load: str = "mmap"  # "mmap": the page cache holds the file (shared, evictable); "resident": read into
     # anonymous memory, which other reads cannot evict; "locked": that, and mlock'd (Placement.load)
+    rpc: tuple[str, ...] = ()  # RPC workers ("HOST:PORT") that hold and compute the layers (engines.rpc)
     sequences: int = 1  # caches sharing one context, their trees verified in one llama_decode (a batch's)
     repack: bool = True  # llama.cpp's repacked copies for its CPU kernels (anonymous memory): off when
     # the file is paged from disk because it does not fit, where such copies would not fit either
@@ -88,6 +90,19 @@ class LlamaCppEngine(EngineMixin):
         self.config, self.path = config, path
         params = C.llama_model_default_params()
         params.n_gpu_layers = _gpu_layers(config.n_gpu_layers)
+        # With --rpc the workers are the only devices offered, and every layer goes to them;
+        # once workers are added, any other model (the draft) is offered this machine's own.
+        offered = None
+        if config.rpc:
+            workers = [parse_endpoint(e, "--rpc") for e in config.rpc]
+            offered = worker_devices(workers)
+            on_lost_worker(workers)
+            params.n_gpu_layers = -1 if config.n_gpu_layers is None else config.n_gpu_layers
+        elif any(d.remote for d in devices()):
+            offered = [d.handle for d in devices() if d.is_gpu]
+        if offered is not None:
+            listed = (ctypes.c_void_p * (len(offered) + 1))(*offered, None)  # NULL-terminated
+            params.devices = ctypes.cast(listed, ctypes.c_void_p)
         params.load_mode = LOAD_MODES[config.load]
         params.use_extra_bufts = config.repack
         self._model = C.llama_model_load_from_file(str(path).encode(), params)
@@ -105,12 +120,14 @@ class LlamaCppEngine(EngineMixin):
 
     @property
     def on_cpu(self) -> bool:
+        if self.config.rpc:  # workers on this machine compute on its cores
+            return all(is_loopback(parse_endpoint(e, "--rpc").host) for e in self.config.rpc)
         return _gpu_layers(self.config.n_gpu_layers) == 0 or not has_gpu()
 
     def settings_key(self) -> str:
         threads = self.config.n_threads or os.cpu_count()
         return (f"llama-cpp-python {C.__version__}, threads {threads}, gpu layers {self.config.n_gpu_layers}, "
-                f"gpu {has_gpu()}, cpu {cpu_identity()}")
+                f"gpu {has_gpu()}, cpu {cpu_identity()}" + (f", rpc {','.join(self.config.rpc)}" if self.config.rpc else ""))
 
     # --- caches and decoding -------------------------------------------------------
 

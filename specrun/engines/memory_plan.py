@@ -141,7 +141,7 @@ def _kinds(request: PlanRequest) -> list[str]:
     if p.offload in ("ram", "disk") or (p.offload == "auto" and (p.ram is not None or p.gpu_memory is not None)):
         return ["stream"]  # asked for, or a streaming budget given
     resident = engine_for(target, p)
-    if p.offload == "none" or target.is_dir():
+    if p.offload == "none" or target.is_dir() or p.rpc:
         return [resident]
     kinds = [resident]
     if p.engine != "llama.cpp" and _torch_installed():
@@ -222,7 +222,7 @@ def _placed(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelShap
                   + "; measured)", runtime, part="runtime")]
     target = replace(p, engine=_engine(kind), offload="none" if kind in ("llama.cpp", "torch", "paged") else kind)
     on_gpu, units = False, None
-    if kind == "llama.cpp":
+    if kind == "llama.cpp" and not p.rpc:  # with --rpc the workers hold them (and their KV cache)
         items.append(Item("target weights", shape.weight_bytes, "--offload disk", "weights"))
     elif kind == "paged":
         target = replace(target, load="mmap", repack=False)

@@ -42,6 +42,7 @@ class Placement:
     # anonymous memory, which a streaming target's reads cannot evict), "locked" (and mlock'd)
     repack: bool = True  # llama.cpp: let it repack weights for its CPU kernels (anonymous copies)
     dtype: str | None = None  # torch: the compute dtype; None: chosen for the device
+    rpc: tuple[str, ...] = ()  # llama.cpp: RPC workers ("HOST:PORT") that hold the layers (engines.rpc)
 
 
 def engine_for(model: Path, placement: Placement = Placement()) -> str:
@@ -77,6 +78,10 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
     if directory and streamed:
         raise UsageError(f"--offload {p.offload} streams GGUF files; {model.name} is a safetensors directory",
                          hint="use --offload none, or a GGUF file of the model")
+    if p.rpc and (p.engine == "torch" or streamed or directory or p.quant is not None):
+        raise UsageError("--rpc spreads a GGUF model's layers over llama.cpp RPC workers; it does not combine "
+                         "with the torch engine, --offload ram/disk, --quant or safetensors",
+                         hint="leave those out with --rpc")
     if (p.ram is not None or p.gpu_memory is not None) and p.offload == "none":
         raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
                          hint="add --offload disk (or ram, on a GPU)")
