@@ -18,6 +18,7 @@ from typing import Callable
 from specrun import calibrate, planner_memory
 from specrun.engines import Cache, Engine, Placement, open_engine, tree_limit
 from specrun.engines.memory_plan import MemoryPlan, PlanRequest, plan_memory
+from specrun.engines.rpc import parse_endpoint
 from specrun.errors import UsageError
 from specrun.memory_limit import MemoryLimit
 from specrun.planner_memory import PlannerMemory
@@ -95,6 +96,12 @@ class Session:
         self._earlier_index: SuffixIndex | None = None
         self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
+
+    def _others_load(self) -> calibrate.OthersLoad:
+        """What the calibration checks other processes took of the CPU: not measured where RPC
+        workers on this machine compute the target's passes (their CPU time is the pass's own)."""
+        workers = [parse_endpoint(w, "--rpc") for w in self.config.target_placement.rpc]
+        return calibrate.OthersLoad(read=lambda: None) if any(w.loopback for w in workers) else calibrate.OthersLoad()
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -183,7 +190,8 @@ class Session:
                 self.cache.close()
                 self.cache = self.target.new_cache(calibrate.context_needed(sizes))
             try:
-                curve, trusted = calibrate.measure_checked(self.target, self.cache, sizes, self.notice)
+                curve, trusted = calibrate.measure_checked(self.target, self.cache, sizes, self.notice,
+                                                           load=self._others_load)
             finally:
                 if small:
                     self.cache.close()
