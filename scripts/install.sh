@@ -120,6 +120,7 @@ install_torch() {
 
 if [ -n "${CMAKE_ARGS:-}" ]; then
   build_flags=$CMAKE_ARGS
+  [[ $build_flags == *GGML_RPC* ]] || build_flags+=" -DGGML_RPC=ON"
 elif grep -qw amx_tile /proc/cpuinfo 2>/dev/null; then
   build_flags=$(portable_flags)
 else
@@ -130,10 +131,22 @@ fi
 PIP=(.venv/bin/python -m pip --disable-pip-version-check)
 "${PIP[@]}" install -q --upgrade pip
 
-if ! .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION')" 2>/dev/null; then
+# The pinned llama-cpp-python, built with the RPC backend (an older install, or a wheel pip
+# built before and cached, may lack it).
+llama_ready() {
+  .venv/bin/python -c "import llama_cpp, sys; sys.exit(llama_cpp.__version__ != '$LLAMA_VERSION' or not llama_cpp.llama_supports_rpc())" 2>/dev/null
+}
+if ! llama_ready; then
   say "building llama-cpp-python $LLAMA_VERSION (CMAKE_ARGS=$build_flags); this takes a few minutes"
   CMAKE_ARGS="$build_flags" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) \
     "${PIP[@]}" install -q "llama-cpp-python==$LLAMA_VERSION"
+  if ! llama_ready; then
+    say "that llama-cpp-python has no RPC backend (a wheel pip built before); building it again"
+    "${PIP[@]}" cache remove llama_cpp_python >/dev/null 2>&1 || true
+    CMAKE_ARGS="$build_flags" CMAKE_BUILD_PARALLEL_LEVEL=$(nproc 2>/dev/null || echo 2) \
+      "${PIP[@]}" install -q --force-reinstall --no-deps "llama-cpp-python==$LLAMA_VERSION"
+    llama_ready || say "warning: llama-cpp-python was built without its RPC backend (CMAKE_ARGS says so?): specrun worker and --rpc will not work"
+  fi
 fi
 pin=""
 if [[ ",$extras," == *,torch,* ]]; then
