@@ -269,11 +269,14 @@ def test_info_on_a_safetensors_directory(hf_dir: Path, fake_torch: dict[str, Any
     assert_one_line_error(invoke("info", str(hf_dir), "--verify"), 2, "--verify checks a GGUF file's sha256")
 
 
-def test_bench_skips_llama_cpp_python_rows_for_a_directory(hf_dir: Path, tiny_model: Path) -> None:
+def test_bench_skips_llama_cpp_python_rows_for_a_directory_or_over_rpc(hf_dir: Path, tiny_model: Path) -> None:
     notes: list[str] = []
     chosen = parse_modes("", False, notes.append)
-    kept = bench_cli._peers_need_gguf(chosen, hf_dir, asked=False)
-    assert [m.key for m in kept] == [m.key for m in chosen if m.spec is not None] and "lcp-lookup" not in str(kept)
-    assert bench_cli._peers_need_gguf(chosen, tiny_model, asked=False) == chosen
-    with pytest.raises(UsageError, match="mode lcp-plain runs llama-cpp-python"):
-        bench_cli._peers_need_gguf(parse_modes("plain,lcp-plain", False, notes.append), hf_dir, asked=True)
+    for target, rpc in ((hf_dir, False), (tiny_model, True)):
+        kept = bench_cli._peers_runnable(chosen, target, asked=False, rpc=rpc)
+        assert [m.key for m in kept] == [m.key for m in chosen if m.spec is not None] and "lcp-lookup" not in str(kept)
+    assert bench_cli._peers_runnable(chosen, tiny_model, asked=False, rpc=False) == chosen
+    with pytest.raises(UsageError, match="mode lcp-plain runs llama-cpp-python, which needs a GGUF file"):
+        bench_cli._peers_runnable(parse_modes("plain,lcp-plain", False, notes.append), hf_dir, asked=True, rpc=False)
+    with pytest.raises(UsageError, match="runs on this machine, not over --rpc workers"):
+        bench_cli._peers_runnable(parse_modes("plain,lcp-plain", False, notes.append), tiny_model, asked=True, rpc=True)

@@ -75,6 +75,19 @@ def test_with_room_the_target_loads_and_the_draft_is_mapped(files: dict[str, Pat
     assert p.draft is not None and p.draft.load == "mmap" and not p.notices
 
 
+def test_over_rpc_only_the_layers_kept_here_count(files: dict[str, Path]) -> None:
+    """--rpc: the workers hold the target's weights, but for the layers --gpu-layers keeps here."""
+    shape = ModelShape.of(files["target"])
+
+    def weights(**placement) -> int:
+        p = plan(files, HOST, needed_ctx=100, tree_nodes=8, target_placement=engines.Placement(**placement))
+        return sum(i.bytes for i in p.items if i.part == "weights")
+
+    assert weights() == shape.weight_bytes
+    assert weights(rpc=("127.0.0.1:5",)) == 0
+    assert weights(rpc=("127.0.0.1:5",), gpu_layers=1) == shape.weight_bytes * (shape.n_layer - 1) // shape.n_layer
+
+
 def test_under_a_cgroup_the_draft_is_held_in_ram(files: dict[str, Path]) -> None:
     p = plan(files, cgroup(8 * GIB), needed_ctx=100, tree_nodes=64)
     assert p.target.engine == "llama.cpp" and p.draft is not None and p.draft.load in ("locked", "resident")

@@ -93,6 +93,15 @@ def test_a_model_split_over_two_workers_gives_the_local_logits(tiny_model: Path,
         assert np.allclose(local, remote, rtol=1e-4, atol=1e-4)
 
 
+def test_layers_kept_here_with_gpu_layers_give_the_same_logits(tiny_model: Path, workers: str) -> None:
+    """--gpu-layers 1 with --rpc: one layer on the workers, the others on this CPU."""
+    rows = []
+    for rpc, layers in (((), None), (tuple(workers.split(",")), 1)):
+        with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, n_gpu_layers=layers, rpc=rpc)) as e:
+            rows.append(e.eval(e.new_cache(64), [1, 5, 9, 12]).row(0))
+    assert np.allclose(rows[0], rows[1], rtol=1e-4, atol=1e-4)
+
+
 def test_greedy_speculation_over_rpc_prints_what_plain_local_decoding_does(tiny_model: Path, workers: str) -> None:
     args = ["run", str(tiny_model), "def fib(n):\n    return fib(n - 1) + fib(n - 2)\n\ndef fib", "-n", "40", "-t", "0",
             "--json"]
@@ -162,9 +171,11 @@ def test_a_port_with_nothing_listening_is_one_line(tiny_model: Path) -> None:
                    f"no RPC worker at 127.0.0.1:{port}")
 
 
-def test_rpc_does_not_combine_with_the_torch_engine(tiny_model: Path) -> None:
+def test_rpc_does_not_combine_with_the_torch_engine_or_every_layer_here(tiny_model: Path) -> None:
     one_line_error(cli("run", str(tiny_model), "hi", "--engine", "torch", "--rpc", "127.0.0.1:5"), 2,
                    "does not combine with the torch engine")
+    one_line_error(cli("run", str(tiny_model), "hi", "--gpu-layers", "0", "--rpc", "127.0.0.1:5"), 2,
+                   "--gpu-layers 0 keeps every layer on this machine")
 
 
 def test_a_worker_beyond_loopback_says_once_what_the_protocol_does_not_protect() -> None:
@@ -179,3 +190,19 @@ def test_a_worker_beyond_loopback_says_once_what_the_protocol_does_not_protect()
     finally:
         worker.kill()
         worker.wait()
+
+
+def test_calibrating_over_workers_here_does_not_count_their_cpu_as_other_processes(tiny_model: Path, workers: str,
+                                                                                    tmp_path: Path) -> None:
+    """Loopback workers compute the pass: their CPU time is its own, not a sign the machine is busy."""
+    from specrun import calibrate
+    from specrun.engines import Placement
+    from specrun.session import Session, SessionConfig
+
+    for rpc, measured in (((), True), (tuple(workers.split(",")), False)):
+        session = Session(SessionConfig(tiny_model, None, tmp_path, target_placement=Placement(threads=1, rpc=rpc)))
+        try:
+            load = session._others_load()
+            assert (load.read is calibrate.cpu_ticks) == measured
+        finally:
+            session.close()

@@ -90,12 +90,13 @@ class LlamaCppEngine(EngineMixin):
         self.config, self.path = config, path
         params = C.llama_model_default_params()
         params.n_gpu_layers = _gpu_layers(config.n_gpu_layers)
-        # With --rpc the workers are the only devices offered, and every layer goes to them;
-        # once workers are added, any other model (the draft) is offered this machine's own.
+        # With --rpc the layers go to the workers and this machine's GPUs (by their free memory;
+        # --gpu-layers N keeps all but N on this CPU); once workers are added, any other model
+        # (the draft) is offered this machine's own devices only.
         offered = None
         if config.rpc:
             workers = [parse_endpoint(e, "--rpc") for e in config.rpc]
-            offered = worker_devices(workers)
+            offered = [d.handle for d in devices() if d.is_gpu] + worker_devices(workers)
             on_lost_worker(workers)
             params.n_gpu_layers = -1 if config.n_gpu_layers is None else config.n_gpu_layers
         elif any(d.remote for d in devices()):

@@ -222,8 +222,12 @@ def _placed(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelShap
                   + "; measured)", runtime, part="runtime")]
     target = replace(p, engine=_engine(kind), offload="none" if kind in ("llama.cpp", "torch", "paged") else kind)
     on_gpu, units = False, None
-    if kind == "llama.cpp" and not p.rpc:  # with --rpc the workers hold them (and their KV cache)
+    if kind == "llama.cpp" and not p.rpc:
         items.append(Item("target weights", shape.weight_bytes, "--offload disk", "weights"))
+    elif kind == "llama.cpp" and p.gpu_layers not in (None, -1) and shape.n_layer:  # --rpc: the layers
+        # beyond --gpu-layers stay on this machine, the rest go to the workers (and this machine's GPUs)
+        local = shape.weight_bytes * max(shape.n_layer - p.gpu_layers, 0) // shape.n_layer
+        items.append(Item("target weights kept here (the rest on the RPC workers)", local, "--gpu-layers", "weights"))
     elif kind == "paged":
         target = replace(target, load="mmap", repack=False)
     else:

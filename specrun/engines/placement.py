@@ -82,6 +82,11 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
         raise UsageError("--rpc spreads a GGUF model's layers over llama.cpp RPC workers; it does not combine "
                          "with the torch engine, --offload ram/disk, --quant or safetensors",
                          hint="leave those out with --rpc")
+    if p.rpc and (p.device == "cpu" or p.gpu_layers == 0):
+        flag = "--device cpu" if p.device == "cpu" else "--gpu-layers 0"
+        raise UsageError(f"{flag} keeps every layer on this machine, and --rpc sends them to the workers",
+                         hint="with --rpc, --gpu-layers N sends N layers to the workers (and GPUs here) and keeps "
+                              "the rest on this CPU")
     if (p.ram is not None or p.gpu_memory is not None) and p.offload == "none":
         raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
                          hint="add --offload disk (or ram, on a GPU)")
