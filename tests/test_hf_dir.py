@@ -381,3 +381,24 @@ def test_bitsandbytes_imports_quietly_from_the_repo_root() -> None:
     assert done.returncode == 0, done.stderr
     assert "Failed to load" not in done.stderr and "kernels" not in done.stderr, done.stderr
     assert done.stdout.strip() == "False"
+
+
+def test_the_int8_forward_hands_bitsandbytes_its_outlier_threshold(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Where bitsandbytes cannot multiply int8 (this CPU, maybe) the forward never ran in a test,
+    and its threshold was a name bnb.py did not define; reach the call with a stand-in."""
+    from types import SimpleNamespace
+
+    from specrun.engines.torch_engine import bnb
+
+    seen: list[float] = []
+
+    def quant(a: torch.Tensor, threshold: float) -> None:
+        seen.append(threshold)
+        raise RuntimeError("stand-in")
+
+    fake = SimpleNamespace(functional=SimpleNamespace(int8_vectorwise_quant=quant))
+    monkeypatch.setattr(bnb, "import_bitsandbytes", lambda: fake)
+    lin = Bnb8bitLinear(torch.zeros(4, 8, dtype=torch.int8), torch.ones(4), None)
+    with pytest.raises(RuntimeError, match="stand-in"):
+        lin(torch.ones(2, 8))
+    assert seen == [bnb.INT8_THRESHOLD]

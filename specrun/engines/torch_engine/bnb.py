@@ -20,6 +20,8 @@ import torch
 from specrun.engines.torch_engine.weights import tensor_bytes
 from specrun.errors import EngineError
 
+INT8_THRESHOLD = 6.0  # LLM.int8(): activation columns beyond this stay in float (bitsandbytes' default)
+
 BLOCKSIZE = 64  # bitsandbytes 4-bit block: one absmax per 64 weights
 
 

@@ -29,7 +29,6 @@ from specrun.model_dir import TensorInfo, open_model_dir
 # HF model_type -> the GGUF architecture name ModelArgs uses (Mistral GGUFs are "llama" too).
 MODEL_TYPES = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2", "qwen3": "qwen3"}
 TORCH_DTYPES = {"BF16": torch.bfloat16, "F16": torch.float16, "F32": torch.float32}
-INT8_THRESHOLD = 6.0  # LLM.int8(): activation columns beyond this stay in float (bitsandbytes' default)
 EMBED, NORM, LM_HEAD = "model.embed_tokens.weight", "model.norm.weight", "lm_head.weight"
 
 
