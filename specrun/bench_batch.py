@@ -17,8 +17,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable
 
 from specrun.batched import BatchGeneration
-from specrun.engines.base import Cache
-from specrun.generate import Generation, GenerationConfig
+from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session
 from specrun.speculate.factory import MODEL_MODES, SpecConfig
@@ -63,18 +62,14 @@ def run_batched(session: Session, mode: str, spec: SpecConfig, prompts: list[lis
                 max_tokens: int, sampling: SamplingConfig,
                 on_group: Callable[[int], None] = lambda done: None) -> BatchRow:
     """The prompts `batch` at a time on the session's target, every pass shared by a group."""
-    engine, first = session.target, session.cache
-    assert first is not None
+    engine, n_ctx = session.target, session.n_ctx
     row = BatchRow(mode, batch)
-    caches: list[Cache] = [first] + [engine.new_cache(first.n_ctx) for _ in range(min(batch, len(prompts)) - 1)]
-    try:
-        for start in range(0, len(prompts), batch):
-            group = prompts[start:start + batch]
-            for cache in caches:
-                engine.rewind(cache, 0)  # every sequence pays its prefill, as the single runs do
-            gens = [Generation(engine, cache, tokens, GenerationConfig(max_tokens, sampling),
-                               session.speculator(spec, separate=cache) if spec.mode != "none" else None)
-                    for cache, tokens in zip(caches, group)]
+    for start in range(0, len(prompts), batch):
+        group = prompts[start:start + batch]
+        gens = [session.sequence(tokens, GenerationConfig(max_tokens, sampling), spec, n_ctx) for tokens in group]
+        for g in gens:
+            engine.rewind(g.cache, 0)  # every sequence pays its prefill, as the single runs do
+        try:
             cost = session.calibration.cost if session.calibration is not None else None
             together = BatchGeneration(engine, gens, max(engine.max_tree_nodes, 1), cost)
             ended: dict[int, float] = {}
@@ -90,9 +85,9 @@ def run_batched(session: Session, mode: str, spec: SpecConfig, prompts: list[lis
             row.outputs += [list(g.tokens) for g in gens]
             session.save()
             on_group(start + len(group))
-    finally:
-        for cache in caches[1:]:
-            cache.close()
+        finally:
+            for g in gens:
+                session.sequence_ended(g)
     cal = session.calibration
     if cal is not None and row.passes:
         n = max(1, round(row.nodes_per_pass))

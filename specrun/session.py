@@ -13,13 +13,14 @@ from __future__ import annotations
 
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 from specrun import calibrate, planner_memory
 from specrun.engines import Cache, Engine, Placement, open_engine, tree_limit
 from specrun.engines.memory_plan import MemoryPlan, PlanRequest, plan_memory
 from specrun.engines.rpc import parse_endpoint
 from specrun.errors import UsageError
+from specrun.generate import Generation, GenerationConfig
 from specrun.memory_limit import MemoryLimit
 from specrun.planner_memory import PlannerMemory
 from specrun.speculate.base import Speculator
@@ -96,6 +97,7 @@ class Session:
         self._earlier_index: SuffixIndex | None = None
         self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
+        self._spare: list[Cache] | None = None  # caches for a batch's next sequences (`sequence`)
 
     def _others_load(self) -> calibrate.OthersLoad:
         """What the calibration checks other processes took of the CPU: not measured where RPC
@@ -205,6 +207,26 @@ class Session:
         found.settings = self.target.settings_key()  # also for files from before settings were kept
         self.calibration = found
         return found
+
+    def sequence(self, prompt: Sequence[int], config: GenerationConfig, spec: SpecConfig, n_ctx: int) -> Generation:
+        """A sequence for a batch (`BatchGeneration.join`) on the target, with a speculator of its own
+        for `spec`, in a spare cache of at least `n_ctx` tokens: the session's own first, then one
+        an ended sequence gave back (`sequence_ended`; what it holds in common with the prompt is
+        kept), else a new one."""
+        if self._spare is None:
+            self._spare = [self.cache] if self.cache is not None else []
+        cache = next((c for c in self._spare if c.n_ctx >= n_ctx), None)
+        if cache is not None:
+            self._spare.remove(cache)
+        else:
+            cache = self.target.new_cache(n_ctx)
+        speculator = self.speculator(spec, separate=cache) if spec.mode != "none" else None
+        return Generation(self.target, cache, list(prompt), config, speculator)
+
+    def sequence_ended(self, generation: Generation) -> None:
+        """A batch's sequence is over: its cache serves the next one."""
+        assert self._spare is not None, "sequence_ended before sequence"
+        self._spare.append(generation.cache)
 
     def speculator(self, spec: SpecConfig, separate: Cache | None = None) -> Speculator | None:
         """The speculator for `spec` (None: plain decoding), sharing this session's draft engine

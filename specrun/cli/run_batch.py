@@ -10,7 +10,6 @@ for the next prompt between passes (continuous batching).
 from __future__ import annotations
 
 import json
-import sys
 import time
 from collections import deque
 from dataclasses import dataclass, replace
@@ -21,7 +20,7 @@ from specrun.chat import ChatTemplate, Message, messages_of
 from specrun.cli.console import echo, notice
 from specrun.cli.models import Resolved, use_corpus
 from specrun.engines import Placement
-from specrun.engines.base import Cache, Vocab
+from specrun.engines.base import Vocab
 from specrun.errors import UsageError
 from specrun.generate import Generation, GenerationConfig, check_prompt
 from specrun.sampling import SamplingConfig
@@ -111,8 +110,6 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
         speculate = job.spec.mode != "none"
         if speculate:
             session.speculator(job.spec)  # measures the cost curve first, if this machine has none
-        assert session.cache is not None  # (calibrating may have replaced the one opened)
-        free: list[Cache] = [session.cache]  # caches of sequences that ended, for the next ones
         cost = session.calibration.cost if session.calibration is not None else None
         batch = BatchGeneration(engine, [], max(session.plan.tree_nodes, 1), cost)
         queue, owner, done = deque(range(len(prompts))), {}, {}
@@ -121,19 +118,17 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
             while queue or batch.active:
                 while queue and len(batch.active) < parallel:
                     k = queue.popleft()
-                    cache = free.pop() if free else engine.new_cache(n_each)
                     sampling = job.sampling if job.sampling.seed is None else replace(
                         job.sampling, seed=job.sampling.seed + k)
-                    spec = session.speculator(job.spec, separate=cache) if speculate else None
-                    gen = Generation(engine, cache, prompts[k], GenerationConfig(job.max_tokens, sampling), spec)
-                    index, _ = batch.join(gen)
+                    index, _ = batch.join(session.sequence(prompts[k], GenerationConfig(job.max_tokens, sampling),
+                                                           job.spec, n_each))
                     owner[index] = (k, time.perf_counter())
                 batch.step()
                 for index in [i for i in owner if i not in batch.active]:  # ended in this pass
                     k, started = owner.pop(index)
                     g = batch.generations[index]
                     done[k] = _result(k, g, time.perf_counter() - started)
-                    free.append(g.cache)
+                    session.sequence_ended(g)
                     notice(f"{len(done) + shown}/{len(prompts)} done")
                 while shown in done:  # in input order, each as soon as those before it are out
                     echo(json.dumps(done.pop(shown)))

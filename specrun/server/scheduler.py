@@ -17,8 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from specrun.batched import BatchGeneration
-from specrun.engines.base import Cache
-from specrun.generate import Generation, GenerationConfig
+from specrun.generate import GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session
 from specrun.speculate.factory import SpecConfig
@@ -72,8 +71,6 @@ class Scheduler:
         self.counters = Counters()
         cost = session.calibration.cost if session.calibration is not None else None
         self.batch = BatchGeneration(self.engine, [], max(self.engine.max_tree_nodes, 1), cost)
-        assert session.cache is not None
-        self._free: list[Cache] = [session.cache]
         self._owner: dict[int, Request] = {}
         self._thread = threading.Thread(target=self._run, name="specrun-scheduler", daemon=True)
         self._thread.start()
@@ -113,10 +110,8 @@ class Scheduler:
             self.counters.waiting -= 1
             if request.cancelled.is_set():
                 continue
-            cache = self._free.pop() if self._free else self.engine.new_cache(self.n_ctx)
-            speculator = self.session.speculator(self.spec, separate=cache) if self.spec.mode != "none" else None
-            gen = Generation(self.engine, cache, request.prompt, GenerationConfig(request.max_tokens, request.sampling),
-                             speculator)
+            gen = self.session.sequence(request.prompt, GenerationConfig(request.max_tokens, request.sampling),
+                                        self.spec, self.n_ctx)
             index, steps = self.batch.join(gen)
             self._owner[index] = request
             self.counters.active = len(self.batch.active)
@@ -158,7 +153,7 @@ class Scheduler:
     def _end(self, index: int) -> None:
         """The request is over: its cache serves the next one, its generation is forgotten."""
         self._owner.pop(index, None)
-        self._free.append(self.batch.generations[index].cache)
+        self.session.sequence_ended(self.batch.generations[index])
         self.batch.release(index)
         self.counters.requests += 1
         self.counters.active = len(self.batch.active)
