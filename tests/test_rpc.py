@@ -206,3 +206,59 @@ def test_calibrating_over_workers_here_does_not_count_their_cpu_as_other_process
             assert (load.read is calibrate.cpu_ticks) == measured
         finally:
             session.close()
+
+
+@pytest.fixture
+def namespace() -> Iterator[tuple[str, str]]:
+    """A network namespace joined to this one by a veth pair: (its name, the worker's address
+    in it). Skipped where the machine does not let the test make one (not root, no `ip`)."""
+    import shutil
+
+    name, host, peer = f"specrun{os.getpid()}", "10.231.77.1", "10.231.77.2"
+    veth = f"sr{os.getpid() % 100000}"
+    setup = [["ip", "netns", "add", name],
+             ["ip", "link", "add", veth, "type", "veth", "peer", "name", veth + "p"],
+             ["ip", "link", "set", veth + "p", "netns", name],
+             ["ip", "addr", "add", f"{host}/30", "dev", veth], ["ip", "link", "set", veth, "up"],
+             ["ip", "netns", "exec", name, "ip", "addr", "add", f"{peer}/30", "dev", veth + "p"],
+             ["ip", "netns", "exec", name, "ip", "link", "set", veth + "p", "up"],
+             ["ip", "netns", "exec", name, "ip", "link", "set", "lo", "up"]]
+    if shutil.which("ip") is None or os.geteuid() != 0:
+        pytest.skip("making a network namespace needs root and iproute2")
+    try:
+        for argv in setup:
+            done = subprocess.run(argv, capture_output=True, text=True)
+            if done.returncode != 0:
+                pytest.skip(f"cannot make a network namespace here: {done.stderr.strip()}")
+        yield name, peer
+    finally:
+        subprocess.run(["ip", "link", "del", veth], capture_output=True)
+        subprocess.run(["ip", "netns", "del", name], capture_output=True)
+
+
+def test_a_worker_in_another_network_namespace_serves_the_same_logits(tiny_model: Path,
+                                                                      namespace: tuple[str, str]) -> None:
+    """Across a real (virtual) link and a non-loopback address, as between two machines."""
+    name, address = namespace
+    port = free_port()
+    worker = subprocess.Popen(["ip", "netns", "exec", name, sys.executable, "-m", "specrun", "worker", "--host", address,
+                               "--port", str(port), "--threads", "1", "--no-cache"], stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, env=ENV, cwd=ROOT, preexec_fn=processes.default_sigint)
+    try:
+        deadline = time.monotonic() + 60
+        while True:
+            assert worker.poll() is None and time.monotonic() < deadline, worker.stderr.read() if worker.stderr else ""
+            try:
+                socket.create_connection((address, port), timeout=1).close()
+                break
+            except OSError:
+                time.sleep(0.1)
+        rows = []
+        for rpc in ((), (f"{address}:{port}",)):
+            with LlamaCppEngine(tiny_model, LlamaCppConfig(n_threads=1, rpc=rpc)) as e:
+                rows.append(e.eval(e.new_cache(64), [1, 5, 9, 12]).row(0))
+        assert np.allclose(rows[0], rows[1], rtol=1e-4, atol=1e-4)
+    finally:
+        worker.terminate()
+        _, err = worker.communicate(timeout=30)
+        assert err.decode().count("no authentication or encryption") == 1
