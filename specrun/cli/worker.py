@@ -30,6 +30,7 @@ def worker(
     no_cache: bool = typer.Option(False, "--no-cache", help="Keep no tensors between loads."),
 ) -> None:
     """Hold and compute a share of a model's layers for `specrun ... --rpc` on another machine."""
+    from specrun.engines.ggml_devices import devices
     from specrun.engines.rpc import INSECURE, Endpoint, check_bindable, is_loopback, serve
     from specrun.store import Store
 
@@ -44,7 +45,9 @@ def worker(
     if directory is not None:
         directory.mkdir(parents=True, exist_ok=True)
     n_threads = threads or os.cpu_count() or 1
-    notice(f"worker on {endpoint}: {n_threads} threads, tensor cache {directory or 'off'}; "
+    gpus = [d.description or d.name for d in devices() if d.is_gpu]
+    notice(f"worker on {endpoint}, computing on {', '.join(gpus) or f'the CPU ({n_threads} threads)'}; "
+           f"tensor cache {directory or 'off'}; "
            f"clients use --rpc {endpoint}; Ctrl-C or SIGTERM stops it")
     os.dup2(2, 1)  # llama.cpp's server prints its banner and connections on stdout: they are log lines
     failed: list[BaseException] = []

@@ -96,8 +96,8 @@ class LlamaCppEngine(EngineMixin):
         offered = None
         if config.rpc:
             workers = [parse_endpoint(e, "--rpc") for e in config.rpc]
+            on_lost_worker(workers)  # first: a worker that fails the handshake aborts too
             offered = [d.handle for d in devices() if d.is_gpu] + worker_devices(workers)
-            on_lost_worker(workers)
             params.n_gpu_layers = -1 if config.n_gpu_layers is None else config.n_gpu_layers
         elif any(d.remote for d in devices()):
             offered = [d.handle for d in devices() if d.is_gpu]

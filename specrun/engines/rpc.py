@@ -197,11 +197,14 @@ def check_bindable(endpoint: Endpoint) -> None:
                          hint="pick another --port, or stop what uses this one") from None
 
 
-def serve(endpoint: Endpoint, threads: int, cache_dir: Path | None, devices: Sequence[int] = ()) -> None:
-    """Run llama.cpp's RPC server on `endpoint` until the process ends, computing on `devices`
-    (default: the CPU). UsageError when it cannot start (the server returns then)."""
+def serve(endpoint: Endpoint, threads: int, cache_dir: Path | None) -> None:
+    """Run llama.cpp's RPC server on `endpoint` until the process ends, computing on this
+    machine's GPUs, or its CPU where it has none. UsageError when it cannot start (the server
+    returns then)."""
+    from specrun.engines.ggml_devices import DEVICE_CPU, devices
+
     libggml, rpc = _libs()
-    chosen = list(devices) or [libggml.ggml_backend_dev_by_type(0)]  # GGML_BACKEND_DEVICE_TYPE_CPU
+    chosen = [d.handle for d in devices() if d.is_gpu] or [libggml.ggml_backend_dev_by_type(DEVICE_CPU)]
     array = (ctypes.c_void_p * len(chosen))(*chosen)
     directory = None if cache_dir is None else str(cache_dir).encode()
     rpc.ggml_backend_rpc_start_server(str(endpoint).encode(), directory, threads, len(chosen), array)
