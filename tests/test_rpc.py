@@ -262,3 +262,30 @@ def test_a_worker_in_another_network_namespace_serves_the_same_logits(tiny_model
         worker.terminate()
         _, err = worker.communicate(timeout=30)
         assert err.decode().count("no authentication or encryption") == 1
+
+
+def test_something_else_on_the_port_is_one_line_naming_it(tiny_model: Path) -> None:
+    """A port that answers, but not as an RPC worker (an HTTP server, say): llama.cpp aborts
+    the handshake; the user sees which worker and why, in one line."""
+    import threading
+
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    port = listener.getsockname()[1]
+
+    def answer() -> None:
+        while True:
+            try:
+                conn, _ = listener.accept()
+            except OSError:
+                return
+            with conn:
+                conn.sendall(b"HTTP/1.0 400 Bad Request\r\n\r\n")
+
+    threading.Thread(target=answer, daemon=True).start()
+    try:
+        done = cli("run", str(tiny_model), "hi", "-n", "2", "--rpc", f"127.0.0.1:{port}")
+    finally:
+        listener.close()
+    one_line_error(done, 1, f"the RPC worker at 127.0.0.1:{port}: ")

@@ -174,8 +174,15 @@ def on_lost_worker(endpoints: Sequence[Endpoint]) -> None:
                 check_listening([e], timeout=0.5)
             except UsageError:
                 gone.append(str(e))
-        what = (f"lost the RPC worker{'s' if len(gone) > 1 else ''} at {', '.join(gone)}" if gone else
-                f"llama.cpp stopped: {(message or b'').decode(errors='replace').strip()}")
+        text = (message or b"").decode(errors="replace").strip()
+        where, _, said = text.partition(": ")  # "/path/to/ggml-rpc.cpp:354: Remote RPC server crashed..."
+        if gone:
+            what = f"lost the RPC worker{'s' if len(gone) > 1 else ''} at {', '.join(gone)}"
+        elif "ggml-rpc" in where:
+            names = ", ".join(map(str, endpoints))
+            what = f"the RPC worker{'s' if len(endpoints) > 1 else ''} at {names}: {said}"
+        else:
+            what = f"llama.cpp stopped: {said or text}"
         os.write(2, f"error: {what}\nhint: check the worker{'s' if len(endpoints) > 1 else ''} "
                     f"({', '.join(map(str, endpoints))}) and run again\n".encode())
         os._exit(1)
