@@ -31,6 +31,13 @@ from specrun.speculate.suffix import SuffixIndex
 from specrun.speculate.overlap import measure_overlap, should_overlap
 
 
+def others_load(target: Placement) -> calibrate.OthersLoad:
+    """What a calibration checks other processes took of the CPU: not measured where RPC workers
+    on this machine compute the target's passes (their CPU time is the pass's own)."""
+    workers = [parse_endpoint(w, "--rpc") for w in target.rpc]
+    return calibrate.OthersLoad(read=lambda: None) if any(w.loopback for w in workers) else calibrate.OthersLoad()
+
+
 @dataclass(frozen=True)
 class SessionConfig:
     target: Path
@@ -98,12 +105,6 @@ class Session:
         self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
         self._spare: list[Cache] | None = None  # caches for a batch's next sequences (`sequence`)
-
-    def _others_load(self) -> calibrate.OthersLoad:
-        """What the calibration checks other processes took of the CPU: not measured where RPC
-        workers on this machine compute the target's passes (their CPU time is the pass's own)."""
-        workers = [parse_endpoint(w, "--rpc") for w in self.config.target_placement.rpc]
-        return calibrate.OthersLoad(read=lambda: None) if any(w.loopback for w in workers) else calibrate.OthersLoad()
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -193,7 +194,7 @@ class Session:
                 self.cache = self.target.new_cache(calibrate.context_needed(sizes))
             try:
                 curve, trusted = calibrate.measure_checked(self.target, self.cache, sizes, self.notice,
-                                                           load=self._others_load)
+                                                           load=lambda: others_load(self.config.target_placement))
             finally:
                 if small:
                     self.cache.close()

@@ -68,6 +68,16 @@ def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
     return home
 
 
+@pytest.fixture(autouse=True)
+def idle_machine(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Calibrations in this process do not read the machine's load: a test's curve is trusted or
+    not for its own reasons, not because other tests ran beside it (a calibration test failed in a
+    clean-clone run while another suite ran). Tests of the load check give their own."""
+    from specrun import calibrate, session
+
+    monkeypatch.setattr(session, "others_load", lambda target: calibrate.OthersLoad(read=lambda: None))
+
+
 @pytest.fixture(scope="session")
 def real_pair() -> dict[str, Path]:
     """Paths of the pulled default pair. Skips when absent, unless SPECRUN_REQUIRE_REAL=1 (CI)."""
