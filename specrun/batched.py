@@ -5,8 +5,8 @@ A pass whose weights stream costs its transfer whatever it carries (on an AVX-51
 machine's disk 48 tokens cost about what one does), so one sequence leaves most of
 it unused and several fill it. Each sequence's output is what it would be alone: its
 tree is walked on its own rows of the pass, drawn from its own random stream, and
-kept in its own cache. Prefills run one sequence at a time (prompts differ in length
-and are evaluated once); decoding passes are shared.
+kept in its own cache. The prefills of sequences that join together share passes
+of their own (`join_many`); decoding passes are shared by every active sequence.
 """
 
 from __future__ import annotations
@@ -89,20 +89,32 @@ class BatchGeneration:
 
     def join(self, generation: Generation) -> tuple[int, list[Step]]:
         """Add a sequence: (its index, its prefill's steps)."""
-        if generation.engine is not self.engine:
-            raise ValueError("every sequence of a batch generates on the batch's engine")
+        return self.join_many([generation])[0]
+
+    def join_many(self, generations: Sequence[Generation]) -> list[tuple[int, list[Step]]]:
+        """Add sequences, their prefills sharing passes (`Engine.sync_many`: a streamed target
+        reads its weights once for all of them): (index, prefill's steps) for each."""
         if self.engine.max_tree_nodes < 1:
             raise ValueError("a batch verifies every step as a tree: open the engine for trees")
-        if any(self.generations[i].cache is generation.cache for i in self.active):
+        caches = [self.generations[i].cache for i in self.active] + [g.cache for g in generations]
+        if len({id(c) for c in caches}) != len(caches):
             raise ValueError("each sequence of a batch needs a cache of its own")
+        if any(g.engine is not self.engine for g in generations):
+            raise ValueError("every sequence of a batch generates on the batch's engine")
+        if not generations:
+            return []
         t0 = self.clock()
-        index = self.stats.sequences
-        self.generations[index] = generation
-        steps = list(generation.start())
-        self.active.append(index)
-        self.stats.sequences += 1
+        rows = self.engine.sync_many([g.prefill_request() for g in generations])
+        seconds = self.clock() - t0
+        out = []
+        for generation, row in zip(generations, rows):
+            index = self.stats.sequences
+            self.generations[index] = generation
+            out.append((index, list(generation.prefilled(row, seconds))))
+            self.active.append(index)
+            self.stats.sequences += 1
         self.stats.prefill_s += self.clock() - t0
-        return index, steps
+        return out
 
     def release(self, index: int) -> None:
         """Forget a sequence that has stopped (a server's finished requests would pile up)."""
@@ -182,8 +194,7 @@ class BatchGeneration:
         if not self._first:
             raise ValueError("a batch of no sequences")
         first, self._first = self._first, []
-        for g in first:
-            index, steps = self.join(g)
+        for index, steps in self.join_many(first):
             yield from ((index, step) for step in steps)
         while self.active:
             yield from self.step()

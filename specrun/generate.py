@@ -225,18 +225,30 @@ class Generation:
     def start(self) -> Iterator[Step]:
         """The prefill: the prompt into the cache, and the first token drawn (shown at once)."""
         engine, cache, cfg, stats = self.engine, self.cache, self.config, self.stats
-        stats.stop_reason = "interrupted"  # until the loop ends by itself
-        self._transfer_start = engine.transfer()
         t0 = self.clock()
-        stats.reused_tokens = min(common_prefix(cache.tokens, self.prompt), len(self.prompt) - 1)
+        self.prefill_request()
         if cfg.overlap and self.speculator is not None:  # the draft's prefill during the target's
             job = engine.submit_sync(cache, self.prompt)
             stats.parallel_s += self.speculator.warm(self.prompt)
             prefilled = job.result()
         else:
             prefilled = engine.sync(cache, self.prompt)
-        self._pending = self._draw(prefilled, 0)
-        stats.prefill_s = self.clock() - t0
+        yield from self.prefilled(prefilled, self.clock() - t0)
+
+    def prefill_request(self) -> tuple[Cache, list[int]]:
+        """What the prefill evaluates: (cache, prompt). A batch prefills its joining sequences
+        together (`Engine.sync_many`) and hands each its row (`prefilled`)."""
+        stats = self.stats
+        stats.stop_reason = "interrupted"  # until the loop ends by itself
+        self._transfer_start = self.engine.transfer()
+        stats.reused_tokens = min(common_prefix(self.cache.tokens, self.prompt), len(self.prompt) - 1)
+        return self.cache, self.prompt
+
+    def prefilled(self, logits: Logits, seconds: float) -> Iterator[Step]:
+        """The prefill's row is in: the first token drawn from it (shown at once)."""
+        stats = self.stats
+        self._pending = self._draw(logits, 0)
+        stats.prefill_s = seconds
         stats.target_calls = 1  # the prefill drew the first token
         committed, self.done = self._commit([self._pending])
         if committed:  # shown now, not after the next pass

@@ -497,3 +497,27 @@ def test_top_k_of_a_vocabulary_sized_row_matches_a_full_sort(seed: int) -> None:
         want = np.argsort(-row, kind="stable")[:k]
         np.testing.assert_array_equal(row[ids], row[want])  # the same values, likeliest first
         assert list(ids) == sorted(ids, key=lambda i: (-row[i], i))  # lowest id among equals
+
+
+def test_prompts_synced_together_give_what_each_alone_gives(factory: EngineFactory, engine: Engine,
+                                                           tiny_model: Path) -> None:
+    """sync_many: a cache holding part of its prompt keeps it, one holding something else is cut
+    back, and prompts longer than a pass (llama.cpp here: 64 tokens; torch: 512) take several;
+    each cache ends holding its prompt, with the last token's row."""
+    vocab = engine.vocab
+    prompts = [vocab.tokenize(PROMPT_A), vocab.tokenize(PROMPT_B), [1] + [3 + i % 240 for i in range(300)],
+               [1] + [7 + i % 200 for i in range(290)]]
+    caches = [engine.new_cache(512) for _ in prompts]
+    engine.eval(caches[0], prompts[0][:5])
+    engine.eval(caches[1], [9, 9, 9])
+    got = engine.sync_many(list(zip(caches, prompts)))
+    rows = [g.row(0) for g in got]
+    alone = factory(tiny_model, 0)
+    try:
+        for c, p, row in zip(caches, prompts, rows):
+            assert c.tokens == tuple(p) and len(row) == vocab.n_vocab
+            np.testing.assert_allclose(row, alone.eval(alone.new_cache(512), p).row(0), **TOL)
+    finally:
+        alone.close()
+    with pytest.raises(ValueError, match="named twice"):
+        engine.sync_many([(caches[0], [1, 2]), (caches[0], [1, 3])])

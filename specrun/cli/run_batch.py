@@ -116,13 +116,12 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
         shown, t0 = 0, time.perf_counter()
         try:
             while queue or batch.active:
-                while queue and len(batch.active) < parallel:
-                    k = queue.popleft()
-                    sampling = job.sampling if job.sampling.seed is None else replace(
-                        job.sampling, seed=job.sampling.seed + k)
-                    index, _ = batch.join(session.sequence(prompts[k], GenerationConfig(job.max_tokens, sampling),
-                                                           job.spec, n_each))
-                    owner[index] = (k, time.perf_counter())
+                joining = [queue.popleft() for _ in range(min(len(queue), parallel - len(batch.active)))]
+                started = time.perf_counter()
+                gens = [session.sequence(prompts[k], GenerationConfig(job.max_tokens, _sampling(job.sampling, k)),
+                                         job.spec, n_each) for k in joining]
+                for k, (index, _) in zip(joining, batch.join_many(gens)):  # their prefills share passes
+                    owner[index] = (k, started)
                 batch.step()
                 for index in [i for i in owner if i not in batch.active]:  # ended in this pass
                     k, started = owner.pop(index)
@@ -136,6 +135,11 @@ def run_batch(models: Resolved, job: BatchRun) -> None:
         finally:
             session.save()
         _summary(batch, time.perf_counter() - t0)
+
+
+def _sampling(sampling: SamplingConfig, k: int) -> SamplingConfig:
+    """Item k's: a seed, when given, plus k (samples of one prompt differ; a rerun repeats them)."""
+    return sampling if sampling.seed is None else replace(sampling, seed=sampling.seed + k)
 
 
 def _tokens(vocab: Vocab, template: ChatTemplate | None, item: BatchItem) -> list[int]:

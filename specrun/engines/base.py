@@ -155,13 +155,14 @@ class TreeRequest:
     start: int = 0
 
 
-def check_requests(requests: Sequence[TreeRequest]) -> None:
+def check_requests(requests: Sequence[TreeRequest] | Sequence[tuple[Cache, Sequence[int]]]) -> None:
     """ValueError unless there is a request and no cache is named twice (one pass writes each
-    cache's tree once)."""
+    cache's tree, or prompt, once)."""
     if not requests:
-        raise ValueError("eval_trees of no requests")
-    if len({id(r.cache) for r in requests}) != len(requests):
-        raise ValueError("a cache named twice in one eval_trees call")
+        raise ValueError("a shared pass of no requests")
+    caches = [r.cache if isinstance(r, TreeRequest) else r[0] for r in requests]
+    if len({id(c) for c in caches}) != len(caches):
+        raise ValueError("a cache named twice in one shared pass")
 
 
 class Engine(Protocol):
@@ -201,6 +202,12 @@ class Engine(Protocol):
 
     def rewind(self, cache: Cache, n_tokens: int) -> None:
         """Keep only the first `n_tokens` cache entries."""
+        ...
+
+    def sync_many(self, requests: Sequence[tuple[Cache, Sequence[int]]]) -> list[Logits]:
+        """`sync` for several caches, each named once, in as few passes as the engine can (a
+        batch's joining sequences: their prefills share the weights' reads); result i is the row
+        after request i's last token, valid until the engine's next call."""
         ...
 
     def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],

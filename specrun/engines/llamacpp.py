@@ -18,14 +18,13 @@ from pathlib import Path
 from typing import Sequence
 
 import llama_cpp as C
-import numpy as np
 
-from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
+from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests, common_prefix
 from specrun.engines.ggml_devices import devices, has_gpu
 from specrun.engines.rpc import is_loopback, on_lost_worker, parse_endpoint, worker_devices
-from specrun.engines.llamacpp_cache import LlamaCppCache, LlamaCppContext
+from specrun.engines.llamacpp_cache import ContextLogits, LlamaCppCache, LlamaCppContext
 from specrun.engines.llamacpp_backend import LlamaCppVocab, init_backend, last_log_error
-from specrun.engines.top_k import top_ids_of, top_k_of
+from specrun.engines.prefill import prefill_passes
 from specrun.engines.host_cpu import cpu_identity
 from specrun.errors import EngineError, UsageError
 from specrun.memory_limit import locked_bytes, swap_enabled
@@ -47,35 +46,6 @@ class LlamaCppConfig:
     sequences: int = 1  # caches sharing one context, their trees verified in one llama_decode (a batch's)
     repack: bool = True  # llama.cpp's repacked copies for its CPU kernels (anonymous memory): off when
     # the file is paged from disk because it does not fit, where such copies would not fit either
-
-
-class _Logits:
-    """Rows of llama.cpp's own logits buffer, read in place; stale after the engine's next pass."""
-
-    def __init__(self, engine: "LlamaCppEngine", ptr: ctypes._Pointer, n: int, first: int = 0) -> None:
-        self._engine, self._epoch = engine, engine._epoch
-        rows = np.ctypeslib.as_array(ptr, shape=(first + n, engine.vocab.n_vocab))  # float32, a view
-        self._rows = rows[first:]  # [n, n_vocab]: rows first.. of the context's outputs
-
-    def _view(self, i: int) -> np.ndarray:
-        if self._engine._epoch != self._epoch:
-            raise RuntimeError("logits read after the engine's next pass")
-        return self._rows[i]
-
-    def __len__(self) -> int:
-        return len(self._rows)
-
-    def row(self, i: int) -> np.ndarray:
-        return self._view(i).copy()
-
-    def argmax(self, i: int) -> int:
-        return int(np.argmax(self._view(i)))
-
-    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
-        return top_k_of(self._view(i), k)
-
-    def top_ids(self, i: int, k: int) -> np.ndarray:
-        return top_ids_of(self._view(i), k)
 
 
 class LlamaCppEngine(EngineMixin):
@@ -206,7 +176,7 @@ class LlamaCppEngine(EngineMixin):
         if rc != 0:
             raise EngineError(f"llama_decode of {what} failed ({rc}): {last_log_error()}")
 
-    def eval(self, cache: Cache, tokens: Sequence[int]) -> _Logits:
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> ContextLogits:
         c = self._ready(cache, "eval")
         if not tokens:
             raise ValueError("eval of no tokens")
@@ -226,7 +196,7 @@ class LlamaCppEngine(EngineMixin):
             batch.logits[len(chunk) - 1] = start + len(chunk) == len(tokens)
             self._decode(c.context, len(chunk), f"{len(chunk)} tokens")
             c.appended(chunk)
-        return _Logits(self, C.llama_get_logits_ith(c.ctx, -1), 1)
+        return ContextLogits(self, C.llama_get_logits_ith(c.ctx, -1), 1)
 
     def rewind(self, cache: Cache, n_tokens: int) -> None:
         c = self._ready(cache, "rewind")
@@ -238,10 +208,55 @@ class LlamaCppEngine(EngineMixin):
             raise EngineError("llama.cpp could not trim the KV cache")
         c.cut(n_tokens)
 
+    def sync_many(self, requests: Sequence[tuple[Cache, Sequence[int]]]) -> list[ContextLogits]:
+        """Caches sharing a context take their missing prompt tokens in shared decodes of the
+        context's batch (each prompt's last token in the final one); a cache with a context of
+        its own, in turn. Each context keeps its own logits, so every result stays valid until
+        the next call."""
+        check_requests(requests)
+        caches, rest = [], []
+        for cache, tokens in requests:
+            if not tokens:
+                raise ValueError("sync to no tokens")
+            c = self._ready(cache, "sync_many")
+            self.rewind(c, min(common_prefix(c.tokens, tokens), len(tokens) - 1))
+            if len(tokens) > c.n_ctx:
+                raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
+            caches.append(c)
+            rest.append(list(tokens[c.kv_len:]))
+        out: list[ContextLogits | None] = [None] * len(requests)
+        groups: dict[int, list[int]] = {}  # requests by the context their caches are in
+        for k, c in enumerate(caches):
+            groups.setdefault(id(c.context), []).append(k)
+        for ks in groups.values():
+            context = caches[ks[0]].context
+            batch = context.batch
+            assert batch is not None
+            passes = prefill_passes([len(rest[k]) for k in ks], context.n_batch)
+            for p in passes:
+                b = 0
+                for j, start, stop in p:
+                    c = caches[ks[j]]
+                    for t, tok in enumerate(rest[ks[j]][start:stop]):
+                        batch.token[b], batch.pos[b], batch.n_seq_id[b] = tok, c.kv_len + t, 1
+                        batch.seq_id[b][0] = c.seq0
+                        batch.logits[b] = p is passes[-1] and start + t == len(rest[ks[j]]) - 1
+                        b += 1
+                self._decode(context, b, f"{len(p)} prompts' {b} tokens")
+                for j, start, stop in p:
+                    caches[ks[j]].appended(rest[ks[j]][start:stop])
+            first = C.llama_get_logits(context.ctx)  # the final decode's rows: one per request, in order
+            for r, k in enumerate(ks):
+                out[k] = ContextLogits(self, first, 1, r)
+        for logits in out:
+            assert logits is not None
+            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
+        return out  # type: ignore[return-value]
+
     # --- trees: one llama_decode for a whole draft tree, or for several caches' trees ----
 
     def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
-                  start: int = 0) -> _Logits:
+                  start: int = 0) -> ContextLogits:
         """Node i gets sequence id seq0 + i + 1 and its cell is tagged with the ids of i and all
         its descendants. A query attends to the cells carrying its first id at positions <= its
         own: the prefix and its ancestors. Nodes before `start` were evaluated by earlier
@@ -251,16 +266,16 @@ class LlamaCppEngine(EngineMixin):
         n = self._put_tree(c, TreeRequest(c, tokens, parents, depths, start), 0)
         self._decode(c.context, n, f"a {n}-node tree")
         c.evaluated_tree(tokens, parents)
-        return _Logits(self, C.llama_get_logits(c.ctx), n)
+        return ContextLogits(self, C.llama_get_logits(c.ctx), n)
 
-    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[_Logits]:
+    def eval_trees(self, requests: Sequence[TreeRequest]) -> list[ContextLogits]:
         """One llama_decode per context: the caches of a batch share one (`sequences`), so their
         trees go in one decode, each under its own sequence ids; a cache with a context of its
         own is decoded in turn. Each context keeps its own logits, so every result stays valid
         until the next call."""
         check_requests(requests)
         caches = [self._ready(r.cache, "eval_trees") for r in requests]
-        out: list[_Logits | None] = [None] * len(requests)
+        out: list[ContextLogits | None] = [None] * len(requests)
         groups: dict[int, list[int]] = {}  # requests by the context their caches are in
         for k, c in enumerate(caches):
             groups.setdefault(id(c.context), []).append(k)
@@ -274,7 +289,7 @@ class LlamaCppEngine(EngineMixin):
             base = C.llama_get_logits(context.ctx)
             for k, first, n in spans:
                 caches[k].evaluated_tree(requests[k].tokens, requests[k].parents)
-                out[k] = _Logits(self, base, n, first)
+                out[k] = ContextLogits(self, base, n, first)
         for logits in out:
             assert logits is not None
             logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were

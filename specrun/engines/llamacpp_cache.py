@@ -9,10 +9,13 @@ evaluates all their trees and the weights are read once for them.
 from __future__ import annotations
 
 import ctypes
+from typing import Any
 
 import llama_cpp as C
+import numpy as np
 
 from specrun.engines.base import Cache
+from specrun.engines.top_k import top_ids_of, top_k_of
 
 
 class LlamaCppContext:
@@ -73,3 +76,33 @@ class LlamaCppCache(Cache):
     @property
     def n_batch(self) -> int:
         return self.context.n_batch
+
+
+class ContextLogits:
+    """Rows of a context's logits buffer, read in place; stale after the engine's next pass (its
+    `_epoch` counts them)."""
+
+    def __init__(self, engine: Any, ptr: ctypes._Pointer, n: int, first: int = 0) -> None:
+        self._engine, self._epoch = engine, engine._epoch
+        rows = np.ctypeslib.as_array(ptr, shape=(first + n, engine.vocab.n_vocab))  # float32, a view
+        self._rows = rows[first:]  # [n, n_vocab]: rows first.. of the context's outputs
+
+    def _view(self, i: int) -> np.ndarray:
+        if self._engine._epoch != self._epoch:
+            raise RuntimeError("logits read after the engine's next pass")
+        return self._rows[i]
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def row(self, i: int) -> np.ndarray:
+        return self._view(i).copy()
+
+    def argmax(self, i: int) -> int:
+        return int(np.argmax(self._view(i)))
+
+    def top_k(self, i: int, k: int) -> tuple[np.ndarray, np.ndarray]:
+        return top_k_of(self._view(i), k)
+
+    def top_ids(self, i: int, k: int) -> np.ndarray:
+        return top_ids_of(self._view(i), k)

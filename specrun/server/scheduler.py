@@ -17,7 +17,7 @@ from dataclasses import dataclass, field
 from typing import Callable
 
 from specrun.batched import BatchGeneration
-from specrun.generate import GenerationConfig
+from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.session import Session
 from specrun.speculate.factory import SpecConfig
@@ -101,18 +101,32 @@ class Scheduler:
                     self._end(index)
 
     def _admit(self) -> None:
-        """Let waiting requests join while there is room; wait briefly when nothing runs."""
-        while len(self.batch.active) < self.parallel:
+        """Let waiting requests join while there is room, their prefills sharing passes; wait
+        briefly when nothing runs."""
+        joining: list[tuple[Request, Generation]] = []
+        while len(self.batch.active) + len(joining) < self.parallel:
             try:
-                request = self._waiting.get(timeout=0.05 if not self.batch.active else 0)
+                request = self._waiting.get(timeout=0.05 if not self.batch.active and not joining else 0)
             except queue.Empty:
-                return
+                break
             self.counters.waiting -= 1
             if request.cancelled.is_set():
                 continue
-            gen = self.session.sequence(request.prompt, GenerationConfig(request.max_tokens, request.sampling),
-                                        self.spec, self.n_ctx)
-            index, steps = self.batch.join(gen)
+            try:
+                joining.append((request, self.session.sequence(
+                    request.prompt, GenerationConfig(request.max_tokens, request.sampling), self.spec, self.n_ctx)))
+            except Exception as e:  # this request's alone (its prompt, say): it hears why, the others go on
+                request.send(Event(error=f"generation failed: {e}"))
+        if not joining:
+            return
+        try:
+            joined = self.batch.join_many([g for _, g in joining])
+        except Exception as e:  # the prefill failed: none of them joined
+            for request, g in joining:
+                request.send(Event(error=f"generation failed: {e}"))
+                self.session.sequence_ended(g)
+            raise  # (_run tells the requests in flight)
+        for (request, _), (index, steps) in zip(joining, joined):
             self._owner[index] = request
             self.counters.active = len(self.batch.active)
             self._send(index, "".join(s.text for s in steps))

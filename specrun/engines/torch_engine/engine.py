@@ -17,7 +17,8 @@ import numpy as np
 import torch
 
 from specrun.engines.base import (Cache, EngineMixin, Transfer, TreeRequest, ancestor_mask, check_keep,
-                                  check_requests)
+                                  check_requests, common_prefix)
+from specrun.engines.prefill import prefill_passes
 from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
 from specrun.engines.host_cpu import cpu_identity
@@ -182,6 +183,37 @@ class TorchEngine(EngineMixin):
         c = self._ready(cache)
         c.tree = []
         c.cut(n_tokens)  # the rows after it are overwritten by later passes
+
+    def sync_many(self, requests: Sequence[tuple[Cache, Sequence[int]]]) -> list[TorchLogits]:
+        """Every cache's missing prompt tokens in shared passes of PREFILL_CHUNK tokens (the
+        weights read once a pass), each prompt's last token in the final one."""
+        check_requests(requests)
+        caches, rest = [], []
+        for cache, tokens in requests:
+            if not tokens:
+                raise ValueError("sync to no tokens")
+            c = self._ready(cache)
+            self.rewind(c, min(common_prefix(c.tokens, tokens), len(tokens) - 1))
+            if len(tokens) > c.n_ctx:
+                raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
+            caches.append(c)
+            rest.append(list(tokens[c.kv_len:]))
+        passes = prefill_passes([len(r) for r in rest], PREFILL_CHUNK)
+        rows: list[torch.Tensor] = []
+        for p in passes:
+            parts = []
+            for i, start, stop in p:
+                c, n = caches[i], stop - start
+                slots = self._tensor(np.arange(c.kv_len, c.kv_len + n))
+                mask = None if n == 1 else (torch.arange(c.kv_len + n, device=self.device_obj)[None, :]
+                                            <= slots[:, None])  # causal
+                out = self._tensor([n - 1] if p is passes[-1] else [])
+                parts.append((c, Batch(self._tensor(rest[i][start:stop]), slots, slots, c.kv_len + n, mask, out)))
+            self._epoch += 1
+            rows = self.model.forward_many([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
+            for i, start, stop in p:
+                caches[i].appended(rest[i][start:stop])
+        return [TorchLogits(self, x) for x in rows]  # the final pass: one part per request, in order
 
     # --- trees -----------------------------------------------------------------------
 
