@@ -86,6 +86,11 @@ def test_over_rpc_only_the_layers_kept_here_count(files: dict[str, Path]) -> Non
     assert weights() == shape.weight_bytes
     assert weights(rpc=("127.0.0.1:5",)) == 0
     assert weights(rpc=("127.0.0.1:5",), gpu_layers=1) == shape.weight_bytes * (shape.n_layer - 1) // shape.n_layer
+    # and the KV cache of the layers the workers hold is theirs
+    here, there = (plan(files, HOST, needed_ctx=100, tree_nodes=8, target_placement=engines.Placement(rpc=rpc))
+                   for rpc in ((), ("127.0.0.1:5",)))
+    cache = [next(i.bytes for i in p.items if i.part == "cache") for p in (here, there)]
+    assert here.n_ctx == there.n_ctx and cache[0] - cache[1] == shape.kv_bytes(max(here.n_ctx, 64 + 8 + 1), 2)
 
 
 def test_under_a_cgroup_the_draft_is_held_in_ram(files: dict[str, Path]) -> None:

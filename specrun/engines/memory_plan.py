@@ -187,6 +187,15 @@ def _variants(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelSh
             for with_draft in drafts for nodes in trees for n_ctx in contexts]
 
 
+def _local_layers(request: PlanRequest, shape: ModelShape) -> int | None:
+    """The target's layers this machine holds (their weights and KV): all but --gpu-layers of them
+    with --rpc (none by default); None without --rpc (the placement decides where they compute)."""
+    p = request.target_placement
+    if not p.rpc:
+        return None
+    return 0 if p.gpu_layers in (None, -1) else max(shape.n_layer - p.gpu_layers, 0)
+
+
 def default_ctx(n_ctx_train: int, needed: int) -> int:
     """A KV cache big enough for `needed` tokens: at least DEFAULT_CTX, at most the training context."""
     ctx = max(DEFAULT_CTX, needed)
@@ -224,10 +233,10 @@ def _placed(request: PlanRequest, kind: str, shape: ModelShape, draft: ModelShap
     on_gpu, units = False, None
     if kind == "llama.cpp" and not p.rpc:
         items.append(Item("target weights", shape.weight_bytes, "--offload disk", "weights"))
-    elif kind == "llama.cpp" and p.gpu_layers not in (None, -1) and shape.n_layer:  # --rpc: the layers
-        # beyond --gpu-layers stay on this machine, the rest go to the workers (and this machine's GPUs)
-        local = shape.weight_bytes * max(shape.n_layer - p.gpu_layers, 0) // shape.n_layer
-        items.append(Item("target weights kept here (the rest on the RPC workers)", local, "--gpu-layers", "weights"))
+    elif kind == "llama.cpp" and (local := _local_layers(request, shape)) and shape.n_layer:
+        # --rpc: the layers beyond --gpu-layers stay here, the rest go to the workers (and GPUs here)
+        items.append(Item("target weights kept here (the rest on the RPC workers)",
+                          shape.weight_bytes * local // shape.n_layer, "--gpu-layers", "weights"))
     elif kind == "paged":
         target = replace(target, load="mmap", repack=False)
     else:
@@ -256,7 +265,7 @@ def _plan(request: PlanRequest, placed: _Placed, shape: ModelShape, draft: Model
 
         outputs = request.sequences * slot_ids(nodes, request.sequences)  # a row per sequence id
         items.append(Item(f"target KV cache and buffers ({cells} tokens, trees of {nodes})",
-                          shape.llama_context_bytes(cells, outputs), "--ctx", "cache"))
+                          shape.llama_context_bytes(cells, outputs, _local_layers(request, shape)), "--ctx", "cache"))
     elif not placed.on_gpu:
         items.append(Item(f"target KV cache ({cells} tokens)", shape.kv_bytes(cells, 4), "--ctx", "cache"))
         items.append(Item(f"target pass buffers (trees of {nodes})", shape.torch_pass_bytes(cells, nodes),

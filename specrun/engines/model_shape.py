@@ -55,12 +55,15 @@ class ModelShape:
         """Keys and values for n_ctx tokens in every layer, `element` bytes each."""
         return 2 * self.n_layer * n_ctx * self.kv_width * element
 
-    def llama_context_bytes(self, n_ctx: int, outputs: int) -> int:
+    def llama_context_bytes(self, n_ctx: int, outputs: int, local_layers: int | None = None) -> int:
         """A llama.cpp context: f16 KV, a logits buffer for `outputs` rows and a compute buffer
         about as big (measured on the default pair: 0.5B draft, 64 rows, 512 tokens: 83 MB
-        against this 84 MB; 1.5B target, 256 rows, 4096 tokens: 421 MB against 426 MB)."""
-        return self.kv_bytes(n_ctx, 2) + 2 * outputs * self.n_vocab * 4 + min(n_ctx, PREFILL_CHUNK) * self.n_embd * 16 \
-            + 4 * MIB
+        against this 84 MB; 1.5B target, 256 rows, 4096 tokens: 421 MB against 426 MB).
+        `local_layers`: the layers whose KV this machine holds (None: all; RPC workers hold the rest's)."""
+        kv = self.kv_bytes(n_ctx, 2)
+        if local_layers is not None and self.n_layer:
+            kv = kv * max(min(local_layers, self.n_layer), 0) // self.n_layer
+        return kv + 2 * outputs * self.n_vocab * 4 + min(n_ctx, PREFILL_CHUNK) * self.n_embd * 16 + 4 * MIB
 
     def torch_pass_bytes(self, n_ctx: int, nodes: int) -> int:
         """The torch engine's buffers for its largest pass: logits for `nodes` rows (two sets: the
