@@ -221,8 +221,12 @@ class Session:
             self._spare.remove(cache)
         else:
             cache = self.target.new_cache(n_ctx)
-        speculator = self.speculator(spec, separate=cache) if spec.mode != "none" else None
-        return Generation(self.target, cache, list(prompt), config, speculator)
+        try:
+            speculator = self.speculator(spec, separate=cache) if spec.mode != "none" else None
+            return Generation(self.target, cache, list(prompt), config, speculator)
+        except Exception:  # (a prompt too long for the cache, say): the cache stays spare
+            self._spare.append(cache)
+            raise
 
     def sequence_ended(self, generation: Generation) -> None:
         """A batch's sequence is over: its cache serves the next one."""

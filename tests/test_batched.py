@@ -159,3 +159,21 @@ def test_a_batch_plans_the_free_drafters_candidates_together_and_keeps_the_outpu
     assert batch.stats.drafted > 0 and batch.stats.accepted > 0  # trees were planned and verified
     for g in gens:
         g.cache.close()
+
+
+def test_a_session_hands_out_spare_caches_and_takes_them_back(tiny_model: Path, tmp_path: Path) -> None:
+    """Session.sequence: the session's own cache first, then new ones; an ended sequence's cache
+    serves the next; a sequence that cannot start (its prompt too long) leaves its cache spare."""
+    from specrun.errors import UsageError
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    with Session(SessionConfig(tiny_model, None, tmp_path, batched=2)) as s:
+        own = s.open(64)
+        plain, config = SpecConfig(mode="none"), GenerationConfig(4, SamplingConfig(temperature=0.0))
+        first, second = s.sequence([1, 2, 3], config, plain, 64), s.sequence([1, 4], config, plain, 64)
+        assert first.cache is own and second.cache is not own
+        s.sequence_ended(first)
+        with pytest.raises(UsageError, match="context holds"):
+            s.sequence(list(range(1, 100)), config, plain, 64)
+        assert s.sequence([5, 6], config, plain, 64).cache is own  # still spare after the failure
