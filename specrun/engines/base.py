@@ -28,6 +28,8 @@ from typing import Any, Callable, Protocol, Sequence
 
 import numpy as np
 
+from specrun.errors import UsageError
+
 
 class Vocab(Protocol):
     """A model's tokenizer and token table."""
@@ -360,11 +362,18 @@ class EngineMixin:
             cache.close()
 
     def sync(self, cache: Cache, tokens: Sequence[int]) -> Logits:
+        return self.eval(cache, self._missing(cache, tokens))  # type: ignore[attr-defined]
+
+    def _missing(self, cache: Cache, tokens: Sequence[int]) -> list[int]:
+        """`sync`'s first half, for one cache or several (`sync_many`): the cache cut back to what
+        it shares with `tokens` (all but the last at most), and the tokens it still needs."""
         if not tokens:
             raise ValueError("sync to no tokens")
+        if len(tokens) > cache.n_ctx:
+            raise UsageError(f"context full ({cache.n_ctx} tokens)", hint="raise --ctx")
         keep = min(common_prefix(cache.tokens, tokens), len(tokens) - 1)
         self.rewind(cache, keep)  # type: ignore[attr-defined]
-        return self.eval(cache, tokens[keep:])  # type: ignore[attr-defined]
+        return list(tokens[keep:])
 
     def submit_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
                     start: int = 0) -> Future:

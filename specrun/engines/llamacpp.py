@@ -19,9 +19,9 @@ from typing import Sequence
 
 import llama_cpp as C
 
-from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests, common_prefix
+from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
 from specrun.engines.ggml_devices import devices, has_gpu
-from specrun.engines.rpc import is_loopback, on_lost_worker, parse_endpoint, worker_devices
+from specrun.engines.rpc import on_lost_worker, parse_endpoint, worker_devices
 from specrun.engines.llamacpp_cache import ContextLogits, LlamaCppCache, LlamaCppContext
 from specrun.engines.llamacpp_backend import LlamaCppVocab, init_backend, last_log_error
 from specrun.engines.prefill import prefill_passes
@@ -92,7 +92,7 @@ class LlamaCppEngine(EngineMixin):
     @property
     def on_cpu(self) -> bool:
         if self.config.rpc:  # workers on this machine compute on its cores
-            return all(is_loopback(parse_endpoint(e, "--rpc").host) for e in self.config.rpc)
+            return all(parse_endpoint(e, "--rpc").loopback for e in self.config.rpc)
         return _gpu_layers(self.config.n_gpu_layers) == 0 or not has_gpu()
 
     def settings_key(self) -> str:
@@ -214,21 +214,10 @@ class LlamaCppEngine(EngineMixin):
         its own, in turn. Each context keeps its own logits, so every result stays valid until
         the next call."""
         check_requests(requests)
-        caches, rest = [], []
-        for cache, tokens in requests:
-            if not tokens:
-                raise ValueError("sync to no tokens")
-            c = self._ready(cache, "sync_many")
-            self.rewind(c, min(common_prefix(c.tokens, tokens), len(tokens) - 1))
-            if len(tokens) > c.n_ctx:
-                raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
-            caches.append(c)
-            rest.append(list(tokens[c.kv_len:]))
+        caches = [self._ready(cache, "sync_many") for cache, _ in requests]
+        rest = [self._missing(c, tokens) for c, (_, tokens) in zip(caches, requests)]
         out: list[ContextLogits | None] = [None] * len(requests)
-        groups: dict[int, list[int]] = {}  # requests by the context their caches are in
-        for k, c in enumerate(caches):
-            groups.setdefault(id(c.context), []).append(k)
-        for ks in groups.values():
+        for ks in _by_context(caches):
             context = caches[ks[0]].context
             batch = context.batch
             assert batch is not None
@@ -248,10 +237,7 @@ class LlamaCppEngine(EngineMixin):
             first = C.llama_get_logits(context.ctx)  # the final decode's rows: one per request, in order
             for r, k in enumerate(ks):
                 out[k] = ContextLogits(self, first, 1, r)
-        for logits in out:
-            assert logits is not None
-            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
-        return out  # type: ignore[return-value]
+        return self._valid_until_next_call(out)
 
     # --- trees: one llama_decode for a whole draft tree, or for several caches' trees ----
 
@@ -276,10 +262,7 @@ class LlamaCppEngine(EngineMixin):
         check_requests(requests)
         caches = [self._ready(r.cache, "eval_trees") for r in requests]
         out: list[ContextLogits | None] = [None] * len(requests)
-        groups: dict[int, list[int]] = {}  # requests by the context their caches are in
-        for k, c in enumerate(caches):
-            groups.setdefault(id(c.context), []).append(k)
-        for ks in groups.values():
+        for ks in _by_context(caches):
             context, rows, spans = caches[ks[0]].context, 0, []
             for k in ks:
                 n = self._put_tree(caches[k], requests[k], rows)
@@ -290,9 +273,14 @@ class LlamaCppEngine(EngineMixin):
             for k, first, n in spans:
                 caches[k].evaluated_tree(requests[k].tokens, requests[k].parents)
                 out[k] = ContextLogits(self, base, n, first)
+        return self._valid_until_next_call(out)
+
+    def _valid_until_next_call(self, out: list[ContextLogits | None]) -> list[ContextLogits]:
+        """Results of decodes in several contexts: each context keeps its own logits, so another
+        context's decode leaves a result's rows as they were."""
         for logits in out:
             assert logits is not None
-            logits._epoch = self._epoch  # another context's decode leaves this one's rows as they were
+            logits._epoch = self._epoch
         return out  # type: ignore[return-value]
 
     def _put_tree(self, c: LlamaCppCache, r: TreeRequest, row: int) -> int:
@@ -370,6 +358,14 @@ class LlamaCppEngine(EngineMixin):
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+def _by_context(caches: Sequence[LlamaCppCache]) -> list[list[int]]:
+    """The indices of `caches`, grouped by the context they are in (one decode a group)."""
+    groups: dict[int, list[int]] = {}
+    for k, c in enumerate(caches):
+        groups.setdefault(id(c.context), []).append(k)
+    return list(groups.values())
 
 
 def slot_ids(max_tree_nodes: int, sequences: int) -> int:

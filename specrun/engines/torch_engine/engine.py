@@ -17,7 +17,7 @@ import numpy as np
 import torch
 
 from specrun.engines.base import (Cache, EngineMixin, Transfer, TreeRequest, ancestor_mask, check_keep,
-                                  check_requests, common_prefix)
+                                  check_requests)
 from specrun.engines.prefill import prefill_passes
 from specrun.engines.top_k import top_ids_of, top_k_of
 from specrun.engines.model_shape import PREFILL_CHUNK  # prompt tokens per pass: what the memory plan counts
@@ -188,16 +188,8 @@ class TorchEngine(EngineMixin):
         """Every cache's missing prompt tokens in shared passes of PREFILL_CHUNK tokens (the
         weights read once a pass), each prompt's last token in the final one."""
         check_requests(requests)
-        caches, rest = [], []
-        for cache, tokens in requests:
-            if not tokens:
-                raise ValueError("sync to no tokens")
-            c = self._ready(cache)
-            self.rewind(c, min(common_prefix(c.tokens, tokens), len(tokens) - 1))
-            if len(tokens) > c.n_ctx:
-                raise UsageError(f"context full ({c.n_ctx} tokens)", hint="raise --ctx")
-            caches.append(c)
-            rest.append(list(tokens[c.kv_len:]))
+        caches = [self._ready(cache) for cache, _ in requests]
+        rest = [self._missing(c, tokens) for c, (_, tokens) in zip(caches, requests)]
         passes = prefill_passes([len(r) for r in rest], PREFILL_CHUNK)
         rows: list[torch.Tensor] = []
         for p in passes:
