@@ -61,6 +61,7 @@ class Proposal:
     source: Any = None  # the speculator that made it
     proposed: Mapping[str, int] = field(default_factory=dict)  # candidates each drafter drafted
     costly: bool = False  # a costly drafter (a draft model) drafted it: it may prepare during the pass
+    charged: int | None = None  # nodes whose drafting the step paid for (StepCost.cost); None: all
 
 
 class Speculator(Protocol):

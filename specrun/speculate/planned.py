@@ -141,7 +141,11 @@ class PlannedSpeculator:
             merged, grafts = self._merge(drafts, limit, max_depth)
             ch = chances(merged.tree, merged.proposers, self.stats)
             assert self.step_cost is not None
-            keep = best_subtree(ch, self.step_cost, limit)
+            # Drafting is paid for the model's own nodes only: a node a free source also found
+            # costs its pass alone (charged to every node, it cut a 16-token prompt-lookup
+            # chain that pays on its own wherever the model drafted beside it).
+            charged = [all(s == costly.name for s, _ in merged.proposers[i]) for i in range(len(merged.tree))]
+            keep = best_subtree(ch, self.step_cost, limit, charged)
             if not self._has(merged.proposers, keep, costly.name) and self._unverified >= self.EXPLORE_EVERY:
                 # Only the learnt drafting cost can rule out what the pass alone would pay for,
                 # and it is learnt from verified trees only: verify one now and then to learn it
@@ -154,16 +158,17 @@ class PlannedSpeculator:
             else:
                 self._rest, self._unverified = 1, 0
             self._candidates = self._drafts_for(mine + 1)  # its tree, the root included
+            paid = 1 + sum(charged[i] for i in keep[1:])
             needed = min(1.0, self._candidates / len(draft.tree))
         else:
-            needed = 1.0
+            needed, paid = 1.0, None
         if merged is None:  # a costly source alone, resting: nothing was drafted
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
         self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), limit // 8)
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
-                        costly=costly is not None)
+                        costly=costly is not None, charged=paid)
 
     def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
         """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
@@ -243,7 +248,7 @@ class PlannedSpeculator:
         learn_pass(self.cost, len(tree), pass_s)
         step = self._step(p.costly)
         if step is not None and not p.skipped and wall_s is not None:
-            step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
+            step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free, p.charged)
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
