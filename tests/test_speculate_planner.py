@@ -579,13 +579,14 @@ def test_passes_within_the_curves_noise_change_nothing() -> None:
 
 
 def test_acceptance_weighs_recent_tests_more() -> None:
-    """Counts halve beyond WINDOW tests: after a long run of hits, a run of misses moves the
-    rate within a few hundred tests, not thousands."""
+    """Counts halve beyond WINDOW tests: after a long run of hits (rewrites copying their input),
+    a run of misses (a new kind of text) moves the rate within a prompt's few dozen tests,
+    not hundreds."""
     s = AcceptanceStats()
     for _ in range(5000):
         s.update("k", True)
     assert s.counts["k"][1] <= AcceptanceStats.WINDOW
-    for _ in range(300):
+    for _ in range(48):
         s.update("k", False)
     assert s.rate("k") < 0.5
 
