@@ -22,7 +22,7 @@ from specrun.speculate.factory import SpecConfig
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.base import Draft, Proposal
 from specrun.speculate.merge import chances
-from specrun.speculate.planned import PlannedSpeculator, Source
+from specrun.speculate.planned import LocalStats, PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost, best_subtree
 from specrun.speculate.tree import DraftTree
 from tests.clocks import FakeClock
@@ -836,3 +836,15 @@ def test_a_generation_prices_nodes_by_its_own_misses_too() -> None:
     assert shared.rate("lookup") > 0.8
     again = PlannedSpeculator("ngram", [Source("ngram", drafter, shared)], THIS_CPU, max_nodes=32, clock=FakeClock())
     assert len(again.propose([1, 2, 3], 16, 32).tree) == 4
+
+
+def test_a_conversations_own_counts_weigh_recent_tests_more() -> None:
+    """A chat keeps its speculator from turn to turn: what it learnt about a key halves beyond
+    a window, so a change of subject moves the rate within a few dozen tests."""
+    local = LocalStats(AcceptanceStats())
+    for _ in range(1000):
+        local.update("k", True)
+    assert local.counts["k"][1] <= LocalStats.WINDOW
+    for _ in range(24):
+        local.update("k", False)
+    assert local.rate("k") < 0.6

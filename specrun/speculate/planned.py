@@ -36,9 +36,11 @@ class LocalStats:
     learns from every test), moved by this generation's own tests, each weighing as much as
     1/WEIGHT of the shared rate. Text keeps its own habits: on one HumanEval prompt a 4-token
     prompt-lookup match, right 59% of the time elsewhere, missed at every test, and each miss
-    cost a 16-node chain (7.8x a token's pass in RAM): 0.65-0.81x plain in every round."""
+    cost a 16-node chain (7.8x a token's pass in RAM): 0.65-0.81x plain in every round.
+    A chat keeps one for its whole conversation, so its counts halve beyond WINDOW tests."""
 
     WEIGHT = 8.0
+    WINDOW = 32
 
     def __init__(self, shared: AcceptanceStats) -> None:
         self.shared = shared
@@ -53,6 +55,8 @@ class LocalStats:
         c = self.counts.setdefault(key, [0, 0])
         c[0] += int(accepted)
         c[1] += 1
+        if c[1] > self.WINDOW:
+            c[0], c[1] = (c[0] + 1) // 2, (c[1] + 1) // 2
 
 
 @dataclass(frozen=True)
