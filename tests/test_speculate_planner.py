@@ -848,3 +848,30 @@ def test_a_conversations_own_counts_weigh_recent_tests_more() -> None:
     for _ in range(24):
         local.update("k", False)
     assert local.rate("k") < 0.6
+
+
+class _NewKeyDrafter(_FixedDrafter):
+    """Its chain comes under a key of its own each step, as prompt lookup's matches of ever
+    other lengths and depths do: no key is tested twice."""
+
+    def draft(self, context, max_nodes, max_depth) -> Draft:
+        self.key = f"k{self.calls}"
+        return super().draft(context, max_nodes, max_depth)
+
+
+def test_plans_that_deliver_less_than_they_promise_shrink_whatever_their_keys() -> None:
+    """Every key is rated 90% (all text so far), and in this generation every chain misses at
+    once: after a miss the plans keep to plain decoding, however new each key is, and try
+    again now and then (the text may change)."""
+    shared = AcceptanceStats()
+    for k in range(40):
+        shared.counts[f"k{k}"] = [58, 64]
+    spec = PlannedSpeculator("ngram", [Source("ngram", _NewKeyDrafter(15, "k", False), shared)], THIS_CPU,
+                             max_nodes=32, clock=FakeClock())
+    sizes = []
+    for _ in range(40):
+        proposal = spec.propose([1, 2, 3], 16, 32)
+        sizes.append(len(proposal.tree))
+        spec.observe(proposal, [0], wall_s=None)
+    assert sizes[0] == 4 and sizes[1:10] == [1] * 9 and spec.realism < 0.6
+    assert 1 <= sum(n > 1 for n in sizes[1:]) <= 2

@@ -62,6 +62,7 @@ class Proposal:
     proposed: Mapping[str, int] = field(default_factory=dict)  # candidates each drafter drafted
     costly: bool = False  # a costly drafter (a draft model) drafted it: it may prepare during the pass
     charged: int | None = None  # nodes whose drafting the step paid for (StepCost.cost); None: all
+    promised: float = 0.0  # tokens its drafted nodes were expected to give, as the rates said
 
 
 class Speculator(Protocol):

@@ -69,6 +69,7 @@ class Candidates:
     grafts: list[tuple[str, Draft]]
     drafting_s: float
     limit: int  # the most nodes one tree of it may keep
+    raw: list[float]  # per node: its chance as the rates give it, before this generation's realism
 
 
 class Gate(Protocol):
@@ -123,6 +124,27 @@ class PlannedSpeculator:
         # Candidates per free drafter (FREE_FLOOR): in RAM on a CPU, where plans keep a node or none,
         # drafting and merging hundreds cost 3-6% of a 36 ms step.
         self._free_candidates = max_nodes
+        # Tokens this generation's plans expected (their kept nodes' chances, as the rates gave
+        # them) and tokens they got, both decayed by REALISM_DECAY a step: their ratio scales
+        # every chance (`realism`). Rates are learnt over all text; this text may differ.
+        self._promised, self._delivered = 0.0, 0.0
+
+    REALISM_PRIOR = 2.0  # tokens both start with: a plan or two says little
+    REALISM_DECAY = 0.97  # about the last 30 steps count
+    REALISM_MAX = 1.25  # text easier than the rates say lifts the chances this much at most
+
+    @property
+    def realism(self) -> float:
+        """Delivered over promised tokens in this generation's recent plans (1: as the rates say).
+        On HumanEval after rewrites, prompt lookup's chains were promised at 0.65 a node and
+        delivered 0.17, and each miss cost a pass over up to 16 nodes: 0.6-0.9x plain in RAM."""
+        return min(self.REALISM_MAX, (self._delivered + self.REALISM_PRIOR) / (self._promised + self.REALISM_PRIOR))
+
+    def _chances(self, merged: Merged) -> tuple[list[float], list[float]]:
+        """Every node's chance as the rates give it, and as this generation's realism scales it."""
+        raw = chances(merged.tree, merged.proposers, self.stats)
+        r = self.realism
+        return raw, [1.0] + [min(1.0, c * r) for c in raw[1:]]
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
@@ -147,10 +169,10 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
         drafting_s = self.clock() - t0
-        catch_up_s, keep, merged, ch, grafts = 0.0, [0], None, [1.0], []
+        catch_up_s, keep, merged, raw, ch, grafts = 0.0, [0], None, [1.0], [1.0], []
         if drafts:
             merged, grafts = self._merge(drafts, limit, max_depth)
-            ch = chances(merged.tree, merged.proposers, self.stats)
+            raw, ch = self._chances(merged)
             keep = best_subtree(ch, self._step(False) or self.cost, limit)
         costly, explored = self.costly, False
         if costly is not None and self._resting > 0:
@@ -167,7 +189,7 @@ class PlannedSpeculator:
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
             merged, grafts = self._merge(drafts, limit, max_depth)
-            ch = chances(merged.tree, merged.proposers, self.stats)
+            raw, ch = self._chances(merged)
             assert self.step_cost is not None
             # Drafting is paid for the model's own nodes only: a node a free source also found
             # costs its pass alone (charged to every node, it cut a 16-token prompt-lookup
@@ -196,7 +218,7 @@ class PlannedSpeculator:
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
-                        costly=costly is not None, charged=paid)
+                        costly=costly is not None, charged=paid, promised=sum(raw[i] for i in keep[1:]))
 
     def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
         """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
@@ -210,8 +232,8 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
         merged, grafts = self._merge(drafts, limit, max_depth)
-        return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
-                          self.clock() - t0, limit)
+        raw, ch = self._chances(merged)
+        return Candidates(merged, ch, drafts, grafts, self.clock() - t0, limit, raw)
 
     def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
@@ -219,7 +241,7 @@ class PlannedSpeculator:
         self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), c.limit // 8)
         return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
                         free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
-                        proposed=self._proposed(c.drafts + c.grafts))
+                        proposed=self._proposed(c.drafts + c.grafts), promised=sum(c.raw[i] for i in keep[1:]))
 
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
@@ -277,6 +299,8 @@ class PlannedSpeculator:
         step = self._step(p.costly)
         if step is not None and not p.skipped and wall_s is not None:
             step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free, p.charged)
+        d = self.REALISM_DECAY  # plain steps decay both too: plans that stopped paying are tried again later
+        self._promised, self._delivered = d * self._promised + p.promised, d * self._delivered + len(path) - 1
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
