@@ -789,36 +789,6 @@ def test_drafting_is_charged_to_the_draft_models_own_nodes_only() -> None:
     assert step.per_node == pytest.approx(0.05 * 3 / 7 / 1)
 
 
-def test_sizes_timed_apart_that_disagree_over_the_long_run_reshape_the_curve() -> None:
-    """In RAM on a CPU, 16-node trees come in runs (a rewrite copying its input) and one-token
-    passes in others, so no pass has another size around it. Calibrated at 5x one token where
-    16 take 8x, the curve moved up on the 16-node passes and down on the one-token ones again
-    and again, its shape wrong throughout; their long runs against the calibration set it right."""
-    truth = {1: 0.035, 16: 0.28}
-    curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.035, 0.06, 0.09, 0.14, 0.175, 0.35)))
-    rng = np.random.default_rng(3)
-    for _ in range(8):
-        for n in (16, 1):
-            for _ in range(int(rng.integers(6, 12))):
-                curve.observe(n, truth[n] * rng.uniform(0.95, 1.05))
-    assert curve.cost(16) / curve.cost(1) == pytest.approx(8.0, rel=0.1)
-    assert curve.cost(1) == pytest.approx(0.035, rel=0.1)
-    assert any("shape its passes kept" in r for r in curve.replaced) and len(curve.replaced) <= 4
-
-
-def test_a_drift_seen_by_each_size_in_turn_keeps_the_curves_shape_over_the_long_run() -> None:
-    """The same runs of one size, on a machine whose speed alone drifts 2x between them:
-    every size's long run sees both speeds, so the shape stands while the curve moves."""
-    curve = LearntCurve(CostCurve((1, 2, 4, 8, 16, 32), (0.035, 0.06, 0.09, 0.14, 0.28, 0.35)))
-    for spell in range(16):
-        speed = (0.6, 1.5)[spell % 2]
-        n = (16, 16, 1, 1)[spell % 4]
-        for _ in range(8):
-            curve.observe(n, curve._calibrated.cost(n) * speed)
-    assert curve.replaced and all("as a whole" in r for r in curve.replaced)
-    assert curve.cost(16) / curve.cost(1) == pytest.approx(8.0, rel=0.01)
-
-
 def test_a_generation_prices_nodes_by_its_own_misses_too() -> None:
     """A lookup chain right 90% of the time over every run is verified 3 deep on this CPU; where
     it misses at every test in this generation, the plans shrink within a few steps while what

@@ -87,14 +87,6 @@ class LearntCurve:
       bent a flat curve until 8 tokens cost 2.3-3.8x one, and the trees shrank where only the
       disk's speed had changed.
 
-    - Reshaped, too, where passes of sizes timed apart disagree over the long run: each size's
-      last LONG passes against the calibration (a geometric mean, which every install leaves
-      alone) differ by more than CONTRADICTED between two sizes. A drift moves every size
-      alike over time; a wrong shape keeps them apart. In RAM on a CPU, 16-node trees come
-      in runs and one-token passes in others, with no other size around either; calibrated
-      at 5x one token where they took 8x, the curve moved up on the 16-node passes and down
-      on the one-token ones a dozen times a run, its shape wrong throughout.
-
     Off by more than FAR also marks the curve `stale`, so the next run measures it afresh
     instead of starting from it (calibrated while the machine was busy: 24 tokens 9.1 s where
     they take 0.8)."""
@@ -103,13 +95,9 @@ class LearntCurve:
     FAR = (0.4, 2.5)  # beyond what a streamed target's disk drifts (2x within a run)
     MIN_PASSES = 4  # passes of a size before they may replace the curve
     AROUND = 3  # passes before and after a pass that are timed "around" it
-    LONG = 24  # passes per size kept against the calibration (its shape's evidence)
-    LONG_MIN = 8  # of them, what a size needs before it may say the shape is wrong
 
     def __init__(self, curve: CostCurve) -> None:
         self.curve = curve
-        self._calibrated = curve  # what the long-run ratios are taken against
-        self._long: dict[int, list[tuple[int, float]]] = {}  # size index -> (number, log(seconds / calibrated))
         # index of a measured size -> its last passes: (seconds as if at that size, the pass's number)
         self._seen: dict[int, list[tuple[float, int]]] = {}
         self._recent: list[tuple[int, int, float]] = []  # (number, size index, seconds as if at that size), latest last
@@ -147,12 +135,6 @@ class LearntCurve:
         last = self._seen.setdefault(i, [])
         last.append((q * self.seconds[i], number))
         del last[:-self.MIN_PASSES]
-        long = self._long.setdefault(i, [])
-        long.append((number, math.log(max(seconds, 1e-9) / self._calibrated.cost(n))))
-        del long[:-self.LONG]
-        if (shape := self._long_run_shape(i)) is not None:
-            self._install(i, self._ratio(i), self._reshaped(shape), "replaced it with the shape its passes kept")
-            return
         low, high = self.CONTRADICTED
         if len(last) == self.MIN_PASSES and not low <= self._ratio(i) <= high:
             self._replace(i)
@@ -192,33 +174,10 @@ class LearntCurve:
             return None
         return abs(sum(sides)) == len(sides)  # every one off, and the same way
 
-    def _long_run_shape(self, size: int) -> dict[int, float] | None:
-        """Where size `size` and another size timed among its passes (their spans overlap: each
-        saw what the machine did while the other was timed), both with LONG_MIN passes, cost
-        over their long runs more than CONTRADICTED apart from what the present curve says one
-        costs against the other: per such size, the ratio to the present curve that gives it its
-        long-run cost, at the level the latest passes of `size` set. None: the shape stands."""
-        mine = self._long.get(size, [])
-        if len(mine) < self.LONG_MIN:
-            return None
-        logs = {size: statistics.fmean(q for _, q in mine)}  # long-run log(seconds / calibrated)
-        for i, passes in self._long.items():
-            if i != size and len(passes) >= self.LONG_MIN and passes[0][0] < mine[-1][0] and mine[0][0] < passes[-1][0]:
-                logs[i] = statistics.fmean(q for _, q in passes)
-        cal, now = self._calibrated.seconds, self.seconds
-        off = [abs(logs[i] + math.log(cal[i] / now[i]) - logs[size] - math.log(cal[size] / now[size])) for i in logs]
-        if math.exp(max(off)) <= self.CONTRADICTED[1]:
-            return None
-        level = statistics.median(q for _, q in mine[-self.MIN_PASSES:]) - logs[size]  # log: the latest against the long run
-        return {i: cal[i] * math.exp(m + level) / now[i] for i, m in logs.items()}
-
-    def _reshaped(self, ratios: dict[int, float] | None = None) -> list[float]:
-        """The curve through each observed size's passes (see the class's docstring), or
-        through the given ratios to the present curve (index of a measured size -> ratio)."""
-        if ratios is None:
-            seen = sorted(i for i, passes in self._seen.items() if len(passes) >= self.MIN_PASSES // 2)
-            ratios = {i: self._ratio(i) for i in seen}
-        seen = sorted(ratios)
+    def _reshaped(self) -> list[float]:
+        """The curve through each observed size's passes (see the class's docstring)."""
+        seen = sorted(i for i, passes in self._seen.items() if len(passes) >= self.MIN_PASSES // 2)
+        ratios = {i: self._ratio(i) for i in seen}
         logs = np.log(np.asarray(self.sizes, dtype=float))
         times: list[float] = []
         for k, t in enumerate(self.seconds):
