@@ -140,10 +140,16 @@ class PlannedSpeculator:
         delivered 0.17, and each miss cost a pass over up to 16 nodes: 0.6-0.9x plain in RAM."""
         return min(self.REALISM_MAX, (self._delivered + self.REALISM_PRIOR) / (self._promised + self.REALISM_PRIOR))
 
+    STEEP = 1.3  # a pass over 2 tokens at least this times one: each node verified costs a good part of a pass
+
     def _chances(self, merged: Merged) -> tuple[list[float], list[float]]:
-        """Every node's chance as the rates give it, and as this generation's realism scales it."""
+        """Every node's chance as the rates give it, and as this generation's realism scales it
+        where nodes are dear (a CPU in RAM). Where a pass costs about the same for dozens of
+        nodes (streamed weights), a node promised too much costs next to nothing, and scaling
+        cut the free drafters' trees on a disk-streamed target from 17 nodes a pass to 9."""
         raw = chances(merged.tree, merged.proposers, self.stats)
-        r = self.realism
+        steep = self.cost is not None and self.cost.cost(2) >= self.STEEP * self.cost.cost(1)
+        r = self.realism if steep else 1.0
         return raw, [1.0] + [min(1.0, c * r) for c in raw[1:]]
 
     MAX_REST = 32
@@ -191,11 +197,7 @@ class PlannedSpeculator:
             merged, grafts = self._merge(drafts, limit, max_depth)
             raw, ch = self._chances(merged)
             assert self.step_cost is not None
-            # Drafting is paid for the model's own nodes only: a node a free source also found
-            # costs its pass alone (charged to every node, it cut a 16-token prompt-lookup
-            # chain that pays on its own wherever the model drafted beside it).
-            charged = [all(s == costly.name for s, _ in merged.proposers[i]) for i in range(len(merged.tree))]
-            keep = best_subtree(ch, self.step_cost, limit, charged)
+            keep = best_subtree(ch, self.step_cost, limit)
             if not self._has(merged.proposers, keep, costly.name) and self._unverified >= self.EXPLORE_EVERY:
                 # Only the learnt drafting cost can rule out what the pass alone would pay for,
                 # and it is learnt from verified trees only: verify one now and then to learn it
@@ -208,17 +210,16 @@ class PlannedSpeculator:
             else:
                 self._rest, self._unverified = 1, 0
             self._candidates = self._drafts_for(mine + 1)  # its tree, the root included
-            paid = 1 + sum(charged[i] for i in keep[1:])
             needed = min(1.0, self._candidates / len(draft.tree))
         else:
-            needed, paid = 1.0, None
+            needed = 1.0
         if merged is None:  # a costly source alone, resting: nothing was drafted
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
         self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), limit // 8)
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
-                        costly=costly is not None, charged=paid, promised=sum(raw[i] for i in keep[1:]))
+                        costly=costly is not None, promised=sum(raw[i] for i in keep[1:]))
 
     def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
         """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
@@ -298,7 +299,7 @@ class PlannedSpeculator:
         learn_pass(self.cost, len(tree), pass_s)
         step = self._step(p.costly)
         if step is not None and not p.skipped and wall_s is not None:
-            step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free, p.charged)
+            step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
         d = self.REALISM_DECAY  # plain steps decay both too: plans that stopped paying are tried again later
         self._promised, self._delivered = d * self._promised + p.promised, d * self._delivered + len(path) - 1
         accepted = set(path)

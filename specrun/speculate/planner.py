@@ -234,13 +234,10 @@ class StepCost:
     SMOOTHING = 0.3  # weight of the newest step
     _version: int = field(default=0, repr=False, compare=False)  # the curve's replacements `hidden` was learnt against
 
-    def cost(self, n: int, charged: int | None = None) -> float:
-        """`charged`: of the n nodes, those drafting is paid for (the root and the costly
-        source's own; a node the free sources also proposed was found for nothing); None: all."""
+    def cost(self, n: int) -> float:
         self._follow()
         c = self.passes.cost(n)
-        paid = n if charged is None else charged
-        return c if n <= 1 else c + max(0.0, self.per_node * max(0.0, paid - self.free) - self.hidden)
+        return c if n <= 1 else c + max(0.0, self.per_node * max(0.0, n - self.free) - self.hidden)
 
     def _follow(self) -> None:
         """What a step hides behind the pass was learnt as the curve's pass less the wall time: a
@@ -254,7 +251,7 @@ class StepCost:
         return self.passes.max_size
 
     def observe(self, n: int, drafting_s: float, wall_s: float, needed: float = 1.0, afresh: bool = False,
-                free: int = 0, charged: int | None = None) -> None:
+                free: int = 0) -> None:
         """A step verified n nodes, `free` of them found during the previous pass, after
         `drafting_s` seconds of drafting it waited for, and took `wall_s` seconds. Drafting
         during the previous pass is not counted: it was free but for how it slowed that pass,
@@ -262,13 +259,12 @@ class StepCost:
         needs; the rest grew candidates the plan dropped (a run's first draft, sized before
         anything was learnt), which would make drafting look dearer a node than it is and
         shrink every later plan. `afresh`: the step was verified because the figures were
-        stale; it replaces them instead of averaging in. `charged`: as in `cost` (None: all n)."""
+        stale; it replaces them instead of averaging in."""
         if n <= 1:
             return  # plain steps say nothing about drafting
         self._follow()
         a = 1.0 if self.steps == 0 or afresh else self.SMOOTHING
-        paid = n if charged is None else charged
-        self.per_node += a * (needed * drafting_s / max(paid - free, 1) - self.per_node)
+        self.per_node += a * (needed * drafting_s / max(n - free, 1) - self.per_node)
         self.hidden += a * (self.passes.cost(n) + drafting_s - wall_s - self.hidden)
         self.kept += a * (n - self.kept)
         self.free += a * (free - self.free)
@@ -322,34 +318,27 @@ class AcceptanceStats:
             c[0], c[1] = (c[0] + 1) // 2, (c[1] + 1) // 2
 
 
-def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None,
-                 charged: Sequence[bool] | None = None) -> list[int]:
+def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None) -> list[int]:
     """Node indices to verify (root first, a connected subtree): the k likeliest non-root
-    nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes.
-    `charged`: per node, whether a step cost's drafting is paid for it (StepCost.cost)."""
-    return best_subtrees([chances], cost, max_nodes, charged=None if charged is None else [charged])[0]
+    nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
+    return best_subtrees([chances], cost, max_nodes)[0]
 
 
 def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost | StepCost, max_nodes: int | None = None,
-                  fixed: int = 0, charged: Sequence[Sequence[bool]] | None = None) -> list[list[int]]:
+                  fixed: int = 0) -> list[list[int]]:
     """best_subtree for several sequences sharing one pass (TETRIS): every tree's root is
     verified, then the likeliest non-root nodes over all the trees, the k of them maximising
     (roots + fixed + their chances) / cost(roots + fixed + k), within `max_nodes` for the pass
     (None: the largest size measured; no plans beyond it); `fixed`: nodes of other sequences
-    already in it; `charged`: as best_subtree's, per tree. Ties keep fewer nodes. Per tree, its node indices (root first, a connected
+    already in it. Ties keep fewer nodes. Per tree, its node indices (root first, a connected
     subtree: a node's chance is at most its parent's, and ties go to lower indices)."""
     base = len(chances) + fixed
     order = sorted(((c[i], s, i) for s, c in enumerate(chances) for i in range(1, len(c))),
                    key=lambda t: (-t[0], t[1], t[2]))[:max((max_nodes or cost.max_size) - base, 0)]
-
-    def step(n: int, paid: int) -> float:
-        return cost.cost(n) if charged is None or not isinstance(cost, StepCost) else cost.cost(n, paid)
-
-    best_k, best_rate, expected, paid = 0, base / step(max(base, 1), base), float(base), base
-    for k, (chance, s, i) in enumerate(order, 1):
+    best_k, best_rate, expected = 0, base / cost.cost(max(base, 1)), float(base)
+    for k, (chance, _, _) in enumerate(order, 1):
         expected += chance
-        paid += charged is None or charged[s][i]
-        rate = expected / step(base + k, paid)
+        rate = expected / cost.cost(base + k)
         if rate > best_rate * (1 + 1e-9):
             best_k, best_rate = k, rate
     keep: list[list[int]] = [[] for _ in chances]
