@@ -22,7 +22,7 @@ from specrun.speculate.factory import SpecConfig
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.base import Draft, Proposal
 from specrun.speculate.merge import chances
-from specrun.speculate.planned import LocalStats, PlannedSpeculator, Source
+from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, CostCurve, LearntCurve, StepCost, best_subtree
 from specrun.speculate.tree import DraftTree
 from tests.clocks import FakeClock
@@ -751,76 +751,3 @@ def test_best_subtrees_of_one_tree_is_best_subtree_and_of_several_takes_the_like
         if 0 <= k <= len(chosen) + len(left):
             pool = sorted(chosen + left, reverse=True)[:k]
             assert (6 + sum(pool)) / curve.cost(6 + k) <= rate * (1 + 1e-9)
-
-
-def test_a_generation_prices_nodes_by_its_own_misses_too() -> None:
-    """A lookup chain right 90% of the time over every run is verified 3 deep on this CPU; where
-    it misses at every test in this generation, the plans shrink within a few steps while what
-    all runs learnt barely moves, and the next generation starts from that again."""
-    shared = AcceptanceStats()
-    shared.counts["lookup"] = [58, 64]
-    drafter = _FixedDrafter(15, "lookup", False)
-    spec = PlannedSpeculator("ngram", [Source("ngram", drafter, shared)], THIS_CPU, max_nodes=32, clock=FakeClock())
-    sizes = []
-    for _ in range(4):
-        proposal = spec.propose([1, 2, 3], 16, 32)
-        sizes.append(len(proposal.tree))
-        spec.observe(proposal, [0], wall_s=None)  # the first drafted token missed
-    assert sizes[0] == 4 and sizes[-1] == 1
-    assert shared.rate("lookup") > 0.8
-    again = PlannedSpeculator("ngram", [Source("ngram", drafter, shared)], THIS_CPU, max_nodes=32, clock=FakeClock())
-    assert len(again.propose([1, 2, 3], 16, 32).tree) == 4
-
-
-def test_a_conversations_own_counts_weigh_recent_tests_more() -> None:
-    """A chat keeps its speculator from turn to turn: what it learnt about a key halves beyond
-    a window, so a change of subject moves the rate within a few dozen tests."""
-    local = LocalStats(AcceptanceStats())
-    for _ in range(1000):
-        local.update("k", True)
-    assert local.counts["k"][1] <= LocalStats.WINDOW
-    for _ in range(24):
-        local.update("k", False)
-    assert local.rate("k") < 0.6
-
-
-class _NewKeyDrafter(_FixedDrafter):
-    """Its chain comes under a key of its own each step, as prompt lookup's matches of ever
-    other lengths and depths do: no key is tested twice."""
-
-    def draft(self, context, max_nodes, max_depth) -> Draft:
-        self.key = f"k{self.calls}"
-        return super().draft(context, max_nodes, max_depth)
-
-
-def test_plans_that_deliver_less_than_they_promise_shrink_whatever_their_keys() -> None:
-    """Every key is rated 90% (all text so far), and in this generation every chain misses at
-    once: after a miss the plans keep to plain decoding, however new each key is, and try
-    again now and then (the text may change)."""
-    shared = AcceptanceStats()
-    for k in range(40):
-        shared.counts[f"k{k}"] = [58, 64]
-    spec = PlannedSpeculator("ngram", [Source("ngram", _NewKeyDrafter(15, "k", False), shared)], THIS_CPU,
-                             max_nodes=32, clock=FakeClock())
-    sizes = []
-    for _ in range(40):
-        proposal = spec.propose([1, 2, 3], 16, 32)
-        sizes.append(len(proposal.tree))
-        spec.observe(proposal, [0], wall_s=None)
-    assert sizes[0] == 4 and sizes[1:10] == [1] * 9 and spec.realism < 0.6
-    assert 1 <= sum(n > 1 for n in sizes[1:]) <= 2
-
-
-def test_where_a_pass_costs_the_same_for_many_nodes_plans_are_not_scaled_by_what_they_delivered() -> None:
-    """On a streamed target a node promised too much costs next to nothing: the trees stay."""
-    shared = AcceptanceStats()
-    for k in range(40):
-        shared.counts[f"k{k}"] = [58, 64]
-    spec = PlannedSpeculator("ngram", [Source("ngram", _NewKeyDrafter(15, "k", False), shared)], OFFLOADED,
-                             max_nodes=32, clock=FakeClock())
-    sizes = []
-    for _ in range(10):
-        proposal = spec.propose([1, 2, 3], 16, 32)
-        sizes.append(len(proposal.tree))
-        spec.observe(proposal, [0], wall_s=None)
-    assert sizes == [16] * 10 and spec.realism < 0.5

@@ -61,7 +61,6 @@ class Proposal:
     source: Any = None  # the speculator that made it
     proposed: Mapping[str, int] = field(default_factory=dict)  # candidates each drafter drafted
     costly: bool = False  # a costly drafter (a draft model) drafted it: it may prepare during the pass
-    promised: float = 0.0  # tokens its drafted nodes were expected to give, as the rates said
 
 
 class Speculator(Protocol):

@@ -13,9 +13,10 @@ planner then keeps the likeliest nodes the cost curve pays for.
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Hashable, Mapping, Protocol, Sequence
+from typing import Mapping, Sequence
 
 from specrun.speculate.base import Draft, Proposers
+from specrun.speculate.planner import AcceptanceStats
 from specrun.speculate.tree import DraftTree
 
 
@@ -53,18 +54,12 @@ def merge(drafts: Sequence[tuple[str, Draft]]) -> Merged:
     return Merged(tree, proposers, prepared)
 
 
-def rate_of(proposers: Proposers, stats: Mapping[str, Rates]) -> float:
+def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
     """P(accepted | parent accepted): the best of its proposers' learnt rates."""
     return max(stats[source].rate(key) for source, key in proposers)
 
 
-class Rates(Protocol):
-    """A source's learnt rates: AcceptanceStats, or a generation's own view of them."""
-
-    def rate(self, key: Hashable) -> float: ...
-
-
-def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, Rates]) -> list[float]:
+def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, AcceptanceStats]) -> list[float]:
     """P(node accepted) for every node: 1 for the root, its parent's chance times its rate."""
     out = [1.0] * len(tree)
     for i in range(1, len(tree)):

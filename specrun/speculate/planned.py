@@ -14,7 +14,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass
-from typing import Callable, Hashable, Protocol, Sequence
+from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
@@ -31,34 +31,6 @@ class Source:
     grafts: bool = False  # it also grows below the merged tree's leaves (its drafter's `graft`)
 
 
-class LocalStats:
-    """A source's rates for one generation: what every run learnt (`shared`, which still
-    learns from every test), moved by this generation's own tests, each weighing as much as
-    1/WEIGHT of the shared rate. Text keeps its own habits: on one HumanEval prompt a 4-token
-    prompt-lookup match, right 59% of the time elsewhere, missed at every test, and each miss
-    cost a 16-node chain (7.8x a token's pass in RAM): 0.65-0.81x plain in every round.
-    A chat keeps one for its whole conversation, so its counts halve beyond WINDOW tests."""
-
-    WEIGHT = 8.0
-    WINDOW = 32
-
-    def __init__(self, shared: AcceptanceStats) -> None:
-        self.shared = shared
-        self.counts: dict[Hashable, list[int]] = {}  # key -> [accepted, tested] in this generation
-
-    def rate(self, key: Hashable) -> float:
-        accepted, tested = self.counts.get(key, (0, 0))
-        return (self.WEIGHT * self.shared.rate(key) + accepted) / (self.WEIGHT + tested)
-
-    def update(self, key: Hashable, accepted: bool) -> None:
-        self.shared.update(key, accepted)
-        c = self.counts.setdefault(key, [0, 0])
-        c[0] += int(accepted)
-        c[1] += 1
-        if c[1] > self.WINDOW:
-            c[0], c[1] = (c[0] + 1) // 2, (c[1] + 1) // 2
-
-
 @dataclass(frozen=True)
 class Candidates:
     """A free-source plan before it is cut (PlannedSpeculator.candidates)."""
@@ -69,7 +41,6 @@ class Candidates:
     grafts: list[tuple[str, Draft]]
     drafting_s: float
     limit: int  # the most nodes one tree of it may keep
-    raw: list[float]  # per node: its chance as the rates give it, before this generation's realism
 
 
 class Gate(Protocol):
@@ -98,7 +69,7 @@ class PlannedSpeculator:
         self.name, self.sources, self.cost, self.gate = name, list(sources), cost, gate
         self.costly = costly[0] if costly else None
         self.free = [s for s in sources if not s.drafter.costly]
-        self.stats = {s.name: LocalStats(s.stats) for s in sources}  # what this generation's plans price nodes by
+        self.stats = {s.name: s.stats for s in sources}
         self.clock = clock  # times drafting (tests pass a fake one; a drafter's own must be the same)
         self.max_nodes, self.max_depth = max_nodes, max_depth
         # What plans maximise over: `step_cost` (shared, kept with the calibration), else learnt
@@ -124,33 +95,6 @@ class PlannedSpeculator:
         # Candidates per free drafter (FREE_FLOOR): in RAM on a CPU, where plans keep a node or none,
         # drafting and merging hundreds cost 3-6% of a 36 ms step.
         self._free_candidates = max_nodes
-        # Tokens this generation's plans expected (their kept nodes' chances, as the rates gave
-        # them) and tokens they got, both decayed by REALISM_DECAY a step: their ratio scales
-        # every chance (`realism`). Rates are learnt over all text; this text may differ.
-        self._promised, self._delivered = 0.0, 0.0
-
-    REALISM_PRIOR = 2.0  # tokens both start with: a plan or two says little
-    REALISM_DECAY = 0.97  # about the last 30 steps count
-    REALISM_MAX = 1.25  # text easier than the rates say lifts the chances this much at most
-
-    @property
-    def realism(self) -> float:
-        """Delivered over promised tokens in this generation's recent plans (1: as the rates say).
-        On HumanEval after rewrites, prompt lookup's chains were promised at 0.65 a node and
-        delivered 0.17, and each miss cost a pass over up to 16 nodes: 0.6-0.9x plain in RAM."""
-        return min(self.REALISM_MAX, (self._delivered + self.REALISM_PRIOR) / (self._promised + self.REALISM_PRIOR))
-
-    STEEP = 1.3  # a pass over 2 tokens at least this times one: each node verified costs a good part of a pass
-
-    def _chances(self, merged: Merged) -> tuple[list[float], list[float]]:
-        """Every node's chance as the rates give it, and as this generation's realism scales it
-        where nodes are dear (a CPU in RAM). Where a pass costs about the same for dozens of
-        nodes (streamed weights), a node promised too much costs next to nothing, and scaling
-        cut the free drafters' trees on a disk-streamed target from 17 nodes a pass to 9."""
-        raw = chances(merged.tree, merged.proposers, self.stats)
-        steep = self.cost is not None and self.cost.cost(2) >= self.STEEP * self.cost.cost(1)
-        r = self.realism if steep else 1.0
-        return raw, [1.0] + [min(1.0, c * r) for c in raw[1:]]
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
@@ -175,10 +119,10 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
         drafting_s = self.clock() - t0
-        catch_up_s, keep, merged, raw, ch, grafts = 0.0, [0], None, [1.0], [1.0], []
+        catch_up_s, keep, merged, ch, grafts = 0.0, [0], None, [1.0], []
         if drafts:
             merged, grafts = self._merge(drafts, limit, max_depth)
-            raw, ch = self._chances(merged)
+            ch = chances(merged.tree, merged.proposers, self.stats)
             keep = best_subtree(ch, self._step(False) or self.cost, limit)
         costly, explored = self.costly, False
         if costly is not None and self._resting > 0:
@@ -195,7 +139,7 @@ class PlannedSpeculator:
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
             merged, grafts = self._merge(drafts, limit, max_depth)
-            raw, ch = self._chances(merged)
+            ch = chances(merged.tree, merged.proposers, self.stats)
             assert self.step_cost is not None
             keep = best_subtree(ch, self.step_cost, limit)
             if not self._has(merged.proposers, keep, costly.name) and self._unverified >= self.EXPLORE_EVERY:
@@ -219,7 +163,7 @@ class PlannedSpeculator:
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
-                        costly=costly is not None, promised=sum(raw[i] for i in keep[1:]))
+                        costly=costly is not None)
 
     def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
         """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
@@ -233,8 +177,8 @@ class PlannedSpeculator:
         t0 = self.clock()
         drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
         merged, grafts = self._merge(drafts, limit, max_depth)
-        raw, ch = self._chances(merged)
-        return Candidates(merged, ch, drafts, grafts, self.clock() - t0, limit, raw)
+        return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
+                          self.clock() - t0, limit)
 
     def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
@@ -242,7 +186,7 @@ class PlannedSpeculator:
         self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), c.limit // 8)
         return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
                         free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
-                        proposed=self._proposed(c.drafts + c.grafts), promised=sum(c.raw[i] for i in keep[1:]))
+                        proposed=self._proposed(c.drafts + c.grafts))
 
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
@@ -300,8 +244,6 @@ class PlannedSpeculator:
         step = self._step(p.costly)
         if step is not None and not p.skipped and wall_s is not None:
             step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
-        d = self.REALISM_DECAY  # plain steps decay both too: plans that stopped paying are tried again later
-        self._promised, self._delivered = d * self._promised + p.promised, d * self._delivered + len(path) - 1
         accepted = set(path)
         for i in range(1, len(tree)):
             if tree.parents[i] in accepted:
