@@ -104,7 +104,11 @@ class Session:
         self._earlier_index: SuffixIndex | None = None
         self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
-        self._spare: list[Cache] | None = None  # caches for a batch's next sequences (`sequence`)
+        # Caches for a batch's next sequences (`sequence`): ones ended sequences gave back, and
+        # the session's own (`cache`) while not lent. Not kept in the list: open() and calibrated()
+        # replace it, and the list would hand out the closed one.
+        self._spare: list[Cache] = []
+        self._own_lent = False
 
     @property
     def draft_tree_nodes(self) -> int:
@@ -214,24 +218,31 @@ class Session:
         for `spec`, in a spare cache of at least `n_ctx` tokens: the session's own first, then one
         an ended sequence gave back (`sequence_ended`; what it holds in common with the prompt is
         kept), else a new one."""
-        if self._spare is None:
-            self._spare = [self.cache] if self.cache is not None else []
-        cache = next((c for c in self._spare if c.n_ctx >= n_ctx), None)
-        if cache is not None:
-            self._spare.remove(cache)
+        own = self.cache
+        if own is not None and not self._own_lent and own.n_ctx >= n_ctx:
+            cache, self._own_lent = own, True
         else:
-            cache = self.target.new_cache(n_ctx)
+            cache = next((c for c in self._spare if c.n_ctx >= n_ctx), None)
+            if cache is not None:
+                self._spare.remove(cache)
+            else:
+                cache = self.target.new_cache(n_ctx)
         try:
             speculator = self.speculator(spec, separate=cache) if spec.mode != "none" else None
             return Generation(self.target, cache, list(prompt), config, speculator)
         except Exception:  # (a prompt too long for the cache, say): the cache stays spare
-            self._spare.append(cache)
+            self._give_back(cache)
             raise
 
     def sequence_ended(self, generation: Generation) -> None:
         """A batch's sequence is over: its cache serves the next one."""
-        assert self._spare is not None, "sequence_ended before sequence"
-        self._spare.append(generation.cache)
+        self._give_back(generation.cache)
+
+    def _give_back(self, cache: Cache) -> None:
+        if cache is self.cache:
+            self._own_lent = False
+        else:
+            self._spare.append(cache)
 
     def speculator(self, spec: SpecConfig, separate: Cache | None = None) -> Speculator | None:
         """The speculator for `spec` (None: plain decoding), sharing this session's draft engine

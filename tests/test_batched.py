@@ -177,3 +177,17 @@ def test_a_session_hands_out_spare_caches_and_takes_them_back(tiny_model: Path, 
         with pytest.raises(UsageError, match="context holds"):
             s.sequence(list(range(1, 100)), config, plain, 64)
         assert s.sequence([5, 6], config, plain, 64).cache is own  # still spare after the failure
+
+
+def test_a_session_that_replaces_its_cache_lends_the_new_one(tiny_model: Path, tmp_path: Path) -> None:
+    """open() (and calibrated()) close the session's cache and make another: the pool hands out
+    the new one, never the closed one it lent before."""
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    with Session(SessionConfig(tiny_model, None, tmp_path, batched=2)) as s:
+        s.open(64)
+        plain, config = SpecConfig(mode="none"), GenerationConfig(4, SamplingConfig(temperature=0.0))
+        s.sequence_ended(s.sequence([1, 2, 3], config, plain, 64))
+        fresh = s.open(64)
+        assert s.sequence([1, 2, 3], config, plain, 64).cache is fresh
