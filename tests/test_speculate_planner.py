@@ -119,6 +119,31 @@ def test_an_unlucky_start_does_not_rule_a_key_out() -> None:
     assert s.rate("k") < 0.4
 
 
+def test_a_new_key_takes_the_rate_of_the_coarser_keys_tested() -> None:
+    """A depth or a suffix share not seen yet is priced by what its source measured at that
+    match length, not as optimistic: each new key priced at 0.8 cost a 16-node pass in RAM."""
+    s = AcceptanceStats()
+    for _ in range(20):
+        s.update(("ngram", 1, 1), False)
+        s.update(("suffix", 16, 4, 1), True)
+    assert s.rate(("ngram", 1, 2)) == s.rate(("ngram", 1, 1)) < 0.2  # pooled over depths
+    assert s.rate(("suffix", 16, 2, 3)) == s.rate(("suffix", 16, 4, 1)) > 0.9  # over shares too
+    assert s.rate(("ngram", 16, 1)) == s.optimistic  # another match length: nothing coarser known
+    assert s.rate("k") == s.optimistic
+    s.update(("ngram", 1, 2), True)  # once is not enough to price a key by its own tests
+    assert s.rate(("ngram", 1, 2)) < 0.3
+
+
+def test_pooled_rates_are_rebuilt_from_saved_counts_and_windowed() -> None:
+    s = AcceptanceStats()
+    for i in range(300):
+        s.update(("recycle", i % 5, 1 + i % 3), i % 4 == 0)
+    again = AcceptanceStats(counts={k: list(v) for k, v in s.counts.items()})
+    assert again.pooled.keys() == s.pooled.keys() == {("recycle", r) for r in range(5)}
+    assert all(t <= AcceptanceStats.WINDOW for _, t in again.pooled.values())
+    assert again.rate(("recycle", 2, 4)) == pytest.approx(s.rate(("recycle", 2, 4)), abs=0.05)
+
+
 def test_node_chances_multiply_along_paths() -> None:
     tree = DraftTree.rooted(0)
     add_path(tree, [1, 2])
