@@ -14,7 +14,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.base import Draft, Verified
 from specrun.speculate.draft_model import ModelDrafter
-from specrun.speculate.merge import chances, merge, rate_of
+from specrun.speculate.merge import PASSED_OVER, chances, mark_passed_over, merge, rate_of
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, CostCurve
@@ -161,6 +161,33 @@ def test_a_merged_tree_is_the_union_of_its_sources_with_each_nodes_best_price(se
         best = max(stats[name].rate(k) for name, k in merged.proposers[i])
         assert found[i] == pytest.approx(found[merged.tree.parents[i]] * best)
         assert rate_of(merged.proposers[i], stats) == best
+
+
+def test_nodes_the_draft_model_passed_over_learn_their_own_rate() -> None:
+    """Below a node where the model chose other children, a cheap drafter's node is keyed apart
+    (the model's top guesses hold most of what it gets right); elsewhere its keys stay."""
+    model, ngram = DraftTree.rooted(0), DraftTree.rooted(0)
+    add_path(model, [1, 3])  # root -> 1 -> 3
+    add_path(model, [2])
+    add_path(ngram, [1, 4])  # 4: below 1, where the model grew 3
+    add_path(ngram, [5, 6])  # 5: below the root, where the model grew 1 and 2; 6: below 5, which it never saw
+    merged = mark_passed_over(merge([("ngram", Draft(ngram, [("root",)] + [("ngram", d) for d in ngram.depths[1:]])),
+                                     ("model", Draft(model, [("root",)] + [("model", d) for d in model.depths[1:]]))]),
+                              "model")
+    keys = {tuple(merged.tree.tokens[j] for j in path_to(merged.tree, i))[1:]: merged.proposers[i]
+            for i in range(1, len(merged.tree))}
+    assert keys[(1,)] == (("ngram", ("ngram", 1)), ("model", ("model", 1)))
+    assert keys[(1, 4)] == (("ngram", ("ngram", 2, PASSED_OVER)),)
+    assert keys[(5,)] == (("ngram", ("ngram", 1, PASSED_OVER)),)
+    assert keys[(5, 6)] == (("ngram", ("ngram", 2)),)
+    assert keys[(1, 3)] == (("model", ("model", 2)),)
+    stats = AcceptanceStats()
+    for _ in range(10):
+        stats.update(("ngram", 1), True)
+    assert stats.rate(("ngram", 1, PASSED_OVER)) == stats.rate(("ngram", 1))  # untested: the plain key's
+    for _ in range(10):
+        stats.update(("ngram", 1, PASSED_OVER), False)
+    assert stats.rate(("ngram", 1, PASSED_OVER)) < 0.3 < 0.9 < stats.rate(("ngram", 1))
 
 
 # --- speculative output equals plain output ---------------------------------------------------

@@ -54,6 +54,27 @@ def merge(drafts: Sequence[tuple[str, Draft]]) -> Merged:
     return Merged(tree, proposers, prepared)
 
 
+PASSED_OVER = "passed over"
+
+
+def mark_passed_over(merged: Merged, source: str) -> Merged:
+    """The merged tree with every node that `source` passed over marked in its proposers' keys:
+    a node `source` did not propose below a node it grew children under (it looked there and
+    chose other tokens). A draft model's top guesses hold most of what cheap drafters get
+    right, so what they propose beside them is right less often than their own rate says: on
+    a disk-streamed target, adding them to the model's trees grew them from 13 to 20 nodes a
+    pass for no more tokens. The keys get PASSED_OVER appended, so those nodes learn their
+    own rate and fall back to the plain key's while few were tested."""
+    grew = {merged.tree.parents[i] for i in range(1, len(merged.tree))
+            if any(s == source for s, _ in merged.proposers[i])}
+    proposers = list(merged.proposers)
+    for i in range(1, len(merged.tree)):
+        if merged.tree.parents[i] in grew and not any(s == source for s, _ in proposers[i]):
+            proposers[i] = tuple((s, (*k, PASSED_OVER) if isinstance(k, tuple) else (k, PASSED_OVER))
+                                 for s, k in proposers[i])
+    return Merged(merged.tree, proposers, merged.prepared)
+
+
 def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
     """P(accepted | parent accepted): the best of its proposers' learnt rates."""
     return max(stats[source].rate(key) for source, key in proposers)

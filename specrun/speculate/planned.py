@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import Merged, chances, merge
+from specrun.speculate.merge import Merged, chances, mark_passed_over, merge
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost, best_subtree, learn_pass
 from specrun.speculate.tree import DraftTree
 
@@ -139,6 +139,7 @@ class PlannedSpeculator:
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
             merged, grafts = self._merge(drafts, limit, max_depth)
+            merged = mark_passed_over(merged, costly.name)
             ch = chances(merged.tree, merged.proposers, self.stats)
             assert self.step_cost is not None
             keep = best_subtree(ch, self.step_cost, limit)

@@ -303,12 +303,12 @@ class AcceptanceStats:
     optimistic: float = 0.8
     confidence: float = 1.0
     counts: dict[Hashable, list[int]] = field(default_factory=dict)  # key -> [accepted, tested]
-    # coarser key -> [accepted, tested] over the keys below it (`coarser`)
+    # key -> [accepted, tested] over it and every key it is coarser than (`coarser`)
     pooled: dict[Hashable, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
     def __post_init__(self) -> None:
         for key, (accepted, tested) in self.counts.items():
-            for coarse in coarser(key):
+            for coarse in [key] + coarser(key):
                 c = self.pooled.setdefault(coarse, [0, 0])
                 c[0], c[1] = c[0] + accepted, c[1] + tested
         for c in self.pooled.values():
@@ -333,7 +333,8 @@ class AcceptanceStats:
     WINDOW = 64
 
     def update(self, key: Hashable, accepted: bool) -> None:
-        for c in [self.counts.setdefault(key, [0, 0])] + [self.pooled.setdefault(k, [0, 0]) for k in coarser(key)]:
+        for c in [self.counts.setdefault(key, [0, 0])] + [self.pooled.setdefault(k, [0, 0])
+                                                           for k in [key] + coarser(key)]:
             c[0] += int(accepted)
             c[1] += 1
             if c[1] > self.WINDOW:
