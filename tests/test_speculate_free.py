@@ -190,6 +190,38 @@ def test_nodes_the_draft_model_passed_over_learn_their_own_rate() -> None:
     assert stats.rate(("ngram", 1, PASSED_OVER)) < 0.3 < 0.9 < stats.rate(("ngram", 1))
 
 
+class ChainDrafter:
+    """Drafts a chain as long as it is allowed, and records what it was allowed."""
+
+    costly = False
+
+    def __init__(self) -> None:
+        self.allowed: list[int] = []
+
+    def draft(self, context: Sequence[int], max_nodes: int, max_depth: int) -> Draft:
+        self.allowed.append(max_nodes)
+        tree = DraftTree.rooted(context[-1])
+        add_path(tree, list(range(100, 100 + min(max_nodes - 1, max_depth))))
+        return Draft(tree, [("root",)] + [("chain", min(d, 3)) for d in tree.depths[1:]])
+
+    def accepted(self, verified: Verified) -> None:
+        pass
+
+
+@pytest.mark.parametrize("dear", [True, False])
+def test_a_free_drafter_whose_nodes_are_dropped_drafts_fewer(dear: bool) -> None:
+    """Where passes are dear and its nodes unlikely, a drafter's budget halves each step down to
+    IDLE_FLOOR (drafting and pricing nodes nobody verifies cost 3% of a step in RAM); where
+    the plan keeps its nodes, it drafts at least FREE_FLOOR."""
+    drafter = ChainDrafter()
+    curve = CostCurve((1, 2, 64), (1.0, 2.0, 64.0) if dear else (1.0, 1.0, 1.0))
+    spec = PlannedSpeculator("free", [Source("chain", drafter, AcceptanceStats())], curve, 64, 16)
+    for _ in range(6):
+        spec.propose([1, 2, 3], 16, 64)
+    f = PlannedSpeculator
+    assert drafter.allowed == ([64, 32, 16, 8, f.IDLE_FLOOR, f.IDLE_FLOOR] if dear else [64] + [2 * 16] * 5)
+
+
 # --- speculative output equals plain output ---------------------------------------------------
 
 @pytest.fixture(scope="module")

@@ -92,15 +92,16 @@ class PlannedSpeculator:
         # about drafting costs may be stale (a busy hour, a draft paged out under a memory limit):
         # a run starts due for one verified tree, so its own first steps measure drafting afresh.
         self._unverified = self.EXPLORE_EVERY if step is not None and step.steps else 0
-        # Candidates per free drafter (FREE_FLOOR): in RAM on a CPU, where plans keep a node or none,
+        # Candidates per free drafter (_budget): in RAM on a CPU, where plans keep a node or none,
         # drafting and merging hundreds cost 3-6% of a 36 ms step.
-        self._free_candidates = max_nodes
+        self._free_candidates = {s.name: max_nodes for s in self.free}
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
     EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
-    FREE_FLOOR = 16  # candidates each free drafter drafts at least; else twice what the last plan kept, or an
-    # eighth of the largest tree measured (a streamed target's flat curve: recycling's deeper chains need room)
+    FREE_FLOOR = 16  # candidates a free drafter whose nodes the last plan kept drafts at least; else twice what
+    # it kept, or an eighth of the largest tree measured (a streamed target's flat curve: recycling needs room)
+    IDLE_FLOOR = 4  # a free drafter whose nodes the last plan dropped drafts half as many, down to this
 
     def _step(self, costly: bool) -> StepCost | None:
         return self.step_cost if costly or self.free_step_cost is None else self.free_step_cost
@@ -117,7 +118,8 @@ class PlannedSpeculator:
                             costly=self.costly is not None)
         limit = min(max_nodes, self.cost.max_size)
         t0 = self.clock()
-        drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
+        drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates[s.name]), max_depth))
+                  for s in self.free]
         drafting_s = self.clock() - t0
         catch_up_s, keep, merged, ch, grafts = 0.0, [0], None, [1.0], []
         if drafts:
@@ -160,7 +162,7 @@ class PlannedSpeculator:
             needed = 1.0
         if merged is None:  # a costly source alone, resting: nothing was drafted
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
-        self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), limit // 8)
+        self._budget(merged.proposers, keep, limit)
         return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep], self._reused(drafts),
                         drafting_s, catch_up_s, free=sum(1 for i in keep[1:] if merged.prepared[i]), needed=needed,
                         explored=explored, source=self, proposed=self._proposed(drafts + grafts),
@@ -176,7 +178,8 @@ class PlannedSpeculator:
         self._unverified += 1
         max_depth, limit = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes, self.cost.max_size)
         t0 = self.clock()
-        drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates), max_depth)) for s in self.free]
+        drafts = [(s.name, s.drafter.draft(context, min(limit, self._free_candidates[s.name]), max_depth))
+                  for s in self.free]
         merged, grafts = self._merge(drafts, limit, max_depth)
         return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
                           self.clock() - t0, limit)
@@ -184,10 +187,20 @@ class PlannedSpeculator:
     def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
         m = c.merged
-        self._free_candidates = max(self.FREE_FLOOR, 2 * len(keep), c.limit // 8)
+        self._budget(m.proposers, keep, c.limit)
         return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
                         free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
                         proposed=self._proposed(c.drafts + c.grafts))
+
+    def _budget(self, proposers: Sequence, keep: Sequence[int], limit: int) -> None:
+        """Candidates each free drafter drafts next step. Recycling has a tree for every token, and
+        in RAM, where plans keep none of its nodes, drafting, merging and pricing them cost 3% of
+        a step where nothing was verified (0.96x plain): a drafter whose nodes the plan dropped
+        drafts half as many next time, one whose nodes it kept twice what it kept."""
+        for s in self.free:
+            mine = sum(1 for i in keep[1:] if any(n == s.name for n, _ in proposers[i]))
+            self._free_candidates[s.name] = (max(self.FREE_FLOOR, 2 * mine, limit // 8) if mine else
+                                             max(self.IDLE_FLOOR, self._free_candidates[s.name] // 2))
 
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
