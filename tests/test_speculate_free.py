@@ -209,17 +209,22 @@ class ChainDrafter:
 
 
 @pytest.mark.parametrize("dear", [True, False])
-def test_a_free_drafter_whose_nodes_are_dropped_drafts_fewer(dear: bool) -> None:
-    """Where passes are dear and its nodes unlikely, a drafter's budget halves each step down to
-    IDLE_FLOOR (drafting and pricing nodes nobody verifies cost 3% of a step in RAM); where
-    the plan keeps its nodes, it drafts at least FREE_FLOOR."""
+@pytest.mark.parametrize("everywhere", [True, False])
+def test_a_drafter_that_drafts_everywhere_drafts_fewer_while_its_nodes_are_dropped(dear: bool,
+                                                                                    everywhere: bool) -> None:
+    """Where passes are dear and its nodes unlikely, the budget of a drafter with a tree below
+    every token (recycling) halves each step down to IDLE_FLOOR: drafting and pricing nodes
+    nobody verifies cost 3% of a step in RAM. One that drafts where the context matches keeps
+    FREE_FLOOR, and one whose nodes the plan keeps drafts twice what it kept."""
     drafter = ChainDrafter()
     curve = CostCurve((1, 2, 64), (1.0, 2.0, 64.0) if dear else (1.0, 1.0, 1.0))
-    spec = PlannedSpeculator("free", [Source("chain", drafter, AcceptanceStats())], curve, 64, 16)
+    spec = PlannedSpeculator("free", [Source("chain", drafter, AcceptanceStats(), everywhere=everywhere)],
+                             curve, 64, 16)
     for _ in range(6):
         spec.propose([1, 2, 3], 16, 64)
     f = PlannedSpeculator
-    assert drafter.allowed == ([64, 32, 16, 8, f.IDLE_FLOOR, f.IDLE_FLOOR] if dear else [64] + [2 * 16] * 5)
+    dropped = [64, 32, 16, 8, f.IDLE_FLOOR, f.IDLE_FLOOR] if everywhere else [64] + [f.FREE_FLOOR] * 5
+    assert drafter.allowed == (dropped if dear else [64] + [2 * 16] * 5)
 
 
 # --- speculative output equals plain output ---------------------------------------------------

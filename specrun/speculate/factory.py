@@ -94,7 +94,7 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
         model = source("model", ModelDrafter(draft, config))
         return PlannedSpeculator(spec.mode, [model], plan, cap, depth, step(overlapped(spec.mode)))
     assert cost is not None
-    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), replace(source("recycle", RecycleDrafter(free.recycled)), grafts=True)]
+    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), replace(source("recycle", RecycleDrafter(free.recycled)), grafts=True, everywhere=True)]
     if draft is not None:
         sources.append(source("model", ModelDrafter(draft)))
     return PlannedSpeculator("auto", sources, plan, cap, depth, step(overlapped("auto")),

@@ -29,6 +29,7 @@ class Source:
     drafter: Drafter
     stats: AcceptanceStats  # how often its nodes were accepted, per key
     grafts: bool = False  # it also grows below the merged tree's leaves (its drafter's `graft`)
+    everywhere: bool = False  # it drafts below any token (recycling), not only where the context matches
 
 
 @dataclass(frozen=True)
@@ -101,7 +102,8 @@ class PlannedSpeculator:
     EXPLORE_EVERY = 32  # steps without a verified draft tree before one is verified anyway (propose)
     FREE_FLOOR = 16  # candidates a free drafter whose nodes the last plan kept drafts at least; else twice what
     # it kept, or an eighth of the largest tree measured (a streamed target's flat curve: recycling needs room)
-    IDLE_FLOOR = 4  # a free drafter whose nodes the last plan dropped drafts half as many, down to this
+    IDLE_FLOOR = 4  # a free drafter that drafts everywhere, whose nodes the last plan dropped, drafts half as
+    # many, down to this
 
     def _step(self, costly: bool) -> StepCost | None:
         return self.step_cost if costly or self.free_step_cost is None else self.free_step_cost
@@ -193,14 +195,18 @@ class PlannedSpeculator:
                         proposed=self._proposed(c.drafts + c.grafts))
 
     def _budget(self, proposers: Sequence, keep: Sequence[int], limit: int) -> None:
-        """Candidates each free drafter drafts next step. Recycling has a tree for every token, and
-        in RAM, where plans keep none of its nodes, drafting, merging and pricing them cost 3% of
-        a step where nothing was verified (0.96x plain): a drafter whose nodes the plan dropped
-        drafts half as many next time, one whose nodes it kept twice what it kept."""
+        """Candidates each free drafter drafts next step: twice what the plan kept of its nodes, at
+        least FREE_FLOOR. Recycling has a tree below every token, and in RAM, where plans keep
+        none of its nodes, drafting, merging and pricing them cost 3% of a step where nothing
+        was verified (0.96x plain), so while plans drop its nodes it drafts half as many each
+        step. Lookup drafts only where the context matches, and a long match, the one that pays
+        in RAM, shows its worth only in a chain of 16 (a 4-token chain at its first rates does
+        not pay there): it keeps the floor."""
         for s in self.free:
             mine = sum(1 for i in keep[1:] if any(n == s.name for n, _ in proposers[i]))
-            self._free_candidates[s.name] = (max(self.FREE_FLOOR, 2 * mine, limit // 8) if mine else
-                                             max(self.IDLE_FLOOR, self._free_candidates[s.name] // 2))
+            self._free_candidates[s.name] = (max(self.IDLE_FLOOR, self._free_candidates[s.name] // 2)
+                                             if s.everywhere and not mine else
+                                             max(self.FREE_FLOOR, 2 * mine, limit // 8))
 
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
