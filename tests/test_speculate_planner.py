@@ -19,7 +19,7 @@ from specrun.session import Session, SessionConfig
 from specrun.speculate import auto
 from specrun.speculate.auto import DraftSpeed, ModelGate
 from specrun.speculate.factory import SpecConfig
-from specrun.speculate.ngram import NgramDrafter
+from specrun.speculate.ngram import MATCH_PRIORS, NgramDrafter, match_priors
 from specrun.speculate.base import Draft, Proposal
 from specrun.speculate.merge import chances
 from specrun.speculate.planned import PlannedSpeculator, Source
@@ -132,6 +132,19 @@ def test_a_new_key_takes_the_rate_of_the_coarser_keys_tested() -> None:
     assert s.rate("k") == s.optimistic
     s.update(("ngram", 1, 2), True)  # once is not enough to price a key by its own tests
     assert s.rate(("ngram", 1, 2)) < 0.3
+
+
+def test_an_untested_match_length_starts_from_its_measured_prior() -> None:
+    """Long matches start where HumanEval measured them (a 16-node chain of them pays in RAM even
+    on a steep curve), short ones low; tests then take over, per key and pooled."""
+    s = AcceptanceStats(priors=match_priors("suffix"))
+    assert s.rate(("suffix", 16, 4, 1)) == MATCH_PRIORS[16] > 0.9
+    assert s.rate(("suffix", 1, 2, 3)) == MATCH_PRIORS[1] < 0.3
+    assert s.rate(("ngram", 16, 1)) == s.optimistic  # no prior for another source's keys
+    for _ in range(3):
+        s.update(("suffix", 16, 4, 1), False)
+    assert s.rate(("suffix", 16, 4, 1)) < 0.5 and s.rate(("suffix", 16, 2, 2)) < 0.5
+    assert s.rate(("suffix", 8, 4, 1)) == MATCH_PRIORS[8]
 
 
 def test_pooled_rates_are_rebuilt_from_saved_counts_and_windowed() -> None:

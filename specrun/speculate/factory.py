@@ -9,7 +9,7 @@ from specrun.errors import UsageError
 from specrun.speculate.auto import DraftSpeed, ModelGate
 from specrun.speculate.base import Drafter, Speculator
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
-from specrun.speculate.ngram import NgramDrafter
+from specrun.speculate.ngram import NgramDrafter, match_priors
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost
 from specrun.speculate.recycle import RecycleDrafter, RecycleTable
@@ -79,7 +79,10 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
         return steps.setdefault(key, StepCost(plan)) if plan is not None and steps is not None else None
 
     def source(name: str, drafter: Drafter) -> Source:
-        return Source(name, drafter, stats.setdefault(name, AcceptanceStats()))
+        learnt = stats.setdefault(name, AcceptanceStats())
+        if name in ("ngram", "suffix"):  # keyed by match length first
+            learnt.priors = match_priors(name)
+        return Source(name, drafter, learnt)
 
     def overlapped(key: str) -> str:
         return f"{key}, overlapped" if overlap else key  # free drafters prepare nothing

@@ -291,7 +291,8 @@ class AcceptanceStats:
 
     A key tested fewer than `explore` times takes the rate of the nearest coarser key that
     was (a tuple key less its last parts: ("suffix", 1, 4, 2) -> ("suffix", 1, 4) ->
-    ("suffix", 1), pooling the depths, then the shares), and `optimistic` where none was.
+    ("suffix", 1), pooling the depths, then the shares), or its prior where a coarser key
+    without tests has one (`priors`), and `optimistic` where none has.
     When every new key counted as optimistic, HumanEval's first prompt in RAM verified five
     16-node chains because one proposer's key (a suffix share, a depth) was new, accepted 3
     tokens in all, and ran at 18 tok/s (26 once its keys were known). The counts persist
@@ -303,6 +304,8 @@ class AcceptanceStats:
     optimistic: float = 0.8
     confidence: float = 1.0
     counts: dict[Hashable, list[int]] = field(default_factory=dict)  # key -> [accepted, tested]
+    # coarser key -> the rate its keys start from while untested (a drafter's measured prior: ngram.py)
+    priors: dict[Hashable, float] = field(default_factory=dict, compare=False)
     # key -> [accepted, tested] over it and every key it is coarser than (`coarser`)
     pooled: dict[Hashable, list[int]] = field(default_factory=dict, init=False, repr=False, compare=False)
 
@@ -321,6 +324,8 @@ class AcceptanceStats:
             if tested >= self.explore:
                 break
             accepted, tested = self.pooled.get(coarse, (0, 0))
+            if tested < self.explore and coarse in self.priors:
+                return self.priors[coarse]
         if tested < self.explore:
             return self.optimistic
         n = tested + self.prior_accept + self.prior_reject
