@@ -78,16 +78,16 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
     def step(key: str) -> StepCost | None:
         return steps.setdefault(key, StepCost(plan)) if plan is not None and steps is not None else None
 
-    def source(name: str, drafter: Drafter) -> Source:
+    def source(name: str, drafter: Drafter, priors: dict | None = None) -> Source:
         learnt = stats.setdefault(name, AcceptanceStats())
-        if name in ("ngram", "suffix"):  # keyed by match length first
-            learnt.priors = match_priors(name)
+        if priors is not None:  # (not saved with the counts: set on every speculator made)
+            learnt.priors = priors
         return Source(name, drafter, learnt)
 
     def overlapped(key: str) -> str:
         return f"{key}, overlapped" if overlap else key  # free drafters prepare nothing
 
-    lookup = source("ngram", NgramDrafter())
+    lookup = source("ngram", NgramDrafter(), match_priors("ngram"))
     if spec.mode == "ngram":
         return PlannedSpeculator("ngram", [lookup], plan, cap, depth, step("ngram"))
     if spec.mode in MODEL_MODES:
@@ -97,7 +97,8 @@ def make_speculator(spec: SpecConfig, cost: PassCost | None, stats: dict[str, Ac
         model = source("model", ModelDrafter(draft, config))
         return PlannedSpeculator(spec.mode, [model], plan, cap, depth, step(overlapped(spec.mode)))
     assert cost is not None
-    sources = [lookup, source("suffix", SuffixDrafter(free.shared)), replace(source("recycle", RecycleDrafter(free.recycled)), grafts=True, everywhere=True)]
+    sources = [lookup, source("suffix", SuffixDrafter(free.shared), match_priors("suffix")),
+               replace(source("recycle", RecycleDrafter(free.recycled)), grafts=True, everywhere=True)]
     if draft is not None:
         sources.append(source("model", ModelDrafter(draft)))
     return PlannedSpeculator("auto", sources, plan, cap, depth, step(overlapped("auto")),

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import Merged, chances, mark_passed_over, merge
+from specrun.speculate.merge import Merged, chances, counts, mark_passed_over, merge
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost, best_subtree, learn_pass
 from specrun.speculate.tree import DraftTree
 
@@ -202,8 +202,9 @@ class PlannedSpeculator:
         step. Lookup drafts only where the context matches, and a long match, the one that pays
         in RAM, shows its worth only in a chain of 16 (a 4-token chain at its first rates does
         not pay there): it keeps the floor."""
+        kept = counts([proposers[i] for i in keep], [])  # per source: (its nodes kept, 0)
         for s in self.free:
-            mine = sum(1 for i in keep[1:] if any(n == s.name for n, _ in proposers[i]))
+            mine = kept.get(s.name, (0, 0))[0]
             self._free_candidates[s.name] = (max(self.IDLE_FLOOR, self._free_candidates[s.name] // 2)
                                              if s.everywhere and not mine else
                                              max(self.FREE_FLOOR, 2 * mine, limit // 8))

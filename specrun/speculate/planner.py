@@ -320,12 +320,13 @@ class AcceptanceStats:
 
     def rate(self, key: Hashable) -> float:
         accepted, tested = self.counts.get(key, (0, 0))
-        for coarse in coarser(key):
-            if tested >= self.explore:
-                break
-            accepted, tested = self.pooled.get(coarse, (0, 0))
-            if tested < self.explore and coarse in self.priors:
-                return self.priors[coarse]
+        if tested < self.explore:  # (most keys are tested: no coarser keys built for them)
+            for coarse in coarser(key):
+                accepted, tested = self.pooled.get(coarse, (0, 0))
+                if tested >= self.explore:
+                    break
+                if coarse in self.priors:
+                    return self.priors[coarse]
         if tested < self.explore:
             return self.optimistic
         n = tested + self.prior_accept + self.prior_reject
