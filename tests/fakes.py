@@ -33,9 +33,6 @@ class ArrayLogits:
     def top_ids(self, i: int, k: int) -> np.ndarray:
         return top_ids_of(self.array[i], k)
 
-    def ready(self, i: int) -> bool:
-        return True
-
     def close(self) -> None:
         pass
 

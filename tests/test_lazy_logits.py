@@ -22,10 +22,6 @@ from specrun.engines.torch_engine.config import OffloadConfig
 from specrun.engines.torch_engine.disk_stream import DiskStream
 from specrun.engines.torch_engine.layout import Unit
 from specrun.engines.torch_engine.streamed import file_units
-from specrun.speculate.base import Verified
-from specrun.speculate.recycle import RecycleTable
-from specrun.speculate.tree import DraftTree
-from tests.fakes import ArrayLogits
 from tests.tiny_model import TinySpec, build_tiny_model
 
 SPEC = TinySpec(n_embd=64, n_ff=128, n_layers=3, words=tuple(f"w{i}" for i in range(3000)))
@@ -76,12 +72,11 @@ def test_rows_computed_when_read_equal_rows_computed_in_the_pass(model: Path, mo
                                                                   monkeypatch: pytest.MonkeyPatch) -> None:
     with engine(model, slots=n_output_slices(model), mode=mode) as e:
         lazy = steps(e)
-        assert not e.eval(e.new_cache(8), [5]).ready(0)  # nothing computed before it is read
+        assert e.eval(e.new_cache(8), [5])._rows is None  # nothing computed before it is read
     with monkeypatch.context() as m:
         with engine(model, slots=n_output_slices(model), mode=mode) as e:
             m.setattr(e.model.source, "hold", lambda: False)  # every row computed in the pass
             eager = steps(e)
-            assert e.eval(e.new_cache(8), [5]).ready(0)
     for a, b in zip(lazy, eager, strict=True):  # a row's product alone rounds as a plain step's does
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-5)
 
@@ -89,7 +84,7 @@ def test_rows_computed_when_read_equal_rows_computed_in_the_pass(model: Path, mo
 def test_too_few_slots_to_hold_the_output_compute_every_row_in_the_pass(model: Path) -> None:
     with engine(model, slots=n_output_slices(model) - 1) as few, engine(model, slots=n_output_slices(model)) as enough:
         logits = few.eval(few.new_cache(8), [5])
-        assert logits.ready(0)
+        assert logits._rows is not None  # computed in the pass
         np.testing.assert_array_equal(logits.row(0), enough.eval(enough.new_cache(8), [5]).row(0))
 
 
@@ -144,27 +139,3 @@ def test_held_slices_stay_intact_while_the_readers_run_ahead_and_the_next_pass_r
                 assert tensors_of(unit, buf, model) == tensors_of(unit, None, model)
     finally:
         stream.close()
-
-
-def test_recycling_reads_only_the_rows_the_walk_read_where_rows_cost_to_read() -> None:
-    class Lazy(ArrayLogits):
-        def __init__(self, array: np.ndarray, ready: set[int]) -> None:
-            super().__init__(array)
-            self.ready_rows, self.read = ready, set()
-
-        def ready(self, i: int) -> bool:
-            return i in self.ready_rows
-
-        def top_ids(self, i: int, k: int) -> np.ndarray:
-            self.read.add(i)
-            return super().top_ids(i, k)
-
-    tree = DraftTree.rooted(5)
-    for token, parent in ((6, 0), (7, 0), (8, 1)):
-        tree.add(token, parent)
-    logits = Lazy(np.random.default_rng(0).standard_normal((4, 20)).astype(np.float32), ready={0, 1, 2})
-    table = RecycleTable(k=3)
-    table.learn(Verified([5, 6], logits, [0, 1], tree))
-    assert logits.read == {0, 1, 2}  # the path's rows and a row read already, not row 3
-    assert set(table.successors) == {5, 6, 7}
-    np.testing.assert_array_equal(table.successors[6], logits.top_ids(1, 3))

@@ -107,8 +107,5 @@ class ContextLogits:
     def top_ids(self, i: int, k: int) -> np.ndarray:
         return top_ids_of(self._view(i), k)
 
-    def ready(self, i: int) -> bool:
-        return True
-
     def close(self) -> None:
         pass

@@ -40,10 +40,9 @@ class RecycleTable:
         if verified.logits is None:
             return
         pairs: list[tuple[int, int]] = []
-        if verified.tree is not None:  # rows an engine would compute for this alone are left out
-            on_path, logits = set(verified.rows), verified.logits
-            pairs = [(verified.tree.tokens[i], i) for i in range(len(verified.tree))
-                     if i not in on_path and logits.ready(i)]
+        if verified.tree is not None:
+            on_path = set(verified.rows)
+            pairs = [(verified.tree.tokens[i], i) for i in range(len(verified.tree)) if i not in on_path]
             pairs = pairs[:max(0, MAX_ROWS - len(verified.rows))]
         for token, row in pairs + list(zip(verified.tokens, verified.rows)):
             self.successors[int(token)] = np.asarray(verified.logits.top_ids(row, self.k), dtype=np.int32)

@@ -60,9 +60,6 @@ class TorchLogits:
             row = self._done[i] = self._engine.model.logits(self._hidden[i:i + 1])[0]
         return row
 
-    def ready(self, i: int) -> bool:
-        return self._rows is not None or i in self._done
-
     def close(self) -> None:
         if self._open:
             self._open = False
