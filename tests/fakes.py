@@ -33,9 +33,6 @@ class ArrayLogits:
     def top_ids(self, i: int, k: int) -> np.ndarray:
         return top_ids_of(self.array[i], k)
 
-    def close(self) -> None:
-        pass
-
 
 def add_path(tree: DraftTree, tokens: Sequence[int], parent: int = 0) -> None:
     """Merge a chain of tokens under `parent`, sharing existing prefixes (a trie insert)."""

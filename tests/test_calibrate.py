@@ -11,7 +11,6 @@ from pathlib import Path
 from types import SimpleNamespace
 from typing import Callable, Sequence
 
-import numpy as np
 import pytest
 
 from specrun import calibrate
@@ -22,7 +21,6 @@ from specrun.engines.base import Cache
 from specrun.session import SessionConfig
 from specrun.speculate.factory import DEFAULT_NODES, SpecConfig, make_speculator
 from specrun.speculate.planner import CostCurve
-from tests.fakes import ArrayLogits
 
 
 class FakeEngine:
@@ -42,17 +40,15 @@ class FakeEngine:
     def rewind(self, cache: Cache, n: int) -> None:
         cache.cut(n)
 
-    def eval(self, cache: Cache, tokens: Sequence[int]) -> ArrayLogits:
+    def eval(self, cache: Cache, tokens: Sequence[int]) -> None:
         self.now += self.cost(len(tokens))
         cache.appended(tokens)
-        return ArrayLogits(np.zeros((1, 100), dtype=np.float32))
 
     def eval_tree(self, cache: Cache, tokens: Sequence[int], parents: Sequence[int], depths: Sequence[int],
-                  start: int = 0) -> ArrayLogits:
+                  start: int = 0) -> None:
         assert len(tokens) <= self.max_tree_nodes and cache.kv_len + len(tokens) <= cache.n_ctx
         self.now += self.cost(len(tokens))
         self.trees.append(len(tokens))
-        return ArrayLogits(np.zeros((len(tokens), 100), dtype=np.float32))
 
     def commit_path(self, cache: Cache, path: Sequence[int]) -> None:
         pass

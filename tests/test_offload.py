@@ -20,7 +20,7 @@ import pytest
 import torch
 
 import specrun.engines as engines
-from specrun.engines.base import Cache, Logits
+from specrun.engines.base import Cache
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.memory_limit import MemoryLimit
 from specrun.engines.torch_engine import TorchConfig, TorchEngine
@@ -59,16 +59,11 @@ def passes(e: TorchEngine, cache: Cache | None = None) -> list[torch.Tensor]:
     """Logits of a prompt, two plain steps and a tree, each as a tensor of all its rows, in
     `cache` (empty, or rewound to empty) or a new 128-token one."""
     c = cache if cache is not None else e.new_cache(128)
-    out = [rows_of(e.eval(c, PROMPT)), rows_of(e.eval(c, [7])), rows_of(e.eval(c, [8]))]
-    out.append(rows_of(e.eval_tree(c, *TREE)))
+    out = [e.eval(c, PROMPT)._rows.clone(), e.eval(c, [7])._rows.clone(), e.eval(c, [8])._rows.clone()]
+    out.append(e.eval_tree(c, *TREE)._rows.clone())
     e.commit_path(c, [0, 2, 5])
-    out.append(rows_of(e.eval(c, [9])))
+    out.append(e.eval(c, [9])._rows.clone())
     return out
-
-
-def rows_of(logits: Logits) -> torch.Tensor:
-    """Every row of a pass's logits, read through the contract (lazy rows are computed so)."""
-    return torch.stack([torch.from_numpy(logits.row(i)) for i in range(len(logits))])
 
 
 def unit_bytes(path: Path) -> list[int]:
@@ -122,7 +117,7 @@ def test_quantized_streaming_computes_as_llama_cpp_does(models: dict[str, Path])
     CPU engine's (weights dequantized to float32; test_engine_torch holds that one to 0.98)."""
     path = models["q4_k_m"]
     with engine(path, "disk") as streamed, LlamaCppEngine(path, LlamaCppConfig(n_threads=1)) as llama:
-        got = torch.from_numpy(streamed.eval(streamed.new_cache(128), PROMPT[:-1] + [PROMPT[-1]]).row(0))
+        got = streamed.eval(streamed.new_cache(128), PROMPT[:-1] + [PROMPT[-1]])._rows[0]
         want = torch.from_numpy(llama.eval(llama.new_cache(128), PROMPT).row(0))
         assert torch.nn.functional.cosine_similarity(got, want, dim=0) > 0.995
 

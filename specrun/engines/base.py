@@ -84,8 +84,6 @@ class Logits(Protocol):
         """top_k's ids alone (lowest id among equals), without the softmax's pass over the row."""
         ...
 
-    def close(self) -> None: ...  # done reading: what rows need (a streamed output) may go before the next pass
-
 
 class Pending(Protocol):
     """A tree pass under way (`Engine.submit_tree`)."""

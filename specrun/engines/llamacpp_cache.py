@@ -106,6 +106,3 @@ class ContextLogits:
 
     def top_ids(self, i: int, k: int) -> np.ndarray:
         return top_ids_of(self._view(i), k)
-
-    def close(self) -> None:
-        pass

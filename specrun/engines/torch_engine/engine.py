@@ -31,42 +31,18 @@ from specrun.errors import UsageError
 
 
 class TorchLogits:
-    """Rows [n, n_vocab] float32 on the engine's device; a row reaches the host only when read.
+    """Rows [n, n_vocab] float32 on the engine's device; a row reaches the host only when read."""
 
-    On a CPU they are computed only when read (`hidden`: the pass's final hidden states
-    [n, n_embd], the output matrix held meanwhile): a 152k-row output costs each row what a
-    decoder layer costs, a tree of 20 nodes a third of its pass, and a walk reads 2-4 rows."""
-
-    def __init__(self, engine: "TorchEngine", rows: torch.Tensor | None = None,
-                 hidden: torch.Tensor | None = None) -> None:
-        assert (rows is None) != (hidden is None)
-        self._engine, self._epoch, self._rows, self._hidden = engine, engine._epoch, rows, hidden
-        self._done: dict[int, torch.Tensor] = {}  # lazy rows computed so far
-        self._open = hidden is not None
+    def __init__(self, engine: "TorchEngine", rows: torch.Tensor) -> None:
+        self._engine, self._epoch, self._rows = engine, engine._epoch, rows
 
     def _view(self, i: int) -> torch.Tensor:
         if self._engine._epoch != self._epoch:
             raise RuntimeError("logits read after the engine's next pass")
-        if self._rows is not None:
-            return self._rows[i]
-        if not self._open:
-            raise RuntimeError("logits read after close()")
-        row = self._done.get(i)
-        if row is None:
-            assert self._hidden is not None
-            n = self._hidden.shape[0]
-            if not -n <= i < n:
-                raise IndexError(f"row {i} of {n}")
-            row = self._done[i] = self._engine.model.logits(self._hidden[i:i + 1])[0]
-        return row
-
-    def close(self) -> None:
-        if self._open:
-            self._open = False
-            self._engine._closed(self._epoch)
+        return self._rows[i]
 
     def __len__(self) -> int:
-        return (self._rows if self._rows is not None else self._hidden).shape[0]  # type: ignore[union-attr]
+        return self._rows.shape[0]
 
     def row(self, i: int) -> np.ndarray:
         return self._view(i).cpu().numpy().copy()
@@ -123,7 +99,6 @@ class TorchEngine(EngineMixin):
         self.notices: list[str] = list(self.stream.notices) if self.stream else []
         self._link_bps: float | None = None
         self._epoch = 0
-        self._lazy_open = 0  # this epoch's lazy logits not closed yet: the output stays held for them
 
     @property
     def on_cpu(self) -> bool:
@@ -174,27 +149,10 @@ class TorchEngine(EngineMixin):
         assert isinstance(cache, TorchCache) and cache.kv is not None
         return cache
 
-    def _pass(self, parts: list[tuple[Batch, KVCache]]) -> list[TorchLogits]:
-        """One forward pass; on a CPU, logits computed as rows are read, while the source can hold
-        its output (see TorchLogits)."""
-        self._epoch += 1
-        hidden = self.model.hidden_many(parts)
-        if self.on_cpu and any(h.shape[0] for h in hidden) and self.model.source.hold():
-            self._lazy_open = len(hidden)
-            return [TorchLogits(self, hidden=h) for h in hidden]
-        self._lazy_open = 0
-        return [TorchLogits(self, rows=x) for x in self.model.logits_many(hidden)]
-
-    def _closed(self, epoch: int) -> None:
-        """A lazy logits handle of `epoch` is done with; the last one lets the output go."""
-        if epoch == self._epoch and self._lazy_open > 0:
-            self._lazy_open -= 1
-            if not self._lazy_open:
-                self.model.source.release()
-
     def _forward(self, cache: TorchCache, batch: Batch) -> TorchLogits:
         assert cache.kv is not None
-        return self._pass([(batch, cache.kv)])[0]
+        self._epoch += 1
+        return TorchLogits(self, self.model.forward(batch, cache.kv))
 
     def _tensor(self, values: Sequence[int] | np.ndarray) -> torch.Tensor:
         return torch.as_tensor(np.asarray(values, dtype=np.int64), device=self.device_obj)
@@ -233,7 +191,7 @@ class TorchEngine(EngineMixin):
         caches = [self._ready(cache) for cache, _ in requests]
         rest = [self._missing(c, tokens) for c, (_, tokens) in zip(caches, requests)]
         passes = prefill_passes([len(r) for r in rest], PREFILL_CHUNK)
-        logits: list[TorchLogits] = []
+        rows: list[torch.Tensor] = []
         for p in passes:
             parts = []
             for i, start, stop in p:
@@ -243,10 +201,11 @@ class TorchEngine(EngineMixin):
                                             <= slots[:, None])  # causal
                 out = self._tensor([n - 1] if p is passes[-1] else [])
                 parts.append((c, Batch(self._tensor(rest[i][start:stop]), slots, slots, c.kv_len + n, mask, out)))
-            logits = self._pass([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
+            self._epoch += 1
+            rows = self.model.forward_many([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
             for i, start, stop in p:
                 caches[i].appended(rest[i][start:stop])
-        return logits  # the final pass's: one part per request, in order
+        return [TorchLogits(self, x) for x in rows]  # the final pass: one part per request, in order
 
     # --- trees -----------------------------------------------------------------------
 
@@ -258,10 +217,11 @@ class TorchEngine(EngineMixin):
         """All the requests' new nodes in one forward pass: the weights are read (streamed) once."""
         check_requests(requests)
         parts = [self._tree_part(r) for r in requests]
-        logits = self._pass([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
+        self._epoch += 1
+        rows = self.model.forward_many([(batch, c.kv) for c, batch in parts])  # type: ignore[misc]
         for (c, _), r in zip(parts, requests):
             c.evaluated_tree(r.tokens, r.parents)
-        return logits
+        return [TorchLogits(self, x) for x in rows]
 
     def _tree_part(self, r: TreeRequest) -> tuple[TorchCache, Batch]:
         """One request's batch: node i writes slot kv_len + i, sits at position kv_len + depth[i],

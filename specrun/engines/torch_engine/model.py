@@ -71,15 +71,8 @@ class LayerSource(Protocol):
 
     def output(self, x: torch.Tensor) -> torch.Tensor:
         """Final hidden states [m, n_embd] -> float32 logits [m, n_vocab]; called once per pass,
-        after the layers, or any number of times while `hold` keeps the output."""
+        after the layers."""
         ...
-
-    def hold(self) -> bool:
-        """After the layers: keep the output matrix until `release` or the next pass, so that
-        `output` may be called row by row as rows are wanted; False if it cannot."""
-        ...
-
-    def release(self) -> None: ...
 
 
 class ResidentSource:
@@ -92,12 +85,6 @@ class ResidentSource:
     def output(self, x: torch.Tensor) -> torch.Tensor:
         assert self.weights.output is not None, "a streamed model's output comes from its stream"
         return self.weights.output(x)
-
-    def hold(self) -> bool:
-        return True  # it stays where it is
-
-    def release(self) -> None:
-        pass
 
 
 class Transformer:
@@ -113,17 +100,11 @@ class Transformer:
 
     @torch.inference_mode()
     def forward_many(self, parts: Sequence[tuple[Batch, KVCache]]) -> list[torch.Tensor]:
-        """One pass for several sequences, each a batch in its own cache: per part, logits
-        [m, n_vocab] float32 for its `out_rows` (m of n), after writing its keys and values."""
-        return self.logits_many(self.hidden_many(parts))
-
-    @torch.inference_mode()
-    def hidden_many(self, parts: Sequence[tuple[Batch, KVCache]]) -> list[torch.Tensor]:
-        """The pass without its output matrix: per part, the final normed hidden states [m, n_embd]
-        float32 of its `out_rows`, after writing its keys and values into its cache. The matrix
-        products see all the parts' tokens at once (weights read once), attention each part in its
-        cache; activations are float32 between them, which run in the weights' dtype. The source's
-        output is still to come: `logits_many` once, or `logits` for rows while it holds."""
+        """One pass for several sequences, each a batch in its own cache: the matrix products see
+        all their tokens at once (weights read once), attention each part in its cache.
+        Activations are float32 between the matrix products, which run in the weights' dtype.
+        Per part, logits [m, n_vocab] float32 for its `out_rows` (m of n), after writing its
+        keys and values into its cache."""
         a, w = self.args, self.weights
         batch = _joined([b for b, _ in parts])
         x = w.embed(batch.ids)  # [N, n_embd] float32: the residual stream stays in full precision
@@ -134,20 +115,11 @@ class Transformer:
         for i, layer in enumerate(self.source.layers()):
             x = self._layer(i, layer, x, batch.positions, attend)
         rows = _out_rows(parts, spans, x.device)
-        h = rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps)
+        logits = self.source.output(rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps))
+        if len(parts) == 1:
+            return [logits]
         sizes = [b.ids.shape[0] if b.out_rows is None else b.out_rows.shape[0] for b, _ in parts]
-        return list(torch.split(h, sizes))
-
-    @torch.inference_mode()
-    def logits_many(self, hidden: list[torch.Tensor]) -> list[torch.Tensor]:
-        """Every part's logits through the pass's output, which this consumes."""
-        logits = self.source.output(torch.cat(hidden) if len(hidden) > 1 else hidden[0])
-        return list(torch.split(logits, [h.shape[0] for h in hidden]))
-
-    @torch.inference_mode()
-    def logits(self, h: torch.Tensor) -> torch.Tensor:
-        """Hidden states [m, n_embd] -> float32 logits [m, n_vocab], while the source holds its output."""
-        return self.source.output(h)
+        return list(torch.split(logits, sizes))
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
                attend: list[tuple[Batch, KVCache, torch.Tensor | None, slice]]) -> torch.Tensor:

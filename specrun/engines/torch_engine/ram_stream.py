@@ -100,9 +100,6 @@ class RamStream(SlotRing):
     def _release(self, slot: int) -> None:
         self._free[slot] = self.copier.record()
 
-    def can_hold(self, units: list[Unit]) -> bool:
-        return False  # a GPU computes every row of the output for about the price of one
-
     def _forget(self) -> None:
         self._ready.clear()  # copies in flight are ordered before re-issued ones on the same copy stream
 

@@ -7,11 +7,6 @@ transfers run up to S units ahead and wrap around into the next pass. A pass
 cut short (an error, Ctrl-C) or a failed transfer sends the ring back to the
 first streamed unit. `DiskStream` (reads) and `RamStream` (host-to-device
 copies) supply the transfers; the ordering lives here once.
-
-A pass may hold the units at its end (the output matrix's slices) past the
-pass, so that logits are computed only for the rows read after it
-(`hold_rest`): their slots are not refilled until `release_held` or the next
-pass, and transfers into them wait, in order.
 """
 
 from __future__ import annotations
@@ -47,10 +42,6 @@ class SlotRing:
     def _start_ring(self, n_slots: int) -> None:
         self._n_slots = n_slots
         self._issued = self._next = 0  # transfers issued; transfers consumed (and released)
-        self._held: list[int] = []  # slots whose units outlive the pass (hold_rest)
-        self._holding = False
-        self._hold_from = 0  # the first transfer held
-        self._out = False  # a streamed unit is handed out (transfer _next)
         self._fill()
 
     @property
@@ -80,28 +71,10 @@ class SlotRing:
 
     # --- the ring ------------------------------------------------------------------------
 
-    def can_hold(self, units: list[Unit]) -> bool:
-        """Whether `units` (consecutive, at a pass's end) can all be held at once: each streamed
-        one needs a slot of its own, or the last would wait for a slot an earlier one holds."""
-        return sum(u.index not in self.resident for u in units) <= self._n_slots
-
-    def hold_rest(self) -> None:
-        """The units this pass still hands out (not the one out now) stay valid after it, until
-        `release_held`."""
-        self._holding, self._hold_from = True, self._next + self._out
-
-    def release_held(self) -> None:
-        """Free the slots held since `hold_rest`, and refill them."""
-        held, self._held, self._holding = self._held, [], False
-        for slot in held:
-            self._release(slot)
-        self._fill()
-
     def _fill(self) -> None:
-        """Issue transfers until every slot holds or awaits a unit not yet consumed (in order:
-        a held slot stops them)."""
+        """Issue transfers until every slot holds or awaits a unit not yet consumed."""
         n = len(self.streamed)
-        while n and self._issued < self._next + self._n_slots and self._issued % self._n_slots not in self._held:
+        while n and self._issued < self._next + self._n_slots:
             k = self._issued
             self._issue(k, self.streamed[k % n], k % self._n_slots)
             self._issued += 1
@@ -109,13 +82,10 @@ class SlotRing:
     def _restart(self) -> None:
         self._forget()
         self._issued = self._next = 0
-        self._held, self._holding = [], False
 
     def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]:
         """One pass: each unit with its bytes (uint8 [unit.n_bytes]), valid until the next is asked for."""
         self._check()
-        if self._held or self._holding:
-            self.release_held()  # the previous pass's held units are done with
         if self.streamed and self._next % len(self.streamed):
             self._restart()  # a pass was abandoned part-way
         self._fill()  # (after a failed transfer the ring was left empty: transfers start again only now)
@@ -135,14 +105,9 @@ class SlotRing:
                 raise
             self.counters.wait_s += time.perf_counter() - t
             slot = k % self._n_slots
-            self._out = True
             try:
                 yield unit, self.slots[slot][:unit.n_bytes]
-            finally:  # the slot is free once its unit is done with (or released): refill it
-                self._out = False
-                if self._holding and k >= self._hold_from:
-                    self._held.append(slot)
-                else:
-                    self._release(slot)
+            finally:  # the slot is free once its unit is done with: refill it
+                self._release(slot)
                 self._next += 1
                 self._fill()

@@ -13,7 +13,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Iterator
 
 import torch
 
@@ -37,7 +37,6 @@ RAM_SLOTS = 3  # ram: device slots (host-to-device copies keep up with a layer's
 class Stream:
     """What the source needs of a stream (DiskStream and RamStream both are one)."""
 
-    units: list[Unit]  # a pass, in order
     notices: list[str]
     bytes_per_pass: int
     buffer_bytes: int
@@ -45,12 +44,6 @@ class Stream:
     def pass_units(self) -> Iterator[tuple[Unit, torch.Tensor]]: ...
 
     def snapshot(self) -> StreamCounters: ...
-
-    def can_hold(self, units: list[Unit]) -> bool: ...
-
-    def hold_rest(self) -> None: ...
-
-    def release_held(self) -> None: ...
 
     def describe(self) -> str: ...
 
@@ -95,48 +88,25 @@ class StreamedSource:
 
     def __post_init__(self) -> None:
         self._pass: Iterator[tuple[Unit, torch.Tensor]] | None = None
-        self._held: list[tuple[Unit, torch.Tensor]] | None = None  # the output's slices, past the pass
-        self._output_units = self.stream.units[self.args.n_layer:]  # a pass: the layers, then these
 
     def layers(self) -> Iterator[LayerWeights]:
         if self._pass is not None:
             self._pass.close()  # a pass cut short (an error, Ctrl-C): its slot is released now
-        self._held = None  # (the stream frees the slots it held when the new pass starts)
         self._pass = self.stream.pass_units()
         for _ in range(self.args.n_layer):
             unit, buf = next(self._pass)
             yield layer_weights(unit, buf, self.args, self.dtype)
 
-    def hold(self) -> bool:
-        """After the layers: keep the output matrix's slices until `release` (or the next pass), so
-        that `output` may be called for the rows wanted as they are wanted; False (nothing held,
-        `output` must be called once) when the stream has too few slots for all of them."""
-        assert self._pass is not None
-        if not self.stream.can_hold(self._output_units):
-            return False
-        self.stream.hold_rest()
-        self._held, self._pass = list(self._pass), None
-        return True
-
-    def release(self) -> None:
-        """The held output is done with: its slots take the next pass's units."""
-        if self._held is not None:
-            self._held = None
-            self.stream.release_held()
-
     def output(self, x: torch.Tensor) -> torch.Tensor:
-        """x [m, n_embd] -> float32 logits [m, n_vocab], slice by slice: from the held slices, or
-        else the pass's (read even when m is 0: the stream's order is fixed)."""
+        """x [m, n_embd] -> float32 logits [m, n_vocab], slice by slice (read even when m is 0:
+        the stream's order is fixed)."""
+        assert self._pass is not None
         y = torch.empty(x.shape[0], self.args.n_vocab, dtype=torch.float32, device=x.device)
-        if self._held is not None:
-            units: Iterable[tuple[Unit, torch.Tensor]] = self._held
-        else:
-            assert self._pass is not None
-            units, self._pass = self._pass, None
-        for unit, buf in units:
+        for unit, buf in self._pass:
             r0, r1 = unit.rows
             if x.shape[0]:
                 y[:, r0:r1] = linear(buf, unit.spans[0], None, torch.float32)(x)
+        self._pass = None
         return y
 
     def close(self) -> None:
