@@ -120,7 +120,7 @@ def measure_runs(engine: Engine, cache: Cache, sizes: tuple[int, ...] = SIZES, r
     runs: dict[int, list[float]] = {}
     one: float | None = None
     # A streamed pass after a longer one finds more of its weights read ahead: each size's first
-    # pass is not what a run of them costs (on disk, a token's pass measured 0.6x the steady one).
+    # pass is not what a run of them costs (on disk, the first token's pass took 0.34 s, later ones 0.5 s).
     streamed = engine.transfer() is not None
 
     def once(n: int) -> float:
