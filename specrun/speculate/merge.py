@@ -65,11 +65,11 @@ def mark_passed_over(merged: Merged, source: str) -> Merged:
     a disk-streamed target, adding them to the model's trees grew them from 13 to 20 nodes a
     pass for no more tokens. The keys get PASSED_OVER appended, so those nodes learn their
     own rate and fall back to the plain key's while few were tested."""
-    grew = {merged.tree.parents[i] for i in range(1, len(merged.tree))
-            if any(s == source for s, _ in merged.proposers[i])}
-    proposers = list(merged.proposers)
-    for i in range(1, len(merged.tree)):
-        if merged.tree.parents[i] in grew and not any(s == source for s, _ in proposers[i]):
+    parents, proposers = merged.tree.parents, list(merged.proposers)
+    its = [any(s == source for s, _ in p) for p in proposers]  # node i: `source` proposed it
+    grew = {parents[i] for i in range(1, len(proposers)) if its[i]}
+    for i in range(1, len(proposers)):
+        if parents[i] in grew and not its[i]:
             proposers[i] = tuple((s, (*k, PASSED_OVER) if isinstance(k, tuple) else (k, PASSED_OVER))
                                  for s, k in proposers[i])
     return Merged(merged.tree, proposers, merged.prepared)
