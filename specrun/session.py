@@ -56,8 +56,9 @@ class SessionConfig:
     @property
     def max_tree_nodes(self) -> int:
         """The largest tree the modes would verify in one pass, or the calibration measure (the
-        memory plan caps it at what the engine and the memory allow); 0: none."""
-        nodes = [s.max_nodes for s in self.specs]
+        memory plan caps it at what the engine and the memory allow); 0: none. A batch's pass
+        holds a node per sequence at least: its curve (and bench's bound) must reach that far."""
+        nodes = [s.max_nodes for s in self.specs] + [self.batched]
         nodes += [max(calibrate.SIZES) for s in self.specs if s.needs_costs]
         return max(nodes) if max(nodes) > 1 or self.batched else 0
 

@@ -233,3 +233,15 @@ def test_bench_batch_rows_share_passes_and_keep_the_output(tiny_model: Path, tmp
     assert "x single-sequence plain" in lines[0] and "x free alone" in lines[1]
     refused = specrun("bench", str(tiny_model), "--batch", "2", "--memory-limit", "1G")
     assert refused.returncode == 2 and "--batch" in refused.stderr
+
+
+def test_plain_batch_bench_measures_the_curve_its_bound_needs(tiny_model: Path, tmp_path: Path) -> None:
+    """`--modes plain --batch 4` plans no trees, but its bound prices a pass over about 4 tokens: the
+    curve must be measured that far, not extrapolated from one token's pass."""
+    out = tmp_path / "bench.json"
+    done = specrun("bench", str(tiny_model), "--no-draft", "--n-prompts", "4", "-n", "8", "--modes", "plain",
+                   "--batch", "4", "--json", str(out))
+    assert done.returncode == 0, done.stderr
+    report = json.loads(out.read_text())
+    curve = next(line for line in report["planner"] if line.startswith("a target pass over n tokens costs"))
+    assert "2: " in curve and "4: " in curve, curve
