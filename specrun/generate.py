@@ -29,6 +29,14 @@ from specrun.speculate.tree import DraftTree
 from specrun.speculate.verify import Draw, walk
 
 
+# A streamed target's readers fill its buffers whenever the pass in hand leaves them room: while
+# the CPU drafts, and while a larger pass computes. A pass after an idle gap longer than this
+# share of it, or after a larger pass, found its first layers read ahead (on disk a token's pass
+# took 0.18 s after either, 0.30 s back to back). It says what came before it was worth, not what
+# a pass costs in a run of them, so the cost curve does not learn from it.
+READ_AHEAD_GAP = 0.1
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = 256
@@ -208,6 +216,9 @@ class Generation:
         self._transfer_start: Transfer | None = None
         self._draw: Draw = drawer(config.sampling)
         self._t_candidates = 0.0  # when `candidates` began the step a batch plans
+        self._t_passed = 0.0  # the previous pass (the prefill's, or a step's walk) ended
+        self._passed = 0  # ... over this many tokens
+        self._streamed = engine.transfer() is not None  # weights stream in each pass (see READ_AHEAD_GAP)
 
     @property
     def text(self) -> str:
@@ -248,6 +259,7 @@ class Generation:
         """The prefill's row is in: the first token drawn from it (shown at once)."""
         stats = self.stats
         self._pending = self._draw(logits, 0)
+        self._t_passed, self._passed = self.clock(), len(self.prompt)
         stats.prefill_s = seconds
         stats.target_calls = 1  # the prefill drew the first token
         committed, self.done = self._commit([self._pending])
@@ -323,8 +335,13 @@ class Generation:
         t_end = self.clock()
         if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
             alone = not shared and (len(tree) == 1 or not self.config.overlap)  # model must drop its draft
+            pass_s = t_end - plan.t_draft
+            gap = plan.t_draft - self._t_passed
+            if self._streamed and (gap > READ_AHEAD_GAP * pass_s or self._passed > len(tree)):
+                alone = False  # its weights were partly read before it began: not what a pass costs
             self.speculator.observe(proposal, path, None if shared else t_end - plan.t_step,
-                                    t_end - plan.t_draft if alone else None, logits)
+                                    pass_s if alone else None, logits)
+        self._t_passed, self._passed = t_end, len(tree)
         accepted = [tree.tokens[i] for i in path[1:]]
         committed, self.done = self._commit(accepted + [self._pending])  # the pass's own token too: shown now
         stats.target_calls += 1

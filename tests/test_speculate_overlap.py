@@ -356,3 +356,41 @@ def test_sampled_tokens_follow_the_target_distribution_with_overlap(sharp_model:
     assert used > 100  # prepared trees really were verified
     chi2, dof, critical = two_sample_chi_square(counts["plain"], counts["spec"])
     assert dof >= 5 and chi2 < critical, (chi2, dof, critical)
+
+
+class Streamed(Slow):
+    """`Slow` with its weights streamed in each pass (a Transfer, as an offloaded engine has)."""
+
+    def transfer(self):
+        from specrun.engines.base import Transfer
+        return Transfer()
+
+
+@pytest.mark.parametrize("streamed, draft_s", [(False, 0.01), (True, 0.01), (True, 0.0)])
+def test_a_streamed_pass_after_drafting_does_not_teach_the_cost_curve(pair, streamed, draft_s) -> None:
+    """A streamed target's readers fill its buffers while the draft model drafts, so the pass
+    after 40 ms of drafting is cheaper than one back to back: learnt as the curve's pass, it made
+    plain decoding look faster than it is (on disk a draft model was judged not to pay). Such a
+    pass is passed on as None, as is one after a larger pass (the prompt's): its compute left the
+    readers time too. A resident target's pass is learnt, as is a streamed one after drafting
+    that took no time (the free drafters) and a pass no larger."""
+    target, same, _ = pair
+    clock = FakeClock()
+    engine = (Streamed if streamed else Slow)(target.engine, per_call=0.08, clock=clock)
+    spec = chain_speculator(slowed(same, per_call=draft_s, clock=clock), clock=clock)
+    seen: list[tuple[int, float | None]] = []
+    observe = spec.observe
+
+    def recording(proposal, path, wall_s, pass_s=None, logits=None):
+        seen.append((len(proposal.tree), pass_s))
+        observe(proposal, path, wall_s, pass_s, logits)
+
+    spec.observe = recording  # type: ignore[method-assign]
+    gen = generate(DraftModel(engine, target.cache), "def fib(n):", GREEDY, spec, max_tokens=20, clock=clock)
+    assert len([n for n, _ in seen if n > 1]) >= 3
+    before = [len(gen.prompt)] + [n for n, _ in seen[:-1]]  # the pass before each step's
+    for (n, s), previous in zip(seen, before):
+        if streamed and (draft_s and n > 1 or previous > n):
+            assert s is None, (n, previous)
+        else:
+            assert s == pytest.approx(0.08), (n, previous)

@@ -90,7 +90,8 @@ class Speculator(Protocol):
         """The target accepted `path` (node indices, root first) of the proposal's tree; the step
         took `wall_s` seconds of wall time, drafting included (None: its pass verified other
         sequences' trees too, so its time is not this tree's), and the target's pass `pass_s`
-        of them where nothing drafted beside it (None: the draft worked during the pass).
+        of them where nothing drafted beside it (None: the draft worked during the pass, or a
+        streamed target's pass found weights read ahead while the draft worked before it).
         `logits`: the pass's rows (row i: node i's), for drafters that recycle them."""
         ...
 
