@@ -259,7 +259,7 @@ class Generation:
         """The prefill's row is in: the first token drawn from it (shown at once)."""
         stats = self.stats
         self._pending = self._draw(logits, 0)
-        self._t_passed, self._passed = self.clock(), len(self.prompt)
+        self._t_passed, self._passed = self.clock(), len(self.prompt) - stats.reused_tokens  # the tokens it evaluated
         stats.prefill_s = seconds
         stats.target_calls = 1  # the prefill drew the first token
         committed, self.done = self._commit([self._pending])

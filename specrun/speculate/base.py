@@ -91,7 +91,7 @@ class Speculator(Protocol):
         took `wall_s` seconds of wall time, drafting included (None: its pass verified other
         sequences' trees too, so its time is not this tree's), and the target's pass `pass_s`
         of them where nothing drafted beside it (None: the draft worked during the pass, or a
-        streamed target's pass found weights read ahead while the draft worked before it).
+        streamed target's pass found weights read ahead while drafting or a larger pass ran).
         `logits`: the pass's rows (row i: node i's), for drafters that recycle them."""
         ...
 
