@@ -31,9 +31,9 @@ from specrun.speculate.verify import Draw, walk
 
 # A streamed target's readers fill its buffers whenever the pass in hand leaves them room: while
 # the CPU drafts, and while a larger pass computes. A pass after an idle gap longer than this
-# share of it, or after a larger pass, found its first layers read ahead (on disk a token's pass
-# took 0.18 s after either, 0.30 s back to back). It says what came before it was worth, not what
-# a pass costs in a run of them, so the cost curve does not learn from it.
+# share of it, or after a larger pass, found its first layers read ahead (on disk a token's
+# pass took 0.18-0.21 s after either, 0.30-0.34 s back to back). It says what came before it
+# was worth, not what a pass costs in a run of them, so the cost curve does not learn from it.
 READ_AHEAD_GAP = 0.1
 
 
