@@ -19,7 +19,7 @@ from typing import Any, Callable, Sequence
 
 import pytest
 
-from specrun.engines.base import Cache, EngineMixin, Logits, common_prefix
+from specrun.engines.base import Cache, EngineMixin, Logits, Transfer, common_prefix
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.errors import EngineError
 from specrun.generate import Generation, GenerationConfig
@@ -361,8 +361,7 @@ def test_sampled_tokens_follow_the_target_distribution_with_overlap(sharp_model:
 class Streamed(Slow):
     """`Slow` with its weights streamed in each pass (a Transfer, as an offloaded engine has)."""
 
-    def transfer(self):
-        from specrun.engines.base import Transfer
+    def transfer(self) -> Transfer:
         return Transfer()
 
 
