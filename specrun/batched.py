@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from typing import Callable, Iterator, Sequence
 
 from specrun.engines.base import Engine, TreeRequest
-from specrun.generate import Generation, Plan, Step
+from specrun.generate import Generation, PassHistory, Plan, Step
 from specrun.speculate.planned import Candidates
 from specrun.speculate.planner import PassCost, best_subtrees, learn_pass
 
@@ -77,7 +77,7 @@ class BatchGeneration:
     all sequences, at most; `cost` (the target's pass cost curve) plans each pass within it:
     over all sequences' candidates where their speculators offer them (`step`), else in equal
     shares of `pass_budget` (None: equal shares of `max_nodes`). A learnt curve learns from the
-    shared passes (nothing drafts beside them)."""
+    shared passes (nothing drafts beside them) that a streamed target ran back to back."""
 
     def __init__(self, engine: Engine, generations: Sequence[Generation], max_nodes: int,
                  cost: PassCost | None = None, *, clock: Callable[[], float] = time.perf_counter) -> None:
@@ -86,6 +86,7 @@ class BatchGeneration:
         self.active: list[int] = []  # the indices of those still generating
         self.stats = BatchStats()
         self._first = list(generations)
+        self._history = PassHistory(engine)  # the pass before the next: a shared step's, or prefills'
 
     def join(self, generation: Generation) -> tuple[int, list[Step]]:
         """Add a sequence: (its index, its prefill's steps)."""
@@ -104,8 +105,11 @@ class BatchGeneration:
         if not generations:
             return []
         t0 = self.clock()
-        rows = self.engine.sync_many([g.prefill_request() for g in generations])
+        requests = [g.prefill_request() for g in generations]
+        rows = self.engine.sync_many(requests)
         seconds = self.clock() - t0
+        self._history.passed(sum(len(tokens) - g.stats.reused_tokens for g, (_, tokens) in zip(generations, requests)),
+                             self.clock())  # the tokens the prefills evaluated
         out = []
         for generation, row in zip(generations, rows):
             index = self.stats.sequences
@@ -169,7 +173,10 @@ class BatchGeneration:
             nodes, t_pass = sum(len(p.tree) for _, p in plans), self.clock()
             rows = self.engine.eval_trees(requests)  # one pass for every sequence's tree
             rows[-1].argmax(0)  # a row read: the pass has finished (a GPU's runs on after the call)
-            learn_pass(self.cost, nodes, self.clock() - t_pass)
+            t_done = self.clock()
+            if self._history.back_to_back(nodes, t_pass, t_done - t_pass):
+                learn_pass(self.cost, nodes, t_done - t_pass)
+            self._history.passed(nodes, t_done)
             self.stats.passes += 1
             self.stats.nodes += nodes
             for (i, plan), logits in zip(plans, rows):

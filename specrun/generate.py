@@ -37,6 +37,23 @@ from specrun.speculate.verify import Draw, walk
 READ_AHEAD_GAP = 0.1
 
 
+class PassHistory:
+    """A target's previous pass (when it ended, over how many tokens): whether a streamed pass's
+    time is what such passes cost back to back, and so worth learning (see READ_AHEAD_GAP)."""
+
+    def __init__(self, engine: Engine) -> None:
+        self.streamed = engine.transfer() is not None
+        self.ended, self.tokens = 0.0, 0
+
+    def passed(self, tokens: int, ended: float) -> None:
+        self.ended, self.tokens = ended, tokens
+
+    def back_to_back(self, tokens: int, started: float, seconds: float) -> bool:
+        """Whether a pass over `tokens`, begun at `started` and `seconds` long, found nothing
+        read ahead: no idle gap over READ_AHEAD_GAP of it, no larger pass, before it."""
+        return not self.streamed or (started - self.ended <= READ_AHEAD_GAP * seconds and self.tokens <= tokens)
+
+
 @dataclass(frozen=True)
 class GenerationConfig:
     max_tokens: int = 256
@@ -216,9 +233,7 @@ class Generation:
         self._transfer_start: Transfer | None = None
         self._draw: Draw = drawer(config.sampling)
         self._t_candidates = 0.0  # when `candidates` began the step a batch plans
-        self._t_passed = 0.0  # the previous pass (the prefill's, or a step's walk) ended
-        self._passed = 0  # ... over this many tokens
-        self._streamed = engine.transfer() is not None  # weights stream in each pass (see READ_AHEAD_GAP)
+        self._history = PassHistory(engine)  # the pass before this step's: the prefill's, or a step's
 
     @property
     def text(self) -> str:
@@ -259,7 +274,7 @@ class Generation:
         """The prefill's row is in: the first token drawn from it (shown at once)."""
         stats = self.stats
         self._pending = self._draw(logits, 0)
-        self._t_passed, self._passed = self.clock(), len(self.prompt) - stats.reused_tokens  # the tokens it evaluated
+        self._history.passed(len(self.prompt) - stats.reused_tokens, self.clock())  # the tokens it evaluated
         stats.prefill_s = seconds
         stats.target_calls = 1  # the prefill drew the first token
         committed, self.done = self._commit([self._pending])
@@ -336,12 +351,10 @@ class Generation:
         if self.speculator is not None and proposal is not None:  # also for a root-only plan: a draft
             alone = not shared and (len(tree) == 1 or not self.config.overlap)  # model must drop its draft
             pass_s = t_end - plan.t_draft
-            gap = plan.t_draft - self._t_passed
-            if self._streamed and (gap > READ_AHEAD_GAP * pass_s or self._passed > len(tree)):
-                alone = False  # its weights were partly read before it began: not what a pass costs
+            alone = alone and self._history.back_to_back(len(tree), plan.t_draft, pass_s)
             self.speculator.observe(proposal, path, None if shared else t_end - plan.t_step,
                                     pass_s if alone else None, logits)
-        self._t_passed, self._passed = t_end, len(tree)
+        self._history.passed(len(tree), t_end)
         accepted = [tree.tokens[i] for i in path[1:]]
         committed, self.done = self._commit(accepted + [self._pending])  # the pass's own token too: shown now
         stats.target_calls += 1

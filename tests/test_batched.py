@@ -7,13 +7,17 @@ speculative, on every engine, while the passes are shared.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from specrun import batched
 from specrun.batched import BatchGeneration, node_shares
-from specrun.engines.base import Engine
+from specrun.engines.base import Engine, Transfer
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
+from specrun.speculate.planner import CostCurve
+from tests.clocks import FakeClock
 from tests.test_speculate_generate import NgramSpeculator, RandomSpeculator, _open_target
 
 PROMPTS = ["def fib(n): return fib(n", "hello world hello world hello", "the a the a def", "x"]
@@ -191,3 +195,56 @@ def test_a_session_that_replaces_its_cache_lends_the_new_one(tiny_model: Path, t
         s.sequence_ended(s.sequence([1, 2, 3], config, plain, 64))
         fresh = s.open(64)
         assert s.sequence([1, 2, 3], config, plain, 64).cache is fresh
+
+
+class _Streamed:
+    """An engine whose weights stream (a Transfer), its shared passes timed on a fake clock:
+    0.1 s plus 0.01 s a token; everything else as the engine it wraps."""
+
+    def __init__(self, inner: Engine, clock: FakeClock, streamed: bool) -> None:
+        self.inner, self.clock, self.streamed = inner, clock, streamed
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.inner, name)
+
+    def transfer(self) -> Transfer | None:
+        return Transfer() if self.streamed else None
+
+    def sync_many(self, requests):
+        self.clock.advance(0.5)
+        return self.inner.sync_many(requests)
+
+    def eval_trees(self, requests):
+        self.clock.advance(0.1 + 0.01 * sum(len(r.tokens) for r in requests))
+        return self.inner.eval_trees(requests)
+
+
+@pytest.mark.parametrize("streamed", [False, True])
+def test_a_batch_learns_only_the_streamed_passes_run_back_to_back(tiny_model: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                  streamed: bool) -> None:
+    """As for one sequence (test_speculate_overlap): a streamed pass after a larger one (the
+    prefills', or a pass before a sequence left) found its first layers read ahead, so the
+    batch's cost curve learns only passes no larger than the one before; a resident target's
+    every pass."""
+    clock, learnt = FakeClock(), []
+    monkeypatch.setattr(batched, "learn_pass", lambda cost, n, seconds: learnt.append((n, seconds)))
+    inner = _open_target("llama.cpp", tiny_model)
+    try:
+        engine = _Streamed(inner, clock, streamed)
+        gens = [Generation(engine, inner.new_cache(256), inner.vocab.tokenize(p),  # type: ignore[arg-type]
+                           GenerationConfig(n, GREEDY)) for p, n in zip(PROMPTS, MAX_TOKENS)]
+        batch = BatchGeneration(engine, gens, 48, CostCurve((1, 64), (0.1, 0.74)), clock=clock)  # type: ignore[arg-type]
+        sizes: list[int] = []  # nodes of each shared pass
+        for _ in batch:
+            if batch.stats.passes > len(sizes):
+                sizes.append(batch.stats.nodes - sum(sizes))
+        for g in gens:
+            g.cache.close()
+    finally:
+        inner.close()
+    passes = [n for n, _ in learnt]
+    assert all(s == pytest.approx(0.1 + 0.01 * n) for n, s in learnt)
+    before = [sum(len(g.prompt) for g in gens)] + sizes[:-1]  # the prefills', then each pass's
+    expected = [n for n, previous in zip(sizes, before) if not streamed or previous <= n]
+    assert passes == expected
+    assert len(expected) < len(sizes) if streamed else expected == sizes  # sequences leave: passes shrink
