@@ -115,7 +115,7 @@ def calibration_lines(session: Session) -> list[str]:
         accepted = sum(c[0] for c in stats.counts.values())
         tested = sum(c[1] for c in stats.counts.values())
         if tested:
-            rates.append(f"{SOURCE_NAMES.get(name, name)} {accepted / tested:.0%} of {tested}")
+            rates.append(f"{SOURCE_NAMES.get(name, name)} {accepted / tested:.0%} of {tested:.0f}")
     if rates:
         lines.append("drafted nodes accepted lately: " + ", ".join(rates))
     for name, step in sorted(cal.steps.items()):
