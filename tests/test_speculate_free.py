@@ -14,7 +14,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.base import Draft, Verified
 from specrun.speculate.draft_model import ModelDrafter
-from specrun.speculate.merge import PASSED_OVER, chances, mark_passed_over, merge, rate_of
+from specrun.speculate.merge import PASSED_OVER, chances, mark_company, mark_passed_over, merge, rate_of
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.planner import AcceptanceStats, CostCurve
@@ -188,6 +188,30 @@ def test_nodes_the_draft_model_passed_over_learn_their_own_rate() -> None:
     for _ in range(10):
         stats.update(("ngram", 1, PASSED_OVER), False)
     assert stats.rate(("ngram", 1, PASSED_OVER)) < 0.3 < 0.9 < stats.rate(("ngram", 1))
+
+
+def test_nodes_learn_apart_by_the_company_they_were_proposed_in() -> None:
+    """A node two drafters proposed is keyed apart from the nodes each proposed alone: a recycled
+    guess that lookup agreed with is right far more often than one alone, and a key learnt over
+    both overprices the lone ones."""
+    ngram, recycle = DraftTree.rooted(0), DraftTree.rooted(0)
+    add_path(ngram, [1, 2])
+    add_path(recycle, [1, 3])
+    merged = mark_company(merge([
+        ("ngram", Draft(ngram, [("root",)] + [("ngram", d) for d in ngram.depths[1:]])),
+        ("recycle", Draft(recycle, [("root",)] + [("recycle", 0, d) for d in recycle.depths[1:]]))]))
+    keys = {tuple(merged.tree.tokens[j] for j in path_to(merged.tree, i))[1:]: merged.proposers[i]
+            for i in range(1, len(merged.tree))}
+    assert keys[(1,)] == (("ngram", ("ngram", 1, "with recycle")), ("recycle", ("recycle", 0, 1, "with ngram")))
+    assert keys[(1, 2)] == (("ngram", ("ngram", 2, "alone")),)
+    assert keys[(1, 3)] == (("recycle", ("recycle", 0, 2, "alone")),)
+    stats = AcceptanceStats()
+    for i in range(40):
+        stats.update(("recycle", 0, 1, "with ngram"), i % 2 == 0)
+    assert stats.rate(("recycle", 0, 1, "alone")) == stats.rate(("recycle", 0, 1))  # untested: the plain key's
+    for _ in range(40):
+        stats.update(("recycle", 0, 1, "alone"), False)
+    assert stats.rate(("recycle", 0, 1, "alone")) < 0.05 < 0.4 < stats.rate(("recycle", 0, 1, "with ngram"))
 
 
 class ChainDrafter:

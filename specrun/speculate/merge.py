@@ -4,10 +4,10 @@ Drafters find candidates in different ways (prompt lookup, a suffix index, the
 target's recycled top-k, a draft model) and each is right at its own rate,
 learnt per key. A pass verifies one tree, so their trees are merged: a
 node is a path of tokens from the root, whoever proposed it, and it keeps every
-proposer's key, so each drafter learns from the nodes it proposed. Its chance
-of acceptance given its parent's is the best of its proposers' rates (two
-drafters agreeing is at least as good a sign as the surer one alone). The
-planner then keeps the likeliest nodes the cost curve pays for.
+proposer's key, so each drafter learns from the nodes it proposed, apart for
+each company it proposed them in (`mark_company`). Its chance of acceptance
+given its parent's is the best of its proposers' rates. The planner then keeps
+the likeliest nodes the cost curve pays for.
 """
 
 from __future__ import annotations
@@ -72,6 +72,29 @@ def mark_passed_over(merged: Merged, source: str) -> Merged:
         if parents[i] in grew and not its[i]:
             proposers[i] = tuple((s, (*k, PASSED_OVER) if isinstance(k, tuple) else (k, PASSED_OVER))
                                  for s, k in proposers[i])
+    return Merged(merged.tree, proposers, merged.prepared)
+
+
+def company(source: str, sources: Sequence[str]) -> str:
+    """The key part that says which other drafters proposed a node beside `source`."""
+    others = sorted(set(sources) - {source})
+    return "with " + "+".join(others) if others else "alone"
+
+
+def mark_company(merged: Merged) -> Merged:
+    """The merged tree with every proposer's key extended by the drafters that proposed the node
+    beside it (`company`). Cheap drafters agree where the text repeats, and their nodes are right
+    far more often there than alone: on a disk-streamed target a recycled guess proposed alone
+    was right 15% of the time and one that prompt lookup and the suffix index proposed too 42%,
+    so a key learnt over both priced the lone ones at 25%; and lookup and the suffix index,
+    which see the same text, agreeing is not two signs (such nodes priced at 40% were right
+    20% of the time). Each company learns its own rate, falling back to the plain key's while
+    few were tested."""
+    proposers = list(merged.proposers)
+    for i in range(1, len(proposers)):
+        names = [s for s, _ in proposers[i]]
+        proposers[i] = tuple((s, (*k, company(s, names)) if isinstance(k, tuple) else k)  # (a plain key has no
+                             for s, k in proposers[i])  # coarser one to fall back to: kept as it is)
     return Merged(merged.tree, proposers, merged.prepared)
 
 

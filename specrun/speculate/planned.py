@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import Merged, chances, counts, mark_passed_over, merge
+from specrun.speculate.merge import Merged, chances, counts, mark_company, mark_passed_over, merge
 from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost, best_subtree, learn_pass
 from specrun.speculate.tree import DraftTree
 
@@ -212,14 +212,15 @@ class PlannedSpeculator:
     def _merge(self, drafts: list[tuple[str, Draft]], limit: int,
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
         """The drafts merged, and grafted below the leaves by the sources that grow there
-        (recycling), to twice its size at most, within `limit`; (the tree, the grafts)."""
+        (recycling), to twice its size at most, within `limit`; (the tree, the grafts). Keys
+        carry the company each node was proposed in."""
         merged = merge(drafts)
         growers = [s for s in self.free if s.grafts]
         if len(merged.tree) <= 1 or not growers:
-            return merged, []
+            return mark_company(merged), []
         room = min(limit, 2 * len(merged.tree))
         grafts = [(s.name, s.drafter.graft(merged.tree, room, max_depth)) for s in growers]  # type: ignore[attr-defined]
-        return merge(drafts + grafts), grafts
+        return mark_company(merge(drafts + grafts)), grafts
 
     @staticmethod
     def _has(proposers: Sequence, keep: Sequence[int], source: str) -> bool:

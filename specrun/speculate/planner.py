@@ -325,20 +325,36 @@ class AcceptanceStats:
 
     def rate(self, key: Hashable) -> float:
         accepted, tested = self.counts.get(key, (0, 0))
+        above = coarser(key)
         if tested < self.explore:  # (most keys are tested: no coarser keys built for them)
-            for coarse in coarser(key):
+            for j, coarse in enumerate(above):
                 accepted, tested = self.pooled.get(coarse, (0, 0))
                 if tested >= self.explore:
+                    above = above[j + 1:]
                     break
                 if coarse in self.priors:
                     return self.priors[coarse]
         if tested < self.explore:
             return self.optimistic
-        n = tested + self.prior_accept + self.prior_reject
-        mean = (accepted + self.prior_accept) / n
+        m = self.prior_accept + self.prior_reject
+        n = tested + m
+        mean = (accepted + m * self._prior(above)) / n
         if tested >= self.young:
             return mean
         return min(1.0, mean + self.confidence * float(np.sqrt(mean * (1 - mean) / (n + 1))))
+
+    def _prior(self, above: Sequence[Hashable]) -> float:
+        """The mean a key's own tests are added to: its coarser keys' (`above`, finest first), each
+        drawn towards the next coarser one's, from `prior_accept`'s share at the top. A flat
+        Beta(1, 1) drew every key to a half: a recycled rank right once in 50 read 0.08 after
+        10 tests, 0.14 with the bound (on a key's first run, what plans bought by)."""
+        m = self.prior_accept + self.prior_reject
+        p = self.prior_accept / m
+        for coarse in reversed(above):
+            p = self.priors.get(coarse, p)
+            accepted, tested = self.pooled.get(coarse, (0, 0))
+            p = (accepted + m * p) / (tested + m)
+        return p
 
     # Tests of a key kept at most: beyond, older ones weigh half (recent text and machines count).
     # At 400, prompt lookup's long matches, learnt at 97% on rewrites, kept being verified on
