@@ -61,6 +61,7 @@ class ChatTemplate:
     """A model's chat template, rendered in a sandbox (templates come with downloaded files)."""
 
     def __init__(self, template: str, bos_token: str, eos_token: str) -> None:
+        import specrun.engines.llama_lib  # noqa: F401  (llama-cpp-python loaded as the engines load it)
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         self._formatter = Jinja2ChatFormatter(template, eos_token=eos_token, bos_token=bos_token,

@@ -16,7 +16,7 @@ class LlamaCppPythonPeer:
     same file and threads: the peer users compare against."""
 
     def __init__(self, path: Path, n_ctx: int, threads: int | None, gpu_layers: int | None, lookup: bool) -> None:
-        import llama_cpp
+        from specrun.engines.llama_lib import llama_cpp
         from llama_cpp.llama_speculative import LlamaPromptLookupDecoding
 
         # Tokens drafted per step as llama-cpp-python's README recommends: 10 with a GPU,

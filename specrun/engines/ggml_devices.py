@@ -38,7 +38,7 @@ class Device:
 @cache
 def _lib() -> ctypes.CDLL:
     """libggml as llama-cpp-python loaded it, with the registry's signatures declared."""
-    import llama_cpp  # noqa: F401  (loads libllama, which registers the backends)
+    from specrun.engines.llama_lib import llama_cpp  # noqa: F401  (loads libllama, which registers the backends)
     from llama_cpp._ggml import libggml
 
     void_p, char_p = ctypes.c_void_p, ctypes.c_char_p

@@ -17,10 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Sequence
 
-import llama_cpp as C
-
 from specrun.engines.base import Cache, EngineMixin, TreeRequest, check_keep, check_requests
 from specrun.engines.ggml_devices import devices, has_gpu
+from specrun.engines.llama_lib import llama_cpp as C
 from specrun.engines.rpc import on_lost_worker, parse_endpoint, worker_devices
 from specrun.engines.llamacpp_cache import ContextLogits, LlamaCppCache, LlamaCppContext
 from specrun.engines.llamacpp_backend import LlamaCppVocab, init_backend, last_log_error

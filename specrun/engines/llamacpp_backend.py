@@ -8,8 +8,7 @@ import ctypes
 import threading
 from pathlib import Path
 
-import llama_cpp as C
-
+from specrun.engines.llama_lib import llama_cpp as C
 from specrun.errors import EngineError
 
 _log_lock = threading.Lock()

@@ -11,10 +11,10 @@ from __future__ import annotations
 import ctypes
 from typing import Any
 
-import llama_cpp as C
 import numpy as np
 
 from specrun.engines.base import Cache
+from specrun.engines.llama_lib import llama_cpp as C
 from specrun.engines.top_k import top_ids_of, top_k_of
 
 

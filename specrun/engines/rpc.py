@@ -91,8 +91,8 @@ def check_listening(endpoints: Sequence[Endpoint], timeout: float = CONNECT_TIME
 @cache
 def _libs() -> tuple[ctypes.CDLL, ctypes.CDLL]:
     """(libggml, libggml-rpc) as llama-cpp-python loaded them, with signatures declared."""
-    import llama_cpp
-    from llama_cpp._ggml import libggml
+    from specrun.engines.llama_lib import llama_cpp
+    from llama_cpp._ggml import libggml  # (after: llama_lib loads llama-cpp-python first)
 
     path = Path(llama_cpp.__file__).parent / "lib" / "libggml-rpc.so"
     if not path.exists() or not llama_cpp.llama_supports_rpc():
