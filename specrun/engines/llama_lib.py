@@ -8,7 +8,7 @@ every pass after then waits for its workers to wake. On 2 cores, after one promp
 drafted during the target's passes, plain decoding ran at 12.2 tok/s for the rest of
 the process where it had run at 16.4 (and `specrun chat` stayed that slow). With
 OMP_WAIT_POLICY=ACTIVE and GOMP_SPINCOUNT at libgomp's own default, a worker spins that
-long, then sleeps, whatever the count: 15.5 tok/s there.
+long, then sleeps, whatever the count: 15.0-15.5 tok/s there.
 
 libgomp reads them once, when it is loaded (with llama-cpp-python, here), so they are set
 around the import only: child processes and a torch that loads its own libgomp later

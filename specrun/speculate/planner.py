@@ -284,7 +284,8 @@ class StepCost:
 class AcceptanceStats:
     """Per key: how often a drafted node was accepted when its parent was.
 
-    The rate is the Beta posterior's mean, and while a key has been tested fewer than
+    The rate is the posterior mean of a Beta prior centred on the key's coarser keys' rate
+    (`_prior`), and while a key has been tested fewer than
     `young` times, `confidence` standard deviations above it (an upper confidence bound). A
     key that was unlucky in its first tests therefore still gets verified now and then;
     without the bound a key's first two failures could rule it out for good. Beyond, the
