@@ -285,10 +285,10 @@ class AcceptanceStats:
     """Per key: how often a drafted node was accepted when its parent was.
 
     The rate is the posterior mean of a Beta prior centred on the key's coarser keys' rate
-    (`_prior`), and while a key has been tested fewer than
-    `young` times, `confidence` standard deviations above it (an upper confidence bound). A
-    key that was unlucky in its first tests therefore still gets verified now and then;
-    without the bound a key's first two failures could rule it out for good. Beyond, the
+    (`_prior`), and while a key has been tested fewer than `young` times, `confidence`
+    standard deviations above it (an upper confidence bound). A key that was unlucky in its
+    first tests therefore still gets verified now and then; without the bound a key's first
+    two failures could rule it out for good. Beyond, the
     plans need the rate itself: with the bound kept for good (and counts windowed, so it
     never narrowed), a disk-streamed target's free plans expected 3.95 accepted nodes a
     step and got 1.42 (recycled guesses right 2.4% of the time priced at 10%), and
@@ -327,7 +327,7 @@ class AcceptanceStats:
     def rate(self, key: Hashable) -> float:
         accepted, tested = self.counts.get(key, (0, 0))
         above = coarser(key)
-        if tested < self.explore:  # (most keys are tested: no coarser keys built for them)
+        if tested < self.explore:  # priced by the nearest coarser key tested, its own prior above it
             for j, coarse in enumerate(above):
                 accepted, tested = self.pooled.get(coarse, (0, 0))
                 if tested >= self.explore:
