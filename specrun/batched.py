@@ -17,6 +17,7 @@ from typing import Callable, Iterator, Sequence
 
 from specrun.engines.base import Engine, TreeRequest
 from specrun.generate import Generation, PassHistory, Plan, Step
+from specrun.speculate.draft_model import ModelDrafter, draft_together, warm_together
 from specrun.speculate.planned import Candidates
 from specrun.speculate.planner import PassCost, best_subtrees, learn_pass
 
@@ -110,6 +111,9 @@ class BatchGeneration:
         seconds = self.clock() - t0
         self._history.passed(sum(len(tokens) - g.stats.reused_tokens for g, (_, tokens) in zip(generations, requests)),
                              self.clock())  # the tokens the prefills evaluated
+        warm = [(d, g.prompt) for g in generations if (d := getattr(g.speculator, "costly_drafter", None)) is not None]
+        if warm:  # their draft model's caches too, as a sequence alone prefills its draft's with the target's
+            warm_together(warm)
         out = []
         for generation, row in zip(generations, rows):
             index = self.stats.sequences
@@ -161,6 +165,7 @@ class BatchGeneration:
                 out += [(i, step) for step in g.end()]
         if offered:  # TETRIS: the pass's nodes go to the likeliest candidates over all sequences
             assert self.cost is not None
+            self._draft(offered)
             keeps = best_subtrees([c.chances for c in offered.values()], self.cost,
                                   min(self.max_nodes, self.cost.max_size), fixed=sum(len(p.tree) for p in planned.values()))
             for (i, c), keep in zip(offered.items(), keeps):
@@ -190,6 +195,26 @@ class BatchGeneration:
                     self.active.remove(i)
         self.stats.decode_s += self.clock() - t0
         return out
+
+    def _draft(self, offered: dict[int, Candidates]) -> None:
+        """The draft model's trees for the sequences whose speculators draft with one, grown
+        together (a level of every tree per draft call: draft_together) and merged into their
+        candidates, so the batch's plan prices its nodes beside the free drafters'."""
+        jobs: dict[int, tuple[ModelDrafter, int]] = {}
+        for i, c in offered.items():
+            ask = getattr(self.generations[i].speculator, "batch_draft", None)
+            if ask is not None and (job := ask(c)) is not None:
+                jobs[i] = job
+        if not jobs:
+            return
+        assert self.cost is not None
+        t0 = self.clock()
+        pass_s = self.cost.cost(max(round(self.stats.nodes_per_pass), len(self.active)))
+        drafts = draft_together([(d, offered[i].context, n, offered[i].max_depth) for i, (d, n) in jobs.items()],
+                                pass_s, self.clock)
+        share = (self.clock() - t0) / len(jobs)
+        for i, draft in zip(jobs, drafts):
+            offered[i] = self.generations[i].speculator.with_draft(offered[i], draft, share)  # type: ignore[union-attr]
 
     def _share(self) -> int:
         """Nodes for one tree of a sequence that plans alone: an equal share of the pass."""

@@ -51,11 +51,12 @@ class BatchRow:
 
 
 def batch_spec(spec: SpecConfig) -> SpecConfig | None:
-    """A mode's speculation as a batch runs it: its free sources (auto without the draft model);
-    None for the modes that are the draft model."""
+    """A mode's speculation as a batch runs it: the draft model (auto's), if any, drafts for every
+    sequence together between passes, not during them; None for the modes that are the draft
+    model alone (a batch plans over the free drafters' candidates)."""
     if spec.mode in MODEL_MODES:
         return None
-    return replace(spec, use_draft=False, overlap="off") if spec.mode == "auto" else replace(spec, overlap="off")
+    return replace(spec, overlap="off")
 
 
 def run_batched(session: Session, mode: str, spec: SpecConfig, prompts: list[list[int]], batch: int,

@@ -120,9 +120,11 @@ class Session:
                    self.plan.tree_nodes)
 
     def _draft_engine(self) -> Engine | None:
-        """The draft engine, loaded and vocabulary-checked on first use, opened like the target."""
+        """The draft engine, loaded and vocabulary-checked on first use, opened like the target
+        (a batch's sequences' draft caches share its passes as their target caches do)."""
         if self.draft is None and self.config.draft is not None:
-            draft = open_engine(self.config.draft, self.config.draft_placement, self.draft_tree_nodes)
+            draft = open_engine(self.config.draft, self.config.draft_placement, self.draft_tree_nodes,
+                                max(self.config.batched, 1))
             try:
                 check_vocab_compatible(self.target.vocab, draft.vocab)
             except VocabMismatch as e:

@@ -165,6 +165,50 @@ def test_a_batch_plans_the_free_drafters_candidates_together_and_keeps_the_outpu
         g.cache.close()
 
 
+@pytest.mark.parametrize("kind", ["llama.cpp", "torch"])
+@pytest.mark.parametrize("draft_seed", [None, 9])  # the target's own weights (right), or other ones
+def test_a_batch_drafts_with_a_draft_model_for_every_sequence_at_once(sharp_model: Path, tmp_path: Path, kind: str,
+                                                                      draft_seed: int | None) -> None:
+    """Auto's draft model in a batch: every level of every sequence's tree in one draft call
+    (its caches share one context), merged with the free drafters' candidates and planned
+    together; each output equals its plain run alone, and the draft's nodes were verified."""
+    from tests.tiny_model import TinySpec, build_tiny_model
+    from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
+    from specrun.speculate.draft_model import DraftModel, ModelDrafter
+    from specrun.speculate.ngram import NgramDrafter
+    from specrun.speculate.planned import PlannedSpeculator, Source
+    from specrun.speculate.planner import AcceptanceStats, CostCurve
+
+    path = sharp_model if draft_seed is None else build_tiny_model(tmp_path / "other.gguf",
+                                                                   TinySpec(scale=4.0, seed=draft_seed))
+    curve = CostCurve((1, 16, 64), (1.0, 1.0, 3.0))
+    sampling = [GREEDY] * len(PROMPTS)
+    engine = _open_target(kind, sharp_model)
+    alone = _alone(engine, "plain", sampling)
+    with LlamaCppEngine(path, LlamaCppConfig(n_threads=1, max_tree_nodes=63, sequences=len(PROMPTS))) as draft:
+        calls: list[int] = []
+        eval_trees = draft.eval_trees
+        draft.eval_trees = lambda requests: calls.append(len(requests)) or eval_trees(requests)  # type: ignore[method-assign]
+        gens = [Generation(engine, engine.new_cache(256), engine.vocab.tokenize(p), GenerationConfig(n, GREEDY),
+                           PlannedSpeculator("auto", [Source("ngram", NgramDrafter(), AcceptanceStats()),
+                                                      Source("model", ModelDrafter(DraftModel(draft, draft.new_cache(256))),
+                                                             AcceptanceStats())], curve, 32, 8))
+                for p, n in zip(PROMPTS, MAX_TOKENS)]
+        batch = BatchGeneration(engine, gens, 64, curve)
+        for _ in batch:
+            pass
+        assert [g.tokens for g in gens] == [a.tokens for a in alone]
+        assert max(calls) == len(PROMPTS)  # a level of every sequence's tree in one draft call
+        model = [g.stats.sources.get("model") for g in gens]
+        verified = sum(m.verified for m in model if m is not None)
+        assert verified > 0  # the batch's plan verified the draft's nodes
+        if draft_seed is None:  # the target's own weights: every level's likeliest guess comes true
+            assert sum(m.accepted for m in model if m is not None) > 0.3 * verified  # (siblings are not)
+        for g in gens:
+            g.cache.close()
+    engine.close()
+
+
 def test_a_session_hands_out_spare_caches_and_takes_them_back(tiny_model: Path, tmp_path: Path) -> None:
     """Session.sequence: the session's own cache first, then new ones; an ended sequence's cache
     serves the next; a sequence that cannot start (its prompt too long) leaves its cache spare."""

@@ -63,7 +63,8 @@ def bench(
                                                "included, in a process of its own inside this much memory (e.g. "
                                                "1.1G; a child memory cgroup) and report each one's peak."),
     batch: int = typer.Option(1, "--batch", min=1, help="Also run the prompts N at a time sharing every target "
-                              "pass (plain, and auto on its free drafters), beside the single-sequence rows."),
+                              "pass (plain; auto, its draft model drafting for all N at once; free), beside the "
+                              "single-sequence rows."),
     json_path: Optional[Path] = typer.Option(None, "--json", help="Write every figure and run here."),
     plot_path: Optional[Path] = typer.Option(None, "--plot", help="Draw speed-ups and accepted lengths (PNG; "
                                              "needs matplotlib)."),
@@ -172,12 +173,12 @@ def _in_process(models: Any, chosen: list[B.Mode], places: Any, config: B.BenchC
 
 def _batched(session: Any, chosen: list[B.Mode], config: B.BenchConfig, tokens: list[list[int]],
              results: list[Any], batch: int) -> list[BatchRow]:
-    """Each of the chosen modes a batch can run (plain; auto and free as the free drafters; ngram),
-    once, the prompts `batch` at a time."""
+    """Each of the chosen modes a batch can run (plain; auto, its draft model drafting for every
+    sequence at once; free; ngram), once, the prompts `batch` at a time."""
     rows: list[BatchRow] = []
     for m in chosen:
         spec = batch_spec(m.spec) if m.spec is not None else None
-        name = "free" if m.key in ("auto", "free") else m.key
+        name = m.key
         if spec is None or any(r.mode == name for r in rows):
             continue
         notice(f"batches of {batch}: {name}…")

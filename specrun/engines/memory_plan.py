@@ -277,8 +277,11 @@ def _plan(request: PlanRequest, placed: _Placed, shape: ModelShape, draft: Model
         draft_placement = placed.draft
         items.append(Item(f"draft model{' (held in RAM)' if placed.draft_held else ''}", draft.weight_bytes,
                           "--no-draft", "draft"))
-        items.append(Item("draft KV cache and buffers", draft.llama_context_bytes(n_ctx, draft_nodes + 1), "--ctx",
-                          "draft"))
+        from specrun.engines.llamacpp import slot_ids  # a batch's draft caches share one context
+
+        seqs = request.sequences
+        items.append(Item("draft KV cache and buffers",
+                          draft.llama_context_bytes(n_ctx, seqs * slot_ids(draft_nodes, seqs)), "--ctx", "draft"))
     base = sum(i.bytes for i in items)
     items.append(Item("headroom", max(HEADROOM, base // 20), part="headroom"))
     plan = MemoryPlan(limit, placed.target, draft_placement, n_ctx, nodes, tuple(items))

@@ -31,7 +31,7 @@ from typing import Callable, Hashable, Sequence
 
 import numpy as np
 
-from specrun.engines.base import Cache, Engine, Logits, Vocab, common_prefix
+from specrun.engines.base import Cache, Engine, Logits, TreeRequest, Vocab, common_prefix
 from specrun.speculate.base import Draft, Verified
 from specrun.speculate.overlap import Preparation
 from specrun.speculate.tree import DraftTree
@@ -103,6 +103,7 @@ class _Search:
         self.mark = 0  # nodes evaluated before the pass that verified their tree returned (prepared)
         self.started = False  # the root was evaluated: the tree can grow
         self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
+        self._first = 0  # the first node of the draft call under way (pick)
 
     def offer(self, node: int, logits: Logits, row: int) -> None:
         if self.tree.depths[node] < self.max_depth:
@@ -111,7 +112,11 @@ class _Search:
                 heapq.heappush(self.heap, (-cum, next(self.tie), node, int(tok), float(p)))
 
     def start(self) -> None:
-        self.offer(0, self.engine.sync(self.cache, self.context), 0)  # the root is always evaluated
+        self.started_with(self.engine.sync(self.cache, self.context))  # the root is always evaluated
+
+    def started_with(self, row: Logits) -> None:
+        """The draft cache holds the context: `row` (after its last token) offers the root's children."""
+        self.offer(0, row, 0)
         self.calls, self.started = 1, True
 
     def limit(self, depth: int, min_prob: float) -> None:
@@ -127,6 +132,25 @@ class _Search:
         """One draft call over the likeliest candidates (at most `room` nodes counting room for
         their children; None: no bound but the engine's), `width` of them at most (None: the
         config's); how many it evaluated."""
+        first = self.pick(room, width)
+        if first is None:
+            return 0
+        self.take(self.engine.eval_tree(self.cache, *self.request(first)))
+        return len(self.tree) - first
+
+    def request(self, first: int) -> tuple[list[int], list[int], list[int], int]:
+        """The draft engine's tree (tokens, parents, depths, start) for the nodes `first`.. picked."""
+        tree = self.tree
+        return tree.tokens[1:], [q - 1 for q in tree.parents[1:]], [d - 1 for d in tree.depths[1:]], first - 1
+
+    def pick(self, room: int | None, width: int | None = None) -> int | None:
+        """`grow`'s first half: the candidates it evaluates join the tree (from the index it
+        returns; None: none is worth a call). The draft call's rows then go to `take`."""
+        return self.add(self.choose(room, width))
+
+    def choose(self, room: int | None, width: int | None = None) -> list[Candidate]:
+        """The candidates the next draft call would evaluate, taken from the heap (`add` them, or
+        `put_back`)."""
         batch: list[Candidate] = []
         cap = min(width or self.cfg.nodes_per_pass, self.cfg.nodes_per_pass, self.evaluable - (len(self.tree) - 1))
         while self.heap and len(batch) < cap and (room is None or 2 * (len(batch) + 1) <= room - len(self.leaves)):
@@ -137,21 +161,31 @@ class _Search:
                 self.leaves.append(item)  # its children would be too deep: a leaf
             else:
                 batch.append(item)
+        return batch
+
+    def put_back(self, batch: list[Candidate]) -> None:
+        for item in batch:
+            heapq.heappush(self.heap, item)
+
+    def add(self, batch: list[Candidate]) -> int | None:
+        """The chosen candidates join the tree as a draft call's nodes (from the index returned)."""
         if not batch:
-            return 0
+            return None
         tree, first = self.tree, len(self.tree)
         self.busy = True
         for neg, _, parent, tok, p in batch:
             tree.add(tok, parent)
             self.logp.append(-neg)
             self.probs.append(p)
-        logits = self.engine.eval_tree(self.cache, tree.tokens[1:], [q - 1 for q in tree.parents[1:]],
-                                       [d - 1 for d in tree.depths[1:]], start=first - 1)
-        for row, node in enumerate(range(first, len(tree))):
+        self._first = first
+        return first
+
+    def take(self, logits: Logits) -> None:
+        """The rows of the draft call over the nodes `pick` added: their continuations offered."""
+        for row, node in enumerate(range(self._first, len(self.tree))):
             self.offer(node, logits, row)
         self.busy = False
         self.calls += 1
-        return len(batch)
 
     def proposal(self, max_nodes: int, max_depth: int) -> tuple[DraftTree, list[Hashable], list[bool]]:
         """The `max_nodes` likeliest nodes at most `max_depth` deep, evaluated or candidates (as
@@ -248,10 +282,22 @@ class ModelDrafter:
             for _ in range(search.cfg.max_passes - levels):
                 if not search.grow(max_nodes - len(search.tree)):
                     break
+        return self.drafted(search, max_nodes, max_depth, reused, catch_up_s)
+
+    def fresh(self, context: Sequence[int], max_nodes: int, max_depth: int) -> _Search:
+        """A search for `context` not started yet: a batch starts and grows several sequences'
+        together (`draft_together`), then hands each its own back (`drafted`)."""
+        self.preparation.resume(None)
+        depth = min(max_depth, self.cache.n_ctx - len(context))
+        return _Search(self.model, context, self.config.sized(max_nodes, depth), depth)
+
+    def drafted(self, search: _Search, max_nodes: int, max_depth: int, reused: bool | None = None,
+                catch_up_s: float = 0.0) -> Draft:
+        """The draft `search` grew: its `max_nodes` likeliest nodes at most `max_depth` deep."""
         if max_nodes > 1 and search.started and max_depth > 0:
             tree, keys, prepared = search.proposal(max_nodes, max_depth)
         else:
-            tree, keys, prepared = DraftTree.rooted(context[-1]), [("root",)], [False]
+            tree, keys, prepared = DraftTree.rooted(search.context[-1]), [("root",)], [False]
         self.preparation.drafted(search)
         return Draft(tree, keys, reused, prepared, catch_up_s, search.calls, len(search.tree) - 1)
 
@@ -270,6 +316,59 @@ class ModelDrafter:
 
     def accepted(self, verified: Verified) -> None:
         self.preparation.accepted(verified.tokens[1:])
+
+
+def warm_together(jobs: Sequence[tuple[ModelDrafter, Sequence[int]]]) -> None:
+    """`ModelDrafter.warm` for several sequences joining a batch: their prompts prefilled in the
+    draft's caches in as few passes as its engine can, with the target's prefill, not in the
+    first step's draft."""
+    todo = []
+    for drafter, context in jobs:
+        drafter.preparation.resume(None)
+        if context and common_prefix(drafter.cache.tokens, context) < len(context):
+            todo.append((drafter.cache, context))
+    if todo:
+        jobs[0][0].engine.sync_many(todo)
+
+
+CHILD_SHARE = 0.7  # what a draft call adds below a node it evaluates: its likeliest child, about this sure
+
+
+def draft_together(jobs: Sequence[tuple[ModelDrafter, Sequence[int], int, int]], pass_s: float,
+                   clock: Callable[[], float] = time.perf_counter) -> list[Draft]:
+    """Draft-model trees for several sequences sharing the target's passes, (drafter, context,
+    nodes, depth) each, every level of all of them in one draft call (their caches share the
+    draft engine's passes as the target's do: on 2 cores 8 frontier nodes cost about 4x one).
+    Levels go on while the next is worth its time: the chance it adds (the picked candidates'
+    cumulative probability, times CHILD_SHARE) per second of the last call beats the tokens
+    the trees are expected to give per second of the step so far, the target's pass
+    (`pass_s`) included. A drafted tree beyond what pays is cut by the batch's plan."""
+    searches = [drafter.fresh(context, nodes, depth) for drafter, context, nodes, depth in jobs]
+    pairs = [(s, nodes) for s, (_, _, nodes, _) in zip(searches, jobs) if nodes > 1 and s.max_depth > 0]
+    live = [s for s, _ in pairs]
+    if live:
+        engine = live[0].engine
+        t0 = clock()
+        for s, row in zip(live, engine.sync_many([(s.cache, s.context) for s in live])):
+            s.started_with(row)
+        spent, call_s = pass_s + clock() - t0, None
+        for _ in range(max(s.cfg.max_passes for s in live)):
+            chosen = [(s, batch) for s, nodes in pairs if (batch := s.choose(nodes - len(s.tree)))]
+            adds = CHILD_SHARE * sum(float(np.exp(-c[0])) for _, batch in chosen for c in batch)
+            expected = sum(1.0 + sum(float(np.exp(lp)) for lp in s.logp[1:]) +
+                           max((float(np.exp(-c[0])) for c in s.heap[:1] + s.leaves), default=0.0) for s in live)
+            if not chosen or call_s is not None and adds * spent <= expected * call_s:
+                for s, batch in chosen:
+                    s.put_back(batch)
+                break
+            picked = [(s, s.add(batch)) for s, batch in chosen]
+            t1 = clock()
+            rows = engine.eval_trees([TreeRequest(s.cache, *s.request(first)) for s, first in picked])
+            for (s, _), logits in zip(picked, rows):
+                s.take(logits)
+            call_s = clock() - t1
+            spent += call_s
+    return [drafter.drafted(s, nodes, depth) for s, (drafter, _, nodes, depth) in zip(searches, jobs)]
 
 
 class VocabMismatch(ValueError):

@@ -42,6 +42,9 @@ class Candidates:
     grafts: list[tuple[str, Draft]]
     drafting_s: float
     limit: int  # the most nodes one tree of it may keep
+    context: tuple[int, ...] = ()  # what it drafted after
+    max_depth: int = 0
+    costly: bool = False  # the costly source's draft is merged in (`with_draft`)
 
 
 class Gate(Protocol):
@@ -173,9 +176,9 @@ class PlannedSpeculator:
     def candidates(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Candidates | None:
         """The free sources' merged tree with every node's chance, before any plan cuts it: a batch
         plans over all its sequences' candidates at once (planner.best_subtrees), then hands each
-        its nodes (`proposal`). None where this speculator plans alone (a costly source, or a
-        fixed budget)."""
-        if self.costly is not None or self.cost is None or not self.free:
+        its nodes (`proposal`). None where this speculator plans alone (a fixed budget, or no
+        free source). A costly source drafts for them where the batch asks it (`batch_draft`)."""
+        if self.cost is None or not self.free:
             return None
         self._unverified += 1
         max_depth, limit = min(max_depth, self.max_depth), min(max_nodes, self.max_nodes, self.cost.max_size)
@@ -184,15 +187,48 @@ class PlannedSpeculator:
                   for s in self.free]
         merged, grafts = self._merge(drafts, limit, max_depth)
         return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
-                          self.clock() - t0, limit)
+                          self.clock() - t0, limit, tuple(context), max_depth)
+
+    @property
+    def costly_drafter(self) -> Drafter | None:
+        """The costly source's drafter (a batch prefills its cache with the target's)."""
+        return self.costly.drafter if self.costly is not None else None
+
+    def batch_draft(self, c: Candidates) -> tuple[Drafter, int] | None:
+        """Where a batch drafts with the draft model for its sequences together: this one's
+        drafter and how many nodes to draft for it (a quarter more than its last plan kept);
+        None while it rests (plans kept none of its nodes lately). The batch's plan, not the
+        single-sequence gate, decides what its nodes are worth: a batch's pass is shared."""
+        if self.costly is None:
+            return None
+        if self._resting > 0:
+            self._resting -= 1
+            return None
+        return self.costly.drafter, min(self._candidates, c.limit)
+
+    def with_draft(self, c: Candidates, draft: Draft, drafting_s: float) -> Candidates:
+        """The candidates with the costly source's `draft` (drafted for them by the batch) merged in."""
+        assert self.costly is not None
+        drafts = c.drafts + [(self.costly.name, draft)]
+        merged, grafts = self._merge(drafts, c.limit, c.max_depth)
+        merged = mark_passed_over(merged, self.costly.name)
+        return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
+                          c.drafting_s + drafting_s, c.limit, c.context, c.max_depth, costly=True)
 
     def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
         m = c.merged
         self._budget(m.proposers, keep, c.limit)
+        if c.costly and self.costly is not None:  # as `propose`: rest while plans keep none of its nodes
+            mine = sum(1 for i in keep[1:] if any(s == self.costly.name for s, _ in m.proposers[i]))
+            if mine == 0:
+                self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
+            else:
+                self._rest, self._unverified = 1, 0
+            self._candidates = self._drafts_for(mine + 1)
         return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
                         free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
-                        proposed=self._proposed(c.drafts + c.grafts))
+                        proposed=self._proposed(c.drafts + c.grafts), costly=c.costly)
 
     def _budget(self, proposers: Sequence, keep: Sequence[int], limit: int) -> None:
         """Candidates each free drafter drafts next step: twice what the plan kept of its nodes, at
