@@ -109,6 +109,7 @@ class Session:
         # the session's own (`cache`) while not lent. Not kept in the list: open() and calibrated()
         # replace it, and the list would hand out the closed one.
         self._spare: list[Cache] = []
+        self._draft_caches: dict[int, tuple[Cache, Cache]] = {}  # a batch's target caches' draft caches, by id
         self._own_lent = False
 
     @property
@@ -144,8 +145,11 @@ class Session:
         draft = self._draft_engine()
         if draft is None:
             return None
-        if separate is not None:
-            return DraftModel(draft, draft.new_cache(separate.n_ctx))
+        if separate is not None:  # one draft cache per target cache, kept with it as the batch hands it on
+            kept = self._draft_caches.get(id(separate))
+            if kept is None or kept[0] is not separate or kept[1].closed:
+                kept = self._draft_caches[id(separate)] = (separate, draft.new_cache(separate.n_ctx))
+            return DraftModel(draft, kept[1])
         if self.cache is None:
             raise RuntimeError("a draft model's speculator before open()")
         if self.draft_cache is None:
@@ -231,7 +235,10 @@ class Session:
             else:
                 cache = self.target.new_cache(n_ctx)
         try:
-            speculator = self.speculator(spec, separate=cache) if spec.mode != "none" else None
+            # The session's own cache drafts in the session's draft cache (the draft engine's shared
+            # context has a slot per sequence, that one included); every other in one of its own.
+            separate = None if cache is own else cache
+            speculator = self.speculator(spec, separate=separate) if spec.mode != "none" else None
             return Generation(self.target, cache, list(prompt), config, speculator)
         except Exception:  # (a prompt too long for the cache, say): the cache stays spare
             self._give_back(cache)

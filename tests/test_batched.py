@@ -227,6 +227,26 @@ def test_a_session_hands_out_spare_caches_and_takes_them_back(tiny_model: Path, 
         assert s.sequence([5, 6], config, plain, 64).cache is own  # still spare after the failure
 
 
+def test_a_batch_sequence_drafts_in_the_draft_cache_kept_with_its_target_cache(tiny_model: Path,
+                                                                               tmp_path: Path) -> None:
+    """With a draft model, each of a batch's target caches gets a draft cache of its own, in the
+    draft engine's one shared context, and keeps it as the cache passes to the next sequence
+    (a bench or a server runs many more sequences than the batch holds)."""
+    from specrun.session import Session, SessionConfig
+    from specrun.speculate.factory import SpecConfig
+
+    with Session(SessionConfig(tiny_model, tiny_model, tmp_path, batched=2)) as s:
+        s.open(64)
+        chain, config = SpecConfig(mode="chain", budget=4, overlap="off"), GenerationConfig(4, SamplingConfig(temperature=0.0))
+        first, second = s.sequence([1, 2, 3], config, chain, 64), s.sequence([1, 4], config, chain, 64)
+        drafts = [g.speculator.costly_drafter.cache for g in (first, second)]  # type: ignore[union-attr]
+        assert drafts[0] is not drafts[1] and drafts[0].context is drafts[1].context  # type: ignore[attr-defined]
+        s.sequence_ended(second)
+        third = s.sequence([7, 8], config, chain, 64)
+        assert third.cache is second.cache
+        assert third.speculator.costly_drafter.cache is drafts[1]  # type: ignore[union-attr]
+
+
 def test_a_session_that_replaces_its_cache_lends_the_new_one(tiny_model: Path, tmp_path: Path) -> None:
     """open() (and calibrated()) close the session's cache and make another: the pool hands out
     the new one, never the closed one it lent before."""

@@ -144,6 +144,11 @@ class Cache:
         if release is not None:
             release()
 
+    @property
+    def closed(self) -> bool:
+        """Closed, or its engine is (an engine's caches are made open: `EngineMixin._made`)."""
+        return self._release is None
+
 
 @dataclass(frozen=True)
 class TreeRequest:
