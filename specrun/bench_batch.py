@@ -2,7 +2,8 @@
 single-sequence rows.
 
 Each batched mode runs the prompts in groups of N through `BatchGeneration` on the
-bench's session (its cache and N - 1 more), drafting with the free sources only.
+bench's session (its cache and N - 1 more), drafting as `run --batch` does: auto's
+draft model, where the session loaded it, for all of a pass's sequences at once.
 What it reports: the aggregate decoding rate (tokens after each prefill's, over the
 wall time of the shared passes), how it compares with single-sequence plain
 decoding and with the same mode alone, the bound the cost curve sets for the

@@ -20,13 +20,14 @@ def _alone(model: Path, prompt: str, *args: str) -> str:
     return json.loads(result.stdout)["text"]
 
 
-@pytest.mark.parametrize("spec", ["none", "ngram", "auto"])
+@pytest.mark.parametrize("spec", ["none", "ngram", "auto", "auto --draft"])
 def test_a_batch_prints_each_result_in_order_as_its_own_run_would(tiny_model: Path, tmp_path: Path,
                                                                   spec: str) -> None:
     batch = tmp_path / "prompts.jsonl"
     batch.write_text("\n".join(LINES) + "\n")
-    result = invoke("run", str(tiny_model), "--batch", str(batch), "-n", "20", "-t", "0", "--spec", spec,
-                    "--parallel", "3")
+    draft = ["--draft", str(tiny_model)] if "--draft" in spec else []  # auto's draft model drafts for them all
+    result = invoke("run", str(tiny_model), "--batch", str(batch), "-n", "20", "-t", "0", "--spec", spec.split()[0],
+                    "--parallel", "3", *draft)
     assert result.exit_code == 0, result.output
     rows = [json.loads(line) for line in result.stdout.splitlines()]
     prompts = [item.prompt for item in read_batch("\n".join(LINES))]
@@ -35,6 +36,8 @@ def test_a_batch_prints_each_result_in_order_as_its_own_run_would(tiny_model: Pa
         assert row["text"] == _alone(tiny_model, prompt, "-t", "0", "--spec", "none"), prompt
         assert row["generated_tokens"] <= 20 and row["latency_s"] > 0
     assert "5 sequences" in result.stderr and "shared passes" in result.stderr
+    if draft:
+        assert "drafters: model " in result.stderr  # what each drafter proposed, verified and accepted
 
 
 def test_samples_share_passes_and_each_equals_its_seeded_run(tiny_model: Path) -> None:
@@ -73,4 +76,4 @@ def test_bad_batch_requests_are_one_line_errors(tiny_model: Path, tmp_path: Path
     assert_one_line_error(invoke("run", str(tiny_model), "p", "--batch", str(batch), "--samples", "2"), 2,
                           "contradict")
     assert_one_line_error(invoke("run", str(tiny_model), "p", "--samples", "2", "--spec", "tree"), 2,
-                          "free sources only")
+                          "a batch drafts with auto's sources")

@@ -102,6 +102,21 @@ def test_eight_concurrent_requests_equal_their_runs_alone(served: int, tiny_mode
     assert m["in_flight"] == 0 and m["active"] == 0
 
 
+def test_requests_sharing_passes_with_a_draft_model_equal_their_runs_alone(tiny_model: Path, tmp_path: Path) -> None:
+    """With --draft, auto's draft model drafts for every request of a pass at once, in caches of
+    its own that requests hand on as they come and go (more requests than --parallel)."""
+    with server(tiny_model, tmp_path / "home", "--parallel", "3", "--draft", str(tiny_model)) as (_, port):
+        c = client(port)
+
+        def ask(prompt: str) -> str:
+            return c.completions.create(model=tiny_model.name, prompt=prompt, max_tokens=24,
+                                        temperature=0).choices[0].text
+
+        with ThreadPoolExecutor(8) as pool:
+            texts = list(pool.map(ask, PROMPTS))
+    assert texts == [alone(tiny_model, p) for p in PROMPTS]
+
+
 def test_chat_whole_and_streamed_agree_and_stop_strings_cut(served: int, tiny_model: Path) -> None:
     c = client(served)
     messages = [{"role": "user", "content": "hi"}]

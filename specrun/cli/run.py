@@ -82,8 +82,8 @@ def run(
                           offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
     if batch is not None or samples is not None:
         items = batch_items(batch, samples, prompt)
-        check_batch_spec(spec_cfg, draft)
-        models = resolve(model, None, spec, no_draft=True)
+        check_batch_spec(spec_cfg)
+        models = resolve(model, draft, spec, no_draft)
         run_batch(models, BatchRun(tuple(items), spec_cfg, *places, max_tokens,
                                    SamplingConfig(temperature=temperature, top_p=top_p, seed=seed),
                                    parallel if samples is None else samples, ctx, corpus))

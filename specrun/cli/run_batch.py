@@ -17,12 +17,12 @@ from pathlib import Path
 
 from specrun.batched import BatchGeneration
 from specrun.chat import ChatTemplate, Message, messages_of
-from specrun.cli.console import echo, notice
+from specrun.cli.console import echo, notice, sources_line
 from specrun.cli.models import Resolved, use_corpus
 from specrun.engines import Placement
 from specrun.engines.base import Vocab
 from specrun.errors import UsageError
-from specrun.generate import Generation, GenerationConfig, check_prompt
+from specrun.generate import Generation, GenerationConfig, GenerationStats, check_prompt
 from specrun.sampling import SamplingConfig
 from specrun.speculate.factory import MODEL_MODES, SpecConfig
 
@@ -82,14 +82,12 @@ class BatchRun:
     corpus: Path | None = None  # --corpus: what the suffix drafter reads beside each context
 
 
-def check_batch_spec(spec: SpecConfig, draft: str | None) -> None:
-    """Batches draft with the free sources (a draft model would need a cache per sequence)."""
-    if draft is not None:
-        raise UsageError("--draft with --batch or --samples: batches draft with the free sources only",
-                         hint="leave --draft out")
+def check_batch_spec(spec: SpecConfig) -> None:
+    """A batch plans each pass over its sequences' candidates: the free drafters', and auto's
+    draft model's, drafted for all of them at once (chain and tree draft one sequence at a time)."""
     if spec.mode in MODEL_MODES:
-        raise UsageError(f"--spec {spec.mode} drafts with a model, and batches draft with the free sources only",
-                         hint="use --spec auto or ngram with --batch and --samples")
+        raise UsageError(f"--spec {spec.mode} drafts with the draft model alone, one sequence at a time; a batch "
+                         "drafts with auto's sources", hint="use --spec auto or ngram with --batch and --samples")
 
 
 def run_batch(models: Resolved, job: BatchRun) -> None:
@@ -163,3 +161,8 @@ def _summary(batch: BatchGeneration, wall_s: float) -> None:
     notice(f"{st.sequences} sequences, {tokens} tokens in {wall_s:.1f} s ({tokens / max(wall_s, 1e-9):.1f} tok/s "
            f"over all); {st.passes} shared passes, {st.nodes_per_pass:.1f} nodes a pass; prefill {st.prefill_s:.1f} "
            f"s, decoding {st.decode_s:.1f} s")
+    total = GenerationStats()
+    for g in batch.generations.values():
+        total.add(g.stats)
+    if (line := sources_line(total)) is not None:
+        notice(line)

@@ -41,6 +41,8 @@ def serve(
     gpu_memory: Optional[str] = O.GPU_MEMORY,
     rpc: Optional[str] = O.RPC,
     spec: str = O.SPEC,
+    draft: Optional[str] = O.DRAFT,
+    no_draft: bool = O.NO_DRAFT,
     corpus: Optional[Path] = O.CORPUS,
 ) -> None:
     """Serve MODEL over HTTP with OpenAI's API (/v1/completions, /v1/chat/completions, /v1/models)."""
@@ -50,11 +52,11 @@ def serve(
     if not is_loopback(host) and not api_key:
         raise UsageError(f"--host {host} serves beyond this machine, and no --api-key is set",
                          hint="pass --api-key KEY (or set SPECRUN_API_KEY), or serve on 127.0.0.1")
-    spec_cfg = O.spec_config(spec, "auto", None, None, True)
-    check_batch_spec(spec_cfg, None)
+    spec_cfg = O.spec_config(spec, "auto", None, draft, no_draft)
+    check_batch_spec(spec_cfg)
     places = O.placements(threads, None, None, None, engine, device, quant, offload=offload, ram=ram,
                           gpu_memory=gpu_memory, rpc=rpc)
-    models = resolve(model, None, spec, no_draft=True)
+    models = resolve(model, draft, spec, no_draft)
     try:
         sock = bind(host, port)
     except OSError as e:
