@@ -11,14 +11,16 @@ nodes than the draft engine evaluates at once (llama.cpp: 255). A chain
 (classic speculative decoding) is the case top_k = 1, one node per call.
 
 `ModelDraftConfig.sized` derives all of this from the tree asked for. Measured
-with the 0.5B Qwen2.5-Coder draft on 2 CPU cores (llama.cpp): a call over k
-frontier nodes costs about 15 ms for k = 1, 39 for 2, 48 for 4, 65 for 8, 85
-for 16, 150 for 32 and 275 for 64. Against the 1.5B target on 3 HumanEval
-prompts (greedy, depth 16) trees of 16, 64 and 255 nodes got 7.6, 10.9 and
-12.7 tokens per target pass from 8.7, 12.4 and 14.2 draft calls (the
-previous fixed 4 calls of 4 nodes: 4.6 at any size). Nodes carry a planner key
-(draft probability bucket, depth): the planner learns how often the target
-really accepts nodes the draft was that sure of.
+with the 0.5B Qwen2.5-Coder draft on 2 CPU cores of an earlier machine
+(llama.cpp): a call over k frontier nodes costs about 15 ms for k = 1, 39 for
+2, 48 for 4, 65 for 8, 85 for 16, 150 for 32 and 275 for 64 (on 2 cores of a
+Sapphire Rapids Xeon: 38 ms for one node, 94 for one in each of a batch's 8
+caches). Against the 1.5B target on 3 HumanEval prompts (greedy, depth 16)
+trees of 16, 64 and 255 nodes got 7.6, 10.9 and 12.7 tokens per target pass
+from 8.7, 12.4 and 14.2 draft calls (the previous fixed 4 calls of 4 nodes:
+4.6 at any size). Nodes carry a planner key (draft probability bucket,
+depth): the planner learns how often the target really accepts nodes the draft
+was that sure of.
 """
 
 from __future__ import annotations
