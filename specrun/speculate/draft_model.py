@@ -340,11 +340,12 @@ def draft_together(jobs: Sequence[tuple[ModelDrafter, Sequence[int], int, int]],
                    clock: Callable[[], float] = time.perf_counter) -> list[Draft]:
     """Draft-model trees for several sequences sharing the target's passes, (drafter, context,
     nodes, depth) each, every level of all of them in one draft call (their caches share the
-    draft engine's passes as the target's do: on 2 cores one node in each of 8 caches costs 2.5x
-    one node alone). Levels go on while the next is worth its time: the chance it adds (the picked candidates'
-    cumulative probability, times CHILD_SHARE) per second of the last call beats the tokens
-    the trees are expected to give per second of the step so far, the target's pass
-    (`pass_s`) included. A drafted tree beyond what pays is cut by the batch's plan."""
+    draft engine's passes as the target's do: on 2 cores one node in each of 8 caches costs
+    2.5x one node alone). Levels go on while the next is worth its time: the chance it adds
+    (the picked candidates' cumulative probability, times CHILD_SHARE) per second of the last
+    call beats the tokens the trees are expected to give per second of the step so far, the
+    target's pass (`pass_s`) included. A drafted tree beyond what pays is cut by the batch's
+    plan."""
     searches = [drafter.fresh(context, nodes, depth) for drafter, context, nodes, depth in jobs]
     pairs = [(s, nodes) for s, (_, _, nodes, _) in zip(searches, jobs) if nodes > 1 and s.max_depth > 0]
     live = [s for s, _ in pairs]
