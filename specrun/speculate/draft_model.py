@@ -105,7 +105,7 @@ class _Search:
         self.mark = 0  # nodes evaluated before the pass that verified their tree returned (prepared)
         self.started = False  # the root was evaluated: the tree can grow
         self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
-        self._first = 0  # the first node of the draft call under way (pick)
+        self._first = 0  # the first node of the draft call under way (`add`)
 
     def offer(self, node: int, logits: Logits, row: int) -> None:
         if self.tree.depths[node] < self.max_depth:
@@ -134,21 +134,16 @@ class _Search:
         """One draft call over the likeliest candidates (at most `room` nodes counting room for
         their children; None: no bound but the engine's), `width` of them at most (None: the
         config's); how many it evaluated."""
-        first = self.pick(room, width)
+        first = self.add(self.choose(room, width))
         if first is None:
             return 0
         self.take(self.engine.eval_tree(self.cache, *self.request(first)))
         return len(self.tree) - first
 
     def request(self, first: int) -> tuple[list[int], list[int], list[int], int]:
-        """The draft engine's tree (tokens, parents, depths, start) for the nodes `first`.. picked."""
+        """The draft engine's tree (tokens, parents, depths, start) for the nodes `first`.. added."""
         tree = self.tree
         return tree.tokens[1:], [q - 1 for q in tree.parents[1:]], [d - 1 for d in tree.depths[1:]], first - 1
-
-    def pick(self, room: int | None, width: int | None = None) -> int | None:
-        """`grow`'s first half: the candidates it evaluates join the tree (from the index it
-        returns; None: none is worth a call). The draft call's rows then go to `take`."""
-        return self.add(self.choose(room, width))
 
     def choose(self, room: int | None, width: int | None = None) -> list[Candidate]:
         """The candidates the next draft call would evaluate, taken from the heap (`add` them, or
@@ -183,7 +178,7 @@ class _Search:
         return first
 
     def take(self, logits: Logits) -> None:
-        """The rows of the draft call over the nodes `pick` added: their continuations offered."""
+        """The rows of the draft call over the nodes `add` added: their continuations offered."""
         for row, node in enumerate(range(self._first, len(self.tree))):
             self.offer(node, logits, row)
         self.busy = False

@@ -156,12 +156,7 @@ class PlannedSpeculator:
                 # afresh (the text, the machine's load, a run's first draft may have set it wrong).
                 keep = best_subtree(ch, self.cost, limit)
                 explored = self._has(merged.proposers, keep, costly.name)
-            mine = sum(1 for i in keep[1:] if any(s == costly.name for s, _ in merged.proposers[i]))
-            if mine == 0:
-                self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
-            else:
-                self._rest, self._unverified = 1, 0
-            self._candidates = self._drafts_for(mine + 1)  # its tree, the root included
+            self._costly_kept(merged.proposers, keep)
             needed = min(1.0, self._candidates / len(draft.tree))
         else:
             needed = 1.0
@@ -219,16 +214,23 @@ class PlannedSpeculator:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
         m = c.merged
         self._budget(m.proposers, keep, c.limit)
-        if c.costly and self.costly is not None:  # as `propose`: rest while plans keep none of its nodes
-            mine = sum(1 for i in keep[1:] if any(s == self.costly.name for s, _ in m.proposers[i]))
-            if mine == 0:
-                self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
-            else:
-                self._rest, self._unverified = 1, 0
-            self._candidates = self._drafts_for(mine + 1)
+        if c.costly:
+            self._costly_kept(m.proposers, keep)
         return Proposal(m.tree.subtree(keep), [m.proposers[i] for i in keep], self._reused(c.drafts), c.drafting_s,
                         free=sum(1 for i in keep[1:] if m.prepared[i]), source=self,
                         proposed=self._proposed(c.drafts + c.grafts), costly=c.costly)
+
+    def _costly_kept(self, proposers: Sequence, keep: Sequence[int]) -> None:
+        """A plan over the costly source's draft kept `keep`: it rests while plans keep none of its
+        nodes (twice as long each time), and drafts a quarter more than they kept next time."""
+        assert self.costly is not None
+        name = self.costly.name
+        mine = sum(1 for i in keep[1:] if any(s == name for s, _ in proposers[i]))
+        if mine == 0:
+            self._resting, self._rest = self._rest, min(2 * self._rest, self.MAX_REST)
+        else:
+            self._rest, self._unverified = 1, 0
+        self._candidates = self._drafts_for(mine + 1)  # its tree, the root included
 
     def _budget(self, proposers: Sequence, keep: Sequence[int], limit: int) -> None:
         """Candidates each free drafter drafts next step: twice what the plan kept of its nodes, at
