@@ -148,7 +148,8 @@ def test_a_batch_sized_by_a_cost_curve_keeps_the_output(engine: Engine) -> None:
 def test_a_batch_plans_the_free_drafters_candidates_together_and_keeps_the_output(engine: Engine) -> None:
     from specrun.speculate.ngram import NgramDrafter
     from specrun.speculate.planned import PlannedSpeculator, Source
-    from specrun.speculate.planner import AcceptanceStats, CostCurve
+    from specrun.speculate.acceptance import AcceptanceStats
+    from specrun.speculate.planner import CostCurve
 
     curve = CostCurve((1, 8, 32), (1.0, 1.0, 3.0))
     sampling = [GREEDY] * len(PROMPTS)
@@ -177,7 +178,8 @@ def test_a_batch_drafts_with_a_draft_model_for_every_sequence_at_once(sharp_mode
     from specrun.speculate.draft_model import DraftModel, ModelDrafter
     from specrun.speculate.ngram import NgramDrafter
     from specrun.speculate.planned import PlannedSpeculator, Source
-    from specrun.speculate.planner import AcceptanceStats, CostCurve
+    from specrun.speculate.acceptance import AcceptanceStats
+    from specrun.speculate.planner import CostCurve
 
     path = sharp_model if draft_seed is None else build_tiny_model(tmp_path / "other.gguf",
                                                                    TinySpec(scale=4.0, seed=draft_seed))

@@ -158,7 +158,7 @@ def test_a_stored_curve_that_stopped_short_is_measured_again(tiny_model: Path, t
     acceptance statistics kept), a steep one is as far as it would go today."""
     from specrun.planner_memory import PlannerMemory, load, memory_path
     from specrun.session import Session
-    from specrun.speculate.planner import AcceptanceStats
+    from specrun.speculate.acceptance import AcceptanceStats
 
     sizes = tuple(n for n in SIZES if n <= 32)
     for seconds, again in (([0.01] * len(sizes), True), ([0.01 * n for n in sizes], False)):
@@ -279,7 +279,8 @@ def test_a_curve_a_run_found_far_off_is_measured_afresh_by_the_next(tiny_model: 
     makes the real passes look noisy (and the new curve untrusted) is not this test's subject."""
     from specrun.planner_memory import PlannerMemory, load, memory_path
     from specrun.session import Session
-    from specrun.speculate.planner import AcceptanceStats, LearntCurve
+    from specrun.speculate.acceptance import AcceptanceStats
+    from specrun.speculate.planner import LearntCurve
 
     ticks = itertools.count()
     monkeypatch.setattr(calibrate, "measure_checked",

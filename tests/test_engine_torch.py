@@ -27,7 +27,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
-from specrun.speculate.planner import AcceptanceStats
+from specrun.speculate.acceptance import AcceptanceStats
 from tests.conftest import torch_devices
 from tests.tiny_model import TinySpec, build_tiny_model, dequantized_twin, quantize_model
 

@@ -14,7 +14,8 @@ from specrun.speculate.draft_model import (DraftModel, ModelDraftConfig, ModelDr
 from specrun.speculate.factory import SpecConfig, make_speculator
 from specrun.speculate.base import Verified
 from specrun.speculate.planned import PlannedSpeculator, Source
-from specrun.speculate.planner import AcceptanceStats, CostCurve
+from specrun.speculate.acceptance import AcceptanceStats
+from specrun.speculate.planner import CostCurve
 from tests.tiny_model import WORDS, TinySpec, build_tiny_model
 
 GREEDY = SamplingConfig(temperature=0)

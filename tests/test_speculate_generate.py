@@ -19,7 +19,7 @@ from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
 from specrun.speculate.ngram import NgramConfig, NgramDrafter, match_bucket
 from specrun.speculate.planned import PlannedSpeculator, Source
-from specrun.speculate.planner import AcceptanceStats
+from specrun.speculate.acceptance import AcceptanceStats
 from specrun.speculate.base import Proposal
 from specrun.speculate.tree import DraftTree
 from tests.fakes import add_path, path_to

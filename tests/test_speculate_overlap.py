@@ -27,7 +27,8 @@ from specrun.sampling import SamplingConfig
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.factory import SpecConfig, make_speculator
 from specrun.speculate.planned import PlannedSpeculator, Source
-from specrun.speculate.planner import AcceptanceStats, CostCurve
+from specrun.speculate.acceptance import AcceptanceStats
+from specrun.speculate.planner import CostCurve
 from tests.clocks import FakeClock
 from tests.test_speculate_generate import two_sample_chi_square
 
@@ -232,9 +233,11 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     target, same, _ = pair
     clock = FakeClock()
     slow_target, slow_draft = slowed(target, per_call=0.1, clock=clock), slowed(same, per_call=0.07, clock=clock)
-    stats = AcceptanceStats()  # (its nodes proposed alone: merge.mark_company)
-    stats.counts.update({k: [99, 100] for k in itertools.product(["model"], range(5), range(5), ["alone"])})
-    spec = PlannedSpeculator("tree", [Source("model", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0), clock=clock), stats)], CostCurve((1, 64), (0.1, 0.1)), 8, 4, clock=clock)
+    # Its nodes proposed alone (merge.mark_company), after a hit or a miss (finer keys, priced by
+    # these): a chain with the target's weights, so what it is told of its rates stays true.
+    stats = AcceptanceStats(counts={k: [99, 100] for k in itertools.product(["model"], range(5), range(5), ["alone"])})
+    drafter = ModelDrafter(slow_draft, ModelDraftConfig.chain(4), clock=clock)
+    spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], CostCurve((1, 64), (0.1, 0.1)), 8, 4, clock=clock)
     target.engine.rewind(target.cache, 0)
     gen = Generation(slow_target.engine, target.cache, target.engine.vocab.tokenize("def fib(n):"),
                      GenerationConfig(40, GREEDY, True), spec, clock=clock)

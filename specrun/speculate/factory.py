@@ -11,7 +11,8 @@ from specrun.speculate.base import Drafter, Speculator
 from specrun.speculate.draft_model import DraftModel, ModelDraftConfig, ModelDrafter
 from specrun.speculate.ngram import NgramDrafter, match_priors
 from specrun.speculate.planned import PlannedSpeculator, Source
-from specrun.speculate.planner import AcceptanceStats, PassCost, StepCost
+from specrun.speculate.acceptance import AcceptanceStats
+from specrun.speculate.planner import PassCost, StepCost
 from specrun.speculate.recycle import RecycleDrafter, RecycleTable
 from specrun.speculate.suffix import SuffixDrafter, SuffixIndex
 
