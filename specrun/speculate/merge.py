@@ -121,6 +121,8 @@ def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float
 
 def best_proposer(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> tuple[str, float, float]:
     """(the source whose rate prices the node, its rate, that rate calibrated)."""
+    if not proposers:
+        raise ValueError("a node nobody proposed has no price")
     best = ("", 0.0, -1.0)
     for source, key in proposers:
         raw = stats[source].rate(key)
