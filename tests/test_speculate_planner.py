@@ -231,8 +231,6 @@ def test_a_source_whose_rates_come_out_lower_stops_being_verified_where_nodes_co
     assert sizes[0] == 4  # planned at 0.9 a node at first
     assert sizes[-10:] == [1] * 10  # then as the rates came out: nothing pays on this CPU
     assert stats.calibrated(0.9) < 0.65
-    merged = chances(DraftTree.rooted(0), [()], {"ngram": stats})
-    assert merged == [1.0]
 
 
 def test_a_node_is_priced_by_its_best_calibrated_proposer_and_teaches_that_one() -> None:
