@@ -57,7 +57,6 @@ class PlannerMemory:
                      "trusted": self.trusted and not self.cost.stale},
             "acceptance": {name: [[list(key), counts] for key, counts in s.counts.items()]
                            for name, s in self.stats.items()},
-            "calibration": {name: {str(b): c for b, c in s.calibration.items()} for name, s in self.stats.items()},
             "draft_speeds": {name: speed.to_json() for name, speed in self.speeds.items()},
             "overlap": self.overlap,
             "step_costs": {name: step.to_json() for name, step in self.steps.items()},
@@ -88,10 +87,7 @@ def load(path: Path) -> PlannerMemory | None:
         if data["version"] != VERSION:
             return None
         cost = LearntCurve(CostCurve(tuple(data["cost"]["sizes"]), tuple(data["cost"]["seconds"])))
-        calibration = data.get("calibration", {})
-        stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs},
-                                       calibration={int(b): [float(v) for v in c]
-                                                    for b, c in calibration.get(name, {}).items()})
+        stats = {name: AcceptanceStats(counts={tuple(key): list(c) for key, c in pairs})
                  for name, pairs in data["acceptance"].items()}
         speeds = {name: DraftSpeed.from_json(v) for name, v in data["draft_speeds"].items()}
         overlap = {str(name): float(gain) for name, gain in data.get("overlap", {}).items()}

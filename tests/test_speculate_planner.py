@@ -192,64 +192,6 @@ def test_node_chances_multiply_along_paths() -> None:
     assert chances(tree, [(), (("s", "a"),), (("s", "a"),)], {"s": s}) == pytest.approx([1.0, 0.9, 0.81])
 
 
-def test_rates_that_came_out_lower_are_scaled_down_in_their_own_bin() -> None:
-    s = AcceptanceStats()
-    assert s.calibrated(0.6) == 0.6  # nothing learnt: the rate itself
-    rng = np.random.default_rng(0)
-    for _ in range(200):
-        s.tested_at(0.63, bool(rng.random() < 0.3))
-    assert 0.2 < s.calibrated(0.6) < 0.4  # what rates of 0.6-0.7 came out at
-    assert s.calibrated(0.95) == 0.95 and s.calibrated(0.1) == 0.1  # other bins untouched
-    assert s.calibration[6][2] <= s.WINDOW  # windowed: a text's change shows within WINDOW nodes
-    for _ in range(200):
-        s.tested_at(0.63, True)
-    assert s.calibrated(0.6) == 0.6  # rates that came out higher are kept: a rate is never raised
-    few = AcceptanceStats()
-    few.tested_at(0.5, False)
-    assert few.calibrated(0.5) == pytest.approx(0.5 * 8 / 8.5)  # one miss weighs little
-    for _ in range(3):
-        few.tested_at(0.98, False)
-    assert few.calibrated(0.98) > 0.6  # nor do a few at a high rate: such nodes are still tried
-
-
-class _Boasting(AcceptanceStats):
-    """Rates every key at 0.9 whatever its tests say: a source whose rates are too high."""
-
-    def rate(self, key) -> float:
-        return 0.9
-
-
-def test_a_source_whose_rates_come_out_lower_stops_being_verified_where_nodes_cost() -> None:
-    stats = _Boasting()
-    spec = PlannedSpeculator("ngram", [Source("ngram", _FixedDrafter(3, "k", False), stats)], THIS_CPU)
-    sizes = []
-    for step in range(60):
-        proposal = spec.propose([1, 2, 3], 4, 32)
-        sizes.append(len(proposal.tree))
-        path = [0, 1] if step % 10 == 0 and len(proposal.tree) > 1 else [0]  # 1 node in 10 accepted
-        spec.observe(proposal, path, wall_s=0.1)
-    assert sizes[0] == 4  # planned at 0.9 a node at first
-    assert sizes[-10:] == [1] * 10  # then as the rates came out: nothing pays on this CPU
-    assert stats.calibrated(0.9) < 0.65
-
-
-def test_a_node_is_priced_by_its_best_calibrated_proposer_and_teaches_that_one() -> None:
-    tree = DraftTree.rooted(0)
-    add_path(tree, [1])
-    high, low = AcceptanceStats(explore=0, confidence=0), AcceptanceStats(explore=0, confidence=0)
-    high.counts["a"], low.counts["b"] = [90, 100], [60, 100]
-    for _ in range(64):
-        high.tested_at(high.rate("a"), False)  # high's 0.9s came out at nothing
-    proposers = [(), (("high", "a"), ("low", "b"))]
-    stats = {"high": high, "low": low}
-    assert chances(tree, proposers, stats)[1] == pytest.approx(low.rate("b"))  # low's rate now wins
-    spec = PlannedSpeculator("x", [Source("high", _FixedDrafter(0, "a", False), high),
-                                   Source("low", _FixedDrafter(0, "b", False), low)], OFFLOADED)
-    spec.observe(Proposal(tree, proposers, source=spec), [0, 1], wall_s=0.1)
-    assert sum(c[2] for c in low.calibration.values()) == 1  # the winner learns how its rate came out
-    assert sum(c[2] for c in high.calibration.values()) == 64
-
-
 class RecordingSpeculator(PlannedSpeculator):
     """Keeps every verified tree and accepted path, to count the tests exactly."""
 
@@ -295,14 +237,12 @@ def test_calibration_measures_saves_and_loads(tiny_model: Path, tmp_path: Path) 
     stats = AcceptanceStats()
     stats.update(("ngram", 3, 1), True)
     stats.update(("model", 2, 4), False)
-    stats.tested_at(0.55, True)
     steps = {"tree": StepCost(curve, per_node=0.02, hidden=0.15, steps=7, kept=12.5)}
     PlannerMemory(path, curve, {"ngram": stats}, {"draft.gguf": DraftSpeed(12.5, 4, 1)}, "threads=1", {}, steps).save()
     loaded = load(path)
     assert loaded is not None and loaded.cost == curve and loaded.settings == "threads=1"
     assert loaded.steps == steps
     assert loaded.stats["ngram"].counts == {("ngram", 3, 1): [1, 1], ("model", 2, 4): [0, 1]}
-    assert loaded.stats["ngram"].calibration == {5: [1.0, 0.55, 1.0]}
     assert loaded.speeds == {"draft.gguf": DraftSpeed(12.5, 4, 1)}
     assert load(tmp_path / "missing.json") is None
 

@@ -1,4 +1,4 @@
-"""How often a drafter's nodes are accepted, per key, and how those rates came out.
+"""How often a drafter's nodes are accepted, per key.
 
 A drafter tags each node with a key describing how it was found (for prompt
 lookup: the match length and depth; merge.py adds the company it was proposed
@@ -48,9 +48,6 @@ class AcceptanceStats:
     priors: dict[Hashable, float] = field(default_factory=dict, compare=False)
     # key -> [accepted, tested] over it and every key it is coarser than (`coarser`)
     pooled: dict[Hashable, list[float]] = field(default_factory=dict, init=False, repr=False, compare=False)
-    # rate bin -> [accepted, sum of the rates planned with, nodes]: how this source's rates came
-    # out where they were the best of a node's proposers (`calibrated`)
-    calibration: dict[int, list[float]] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         for key, (accepted, tested) in self.counts.items():
@@ -111,38 +108,7 @@ class AcceptanceStats:
     def _halve(c: list[float]) -> None:
         """Exact halves: rounding the accepted count up at every halving (every few steps for a
         recycled rank tested four times a step) had added half an acceptance each time."""
-        c[:] = [v / 2 for v in c]
-
-    # Rates a plan uses come out lower than they say: the best of a node's proposers' rates is
-    # the likeliest to be too high, a young key carries its bound, a text changes under rates
-    # learnt on the last. In RAM on a CPU, HumanEval's nodes planned at 0.4-0.9 were accepted
-    # 0.27-0.52 of the time (1.60 tokens expected a step, 0.99 got), and a second token costs
-    # half a pass there: a prompt that accepted nothing ran at 0.81x plain. So each source
-    # learns, per tenth of the rate scale, what its winning rates were worth, and plans use
-    # the rate scaled down by it, drawn to the rate itself while a bin has seen little.
-    CALIBRATION_BINS = 10
-    # Expected acceptances a bin's own count is weighed against, drawn to its rate: with 2, two
-    # misses at 0.98 priced such nodes at 0.5, under what a second token costs on a CPU, and a
-    # bin whose nodes are no longer verified learns no more.
-    CALIBRATION_TRUST = 8.0
-
-    def calibrated(self, rate: float) -> float:
-        """`rate` as this source's rates have come out lately."""
-        c = self.calibration.get(self._bin(rate))
-        if c is None:
-            return rate
-        accepted, expected = c[0], c[1]  # only ever lowered: raised, a likely node's rate reached 1, "cannot miss"
-        return rate * min(1.0, (accepted + self.CALIBRATION_TRUST) / (expected + self.CALIBRATION_TRUST))
-
-    def tested_at(self, rate: float, accepted: bool) -> None:
-        """A node this source priced at `rate` (uncalibrated) and won the plan with was tested."""
-        c = self.calibration.setdefault(self._bin(rate), [0.0, 0.0, 0.0])
-        c[0], c[1], c[2] = c[0] + int(accepted), c[1] + rate, c[2] + 1
-        if c[2] > self.WINDOW:
-            self._halve(c)
-
-    def _bin(self, rate: float) -> int:
-        return min(int(rate * self.CALIBRATION_BINS), self.CALIBRATION_BINS - 1)
+        c[0], c[1] = c[0] / 2, c[1] / 2
 
 
 def coarser(key: Hashable) -> list[Hashable]:

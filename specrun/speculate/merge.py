@@ -114,22 +114,8 @@ def mark_recent(merged: Merged, hit: Mapping[str, bool]) -> Merged:
 
 
 def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
-    """P(accepted | parent accepted): the best of its proposers' learnt rates, each as its
-    source's rates have come out (AcceptanceStats.calibrated)."""
-    return best_proposer(proposers, stats)[2]
-
-
-def best_proposer(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> tuple[str, float, float]:
-    """(the source whose rate prices the node, its rate, that rate calibrated)."""
-    if not proposers:
-        raise ValueError("a node nobody proposed has no price")
-    best = ("", 0.0, -1.0)
-    for source, key in proposers:
-        raw = stats[source].rate(key)
-        rate = stats[source].calibrated(raw)
-        if rate > best[2]:
-            best = (source, raw, rate)
-    return best
+    """P(accepted | parent accepted): the best of its proposers' learnt rates."""
+    return max(stats[source].rate(key) for source, key in proposers)
 
 
 def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, AcceptanceStats]) -> list[float]:

@@ -18,7 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import (Merged, best_proposer, chances, counts, mark_company, mark_passed_over,
+from specrun.speculate.merge import (Merged, chances, counts, mark_company, mark_passed_over,
                                      mark_recent, merge)
 from specrun.speculate.acceptance import AcceptanceStats
 from specrun.speculate.planner import PassCost, StepCost, best_subtree, learn_pass
@@ -309,9 +309,6 @@ class PlannedSpeculator:
             step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
         accepted = set(path)
         tested = [i for i in range(1, len(tree)) if tree.parents[i] in accepted]
-        for i in tested:  # first how the rates it was planned with came out, then the rates
-            source, raw, _ = best_proposer(p.keys[i], self.stats)
-            self.stats[source].tested_at(raw, i in accepted)
         hit: dict[str, bool] = {}
         for i in tested:
             for source, key in p.keys[i]:
