@@ -12,9 +12,9 @@ import pytest
 from specrun.engines.llamacpp import LlamaCppConfig, LlamaCppEngine
 from specrun.generate import Generation, GenerationConfig
 from specrun.sampling import SamplingConfig
-from specrun.speculate.base import Draft, Proposal, Verified
+from specrun.speculate.base import Draft, Verified
 from specrun.speculate.draft_model import ModelDrafter
-from specrun.speculate.merge import PASSED_OVER, chances, mark_company, mark_passed_over, mark_recent, merge, rate_of
+from specrun.speculate.merge import PASSED_OVER, chances, mark_company, mark_passed_over, merge, rate_of
 from specrun.speculate.ngram import NgramDrafter
 from specrun.speculate.planned import PlannedSpeculator, Source
 from specrun.speculate.acceptance import AcceptanceStats
@@ -213,28 +213,6 @@ def test_nodes_learn_apart_by_the_company_they_were_proposed_in() -> None:
     for _ in range(40):
         stats.update(("recycle", 0, 1, "alone"), False)
     assert stats.rate(("recycle", 0, 1, "alone")) < 0.05 < 0.4 < stats.rate(("recycle", 0, 1, "with ngram"))
-
-
-def test_a_sources_nodes_learn_apart_after_it_hit_and_after_it_missed() -> None:
-    """Text repeats in stretches: a drafter that just missed is likelier to miss again, so its
-    keys carry how its last tested nodes came out, once they came out at all."""
-    tree = DraftTree.rooted(0)
-    add_path(tree, [1, 2])
-    merged = mark_recent(merge([("ngram", Draft(tree, [("root",), ("ngram", 1), ("ngram", 2)]))]), {})
-    assert merged.proposers[1] == (("ngram", ("ngram", 1)),)  # no outcome yet: as it was
-    drafter = ChainDrafter()
-    spec = PlannedSpeculator("free", [Source("chain", drafter, AcceptanceStats())], CostCurve((1, 64), (1.0, 1.0)),
-                             8, 2)
-    first = spec.propose([5], 2, 8)
-    assert [k for (_, k), in first.keys[1:]] == [("chain", 1, "alone"), ("chain", 2, "alone")]
-    spec.observe(first, [0], wall_s=1.0)  # its first node missed (the second was not tested)
-    missed = spec.propose([5], 2, 8)
-    assert [k for (_, k), in missed.keys[1:]] == [("chain", d, "alone", "after miss") for d in (1, 2)]
-    spec.observe(missed, [0, 1], wall_s=1.0)  # one of its tested nodes was accepted
-    hit = spec.propose([5], 2, 8)
-    assert all(k[-1] == "after hit" for (_, k), in hit.keys[1:])
-    spec.observe(Proposal(DraftTree.rooted(5), [()], source=spec), [0], wall_s=1.0)  # nothing of it tested
-    assert all(k[-1] == "after hit" for (_, k), in spec.propose([5], 2, 8).keys[1:])  # kept
 
 
 class ChainDrafter:

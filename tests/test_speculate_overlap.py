@@ -233,10 +233,9 @@ def test_a_draft_call_that_would_outlast_the_pass_is_not_started(pair) -> None:
     target, same, _ = pair
     clock = FakeClock()
     slow_target, slow_draft = slowed(target, per_call=0.1, clock=clock), slowed(same, per_call=0.07, clock=clock)
-    # Its nodes proposed alone (merge.mark_company), after a hit or a miss (finer keys, priced by these).
-    stats = AcceptanceStats(counts={k: [99, 100] for k in itertools.product(["model"], range(5), range(5), ["alone"])})
-    drafter = ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0), clock=clock)
-    spec = PlannedSpeculator("tree", [Source("model", drafter, stats)], CostCurve((1, 64), (0.1, 0.1)), 8, 4, clock=clock)
+    stats = AcceptanceStats()  # (its nodes proposed alone: merge.mark_company)
+    stats.counts.update({k: [99, 100] for k in itertools.product(["model"], range(5), range(5), ["alone"])})
+    spec = PlannedSpeculator("tree", [Source("model", ModelDrafter(slow_draft, ModelDraftConfig(min_prob=0.0), clock=clock), stats)], CostCurve((1, 64), (0.1, 0.1)), 8, 4, clock=clock)
     target.engine.rewind(target.cache, 0)
     gen = Generation(slow_target.engine, target.cache, target.engine.vocab.tokenize("def fib(n):"),
                      GenerationConfig(40, GREEDY, True), spec, clock=clock)

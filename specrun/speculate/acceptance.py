@@ -2,7 +2,7 @@
 
 A drafter tags each node with a key describing how it was found (for prompt
 lookup: the match length and depth; merge.py adds the company it was proposed
-in and how its source last came out). The planner prices a node by the rate of
+in). The planner prices a node by the rate of
 its key (planner.py) and learns from each node the target tested.
 """
 

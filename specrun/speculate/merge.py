@@ -98,21 +98,6 @@ def mark_company(merged: Merged) -> Merged:
     return Merged(merged.tree, proposers, merged.prepared)
 
 
-def mark_recent(merged: Merged, hit: Mapping[str, bool]) -> Merged:
-    """The merged tree with every proposer's key extended by how its source's last tested nodes
-    came out: "after hit" where one of them was accepted, "after miss" where none was; as it is
-    where the source has no outcome yet. Text repeats in stretches, so a cheap drafter that
-    just missed is likelier to miss again: over HumanEval, prompt lookup's nodes after a miss
-    were accepted 26-36% of the time and after a hit 47-59%, where one rate for both priced
-    them at 0.42-0.53 and 0.57-0.65. In RAM on a CPU, where a second token costs half a pass,
-    that is the difference between a node that pays and one that does not."""
-    proposers = list(merged.proposers)
-    for i in range(1, len(proposers)):
-        proposers[i] = tuple((s, (*k, "after hit" if hit[s] else "after miss")
-                              if isinstance(k, tuple) and s in hit else k) for s, k in proposers[i])
-    return Merged(merged.tree, proposers, merged.prepared)
-
-
 def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
     """P(accepted | parent accepted): the best of its proposers' learnt rates."""
     return max(stats[source].rate(key) for source, key in proposers)

@@ -18,8 +18,7 @@ from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
-from specrun.speculate.merge import (Merged, chances, counts, mark_company, mark_passed_over,
-                                     mark_recent, merge)
+from specrun.speculate.merge import Merged, chances, counts, mark_company, mark_passed_over, merge
 from specrun.speculate.acceptance import AcceptanceStats
 from specrun.speculate.planner import PassCost, StepCost, best_subtree, learn_pass
 from specrun.speculate.tree import DraftTree
@@ -101,7 +100,6 @@ class PlannedSpeculator:
         # Candidates per free drafter (_budget): in RAM on a CPU, where plans keep a node or none,
         # drafting and merging hundreds cost 3-6% of a 36 ms step.
         self._free_candidates = {s.name: max_nodes for s in self.free}
-        self._hit: dict[str, bool] = {}  # per source: whether its last tested nodes held an accepted one
 
     MAX_REST = 32
     FIRST_DRAFT = 32  # candidates a run drafts first when no run has taught the planner anything
@@ -254,14 +252,14 @@ class PlannedSpeculator:
                max_depth: int) -> tuple[Merged, list[tuple[str, Draft]]]:
         """The drafts merged, and grafted below the leaves by the sources that grow there
         (recycling), to twice its size at most, within `limit`; (the tree, the grafts). Keys
-        carry the company each node was proposed in and how its source last came out."""
+        carry the company each node was proposed in."""
         merged = merge(drafts)
         growers = [s for s in self.free if s.grafts]
         if len(merged.tree) <= 1 or not growers:
-            return mark_recent(mark_company(merged), self._hit), []
+            return mark_company(merged), []
         room = min(limit, 2 * len(merged.tree))
         grafts = [(s.name, s.drafter.graft(merged.tree, room, max_depth)) for s in growers]  # type: ignore[attr-defined]
-        return mark_recent(mark_company(merge(drafts + grafts)), self._hit), grafts
+        return mark_company(merge(drafts + grafts)), grafts
 
     @staticmethod
     def _has(proposers: Sequence, keep: Sequence[int], source: str) -> bool:
@@ -308,13 +306,10 @@ class PlannedSpeculator:
         if step is not None and not p.skipped and wall_s is not None:
             step.observe(len(tree), p.drafting_s, wall_s - p.catch_up_s, p.needed, p.explored, p.free)
         accepted = set(path)
-        tested = [i for i in range(1, len(tree)) if tree.parents[i] in accepted]
-        hit: dict[str, bool] = {}
-        for i in tested:
-            for source, key in p.keys[i]:
-                self.stats[source].update(key, i in accepted)
-                hit[source] = hit.get(source, False) or i in accepted
-        self._hit.update(hit)
+        for i in range(1, len(tree)):
+            if tree.parents[i] in accepted:
+                for source, key in p.keys[i]:
+                    self.stats[source].update(key, i in accepted)
         verified = Verified([tree.tokens[i] for i in path], logits, path, tree)
         for s in self.sources:
             if not s.drafter.costly or p.costly:  # a draft model hears only of the trees it drafted in
