@@ -105,7 +105,6 @@ class _Search:
         self.mark = 0  # nodes evaluated before the pass that verified their tree returned (prepared)
         self.started = False  # the root was evaluated: the tree can grow
         self.busy = False  # set while the engine and these arrays may disagree (a Ctrl-C mid-call)
-        self._first = 0  # the first node of the draft call under way (`add`)
 
     def offer(self, node: int, logits: Logits, row: int) -> None:
         if self.tree.depths[node] < self.max_depth:
@@ -137,7 +136,7 @@ class _Search:
         first = self.add(self.choose(room, width))
         if first is None:
             return 0
-        self.take(self.engine.eval_tree(self.cache, *self.request(first)))
+        self.take(first, self.engine.eval_tree(self.cache, *self.request(first)))
         return len(self.tree) - first
 
     def request(self, first: int) -> tuple[list[int], list[int], list[int], int]:
@@ -174,12 +173,11 @@ class _Search:
             tree.add(tok, parent)
             self.logp.append(-neg)
             self.probs.append(p)
-        self._first = first
         return first
 
-    def take(self, logits: Logits) -> None:
-        """The rows of the draft call over the nodes `add` added: their continuations offered."""
-        for row, node in enumerate(range(self._first, len(self.tree))):
+    def take(self, first: int, logits: Logits) -> None:
+        """The rows of the draft call over the nodes `add` added from `first`: their continuations offered."""
+        for row, node in enumerate(range(first, len(self.tree))):
             self.offer(node, logits, row)
         self.busy = False
         self.calls += 1
@@ -362,8 +360,8 @@ def draft_together(jobs: Sequence[tuple[ModelDrafter, Sequence[int], int, int]],
             picked = [(s, s.add(batch)) for s, batch in chosen]
             t1 = clock()
             rows = engine.eval_trees([TreeRequest(s.cache, *s.request(first)) for s, first in picked])
-            for (s, _), logits in zip(picked, rows):
-                s.take(logits)
+            for (s, first), logits in zip(picked, rows):
+                s.take(first, logits)
             call_s = clock() - t1
             spent += call_s
     return [drafter.drafted(s, nodes, depth) for s, (drafter, _, nodes, depth) in zip(searches, jobs)]

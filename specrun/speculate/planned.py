@@ -146,9 +146,7 @@ class PlannedSpeculator:
             drafting_s += self.clock() - t1 - draft.catch_up_s
             catch_up_s = draft.catch_up_s
             drafts.append((costly.name, draft))
-            merged, grafts = self._merge(drafts, limit, max_depth)
-            merged = mark_passed_over(merged, costly.name)
-            ch = chances(merged.tree, merged.proposers, self.stats)
+            merged, grafts, ch = self._merge_costly(drafts, limit, max_depth)
             assert self.step_cost is not None
             keep = best_subtree(ch, self.step_cost, limit)
             if not self._has(merged.proposers, keep, costly.name) and self._unverified >= self.EXPLORE_EVERY:
@@ -206,10 +204,9 @@ class PlannedSpeculator:
         """The candidates with the costly source's `draft` (drafted for them by the batch) merged in."""
         assert self.costly is not None
         drafts = c.drafts + [(self.costly.name, draft)]
-        merged, grafts = self._merge(drafts, c.limit, c.max_depth)
-        merged = mark_passed_over(merged, self.costly.name)
-        return Candidates(merged, chances(merged.tree, merged.proposers, self.stats), drafts, grafts,
-                          c.drafting_s + drafting_s, c.limit, c.context, c.max_depth, costly=True)
+        merged, grafts, ch = self._merge_costly(drafts, c.limit, c.max_depth)
+        return Candidates(merged, ch, drafts, grafts, c.drafting_s + drafting_s, c.limit, c.context, c.max_depth,
+                          costly=True)
 
     def proposal(self, c: Candidates, keep: list[int]) -> Proposal:
         """The proposal of the candidates' nodes `keep` (root first, connected)."""
@@ -260,6 +257,15 @@ class PlannedSpeculator:
         room = min(limit, 2 * len(merged.tree))
         grafts = [(s.name, s.drafter.graft(merged.tree, room, max_depth)) for s in growers]  # type: ignore[attr-defined]
         return mark_company(merge(drafts + grafts)), grafts
+
+    def _merge_costly(self, drafts: list[tuple[str, Draft]], limit: int,
+                      max_depth: int) -> tuple[Merged, list[tuple[str, Draft]], list[float]]:
+        """`_merge` of drafts that end with the costly source's, the nodes it passed over marked
+        (merge.mark_passed_over); (the tree, the grafts, every node's chance)."""
+        assert self.costly is not None
+        merged, grafts = self._merge(drafts, limit, max_depth)
+        merged = mark_passed_over(merged, self.costly.name)
+        return merged, grafts, chances(merged.tree, merged.proposers, self.stats)
 
     @staticmethod
     def _has(proposers: Sequence, keep: Sequence[int], source: str) -> bool:
