@@ -22,6 +22,7 @@ from typing import Callable, Iterator, Mapping
 from specrun.engines.base import Cache, Engine, Logits, Transfer, common_prefix
 from specrun.errors import UsageError
 from specrun.sampling import SamplingConfig, sample
+from specrun.speculate.allowance import Allowance
 from specrun.speculate.base import Proposal, Speculator
 from specrun.speculate.merge import counts
 from specrun.speculate.planned import Candidates
@@ -59,6 +60,7 @@ class GenerationConfig:
     max_tokens: int = 256
     sampling: SamplingConfig = field(default_factory=SamplingConfig)
     overlap: bool = False  # the speculator prepares the next tree while the target verifies this one
+    allowance: bool = True  # trees only as far as the generation can afford to lose (speculate/allowance.py)
 
 
 @dataclass(frozen=True)
@@ -234,6 +236,7 @@ class Generation:
         self._draw: Draw = drawer(config.sampling)
         self._t_candidates = 0.0  # when `candidates` began the step a batch plans
         self._history = PassHistory(engine)  # the pass before this step's: the prefill's, or a step's
+        self._allowance = Allowance() if config.allowance else None  # what its plans may risk
 
     @property
     def text(self) -> str:
@@ -302,7 +305,7 @@ class Generation:
         max_depth, max_nodes = room
         proposal = None
         if self.speculator is not None and max_depth > 0 and max_nodes > 1:
-            proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes)
+            proposal = self.speculator.propose(self.prompt + self.tokens, max_depth, max_nodes, self._allowance)
         return self._planned(proposal, t_step)
 
     def candidates(self, max_nodes: int) -> Candidates | None:
@@ -370,6 +373,8 @@ class Generation:
         stats.count(sources)
         wall = self.clock() - plan.t_step
         stats.decode_s += wall
+        if self._allowance is not None and not shared:
+            self._allowance.step(len(path), wall, len(tree) > 1)
         self._count_transfer(self._transfer_start)
         return self._shown(Step(committed, target_calls=1, drafted=len(tree) - 1, accepted=len(accepted),
                                 draft_s=plan.t_draft - plan.t_step, verify_s=t_end - plan.t_draft, wall_s=wall,

@@ -62,7 +62,7 @@ class RandomSpeculator:
     def __init__(self, nodes: int, seed: int = 0, max_depth: int = 6) -> None:
         self.nodes, self.rng, self.max_depth = nodes, np.random.default_rng(seed), max_depth
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int, allowance=None) -> Proposal:
         tree = DraftTree.rooted(context[-1])
         for _ in range(min(self.nodes, max_nodes) - 1):
             parent = int(self.rng.integers(len(tree)))
@@ -83,7 +83,7 @@ class OracleSpeculator:
     def __init__(self, prompt: list[int], output: list[int], max_depth: int) -> None:
         self.full, self.max_depth = prompt + output, max_depth
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int, allowance=None) -> Proposal:
         tree = DraftTree.rooted(context[-1])
         add_path(tree, self.full[len(context):len(context) + min(max_depth, self.max_depth)])
         return Proposal(tree)
@@ -140,7 +140,7 @@ class LikelySpeculator(RandomSpeculator):
         super().__init__(nodes, seed, max_depth=2)
         self.likely = likely
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int, allowance=None) -> Proposal:
         tree = DraftTree.rooted(context[-1])
         choices = self.likely.get(context[-1], [3])
         for _ in range(min(self.nodes, max_nodes) - 1):

@@ -58,7 +58,10 @@ class AcceptanceStats:
             while c[1] > self.WINDOW:
                 self._halve(c)
 
-    def rate(self, key: Hashable) -> float:
+    def rate(self, key: Hashable, sure: bool = False) -> float:
+        """The rate plans price a node of `key` at; `sure`: one the evidence stands behind
+        instead (young keys `confidence` standard deviations below their mean, keys nothing was
+        learnt for 0), for what a generation may risk (allowance.py)."""
         accepted, tested = self.counts.get(key, (0, 0))
         above = coarser(key)
         if tested < self.explore:  # priced by the nearest coarser key tested, its own prior above it
@@ -70,13 +73,14 @@ class AcceptanceStats:
                 if coarse in self.priors:
                     return self.priors[coarse]
         if tested < self.explore:
-            return self.optimistic
+            return 0.0 if sure else self.optimistic
         m = self.prior_accept + self.prior_reject
         n = tested + m
         mean = (accepted + m * self._prior(above)) / n
         if tested >= self.young:
             return mean
-        return min(1.0, mean + self.confidence * float(np.sqrt(mean * (1 - mean) / (n + 1))))
+        bound = self.confidence * float(np.sqrt(mean * (1 - mean) / (n + 1)))
+        return max(0.0, mean - bound) if sure else min(1.0, mean + bound)
 
     def _prior(self, above: Sequence[Hashable]) -> float:
         """The mean a key's own tests are added to: its coarser keys' (`above`, finest first), each

@@ -14,6 +14,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Hashable, Mapping, Protocol, Sequence
 
 from specrun.engines.base import Logits
+from specrun.speculate.allowance import Allowance
 from specrun.speculate.tree import DraftTree
 
 Proposers = tuple[tuple[str, Hashable], ...]  # per node: (source, planner key) of each drafter that proposed it
@@ -69,10 +70,12 @@ class Speculator(Protocol):
     name: str
     max_depth: int  # the deepest draft node it proposes
 
-    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int) -> Proposal:
+    def propose(self, context: Sequence[int], max_depth: int, max_nodes: int,
+                allowance: Allowance | None = None) -> Proposal:
         """A tree rooted at context[-1] (the pending token) within the caller's room: depth at
         most `max_depth` (tokens left to generate, cache room), nodes at most `max_nodes`
-        (the root included; cache room and what the target verifies in one pass)."""
+        (the root included; cache room and what the target verifies in one pass); a planning
+        speculator verifies only what the generation's `allowance` admits."""
         ...
 
     def warm(self, context: Sequence[int]) -> float:

@@ -98,16 +98,19 @@ def mark_company(merged: Merged) -> Merged:
     return Merged(merged.tree, proposers, merged.prepared)
 
 
-def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats]) -> float:
-    """P(accepted | parent accepted): the best of its proposers' learnt rates."""
-    return max(stats[source].rate(key) for source, key in proposers)
+def rate_of(proposers: Proposers, stats: Mapping[str, AcceptanceStats], sure: bool = False) -> float:
+    """P(accepted | parent accepted): the best of its proposers' learnt rates (`sure`: of the
+    rates their evidence stands behind, AcceptanceStats.rate)."""
+    return max(stats[source].rate(key, sure) for source, key in proposers)
 
 
-def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, AcceptanceStats]) -> list[float]:
-    """P(node accepted) for every node: 1 for the root, its parent's chance times its rate."""
+def chances(tree: DraftTree, proposers: Sequence[Proposers], stats: Mapping[str, AcceptanceStats],
+            sure: bool = False) -> list[float]:
+    """P(node accepted) for every node: 1 for the root, its parent's chance times its rate
+    (`sure`: the rate the evidence stands behind, AcceptanceStats.rate)."""
     out = [1.0] * len(tree)
     for i in range(1, len(tree)):
-        out[i] = out[tree.parents[i]] * rate_of(proposers[i], stats)
+        out[i] = out[tree.parents[i]] * rate_of(proposers[i], stats, sure)
     return out
 
 

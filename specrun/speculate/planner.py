@@ -34,6 +34,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from specrun.speculate.allowance import Risk
+
+
 @dataclass(frozen=True)
 class CostCurve:
     """Seconds for one target pass over n tokens, measured at a few sizes, interpolated between."""
@@ -280,28 +283,39 @@ class StepCost:
                    float(data.get("free", 0.0)))
 
 
-def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None) -> list[int]:
+def best_subtree(chances: Sequence[float], cost: PassCost | StepCost, max_nodes: int | None = None,
+                 risk: Risk | None = None) -> list[int]:
     """Node indices to verify (root first, a connected subtree): the k likeliest non-root
-    nodes for the k maximising (1 + their chances) / cost(k + 1). Ties keep fewer nodes."""
-    return best_subtrees([chances], cost, max_nodes)[0]
+    nodes for the k maximising (1 + their chances) / cost(k + 1), among the k the generation's
+    allowance admits (`risk`). Ties keep fewer nodes."""
+    return best_subtrees([chances], cost, max_nodes, risk=risk)[0]
 
 
 def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost | StepCost, max_nodes: int | None = None,
-                  fixed: int = 0) -> list[list[int]]:
+                  fixed: int = 0, risk: Risk | None = None) -> list[list[int]]:
     """best_subtree for several sequences sharing one pass (TETRIS): every tree's root is
     verified, then the likeliest non-root nodes over all the trees, the k of them maximising
     (roots + fixed + their chances) / cost(roots + fixed + k), within `max_nodes` for the pass
     (None: the largest size measured; no plans beyond it); `fixed`: nodes of other sequences
     already in it. Ties keep fewer nodes. Per tree, its node indices (root first, a connected
-    subtree: a node's chance is at most its parent's, and ties go to lower indices)."""
+    subtree: a node's chance is at most its parent's, and ties go to lower indices). A
+    `risk` (one tree only) admits only the plans its allowance can afford."""
+    if risk is not None and len(chances) != 1:
+        raise ValueError("an allowance is one generation's: it plans one tree")
     base = len(chances) + fixed
     order = sorted(((c[i], s, i) for s, c in enumerate(chances) for i in range(1, len(c))),
                    key=lambda t: (-t[0], t[1], t[2]))[:max((max_nodes or cost.max_size) - base, 0)]
     best_k, best_rate, expected = 0, base / cost.cost(max(base, 1)), float(base)
-    for k, (chance, _, _) in enumerate(order, 1):
+    at_least = [1.0]  # [j]: the sure chance the kept nodes accept j tokens or more (Risk)
+    for k, (chance, _, i) in enumerate(order, 1):
         expected += chance
+        if risk is not None:
+            depth = risk.depths[i]
+            at_least.extend([0.0] * (depth + 1 - len(at_least)))
+            at_least[depth] = max(at_least[depth], risk.sure[i])  # (not their sum: see Risk)
         rate = expected / cost.cost(base + k)
-        if rate > best_rate * (1 + 1e-9):
+        if rate > best_rate * (1 + 1e-9) and (risk is None or risk.allowance.admits(
+                cost.cost(base + k) / cost.cost(base) - 1, at_least)):
             best_k, best_rate = k, rate
     keep: list[list[int]] = [[] for _ in chances]
     for _, s, i in order[:best_k]:
