@@ -663,8 +663,7 @@ def test_a_generation_whose_passes_slow_mid_run_replaces_its_curve_and_shrinks_i
                      GenerationConfig(max_tokens=1000, sampling=SamplingConfig(temperature=0)), spec, clock=clock)
     sizes = [step.drafted + 1 for step in gen if step.target_calls]
     assert gen.tokens == [(4 + i) % 1000 for i in range(1000)]  # every drafted token accepted: output unchanged
-    assert sizes[0] == 1  # a generation's first step measures a plain one (allowance.py)
-    assert min(sizes[1:7]) >= 32 and sizes[-1] <= 16 and curve.replaced
+    assert min(sizes[:6]) >= 32 and sizes[-1] <= 16 and curve.replaced
 
 
 def test_a_disk_that_speeds_up_moves_the_curve_without_bending_it() -> None:

@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from typing import Callable, Protocol, Sequence
 
 from specrun.engines.base import Logits
-from specrun.speculate.allowance import Allowance, Risk
+from specrun.speculate.allowance import Allowance, Risk, holds
 from specrun.speculate.base import Draft, Drafter, Proposal, Verified
 from specrun.speculate.merge import Merged, chances, counts, mark_company, mark_passed_over, merge
 from specrun.speculate.acceptance import AcceptanceStats
@@ -124,6 +124,8 @@ class PlannedSpeculator:
             return Proposal(merged.tree.subtree(keep), [merged.proposers[i] for i in keep],
                             self._reused(drafts), source=self, proposed=self._proposed(drafts),
                             costly=self.costly is not None)
+        if allowance is not None and not holds(self.cost):  # flat passes: it does not hold (allowance.py)
+            allowance = None
         if allowance is not None and allowance.plain_s is None:  # the generation measures a plain step first
             return Proposal(DraftTree.rooted(context[-1]), [()], skipped=True, source=self)
         limit = min(max_nodes, self.cost.max_size)
