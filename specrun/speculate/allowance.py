@@ -7,8 +7,8 @@ missed, and the generation ran at 0.85-0.93x plain. So each generation keeps
 an allowance, in seconds: SHARE of what plain decoding would have taken for the
 tokens so far, plus what speculation saved, less what it lost (wall time
 against a plain step's, measured in this generation: drafting what the plan
-then drops is part of it). A plan whose extra cost
-over a plain step the allowance covers may be verified. Beyond it, a plan must
+then drops is part of it). A plan whose extra cost over a plain step the
+allowance covers may be verified. Beyond it, a plan must
 accept enough tokens to pay the difference back with a chance of at least
 1 - MISS, by the rates the evidence stands behind (young keys one standard
 deviation below their mean, untested keys at nothing): the rates plans are
@@ -31,9 +31,9 @@ from dataclasses import dataclass
 from typing import Protocol, Sequence
 
 
-
-
 class Priced(Protocol):
+    """A cost curve, or a step's (planner.py)."""
+
     def cost(self, n: int) -> float:
         """Seconds of a pass over n tokens."""
         ...
@@ -45,7 +45,7 @@ SMOOTHING = 0.3  # weight of the newest plain step in what a plain step costs
 STEEP = 1.2  # a pass over 2 tokens costing this many times one's or more: the allowance holds
 
 
-def holds(cost: "Priced") -> bool:
+def holds(cost: Priced) -> bool:
     """Whether passes priced by `cost` climb steeply enough with their tokens for an allowance."""
     return cost.cost(2) >= STEEP * cost.cost(1)
 
