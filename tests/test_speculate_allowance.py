@@ -24,7 +24,7 @@ def _measured(spare_s: float = 0.0) -> Allowance:
 
 def test_nothing_is_admitted_before_a_plain_step_was_measured() -> None:
     fresh = Allowance()
-    assert not fresh.admits(0.0, [1.0, 1.0])
+    assert not fresh.admits(0.07, 0.07, [1.0, 1.0])
     fresh.step(1, 0.07, speculated=False)
     assert fresh.plain_s == 0.07 and fresh.spare_s == pytest.approx(SHARE * 0.07)
 

@@ -60,13 +60,14 @@ class Allowance:
     spare_s: float = 0.0
     plain_s: float | None = None
 
-    def admits(self, extra: float, at_least: Sequence[float]) -> bool:
-        """Whether a plan whose step costs `extra` plain steps more than a plain one (by the cost
-        curve: its shape, scaled by the plain steps measured here) may be verified, where
-        at_least[j] (j >= 1) is the sure chance it accepts j tokens or more."""
+    def admits(self, step_s: float, plain_step_s: float, at_least: Sequence[float]) -> bool:
+        """Whether a plan whose step the cost curve prices at `step_s` seconds, against
+        `plain_step_s` for a plain one, may be verified (the curve gives the shape, the plain
+        steps measured here the scale), where at_least[j] (j >= 1) is the sure chance it
+        accepts j tokens or more."""
         if self.plain_s is None:
             return False
-        short = extra * self.plain_s - self.spare_s
+        short = (step_s / plain_step_s - 1) * self.plain_s - self.spare_s
         if short <= 0:
             return True
         need = math.ceil(short / ((1 + self.share) * self.plain_s))  # tokens that pay it back

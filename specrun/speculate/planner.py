@@ -313,9 +313,9 @@ def best_subtrees(chances: Sequence[Sequence[float]], cost: PassCost | StepCost,
             depth = risk.depths[i]
             at_least.extend([0.0] * (depth + 1 - len(at_least)))
             at_least[depth] = max(at_least[depth], risk.sure[i])  # (not their sum: see Risk)
-        rate = expected / cost.cost(base + k)
-        if rate > best_rate * (1 + 1e-9) and (risk is None or risk.allowance.admits(
-                cost.cost(base + k) / cost.cost(base) - 1, at_least)):
+        step_s = cost.cost(base + k)
+        rate = expected / step_s
+        if rate > best_rate * (1 + 1e-9) and (risk is None or risk.allowance.admits(step_s, cost.cost(base), at_least)):
             best_k, best_rate = k, rate
     keep: list[list[int]] = [[] for _ in chances]
     for _, s, i in order[:best_k]:
