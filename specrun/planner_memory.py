@@ -121,15 +121,21 @@ def recycle_path(root: Path, model: Path) -> Path:
 
 def load_recycled(path: Path, k: int = TOP_K) -> RecycleTable:
     """The table kept at `path`; an empty one when there is none, or one that cannot be read
-    (it is a cache of what the target said: losing it costs a few runs' learning)."""
+    (it is a cache of what the target said: losing it costs a few runs' learning). Files kept
+    before pairs were (no `pairs` in them) give the tokens' rows alone."""
     table = RecycleTable(k)
     try:
         with np.load(path, allow_pickle=False) as kept:
             tokens, successors = kept["tokens"], kept["successors"]
             if successors.ndim == 2 and successors.shape == (len(tokens), k):
                 table.successors = {int(t): successors[i].astype(np.int32) for i, t in enumerate(tokens)}
+            if "pairs" in kept.files:
+                pairs, after = kept["pairs"], kept["pair_successors"]
+                if pairs.ndim == 2 and pairs.shape[1] == 2 and after.shape == (len(pairs), k):
+                    for i, (a, b) in enumerate(pairs):  # oldest first, as they were kept
+                        table.keep_pair((int(a), int(b)), after[i].astype(np.int32))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
-        pass
+        return RecycleTable(k)
     return table
 
 
@@ -140,4 +146,7 @@ def save_recycled(path: Path, table: RecycleTable) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tokens = np.fromiter(table.successors, dtype=np.int32, count=len(table.successors))
     successors = np.stack([table.successors[int(t)] for t in tokens])  # [m, k]
-    write_whole(path, lambda tmp: np.savez(tmp, tokens=tokens, successors=successors))
+    pairs = np.asarray(list(table.pairs), dtype=np.int32).reshape(-1, 2)  # [p, 2], oldest first
+    after = np.stack(list(table.pairs.values())) if table.pairs else np.zeros((0, table.k), np.int32)  # [p, k]
+    write_whole(path, lambda tmp: np.savez(tmp, tokens=tokens, successors=successors, pairs=pairs,
+                                           pair_successors=after))
