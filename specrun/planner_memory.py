@@ -22,7 +22,7 @@ import numpy as np
 
 from specrun.files import model_bytes, write_atomic, write_whole
 from specrun.speculate.auto import DraftSpeed
-from specrun.speculate.recycle import TOP_K, RecycleTable
+from specrun.speculate.recycle import MAX_PAIRS, TOP_K, RecycleTable
 from specrun.speculate.acceptance import AcceptanceStats
 from specrun.speculate.planner import CostCurve, LearntCurve, StepCost
 
@@ -132,8 +132,8 @@ def load_recycled(path: Path, k: int = TOP_K) -> RecycleTable:
             if "pairs" in kept.files:
                 pairs, after = kept["pairs"], kept["pair_successors"]
                 if pairs.ndim == 2 and pairs.shape[1] == 2 and after.shape == (len(pairs), k):
-                    for i, (a, b) in enumerate(pairs):  # oldest first, as they were kept
-                        table.keep_pair((int(a), int(b)), after[i].astype(np.int32))
+                    kept_pairs = [(int(a), int(b)) for a, b in pairs[-MAX_PAIRS:].tolist()]  # oldest first
+                    table.pairs = dict(zip(kept_pairs, after[-MAX_PAIRS:].astype(np.int32)))
     except (OSError, ValueError, KeyError, EOFError, zipfile.BadZipFile):
         return RecycleTable(k)
     return table
