@@ -28,7 +28,7 @@ from specrun.speculate.base import Draft, Verified
 from specrun.speculate.tree import DraftTree
 
 TOP_K = 8  # successors kept per token
-MAX_PAIRS = 1 << 16  # pairs of tokens kept at most (about 16 MB), the oldest dropped first
+MAX_PAIRS = 1 << 16  # pairs of tokens kept at most (about 19 MiB), the oldest dropped first
 MAX_ROWS = 64  # rows of one pass read at most (0.3 ms each for a 152k vocabulary)
 RANK_BUCKETS = (0, 1, 2, 4)  # a node of rank r (0: the likeliest) is keyed by the largest bucket <= r
 
