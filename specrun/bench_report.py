@@ -9,6 +9,7 @@ from typing import Any
 
 from specrun.bench import BenchConfig, Mode, RunResult
 from specrun.session import Session
+from specrun.speculate.auto import HOPEFUL
 
 SOURCE_NAMES = {"ngram": "prompt lookup", "suffix": "suffix index", "recycle": "recycled top-k",
                 "model": "draft model"}
@@ -128,7 +129,10 @@ def calibration_lines(session: Session) -> list[str]:
                          f"(learnt over {step.steps} steps)")
     draft = session.config.draft
     model_speed = cal.speeds.get(draft.name) if draft else None
-    if model_speed is not None and model_speed.rate:
+    if session.draft_hopeless:
+        lines.append(f"no draft model could pay on this curve, even with {HOPEFUL:.0%} of its levels right: auto "
+                     "leaves it unloaded")
+    elif model_speed is not None and model_speed.rate:
         plain = 1.0 / cost.cost(1)
         verdict = "pays" if model_speed.pays(plain) else "does not pay: auto keeps to the free drafters"
         lines.append(f"the draft model's measured rate {model_speed.rate:.1f} tok/s, {model_speed.speedup(plain):.2f}x "

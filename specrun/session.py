@@ -20,9 +20,11 @@ from specrun.engines import Cache, Engine, Placement, open_engine, tree_limit
 from specrun.engines.memory_plan import MemoryPlan, PlanRequest, plan_memory
 from specrun.engines.rpc import parse_endpoint
 from specrun.errors import UsageError
+from specrun.files import model_bytes
 from specrun.generate import Generation, GenerationConfig
 from specrun.memory_limit import MemoryLimit
 from specrun.planner_memory import PlannerMemory
+from specrun.speculate.auto import could_pay
 from specrun.speculate.base import Speculator
 from specrun.speculate.draft_model import DraftModel, VocabMismatch, check_vocab_compatible
 from specrun.speculate.factory import MODEL_MODES, FreeSources, SpecConfig, make_speculator
@@ -104,6 +106,7 @@ class Session:
         self._earlier: list[list[int]] = []  # this session's earlier generations (`remember`)
         self._earlier_index: SuffixIndex | None = None
         self._auto_loads: bool | None = None  # whether auto drafts with the draft model in this session
+        self.draft_hopeless: bool | None = None  # the cost curve says no draft model could pay (auto.could_pay)
         self._recycled: dict[SpecConfig, RecycleTable] = {}  # per mode: shared by its speculators, prompt to prompt
         # Caches for a batch's next sequences (`sequence`): ones ended sequences gave back, and
         # the session's own (`cache`) while not lent. Not kept in the list: open() and calibrated()
@@ -268,13 +271,26 @@ class Session:
             speed = cal.speed_of(self.config.draft)
             # Loading is decided once a session (a run is a process, not each of bench's prompts);
             # a draft another mode loaded is there anyway, and auto's gate decides step by step.
+            if self.draft_hopeless is None:
+                self.draft_hopeless = not could_pay(cal.cost, self._draft_pass_guess(cal))
             if self._auto_loads is None and self.draft is None:
-                self._auto_loads = speed.should_load(1.0 / cal.cost.cost(1))
-            if self.draft is not None or self._auto_loads:
+                self._auto_loads = not self.draft_hopeless and speed.should_load(1.0 / cal.cost.cost(1))
+            if (self.draft is not None and not self.draft_hopeless) or self._auto_loads:
                 draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
                                cal.steps if cal else None, self.overlaps(spec),
                                FreeSources(self._indexes, self._recycled_for(spec)))
+
+    def _draft_pass_guess(self, cal: PlannerMemory) -> float:
+        """What a pass of the draft model over one token may cost, before it is loaded: where
+        both models compute from RAM on this CPU, the target's one-token pass scaled by the
+        files' sizes (such passes cost about their bytes: the 0.5B draft measured 0.44x the
+        1.5B target's rate on the EPYC); else nothing, since a streamed or remote pass costs
+        a read or a round trip the draft does not pay."""
+        draft = self.config.draft
+        if draft is None or not self.target.on_cpu or self.plan.target.offload != "none" or self.plan.target.rpc:
+            return 0.0
+        return cal.cost.cost(1) * model_bytes(draft) / max(model_bytes(self.config.target), 1)
 
     def _recycled_for(self, spec: SpecConfig) -> RecycleTable:
         """The mode's recycled top-k table: what earlier runs kept (keep_recycled), else empty."""

@@ -392,7 +392,8 @@ def test_bench_never_prints_a_negative_saving(tmp_path: Path) -> None:
     cal = PlannerMemory(tmp_path / "c.json", CostCurve((1, 2), (0.01, 0.02)), {})
     cal.steps = {"auto": StepCost(cal.cost, per_node=0.014, hidden=-0.049, steps=20),
                  "tree": StepCost(cal.cost, per_node=0.014, hidden=0.189, steps=20)}
-    lines = bench_report.calibration_lines(SimpleNamespace(calibrated=lambda: cal, config=SimpleNamespace(draft=None)))
+    lines = bench_report.calibration_lines(SimpleNamespace(calibrated=lambda: cal, config=SimpleNamespace(draft=None),
+                                                           draft_hopeless=None))
     auto, tree = (next(ln for ln in lines if ln.startswith(f"{name}:")) for name in ("auto", "tree"))
     assert "-" not in auto.replace("auto:", "") and "nothing hidden" in auto
     assert "less 189 ms a step hidden behind the target" in tree

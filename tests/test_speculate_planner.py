@@ -331,7 +331,30 @@ def test_auto_stops_loading_a_draft_model_that_does_not_pay_and_looks_again_late
     assert speed.steps == 3 and speed.rate == pytest.approx(0.7 * (0.7 * 10 + 0.3 * 20) + 0.3 * 20)
 
 
-def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, tmp_path: Path) -> None:
+def test_a_draft_model_is_tried_only_where_the_cost_curve_lets_one_pay() -> None:
+    assert not auto.could_pay(THIS_CPU, 0.44 * THIS_CPU.cost(1))  # a 0.5B draft beside a 1.5B target in RAM
+    assert auto.could_pay(THIS_CPU, 0.0)  # one costing nothing could: 4 tokens cost 2.4x one
+    assert auto.could_pay(OFFLOADED, 0.3)  # a streamed pass costs its read: trees pay even a slow draft
+    assert not auto.could_pay(CostCurve((1, 2, 4), (1.0, 2.0, 4.0)), 0.0)  # every token costs a pass
+
+
+def test_a_session_leaves_a_draft_that_cannot_pay_unloaded(tiny_model: Path, tmp_path: Path) -> None:
+    """The tiny draft is the target itself: in RAM on the CPU its passes cost the target's, so
+    no tree of it can beat plain decoding, and auto neither loads nor uses it."""
+    specs = (SpecConfig("auto"), SpecConfig("chain"))
+    with Session(SessionConfig(tiny_model, tiny_model, tmp_path, specs)) as s:
+        s.open(256)
+        spec = s.speculator(SpecConfig("auto"))
+        assert s.draft_hopeless and s.draft is None
+        assert isinstance(spec, PlannedSpeculator) and spec.costly is None
+        s.speculator(SpecConfig("chain"))  # loaded for chain: auto still leaves it out
+        assert s.draft is not None
+        assert s.speculator(SpecConfig("auto")).costly is None
+
+
+def test_a_session_loads_the_draft_only_for_modes_that_use_it(tiny_model: Path, tmp_path: Path,
+                                                              monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr("specrun.session.could_pay", lambda cost, draft_pass_s: True)  # a draft that might pay
     specs = (SpecConfig("auto"), SpecConfig("chain"))
     with Session(SessionConfig(tiny_model, tiny_model, tmp_path, specs)) as s:
         s.open(256)
