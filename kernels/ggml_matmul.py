@@ -27,7 +27,12 @@ from .dequant import dequantize
 from .dequant_cpu import library_paths
 from .gguf_reference import SUPPORTED, check_layout
 
-__all__ = ["aligned_empty", "available", "matmul"]
+__all__ = ["BLOCKED_ROWS", "aligned_empty", "available", "matmul"]
+
+# From this many activation rows on, ggml multiplies quantized weights in its blocked kernels,
+# where a row's result is the same whatever rows come with it; below, row by row, which rounds
+# differently (measured on the default target's Q4_K and Q6_K matrices; tests/test_kernels_matmul.py).
+BLOCKED_ROWS = 8
 
 # ggml_backend_cpu_buffer_from_ptr asserts this alignment (TENSOR_ALIGNMENT in ggml-impl.h).
 GGML_ALIGNMENT = 32

@@ -57,6 +57,7 @@ class FakeTorchConfig:
     quant: str | None = None
     max_tree_nodes: int = 0
     offload: FakeOffloadConfig = FakeOffloadConfig()
+    exact: bool = False
 
 
 @pytest.fixture

@@ -54,6 +54,7 @@ def bench(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -74,7 +75,7 @@ def bench(
     O.check_draft_flags(draft, no_draft)
     O.check_overlap(overlap)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc, exact=exact)
     limit = O.parse_size(memory_limit, "--memory-limit")
     if batch > 1 and limit is not None:
         raise UsageError("--batch runs in this process, not in memory-limited workers",

@@ -42,6 +42,7 @@ def chat(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -58,7 +59,7 @@ def chat(
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc, exact=exact)
     models = resolve(model, draft, spec, no_draft)
     with models.session([spec_cfg], *places, ctx=ctx) as session:
         template = ChatTemplate.of_model(models.target, session.target.vocab)

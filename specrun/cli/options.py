@@ -28,6 +28,9 @@ ENGINE = typer.Option("auto", "--engine", help="auto, llama.cpp or torch (auto: 
 DEVICE = typer.Option(None, "--device", help="cpu or cuda (default: the GPU when the engine has one).")
 QUANT = typer.Option(None, "--quant", help="Quantize safetensors weights as they load: nf4, fp4 or int8 "
                      "(torch engine).")
+EXACT = typer.Option(False, "--exact", help="Compute every token as a pass of it alone would (torch engine, "
+                     "CPU, GGUF): speculative and batched output then equals plain decoding's bit for bit, "
+                     "near-ties included. Costs compute: a one-token pass streamed from disk took 1.5x.")
 OFFLOAD = typer.Option("auto", "--offload", help="Where the target's weights live between passes: none (on "
                        "the device), ram (pinned RAM, streamed to the GPU each pass), disk (read from the file "
                        "each pass), or auto (none when the model fits, else ram on a GPU, else disk; torch engine).")
@@ -135,7 +138,8 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
                draft_gpu_layers: Optional[int] = None, engine: str = "auto", device: Optional[str] = None,
                quant: Optional[str] = None, draft_engine: str = "auto", draft_device: Optional[str] = None,
                offload: str = "auto", ram: Optional[str] = None,
-               gpu_memory: Optional[str] = None, rpc: Optional[str] = None) -> tuple[Placement, Placement]:
+               gpu_memory: Optional[str] = None, rpc: Optional[str] = None,
+               exact: bool = False) -> tuple[Placement, Placement]:
     """(target, draft) placements, checked. The draft follows the target's threads and GPU layers
     where not told otherwise, but not its engine, device, quantization or offloading: a small
     draft stays on llama.cpp in memory unless told."""
@@ -146,7 +150,7 @@ def placements(threads: Optional[int], gpu_layers: Optional[int], draft_threads:
     target = Placement(threads=threads, gpu_layers=gpu_layers, engine=engine, device=device, quant=quant,
                        offload=offload, ram=parse_size(ram, "--ram", physical_ram()),
                        gpu_memory=parse_size(gpu_memory, "--gpu-memory"),
-                       rpc=tuple(str(e) for e in parse_endpoints(rpc)))
+                       rpc=tuple(str(e) for e in parse_endpoints(rpc)), exact=exact)
     draft = Placement(threads=draft_threads if draft_threads is not None else threads,
                       gpu_layers=draft_gpu_layers if draft_gpu_layers is not None else gpu_layers,
                       engine=draft_engine, device=draft_device)

@@ -56,6 +56,7 @@ def run(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -79,7 +80,7 @@ def run(
     spec_cfg = O.spec_config(spec, budget, depth, draft, no_draft, overlap)
     O.check_sampling(top_p, temperature)
     places = O.placements(threads, gpu_layers, draft_threads, draft_gpu_layers, engine, device, quant,
-                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc)
+                          offload=offload, ram=ram, gpu_memory=gpu_memory, rpc=rpc, exact=exact)
     if batch is not None or samples is not None:
         items = batch_items(batch, samples, prompt)
         check_batch_spec(spec_cfg)

@@ -36,6 +36,7 @@ def serve(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -55,7 +56,7 @@ def serve(
     spec_cfg = O.spec_config(spec, "auto", None, draft, no_draft)
     check_batch_spec(spec_cfg)
     places = O.placements(threads, None, None, None, engine, device, quant, offload=offload, ram=ram,
-                          gpu_memory=gpu_memory, rpc=rpc)
+                          gpu_memory=gpu_memory, rpc=rpc, exact=exact)
     models = resolve(model, draft, spec, no_draft)
     try:
         sock = bind(host, port)

@@ -60,7 +60,7 @@ def torch_config(model: Path, placement: Placement, max_tree_nodes: int = 0) -> 
         from specrun.engines.torch_engine import OffloadConfig, TorchConfig
 
         return TorchConfig(device=device, dtype=placement.dtype, threads=placement.threads, quant=placement.quant,
-                           max_tree_nodes=max_tree_nodes,
+                           max_tree_nodes=max_tree_nodes, exact=placement.exact,
                            offload=OffloadConfig(mode=mode, ram=placement.ram, gpu_memory=placement.gpu_memory,
                                                  slots=placement.slots))
 

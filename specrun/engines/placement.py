@@ -43,12 +43,13 @@ class Placement:
     repack: bool = True  # llama.cpp: let it repack weights for its CPU kernels (anonymous copies)
     dtype: str | None = None  # torch: the compute dtype; None: chosen for the device
     rpc: tuple[str, ...] = ()  # llama.cpp: RPC workers ("HOST:PORT") that hold the layers (engines.rpc)
+    exact: bool = False  # torch on the CPU: every token's logits as a pass of it alone would give them
 
 
 def engine_for(model: Path, placement: Placement = Placement()) -> str:
     """The engine that runs `model` resident: "llama.cpp" or "torch". Auto picks torch only where
     llama.cpp cannot serve the placement (a safetensors directory, --quant, --offload ram/disk,
-    or --device cuda on a llama.cpp build without GPU offload); whether the model fits is the
+    --exact, or --device cuda on a llama.cpp build without GPU offload); whether the model fits is the
     memory plan's to weigh. UsageError for a placement none can serve; whether torch and a
     CUDA device are there is `torch_device`'s to say (it imports torch)."""
     p = placement
@@ -87,12 +88,15 @@ def engine_for(model: Path, placement: Placement = Placement()) -> str:
         raise UsageError(f"{flag} keeps every layer on this machine, and --rpc sends them to the workers",
                          hint="with --rpc, --gpu-layers N sends N layers to the workers (and GPUs here) and keeps "
                               "the rest on this CPU")
+    if p.exact and (p.engine == "llama.cpp" or p.rpc or p.device == "cuda" or p.offload == "ram" or directory):
+        raise UsageError("--exact computes a GGUF model's tokens as if alone in the torch engine on the CPU",
+                         hint="leave out --exact, or --engine llama.cpp, --rpc, --device cuda and --offload ram")
     if (p.ram is not None or p.gpu_memory is not None) and p.offload == "none":
         raise UsageError("--ram and --gpu-memory are budgets for streamed weights (--offload ram or disk)",
                          hint="add --offload disk (or ram, on a GPU)")
     if p.engine != "auto":
         engine = p.engine
-    elif directory or p.quant is not None or streamed or (p.device == "cuda" and not llama_gpu()):
+    elif directory or p.quant is not None or streamed or p.exact or (p.device == "cuda" and not llama_gpu()):
         engine = "torch"
     else:
         engine = "llama.cpp"

@@ -34,6 +34,7 @@ class TorchConfig:
     quant: str | None = None  # safetensors directories: quantize at load to nf4, fp4 or int8
     max_tree_nodes: int = 0  # the largest tree the caller will verify in one pass
     offload: OffloadConfig = OffloadConfig()
+    exact: bool = False  # --exact: rows as a pass of their token alone would give them (model.Transformer)
 
 
 def resolve_device(name: str) -> torch.device:

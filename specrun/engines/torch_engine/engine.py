@@ -93,7 +93,11 @@ class TorchEngine(EngineMixin):
         self.args = self.loaded.args
         self.vocab = self.loaded.vocab
         self.n_ctx_train = self.args.n_ctx_train
-        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.loaded.source)
+        if config.exact and (self.device_obj.type != "cpu" or path.is_dir()):
+            raise UsageError("--exact computes a GGUF model's tokens as if alone on the CPU",
+                             hint="leave out --exact, or use --device cpu with a GGUF file")
+        exact = config.exact
+        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.loaded.source, exact)
         self.stream = self.loaded.stream
         self.weight_bytes = self.loaded.weights.nbytes + (self.stream.buffer_bytes if self.stream else 0)
         self.notices: list[str] = list(self.stream.notices) if self.stream else []
@@ -110,7 +114,8 @@ class TorchEngine(EngineMixin):
             where += f" {torch.cuda.get_device_name(self.device_obj)}"
         threads = self.config.threads or os.cpu_count()
         return (f"torch {torch.__version__}, engine torch, device {where}, dtype {str(self.dtype)[6:]}, "
-                f"threads {threads}, weights {self.loaded.storage}, cpu {cpu_identity()}")
+                f"threads {threads}, weights {self.loaded.storage}{', exact rows' if self.model.exact else ''}, "
+                f"cpu {cpu_identity()}")
 
     # --- streaming -------------------------------------------------------------------
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import itertools
 from dataclasses import dataclass
-from typing import Iterable, Protocol, Sequence
+from typing import Callable, Iterable, Protocol, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -19,6 +19,7 @@ import torch.nn.functional as F
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.weights import LayerWeights, ModelWeights
+from specrun.kernels.ggml_matmul import BLOCKED_ROWS
 
 
 @dataclass
@@ -88,11 +89,20 @@ class ResidentSource:
 
 
 class Transformer:
+    """`exact`: every row comes out as a pass of its token alone, after the same tokens, would
+    give it, whatever else the pass carries (tree nodes, other sequences, a prompt cut into other
+    chunks), so speculative and batched output equals plain decoding's bit for bit. It costs
+    compute a streamed pass hides behind its read: each matrix product gets at least
+    BLOCKED_ROWS rows (ggml multiplies that many in the kernels where a row's result does not
+    depend on the rows beside it; fewer it multiplies row by row, rounding otherwise), and each
+    row of a masked part attends over exactly the slots it sees, as a view of the cache."""
+
     def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device,
-                 source: LayerSource | None = None) -> None:
+                 source: LayerSource | None = None, exact: bool = False) -> None:
         self.args, self.weights = args, weights
         self.source = source or ResidentSource(weights)
         self.rope = Rope(args, weights.rope_factors, device)
+        self.exact = exact
 
     def forward(self, batch: Batch, cache: KVCache) -> torch.Tensor:
         """One sequence's pass: `forward_many` with one part."""
@@ -110,36 +120,46 @@ class Transformer:
         x = w.embed(batch.ids)  # [N, n_embd] float32: the residual stream stays in full precision
         spans = _spans([b.ids.shape[0] for b, _ in parts])
         group = a.n_head // a.n_head_kv
-        attend = [(b, cache, None if b.mask is None else _grouped_mask(b.mask, group), span)
-                  for (b, cache), span in zip(parts, spans)]
+        attend = [(b, cache, None if b.mask is None else _rows_alone(b.mask) if self.exact
+                   else _grouped_mask(b.mask, group), span) for (b, cache), span in zip(parts, spans)]
         for i, layer in enumerate(self.source.layers()):
             x = self._layer(i, layer, x, batch.positions, attend)
         rows = _out_rows(parts, spans, x.device)
-        logits = self.source.output(rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps))
+        logits = self._product(self.source.output, rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps))
         if len(parts) == 1:
             return [logits]
         sizes = [b.ids.shape[0] if b.out_rows is None else b.out_rows.shape[0] for b, _ in parts]
         return list(torch.split(logits, sizes))
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-               attend: list[tuple[Batch, KVCache, torch.Tensor | None, slice]]) -> torch.Tensor:
-        a, n = self.args, x.shape[0]
+               attend: list[tuple[Batch, KVCache, torch.Tensor | RowsAlone | None, slice]]) -> torch.Tensor:
+        a, n, mul = self.args, x.shape[0], self._product
         h = rms_norm(x, w.attn_norm, a.norm_eps)
-        q = w.q(h).view(n, a.n_head, a.head_dim)
-        k = w.k(h).view(n, a.n_head_kv, a.head_dim)
-        v = w.v(h).view(n, a.n_head_kv, a.head_dim)
+        q = mul(w.q, h).view(n, a.n_head, a.head_dim)
+        k = mul(w.k, h).view(n, a.n_head_kv, a.head_dim)
+        v = mul(w.v, h).view(n, a.n_head_kv, a.head_dim)
         if w.q_norm is not None and w.k_norm is not None:
             q, k = rms_norm(q, w.q_norm, a.norm_eps), rms_norm(k, w.k_norm, a.norm_eps)
         q, k = self.rope(q, positions), self.rope(k, positions)
         outs = []
         for batch, cache, mask, span in attend:  # each sequence attends within its own cache
             cache.write(i, batch.slots, k[span], v[span])
+            if isinstance(mask, RowsAlone):
+                outs.append(_attention_alone(q[span], cache, i, batch.end, mask))
+                continue
             keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
             outs.append(_attention(q[span], keys, values, mask))  # [n_part, n_head * head_dim]
         attn = outs[0] if len(outs) == 1 else torch.cat(outs)
-        x = x + w.o(attn)
+        x = x + mul(w.o, attn)
         h = rms_norm(x, w.ffn_norm, a.norm_eps)
-        return x + w.down(F.silu(w.gate(h)) * w.up(h))
+        return x + mul(w.down, F.silu(mul(w.gate, h)) * mul(w.up, h))
+
+    def _product(self, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+        """linear(x), with x padded to BLOCKED_ROWS rows when exact (see the class)."""
+        n = x.shape[0]
+        if not self.exact or n >= BLOCKED_ROWS:
+            return linear(x)
+        return linear(torch.cat([x, x.new_zeros(BLOCKED_ROWS - n, x.shape[1])]))[:n]
 
 
 def _spans(sizes: list[int]) -> list[slice]:
@@ -163,6 +183,55 @@ def _out_rows(parts: Sequence[tuple[Batch, KVCache]], spans: list[slice], device
         return parts[0][0].out_rows if len(parts) == 1 else None
     return torch.cat([torch.arange(s.start, s.stop, device=device) if b.out_rows is None else b.out_rows + s.start
                       for (b, _), s in zip(parts, spans)])
+
+
+@dataclass
+class RowsAlone:
+    """What each row of a masked part sees, for attention as its token alone would get it: row t
+    sees slots [0, run) and then `rest` (slots beyond, in order: a tree node's ancestors), m in
+    all. Worked out once a pass from the mask, for every layer."""
+
+    rows: list[tuple[int, int, torch.Tensor | None]]  # (m, run, rest - low) per row
+    low: int  # the smallest run: slots from here on may be borrowed
+
+
+def _rows_alone(mask: torch.Tensor) -> RowsAlone:
+    """mask [n, end] bool -> RowsAlone."""
+    rows = []
+    for row in mask.cpu():
+        slots = torch.nonzero(row).flatten()
+        run = int(torch.count_nonzero(slots == torch.arange(len(slots))))
+        rows.append((len(slots), run, slots[run:] if run < len(slots) else None))
+    low = min(run for _, run, _ in rows)
+    return RowsAlone([(m, run, None if rest is None else (rest - low).to(mask.device)) for m, run, rest in rows], low)
+
+
+def _attention_alone(q: torch.Tensor, cache: KVCache, layer: int, end: int, seen: RowsAlone) -> torch.Tensor:
+    """Attention for each row as its token alone would get it (Transformer.exact): over a view
+    of cache slots [0, m). Softmax over masked-out slots rounds otherwise (their zeros change
+    how the sums associate). What a row sees beyond its unbroken run from slot 0 is copied, in
+    order, to follow the run, and the slots it borrowed are put back after.
+    q [n, n_head, d] -> [n, n_head * d]."""
+    n, n_head, d = q.shape
+    keys, values = cache.view(layer, end)  # [n_kv, end, d]
+    n_kv, low = keys.shape[0], seen.low
+    kept_k, kept_v = keys[:, low:].clone(), values[:, low:].clone()  # what the borrowed slots hold
+    out = torch.empty(n, n_head * d, dtype=torch.float32, device=q.device)
+    dirty = (end, end)  # borrowed-into slots not yet put back: put back only where a row would see them
+    for t, (m, run, rest) in enumerate(seen.rows):
+        if dirty[0] < (m if rest is None else run):  # it would see borrowed slots it does not overwrite
+            keys[:, dirty[0]:dirty[1]] = kept_k[:, dirty[0] - low:dirty[1] - low]
+            values[:, dirty[0]:dirty[1]] = kept_v[:, dirty[0] - low:dirty[1] - low]
+            dirty = (end, end)
+        if rest is not None:  # bring the rest of what it sees right after the run
+            keys[:, run:m], values[:, run:m] = kept_k[:, rest], kept_v[:, rest]
+            dirty = (min(dirty[0], run), max(dirty[1], m))
+        qg = q[t].view(n_kv, n_head // n_kv, d).to(keys.dtype)  # head h uses KV head h // group
+        out[t] = F.scaled_dot_product_attention(qg, keys[:, :m], values[:, :m]).reshape(-1).float()
+    if dirty[0] < dirty[1]:
+        keys[:, dirty[0]:dirty[1]] = kept_k[:, dirty[0] - low:dirty[1] - low]
+        values[:, dirty[0]:dirty[1]] = kept_v[:, dirty[0] - low:dirty[1] - low]
+    return out
 
 
 def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
