@@ -27,12 +27,9 @@ from .dequant import dequantize
 from .dequant_cpu import library_paths
 from .gguf_reference import SUPPORTED, check_layout
 
-__all__ = ["BLOCKED_ROWS", "aligned_empty", "available", "matmul"]
+__all__ = ["aligned_empty", "available", "blocked_rows", "matmul"]
 
-# From this many activation rows on, ggml multiplies quantized weights in its blocked kernels,
-# where a row's result is the same whatever rows come with it; below, row by row, which rounds
-# differently (measured on the default target's Q4_K and Q6_K matrices; tests/test_kernels_matmul.py).
-BLOCKED_ROWS = 8
+PROBE_ROWS = 48  # blocked_rows looks for ggml's switch of kernels below this many rows
 
 # ggml_backend_cpu_buffer_from_ptr asserts this alignment (TENSOR_ALIGNMENT in ggml-impl.h).
 GGML_ALIGNMENT = 32
@@ -62,6 +59,7 @@ _BASE = {
     "ggml_backend_tensor_alloc": ([_P, _P, _P], _INT),  # enum ggml_status: 0 is success
     "ggml_backend_buffer_free": ([_P], None),
     "ggml_backend_graph_compute": ([_P, _P], _INT),
+    "ggml_quantize_chunk": ([_INT, _P, _P, _I64, _I64, _I64, _P], _SIZE),
 }
 _CPU = {
     "ggml_backend_cpu_init": ([], _P),
@@ -207,3 +205,34 @@ def matmul(raw: torch.Tensor, qtype: int, shape: tuple[int, int], x: torch.Tenso
     if status != 0:
         raise RuntimeError(f"ggml graph compute failed (status {status})")
     return out
+
+
+@functools.cache
+def blocked_rows() -> int:
+    """The fewest activation rows from which every row of a quantized product comes out as it
+    does among any other rows: padded to this many, a token's row is the same in a pass of one
+    token as in a pass of hundreds (the torch engine's --exact). ggml multiplies a few rows one
+    dot product at a time and more in blocked kernels that round otherwise, switching at a size
+    that depends on the type and the CPU (8 for the K types on the 2-core EPYC, where Q8_0
+    and Q4_0 never switch; 17 on an earlier machine), so it is measured, once a process:
+    per type, products of 1 to PROBE_ROWS - 1 rows against the first rows of PROBE_ROWS'.
+    1 without ggml (the fallback's float32 products are torch's)."""
+    g = _ggml()
+    if g is None:
+        return 1
+    gen = torch.Generator().manual_seed(0)
+    n_out, n_in = 64, 512
+    w = torch.randn(n_out, n_in, generator=gen)  # [n_out, n_in]
+    x = torch.randn(PROBE_ROWS, n_in, generator=gen)  # [PROBE_ROWS, n_in]
+    most = 1
+    for qtype in sorted(t for t in g.types if t not in (int(T.F32), int(T.F16), int(T.BF16))):
+        block, size = GGML_QUANT_SIZES[T(qtype)]
+        raw = aligned_empty(n_out * n_in // block * size, 64)
+        if g.quantize_chunk(qtype, w.data_ptr(), raw.data_ptr(), 0, n_out, n_in, None) != raw.numel():
+            continue
+        full = matmul(raw, qtype, (n_out, n_in), x, threads=1)
+        rows = PROBE_ROWS
+        while rows > 1 and torch.equal(matmul(raw, qtype, (n_out, n_in), x[:rows - 1], threads=1), full[:rows - 1]):
+            rows -= 1
+        most = max(most, rows if rows < PROBE_ROWS else 1)  # no switch below PROBE_ROWS: none to pin
+    return most

@@ -14,7 +14,7 @@ import torch
 from specrun.engines.base import TreeRequest
 from specrun.engines.torch_engine import TorchConfig, TorchEngine
 from specrun.engines.torch_engine.config import OffloadConfig
-from specrun.kernels.ggml_matmul import BLOCKED_ROWS, available, matmul
+from specrun.kernels.ggml_matmul import available, blocked_rows, matmul
 from tests.test_cli_run import assert_one_line_error, invoke
 from tests.test_kernels_matmul import N_IN, N_OUT, weight
 from tests.tiny_model import TinySpec, build_tiny_model, quantize_model
@@ -47,20 +47,23 @@ def alone(e: TorchEngine, tokens: list[int]) -> torch.Tensor:
 
 
 @needs_ggml
-@pytest.mark.parametrize("qtype", ["Q4_K", "Q6_K"])
-def test_ggml_blocked_rows_do_not_depend_on_the_rows_beside_them(qtype: str) -> None:
+@pytest.mark.parametrize("qtype", ["Q4_K", "Q5_K", "Q6_K", "Q8_0", "Q4_0"])
+def test_rows_padded_to_blocked_rows_do_not_depend_on_the_rows_beside_them(qtype: str) -> None:
     from gguf import GGMLQuantizationType as T
 
-    q = T[qtype]
+    q, least = T[qtype], blocked_rows()
     raw = weight(q).view(N_OUT, -1)
-    x = torch.randn(64, N_IN, generator=torch.Generator().manual_seed(3))
-    first = matmul(raw, q, (N_OUT, N_IN), x[:BLOCKED_ROWS])
-    for n in (BLOCKED_ROWS, 9, 17, 40, 64):
+    x = torch.randn(96, N_IN, generator=torch.Generator().manual_seed(3))
+    first = matmul(raw, q, (N_OUT, N_IN), x[:least])
+    for n in sorted({least, least + 1, 17, 40, 96}):
         order = torch.randperm(n, generator=torch.Generator().manual_seed(n))
         y = matmul(raw, q, (N_OUT, N_IN), x[:n][order])
         back = torch.empty_like(order)
         back[order] = torch.arange(n)
-        assert torch.equal(y[back][:BLOCKED_ROWS], first), n
+        assert torch.equal(y[back][:least], first), n
+    for row in range(least):  # one row, padded with zeros, as the model pads it
+        padded = torch.cat([x[row:row + 1], torch.zeros(least - 1, N_IN)])
+        assert torch.equal(matmul(raw, q, (N_OUT, N_IN), padded)[0], first[row])
 
 
 @needs_ggml
@@ -84,7 +87,7 @@ def test_a_prompt_in_other_chunks_and_beside_other_sequences_gives_the_same_logi
     with engine(quantized) as e:
         whole = alone(e, PROMPT)
         c = e.new_cache(64)
-        for start, stop in ((0, 3), (3, 4), (4, len(PROMPT))):  # fewer rows than BLOCKED_ROWS, and more
+        for start, stop in ((0, 3), (3, 4), (4, len(PROMPT))):  # fewer rows than blocked_rows(), and more
             last = e.eval(c, PROMPT[start:stop])._rows[-1]
         assert torch.equal(last, whole)
         other, c = e.new_cache(64), e.new_cache(64)

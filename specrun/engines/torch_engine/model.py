@@ -19,7 +19,7 @@ import torch.nn.functional as F
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.cache import KVCache
 from specrun.engines.torch_engine.weights import LayerWeights, ModelWeights
-from specrun.kernels.ggml_matmul import BLOCKED_ROWS
+from specrun.kernels.ggml_matmul import blocked_rows
 
 
 @dataclass
@@ -92,9 +92,9 @@ class Transformer:
     """`exact`: every row comes out as a pass of its token alone, after the same tokens, would
     give it, whatever else the pass carries (tree nodes, other sequences, a prompt cut into other
     chunks), so speculative and batched output equals plain decoding's bit for bit. It costs
-    compute a streamed pass hides behind its read: each matrix product gets at least
-    BLOCKED_ROWS rows (ggml multiplies that many in the kernels where a row's result does not
-    depend on the rows beside it; fewer it multiplies row by row, rounding otherwise), and each
+    compute: each matrix product gets at least ggml's blocked_rows() rows (from that many, ggml
+    multiplies in kernels where a row's result does not depend on the rows beside it; fewer
+    it multiplies row by row, rounding otherwise), and each
     row of a masked part attends over exactly the slots it sees, as a view of the cache."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device,
@@ -120,8 +120,8 @@ class Transformer:
         x = w.embed(batch.ids)  # [N, n_embd] float32: the residual stream stays in full precision
         spans = _spans([b.ids.shape[0] for b, _ in parts])
         group = a.n_head // a.n_head_kv
-        attend = [(b, cache, None if b.mask is None else _rows_alone(b.mask) if self.exact
-                   else _grouped_mask(b.mask, group), span) for (b, cache), span in zip(parts, spans)]
+        attend = [(b, cache, _rows_alone(b) if self.exact else None if b.mask is None else _grouped_mask(b.mask, group),
+                   span) for (b, cache), span in zip(parts, spans)]
         for i, layer in enumerate(self.source.layers()):
             x = self._layer(i, layer, x, batch.positions, attend)
         rows = _out_rows(parts, spans, x.device)
@@ -155,11 +155,11 @@ class Transformer:
         return x + mul(w.down, F.silu(mul(w.gate, h)) * mul(w.up, h))
 
     def _product(self, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
-        """linear(x), with x padded to BLOCKED_ROWS rows when exact (see the class)."""
+        """linear(x), with x padded to ggml's blocked_rows() when exact (see the class)."""
         n = x.shape[0]
-        if not self.exact or n >= BLOCKED_ROWS:
+        if not self.exact or n >= blocked_rows():
             return linear(x)
-        return linear(torch.cat([x, x.new_zeros(BLOCKED_ROWS - n, x.shape[1])]))[:n]
+        return linear(torch.cat([x, x.new_zeros(blocked_rows() - n, x.shape[1])]))[:n]
 
 
 def _spans(sizes: list[int]) -> list[slice]:
@@ -195,9 +195,11 @@ class RowsAlone:
     low: int  # the smallest run: slots from here on may be borrowed
 
 
-def _rows_alone(mask: torch.Tensor) -> RowsAlone:
-    """mask [n, end] bool -> RowsAlone."""
-    rows = []
+def _rows_alone(batch: Batch) -> RowsAlone:
+    """What each row of the batch sees (batch.mask [n, end] bool; None: all of [0, end))."""
+    if batch.mask is None:
+        return RowsAlone([(batch.end, batch.end, None)] * batch.ids.shape[0], batch.end)
+    mask, rows = batch.mask, []
     for row in mask.cpu():
         slots = torch.nonzero(row).flatten()
         run = int(torch.count_nonzero(slots == torch.arange(len(slots))))
@@ -208,8 +210,8 @@ def _rows_alone(mask: torch.Tensor) -> RowsAlone:
 
 def _attention_alone(q: torch.Tensor, cache: KVCache, layer: int, end: int, seen: RowsAlone) -> torch.Tensor:
     """Attention for each row as its token alone would get it (Transformer.exact): over a view
-    of cache slots [0, m). Softmax over masked-out slots rounds otherwise (their zeros change
-    how the sums associate). What a row sees beyond its unbroken run from slot 0 is copied, in
+    of cache slots [0, m), one row at a time, every row the same way. Softmax over masked-out
+    slots rounds otherwise (their zeros change how the sums associate). What a row sees beyond its unbroken run from slot 0 is copied, in
     order, to follow the run, and the slots it borrowed are put back after.
     q [n, n_head, d] -> [n, n_head * d]."""
     n, n_head, d = q.shape
@@ -227,11 +229,18 @@ def _attention_alone(q: torch.Tensor, cache: KVCache, layer: int, end: int, seen
             keys[:, run:m], values[:, run:m] = kept_k[:, rest], kept_v[:, rest]
             dirty = (min(dirty[0], run), max(dirty[1], m))
         qg = q[t].view(n_kv, n_head // n_kv, d).to(keys.dtype)  # head h uses KV head h // group
-        out[t] = F.scaled_dot_product_attention(qg, keys[:, :m], values[:, :m]).reshape(-1).float()
+        out[t].view(n_kv, n_head // n_kv, d).copy_(_attend(qg, keys[:, :m], values[:, :m]))
     if dirty[0] < dirty[1]:
         keys[:, dirty[0]:dirty[1]] = kept_k[:, dirty[0] - low:dirty[1] - low]
         values[:, dirty[0]:dirty[1]] = kept_v[:, dirty[0] - low:dirty[1] - low]
     return out
+
+
+def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
+    """Softmax attention of q [n_kv, g, d] over all of keys/values [n_kv, m, d], spelt out: for
+    one row at a time it takes half the time of torch's fused kernel, whose setup dominates."""
+    scores = torch.matmul(q, keys.transpose(1, 2)).mul_(q.shape[-1] ** -0.5)  # [n_kv, g, m]
+    return torch.matmul(torch.softmax(scores, dim=-1), values)  # [n_kv, g, d]
 
 
 def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
