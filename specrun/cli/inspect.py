@@ -33,6 +33,7 @@ def calibrate_cmd(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -41,7 +42,7 @@ def calibrate_cmd(
 ) -> None:
     """Measure what a target pass over n tokens costs here, for the speculation planner."""
     placement = O.placements(threads, gpu_layers, engine=engine, device=device, quant=quant, offload=offload,
-                              ram=ram, gpu_memory=gpu_memory, rpc=rpc)[0]
+                              ram=ram, gpu_memory=gpu_memory, rpc=rpc, exact=exact)[0]
     models = resolve(model)
     label = models.label
     with models.session([SpecConfig()], placement) as session:
@@ -73,6 +74,7 @@ def info(
     engine: str = O.ENGINE,
     device: Optional[str] = O.DEVICE,
     quant: Optional[str] = O.QUANT,
+    exact: bool = O.EXACT,
     offload: str = O.OFFLOAD,
     ram: Optional[str] = O.RAM,
     gpu_memory: Optional[str] = O.GPU_MEMORY,
@@ -81,7 +83,7 @@ def info(
     """What a model is, what would run it and where: architecture, sizes, engine, device, the
     memory its weights take, template, checksum, stored calibrations."""
     placement = O.placements(None, gpu_layers, engine=engine, device=device, quant=quant, offload=offload,
-                              ram=ram, gpu_memory=gpu_memory)[0]
+                              ram=ram, gpu_memory=gpu_memory, exact=exact)[0]
     store, catalog = Store(), load_catalog()
     label, path = locate(model, catalog.get, store)
     if verify and path.is_dir():

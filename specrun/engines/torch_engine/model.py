@@ -94,8 +94,8 @@ class Transformer:
     chunks), so speculative and batched output equals plain decoding's bit for bit. It costs
     compute: each matrix product gets at least ggml's blocked_rows() rows (from that many, ggml
     multiplies in kernels where a row's result does not depend on the rows beside it; fewer
-    it multiplies row by row, rounding otherwise), and each
-    row of a masked part attends over exactly the slots it sees, as a view of the cache."""
+    it multiplies row by row, rounding otherwise), and each row attends on its own over
+    exactly the slots it sees, as a view of the cache (_attention_alone)."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device,
                  source: LayerSource | None = None, exact: bool = False) -> None:
@@ -187,8 +187,8 @@ def _out_rows(parts: Sequence[tuple[Batch, KVCache]], spans: list[slice], device
 
 @dataclass
 class RowsAlone:
-    """What each row of a masked part sees, for attention as its token alone would get it: row t
-    sees slots [0, run) and then `rest` (slots beyond, in order: a tree node's ancestors), m in
+    """What each row of a part sees, for attention as its token alone would get it: row t sees
+    slots [0, run) and then `rest` (slots beyond, in order: a tree node's ancestors), m in
     all. Worked out once a pass from the mask, for every layer."""
 
     rows: list[tuple[int, int, torch.Tensor | None]]  # (m, run, rest - low) per row
@@ -211,8 +211,9 @@ def _rows_alone(batch: Batch) -> RowsAlone:
 def _attention_alone(q: torch.Tensor, cache: KVCache, layer: int, end: int, seen: RowsAlone) -> torch.Tensor:
     """Attention for each row as its token alone would get it (Transformer.exact): over a view
     of cache slots [0, m), one row at a time, every row the same way. Softmax over masked-out
-    slots rounds otherwise (their zeros change how the sums associate). What a row sees beyond its unbroken run from slot 0 is copied, in
-    order, to follow the run, and the slots it borrowed are put back after.
+    slots rounds otherwise (their zeros change how the sums associate). What a row sees
+    beyond its unbroken run from slot 0 is copied, in order, to follow the run; the slots it
+    borrowed are put back before a row that would see them, and at the end.
     q [n, n_head, d] -> [n, n_head * d]."""
     n, n_head, d = q.shape
     keys, values = cache.view(layer, end)  # [n_kv, end, d]
