@@ -49,8 +49,8 @@ class Placement:
 def engine_for(model: Path, placement: Placement = Placement()) -> str:
     """The engine that runs `model` resident: "llama.cpp" or "torch". Auto picks torch only where
     llama.cpp cannot serve the placement (a safetensors directory, --quant, --offload ram/disk,
-    --exact, or --device cuda on a llama.cpp build without GPU offload); whether the model fits is the
-    memory plan's to weigh. UsageError for a placement none can serve; whether torch and a
+    --exact, or --device cuda on a llama.cpp build without GPU offload); whether the model fits
+    is the memory plan's to weigh. UsageError for a placement none can serve; whether torch and a
     CUDA device are there is `torch_device`'s to say (it imports torch)."""
     p = placement
     if p.engine not in ENGINES:

@@ -96,8 +96,7 @@ class TorchEngine(EngineMixin):
         if config.exact and (self.device_obj.type != "cpu" or path.is_dir()):
             raise UsageError("--exact computes a GGUF model's tokens as if alone on the CPU",
                              hint="leave out --exact, or use --device cpu with a GGUF file")
-        exact = config.exact
-        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.loaded.source, exact)
+        self.model = Transformer(self.args, self.loaded.weights, self.device_obj, self.loaded.source, config.exact)
         self.stream = self.loaded.stream
         self.weight_bytes = self.loaded.weights.nbytes + (self.stream.buffer_bytes if self.stream else 0)
         self.notices: list[str] = list(self.stream.notices) if self.stream else []
