@@ -275,7 +275,7 @@ class Session:
                 self.draft_hopeless = not could_pay(cal.cost, self._draft_pass_guess(cal))
             if self._auto_loads is None and self.draft is None:
                 self._auto_loads = not self.draft_hopeless and speed.should_load(1.0 / cal.cost.cost(1))
-            if (self.draft is not None and not self.draft_hopeless) or self._auto_loads:
+            if not self.draft_hopeless and (self.draft is not None or self._auto_loads):
                 draft = self._draft_model(separate)
         return make_speculator(spec, cal.cost if cal else None, cal.stats if cal else {}, draft, speed,
                                cal.steps if cal else None, self.overlaps(spec),

@@ -192,7 +192,7 @@ class RowsAlone:
     all. Worked out once a pass from the mask, for every layer."""
 
     rows: list[tuple[int, int, torch.Tensor | None]]  # (m, run, rest - low) per row
-    low: int  # the smallest run: slots from here on may be borrowed
+    low: int  # the smallest run of a row with a rest (else end): slots from here on may be borrowed
 
 
 def _rows_alone(batch: Batch) -> RowsAlone:
@@ -204,7 +204,7 @@ def _rows_alone(batch: Batch) -> RowsAlone:
         slots = torch.nonzero(row).flatten()
         run = int(torch.count_nonzero(slots == torch.arange(len(slots))))
         rows.append((len(slots), run, slots[run:] if run < len(slots) else None))
-    low = min(run for _, run, _ in rows)
+    low = min((run for _, run, rest in rows if rest is not None), default=batch.end)  # nothing kept if none borrows
     return RowsAlone([(m, run, None if rest is None else (rest - low).to(mask.device)) for m, run, rest in rows], low)
 
 
