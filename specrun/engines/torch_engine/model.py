@@ -18,6 +18,7 @@ import torch.nn.functional as F
 
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.cache import KVCache
+from specrun.engines.torch_engine.exact_attention import RowsSeen, attention_exact, rows_seen
 from specrun.engines.torch_engine.weights import LayerWeights, ModelWeights
 from specrun.kernels.ggml_matmul import blocked_rows
 
@@ -94,8 +95,8 @@ class Transformer:
     chunks), so speculative and batched output equals plain decoding's bit for bit. It costs
     compute: each matrix product gets at least ggml's blocked_rows() rows (from that many, ggml
     multiplies in kernels where a row's result does not depend on the rows beside it; fewer
-    it multiplies row by row, rounding otherwise), and each row attends on its own over
-    exactly the slots it sees, as a view of the cache (_attention_alone)."""
+    it multiplies row by row, rounding otherwise), and each row attends over exactly the slots
+    it sees, in their order, as it would alone (exact_attention)."""
 
     def __init__(self, args: ModelArgs, weights: ModelWeights, device: torch.device,
                  source: LayerSource | None = None, exact: bool = False) -> None:
@@ -120,10 +121,11 @@ class Transformer:
         x = w.embed(batch.ids)  # [N, n_embd] float32: the residual stream stays in full precision
         spans = _spans([b.ids.shape[0] for b, _ in parts])
         group = a.n_head // a.n_head_kv
-        attend = [(b, cache, _rows_alone(b) if self.exact else None if b.mask is None else _grouped_mask(b.mask, group),
-                   span) for (b, cache), span in zip(parts, spans)]
+        attend = [(b, cache, None if b.mask is None or self.exact else _grouped_mask(b.mask, group), span)
+                  for (b, cache), span in zip(parts, spans)]
+        seen = rows_seen([(b.mask, b.ids.shape[0], b.end) for b, _ in parts]) if self.exact else None
         for i, layer in enumerate(self.source.layers()):
-            x = self._layer(i, layer, x, batch.positions, attend)
+            x = self._layer(i, layer, x, batch.positions, attend, seen)
         rows = _out_rows(parts, spans, x.device)
         logits = self._product(self.source.output, rms_norm(x if rows is None else x[rows], w.norm, a.norm_eps))
         if len(parts) == 1:
@@ -132,7 +134,7 @@ class Transformer:
         return list(torch.split(logits, sizes))
 
     def _layer(self, i: int, w: LayerWeights, x: torch.Tensor, positions: torch.Tensor,
-               attend: list[tuple[Batch, KVCache, torch.Tensor | RowsAlone | None, slice]]) -> torch.Tensor:
+               attend: list[tuple[Batch, KVCache, torch.Tensor | None, slice]], seen: RowsSeen | None) -> torch.Tensor:
         a, n, mul = self.args, x.shape[0], self._product
         h = rms_norm(x, w.attn_norm, a.norm_eps)
         q = mul(w.q, h).view(n, a.n_head, a.head_dim)
@@ -144,12 +146,13 @@ class Transformer:
         outs = []
         for batch, cache, mask, span in attend:  # each sequence attends within its own cache
             cache.write(i, batch.slots, k[span], v[span])
-            if isinstance(mask, RowsAlone):
-                outs.append(_attention_alone(q[span], cache, i, batch.end, mask))
-                continue
-            keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
-            outs.append(_attention(q[span], keys, values, mask))  # [n_part, n_head * head_dim]
-        attn = outs[0] if len(outs) == 1 else torch.cat(outs)
+            if seen is None:
+                keys, values = cache.view(i, batch.end)  # [n_kv, end, head_dim]
+                outs.append(_attention(q[span], keys, values, mask))  # [n_part, n_head * head_dim]
+        if seen is not None:  # every part at once, each row as it would be alone
+            attn = attention_exact(q, [cache.view(i, cache.n_ctx) for _, cache, _, _ in attend], seen)
+        else:
+            attn = outs[0] if len(outs) == 1 else torch.cat(outs)
         x = x + mul(w.o, attn)
         h = rms_norm(x, w.ffn_norm, a.norm_eps)
         return x + mul(w.down, F.silu(mul(w.gate, h)) * mul(w.up, h))
@@ -183,65 +186,6 @@ def _out_rows(parts: Sequence[tuple[Batch, KVCache]], spans: list[slice], device
         return parts[0][0].out_rows if len(parts) == 1 else None
     return torch.cat([torch.arange(s.start, s.stop, device=device) if b.out_rows is None else b.out_rows + s.start
                       for (b, _), s in zip(parts, spans)])
-
-
-@dataclass
-class RowsAlone:
-    """What each row of a part sees, for attention as its token alone would get it: row t sees
-    slots [0, run) and then `rest` (slots beyond, in order: a tree node's ancestors), m in
-    all. Worked out once a pass from the mask, for every layer."""
-
-    rows: list[tuple[int, int, torch.Tensor | None]]  # (m, run, rest - low) per row
-    low: int  # the smallest run of a row with a rest (else end): slots from here on may be borrowed
-
-
-def _rows_alone(batch: Batch) -> RowsAlone:
-    """What each row of the batch sees (batch.mask [n, end] bool; None: all of [0, end))."""
-    if batch.mask is None:
-        return RowsAlone([(batch.end, batch.end, None)] * batch.ids.shape[0], batch.end)
-    mask, rows = batch.mask, []
-    for row in mask.cpu():
-        slots = torch.nonzero(row).flatten()
-        run = int(torch.count_nonzero(slots == torch.arange(len(slots))))
-        rows.append((len(slots), run, slots[run:] if run < len(slots) else None))
-    low = min((run for _, run, rest in rows if rest is not None), default=batch.end)  # nothing kept if none borrows
-    return RowsAlone([(m, run, None if rest is None else (rest - low).to(mask.device)) for m, run, rest in rows], low)
-
-
-def _attention_alone(q: torch.Tensor, cache: KVCache, layer: int, end: int, seen: RowsAlone) -> torch.Tensor:
-    """Attention for each row as its token alone would get it (Transformer.exact): over a view
-    of cache slots [0, m), one row at a time, every row the same way. Softmax over masked-out
-    slots rounds otherwise (their zeros change how the sums associate). What a row sees
-    beyond its unbroken run from slot 0 is copied, in order, to follow the run; the slots it
-    borrowed are put back before a row that would see them, and at the end.
-    q [n, n_head, d] -> [n, n_head * d]."""
-    n, n_head, d = q.shape
-    keys, values = cache.view(layer, end)  # [n_kv, end, d]
-    n_kv, low = keys.shape[0], seen.low
-    kept_k, kept_v = keys[:, low:].clone(), values[:, low:].clone()  # what the borrowed slots hold
-    out = torch.empty(n, n_head * d, dtype=torch.float32, device=q.device)
-    dirty = (end, end)  # borrowed-into slots not yet put back: put back only where a row would see them
-    for t, (m, run, rest) in enumerate(seen.rows):
-        if dirty[0] < (m if rest is None else run):  # it would see borrowed slots it does not overwrite
-            keys[:, dirty[0]:dirty[1]] = kept_k[:, dirty[0] - low:dirty[1] - low]
-            values[:, dirty[0]:dirty[1]] = kept_v[:, dirty[0] - low:dirty[1] - low]
-            dirty = (end, end)
-        if rest is not None:  # bring the rest of what it sees right after the run
-            keys[:, run:m], values[:, run:m] = kept_k[:, rest], kept_v[:, rest]
-            dirty = (min(dirty[0], run), max(dirty[1], m))
-        qg = q[t].view(n_kv, n_head // n_kv, d).to(keys.dtype)  # head h uses KV head h // group
-        out[t].view(n_kv, n_head // n_kv, d).copy_(_attend(qg, keys[:, :m], values[:, :m]))
-    if dirty[0] < dirty[1]:
-        keys[:, dirty[0]:dirty[1]] = kept_k[:, dirty[0] - low:dirty[1] - low]
-        values[:, dirty[0]:dirty[1]] = kept_v[:, dirty[0] - low:dirty[1] - low]
-    return out
-
-
-def _attend(q: torch.Tensor, keys: torch.Tensor, values: torch.Tensor) -> torch.Tensor:
-    """Softmax attention of q [n_kv, g, d] over all of keys/values [n_kv, m, d], spelt out: for
-    one row at a time it takes half the time of torch's fused kernel, whose setup dominates."""
-    scores = torch.matmul(q, keys.transpose(1, 2)).mul_(q.shape[-1] ** -0.5)  # [n_kv, g, m]
-    return torch.matmul(torch.softmax(scores, dim=-1), values)  # [n_kv, g, d]
 
 
 def _grouped_mask(mask: torch.Tensor, group: int) -> torch.Tensor:
