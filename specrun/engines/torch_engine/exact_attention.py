@@ -12,10 +12,12 @@ by the tests against rows computed one at a time:
 - a weighted sum taken CHUNK slots at a time, the chunks' products added in order, does
   not depend on which other rows share the products.
 So each row's scores are gathered, in the order it sees its slots (its context, then a tree
-node's ancestors), from one product of all the part's queries with all the part's keys,
-and its weighted sum runs over the same order: chunks where a row sees the cache's own
-slots in place share one product with every such row; a chunk where it sees other slots
-(a tree node's ancestors, after its context) multiplies values gathered for it.
+node's ancestors), from one product of its sequence's queries with that sequence's keys
+(every sequence of the pass in one batched product), and its weighted sum runs over the
+same order: where a row sees a chunk's own slots it shares that chunk's product with every
+such row; a chunk where it sees other slots (a tree node's ancestors, after its context)
+multiplies values gathered for it. One call serves every sequence of a pass: its cost is
+a few dozen tensor operations a layer, not a few per row.
 """
 
 from __future__ import annotations
