@@ -30,7 +30,8 @@ QUANT = typer.Option(None, "--quant", help="Quantize safetensors weights as they
                      "(torch engine).")
 EXACT = typer.Option(False, "--exact", help="Compute every token as a pass of it alone would (torch engine, "
                      "CPU, GGUF): speculative and batched output then equals plain decoding's bit for bit, "
-                     "near-ties included. Costs compute: a one-token pass streamed from disk took 1.5x.")
+                     "near-ties included. Costs compute: a lone token's products are padded to the few rows "
+                     "ggml's blocked kernels take (hidden where a pass waits on a disk read).")
 OFFLOAD = typer.Option("auto", "--offload", help="Where the target's weights live between passes: none (on "
                        "the device), ram (pinned RAM, streamed to the GPU each pass), disk (read from the file "
                        "each pass), or auto (none when the model fits, else ram on a GPU, else disk; torch engine).")
