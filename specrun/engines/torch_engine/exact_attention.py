@@ -94,21 +94,28 @@ def attention_exact(q: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tens
         4, seen.slots.view(n_parts, 1, most, 1, width).expand(n_parts, n_kv, most, g, width))
     weights = torch.softmax(picked.masked_fill_(seen.hidden.view(n_parts, 1, most, 1, width), float("-inf")), -1)
     # weights [P, n_kv, R, g, L]
+    # The weighted sum a chunk at a time, in order, over the cache's own slots (out += w @ v in one
+    # call gives the bits of adding the product) ...
+    flat = n_parts * n_kv
+    w_all = _rows_at_least(weights.view(flat, most * g, width // CHUNK, CHUNK).transpose(1, 2), rows)
+    w_all = w_all.contiguous()  # [P*n_kv, chunks, M, CHUNK]: each chunk's weights, every row
+    v_all = _cols_at_least(values.reshape(flat, width, d), cols)  # [P*n_kv, L, d']
+    out = torch.bmm(w_all[:, 0], v_all[:, :CHUNK])  # [P*n_kv, M, d']
+    by_row = out[:, :most * g].view(n_parts, n_kv, most, g, -1)  # [P, n_kv, R, g, d']
     heads = torch.arange(n_kv)[None, :, None]
-    out: torch.Tensor | None = None  # [P, n_kv, R, g, d]: each row's weighted sum, a chunk at a time, in order
     for c, moved in enumerate(seen.moved):
         lo, hi = c * CHUNK, (c + 1) * CHUNK
-        w = weights[..., lo:hi].reshape(n_parts, n_kv, most * g, CHUNK)  # over the cache's own slots ...
-        part = torch.matmul(_rows_at_least(w, rows), _cols_at_least(values[:, :, lo:hi], cols))[..., :most * g, :d]
-        part = part.view(n_parts, n_kv, most, g, d)
+        before = by_row[moved[0], :, moved[1]] if moved is not None and c else None  # [M, n_kv, g, d']
+        if c:
+            out.baddbmm_(w_all[:, c], v_all[:, lo:hi])
         if moved is not None:  # ... and where a row sees other slots, over values gathered in its order
             at_part, at_row, slots = moved
-            v = values[at_part[:, None, None], heads, slots[:, None, :]]  # [M, n_kv, CHUNK, d]
-            w = weights[at_part, :, at_row, :, lo:hi]  # [M, n_kv, g, CHUNK]
+            v = _cols_at_least(values[at_part[:, None, None], heads, slots[:, None, :]], cols)  # [M, n_kv, CHUNK, d']
             # each row's product needs `rows` rows to be computed as a lone row's is
-            part[at_part, :, at_row] = torch.matmul(_rows_at_least(w, rows), _cols_at_least(v, cols))[..., :g, :d]
-        out = part if out is None else out.add_(part)
-    assert out is not None
+            w = _rows_at_least(weights[at_part, :, at_row, :, lo:hi], rows)  # [M, n_kv, g', CHUNK]
+            own = torch.matmul(w, v)[:, :, :g]
+            by_row[at_part, :, at_row] = own if before is None else before + own
+    out = out[:, :most * g, :d].reshape(n_parts, n_kv, most, g, d)
     return out.permute(0, 2, 1, 3, 4).reshape(n_parts * most, n_head * d)[seen.rows]
 
 
