@@ -88,7 +88,7 @@ def attention_exact(q: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tens
     qg[seen.rows] = q  # head h uses KV head h // g: -> [P, n_kv, R * g, d]
     qg = qg.view(n_parts, most, n_kv, g, d).permute(0, 2, 1, 3, 4).reshape(n_parts, n_kv, most * g, d)
     cut = min(width, max(seen.end, cols))
-    scores = torch.matmul(_rows_at_least(qg, rows), keys[:, :, :cut].transpose(2, 3))[:, :, :most * g]
+    scores = torch.matmul(rows_at_least(qg, rows), keys[:, :, :cut].transpose(2, 3))[:, :, :most * g]
     scores.mul_(d ** -0.5)  # [P, n_kv, R*g, cut]
     picked = scores.view(n_parts, n_kv, most, g, cut).gather(
         4, seen.slots.view(n_parts, 1, most, 1, width).expand(n_parts, n_kv, most, g, width))
@@ -97,7 +97,7 @@ def attention_exact(q: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tens
     # The weighted sum a chunk at a time, in order, over the cache's own slots (out += w @ v in one
     # call gives the bits of adding the product) ...
     flat = n_parts * n_kv
-    w_all = _rows_at_least(weights.view(flat, most * g, width // CHUNK, CHUNK).transpose(1, 2), rows)
+    w_all = rows_at_least(weights.view(flat, most * g, width // CHUNK, CHUNK).transpose(1, 2), rows)
     w_all = w_all.contiguous()  # [P*n_kv, chunks, M, CHUNK]: each chunk's weights, every row
     v_all = _cols_at_least(values.reshape(flat, width, d), cols)  # [P*n_kv, L, d']
     out = torch.bmm(w_all[:, 0], v_all[:, :CHUNK])  # [P*n_kv, M, d']
@@ -105,16 +105,18 @@ def attention_exact(q: torch.Tensor, layers: list[tuple[torch.Tensor, torch.Tens
     heads = torch.arange(n_kv)[None, :, None]
     for c, moved in enumerate(seen.moved):
         lo, hi = c * CHUNK, (c + 1) * CHUNK
-        before = by_row[moved[0], :, moved[1]] if moved is not None and c else None  # [M, n_kv, g, d']
+        before = by_row[moved[0], :, moved[1]] if moved is not None and c else None  # [M, n_kv, g, d'] so far
         if c:
             out.baddbmm_(w_all[:, c], v_all[:, lo:hi])
-        if moved is not None:  # ... and where a row sees other slots, over values gathered in its order
-            at_part, at_row, slots = moved
-            v = _cols_at_least(values[at_part[:, None, None], heads, slots[:, None, :]], cols)  # [M, n_kv, CHUNK, d']
-            # each row's product needs `rows` rows to be computed as a lone row's is
-            w = _rows_at_least(weights[at_part, :, at_row, :, lo:hi], rows)  # [M, n_kv, g', CHUNK]
-            own = torch.matmul(w, v)[:, :, :g]
-            by_row[at_part, :, at_row] = own if before is None else before + own
+        if moved is None:
+            continue
+        # ... and where a row sees other slots, over values gathered in its order, added to its sum so far
+        at_part, at_row, slots = moved
+        v = _cols_at_least(values[at_part[:, None, None], heads, slots[:, None, :]], cols)  # [M, n_kv, CHUNK, d']
+        # each row's product needs `rows` rows to be computed as a lone row's is
+        w = rows_at_least(weights[at_part, :, at_row, :, lo:hi], rows)  # [M, n_kv, g', CHUNK]
+        own = torch.matmul(w, v)[:, :, :g]
+        by_row[at_part, :, at_row] = own if before is None else before + own
     out = out[:, :most * g, :d].reshape(n_parts, n_kv, most, g, d)
     return out.permute(0, 2, 1, 3, 4).reshape(n_parts * most, n_head * d)[seen.rows]
 
@@ -132,8 +134,9 @@ def _stacked(layers: list[torch.Tensor], width: int) -> torch.Tensor:
     return out
 
 
-def _rows_at_least(x: torch.Tensor, rows: int) -> torch.Tensor:
-    """x [..., m, k] with zero rows appended up to `rows` (product_floor)."""
+def rows_at_least(x: torch.Tensor, rows: int) -> torch.Tensor:
+    """x [..., m, k] with zero rows appended up to `rows` (product_floor here; ggml's
+    blocked_rows for the model's quantized products)."""
     if x.shape[-2] >= rows:
         return x
     return torch.cat([x, x.new_zeros(*x.shape[:-2], rows - x.shape[-2], x.shape[-1])], dim=-2)

@@ -18,7 +18,7 @@ import torch.nn.functional as F
 
 from specrun.engines.torch_engine.arch import ModelArgs
 from specrun.engines.torch_engine.cache import KVCache
-from specrun.engines.torch_engine.exact_attention import RowsSeen, attention_exact, rows_seen
+from specrun.engines.torch_engine.exact_attention import RowsSeen, attention_exact, rows_at_least, rows_seen
 from specrun.engines.torch_engine.weights import LayerWeights, ModelWeights
 from specrun.kernels.ggml_matmul import blocked_rows
 
@@ -159,10 +159,9 @@ class Transformer:
 
     def _product(self, linear: Callable[[torch.Tensor], torch.Tensor], x: torch.Tensor) -> torch.Tensor:
         """linear(x), with x padded to ggml's blocked_rows() when exact (see the class)."""
-        n = x.shape[0]
-        if not self.exact or n >= blocked_rows():
+        if not self.exact:
             return linear(x)
-        return linear(torch.cat([x, x.new_zeros(blocked_rows() - n, x.shape[1])]))[:n]
+        return linear(rows_at_least(x, blocked_rows()))[:x.shape[0]]
 
 
 def _spans(sizes: list[int]) -> list[slice]:
